@@ -1,0 +1,27 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/kiln hardware calibrate
+	$(BIN)/kiln analyze zoo:minilm --hardware local --svg runs/demo/minilm.svg --json runs/demo/minilm.json
+	$(BIN)/kiln analyze zoo:minilm --hardware a100 --measure --top 5 --depth 1 --json runs/demo/minilm-a100.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,30 @@
+"""kiln: see how a PyTorch model maps onto hardware, and make it smaller and faster.
+
+Importing kiln is light: torch is imported, transformers and other heavy packages only
+when a capability needs them.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "capture", "analyze", "KilnError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "load":
+        from kiln.models.spec import load
+
+        return load
+    if name == "capture":
+        from kiln.graph.capture import capture
+
+        return capture
+    if name == "analyze":
+        from kiln.analysis.report import analyze
+
+        return analyze
+    if name == "KilnError":
+        from kiln.errors import KilnError
+
+        return KilnError
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")

@@ -1,0 +1,133 @@
+"""`kiln analyze SPEC`: capture a model and report its cost, memory, roofline and measured time."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from kiln.cli.common import console, err_console, seconds, si, user_errors
+
+
+def _hardware(name: str):
+    from kiln.hardware.profiles import available, load_profile, save_profile
+
+    if name == "local" and "local" not in available():
+        from kiln.hardware.calibrate import calibrate
+
+        with err_console.status("no 'local' profile yet: calibrating this machine (once)"):
+            save_profile(calibrate("local"))
+    return load_profile(name)
+
+
+@user_errors
+def analyze(
+    spec: str = typer.Argument(..., help="zoo:NAME, hf:PATH, hf-config:TYPE[?k=v&...] or py:FILE.py:FACTORY"),
+    hardware: str = typer.Option("local", "--hardware", "-H", help="Profile name or .toml (`kiln hardware`)."),
+    input_shape: Optional[List[str]] = typer.Option(None, "--input-shape", help="DIMS or NAME=DIMS, e.g. 4x3x32x32; repeatable."),
+    depth: int = typer.Option(2, min=0, help="Module depth of the per-module roll-up."),
+    svg: Optional[Path] = typer.Option(None, help="Write the graph drawing (SVG) here."),
+    color_by: str = typer.Option("bound", help="SVG colouring: bound or cost."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full analysis as JSON here."),
+    measure: bool = typer.Option(True, help="Measure per-op time on this CPU with torch.profiler."),
+    top: int = typer.Option(12, min=0, help="How many of the costliest ops to list."),
+) -> None:
+    """Shapes, parameters, FLOPs, bytes, memory, roofline and measured per-op time of a model."""
+    from kiln.errors import KilnError
+
+    if color_by not in ("bound", "cost"):
+        raise KilnError(f"--color-by {color_by!r}: expected bound or cost")
+    from kiln.analysis.report import analyze as run_analysis
+    from kiln.models.inputs import check_runs, with_input_shapes
+    from kiln.models.spec import load
+
+    hw = _hardware(hardware)
+    with err_console.status(f"loading {spec}") as status:
+        loaded = load(spec)
+        loaded = with_input_shapes(loaded, list(input_shape or []))
+        if not input_shape:
+            check_runs(loaded)
+        result = run_analysis(loaded, hw, measure_time=measure, progress=lambda s: status.update(f"{s} {spec}"))
+    outputs = {}
+    if json_path:
+        outputs[json_path] = ("json", result.to_json(depth))
+    if svg:
+        from kiln.graph.draw import render_svg
+
+        outputs[svg] = ("svg", render_svg(result.graph, result.rows(), color_by))
+    _print(result, depth, top)
+    _write(outputs)
+
+
+def _write(outputs: dict) -> None:
+    from kiln.io import atomic_write_json, atomic_write_text
+
+    for path, (kind, data) in outputs.items():
+        (atomic_write_json if kind == "json" else atomic_write_text)(path, data)
+        console.print(f"wrote {path}")
+
+
+def _eff(roof: float, measured: float | None) -> str:
+    return f"{100 * roof / measured:.0f}%" if measured and roof else "-"
+
+
+def _print(a, depth: int, top: int) -> None:
+    hw, m, flops = a.hardware, a.measured, a.flops
+    here = hw.measured_here
+    console.print(f"[bold]{a.loaded.spec}[/bold]  {a.loaded.description}")
+    ins = ", ".join(f"{n.name} {'x'.join(map(str, n.shape))} {n.dtype}" for n in a.graph.nodes if n.kind.value == "input")
+    console.print(f"inputs: {ins}")
+    s = Table(show_header=False, box=None)
+    for k, v in (
+        ("parameters", f"{a.params:,} ({si(a.param_bytes, 'B')})"),
+        ("FLOPs / MACs", f"{si(flops, 'FLOP')} / {si(flops // 2, 'MAC')}"),
+        ("bytes moved (unfused)", si(a.cost.bytes, "B")),
+        ("arithmetic intensity", f"{flops / max(a.cost.bytes, 1):.2f} FLOP/B (ridge {hw.ridge():.1f})"),
+        ("peak activation memory", f"{si(a.memory.peak_activation_bytes, 'B')} (at {a.memory.peak_at})"),
+        (f"roofline on {hw.name}", f"{seconds(a.roofline.latency_s)}, {a.roofline.bound.value}-bound "
+                                   f"(compute {seconds(a.roofline.compute_s)}, memory {seconds(a.roofline.memory_s)})"),
+    ):
+        s.add_row(k, v)
+    if m:
+        s.add_row("measured here", f"eager {seconds(m.eager_s)}; graph ops {seconds(m.ops_s)} "
+                                   f"({m.threads} threads, mean of {m.repeats})")
+    if a.roofline.fallback_dtypes:
+        s.add_row("note", f"{hw.name} has no figure for {', '.join(a.roofline.fallback_dtypes)}: costed at its {hw.fallback} peak")
+    console.print(s)
+    _rollup_table(f"per module (depth {depth})", "module", a.by_module(depth), flops, m, here, with_params=True)
+    _rollup_table("per op type", "op", a.by_op(), flops, m, here)
+    _top_table(a, top, here)
+
+
+def _rollup_table(title, key, rows, flops, m, here, with_params=False) -> None:
+    t = Table(title=title)
+    cols = [key, "ops"] + (["params"] if with_params else []) + ["FLOPs", "%", "bytes", "roofline"]
+    cols += (["measured", "efficiency"] if m else [])
+    for c in cols:
+        t.add_column(c, justify="left" if c == key else "right")
+    sort_key = "measured_s" if m else "roofline_s"
+    for r in sorted(rows, key=lambda r: -r[sort_key])[:25]:
+        cells = [r[key], str(r["count"])] + ([si(r["params"])] if with_params else [])
+        cells += [si(r["flops"]), f"{100 * r['flops'] / max(flops, 1):.1f}", si(r["bytes"], "B"), seconds(r["roofline_s"])]
+        if m:
+            cells += [seconds(r["measured_s"]), _eff(r["roofline_s"], r["measured_s"]) if here else "-"]
+        t.add_row(*cells)
+    console.print(t)
+
+
+def _top_table(a, top: int, here: bool) -> None:
+    if not top:
+        return
+    m = a.measured
+    key = "measured_s" if m else "roofline_s"
+    t = Table(title=f"costliest ops (by {'measured' if m else 'roofline'} time)")
+    for c in ("node", "op", "module", "shape", "FLOPs", "bytes", "FLOP/B", "bound", "roofline", "measured", "eff."):
+        t.add_column(c, justify="right" if c in ("FLOPs", "bytes", "FLOP/B", "roofline", "measured", "eff.") else "left")
+    for r in sorted(a.rows(), key=lambda r: -(r[key] or 0))[:top]:
+        t.add_row(r["name"], r["op"], r["module"], "x".join(map(str, r["shape"])), si(r["flops"]), si(r["bytes"], "B"),
+                  f"{r['intensity']:.1f}", r["bound"], seconds(r["roofline_s"]), seconds(r["measured_s"]),
+                  _eff(r["roofline_s"], r["measured_s"]) if here else "-")
+    console.print(t)
+    if not here and m:
+        console.print(f"[dim]efficiency is shown when the roofline is this machine's (--hardware local)[/dim]")

@@ -1,0 +1,22 @@
+"""The `kiln` command."""
+from __future__ import annotations
+
+import typer
+
+from kiln.cli import analyze, hardware, models
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="kiln: see how a PyTorch model maps onto hardware, and make it smaller and faster.",
+)
+app.command("models")(models.models)
+app.command("analyze")(analyze.analyze)
+app.add_typer(hardware.app, name="hardware")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Capture a model into a kiln Graph with torch.export (non-strict).
+
+torch.fx.symbolic_trace fails on transformers 5.x; torch.export handles them. When capture
+fails, the error names the construct: the exception type, its first line and the last frame
+of the user's (non-torch) code it came from.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+
+from kiln.errors import KilnError, first_line
+from kiln.graph.graph import Graph
+from kiln.models.loaded import LoadedModel
+
+
+def _user_frame(exc: BaseException) -> str:
+    """'file.py:LINE in func: code' of the deepest frame outside torch, if any."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    frames = [f for f in frames if "/kiln/" not in f.filename.replace(os.sep, "/")] or frames
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {os.path.basename(f.filename)}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def capture(loaded: LoadedModel, dynamic_batch: bool = False) -> Graph:
+    """Export `loaded.model` on its example inputs into a Graph (eval mode, no grad)."""
+    model = loaded.model.eval()
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        dynamic_shapes = _batch_dims(loaded, batch)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(
+                model, tuple(loaded.example_inputs), dict(loaded.example_kwargs),
+                dynamic_shapes=dynamic_shapes, strict=False,
+            )
+    except Exception as exc:  # torch.export raises many types; all are the model's construct
+        raise KilnError(
+            f"cannot capture {loaded.spec} with torch.export: {type(exc).__name__}: "
+            f"{first_line(exc)}{_user_frame(exc)}"
+        ) from None
+    return Graph(program, name=loaded.spec)
+
+
+def _batch_dims(loaded: LoadedModel, batch) -> tuple | dict:
+    def spec(x):
+        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+    if loaded.example_kwargs and not loaded.example_inputs:
+        return {k: spec(v) for k, v in loaded.example_kwargs.items()}
+    return tuple(spec(x) for x in loaded.example_inputs)

@@ -1,0 +1,33 @@
+"""What every model spec loads to: a module and inputs it runs on."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: `model(*example_inputs, **example_kwargs)` works.
+
+    `spec` is the spec string it came from, `family` the model family (cnn, transformer, ...),
+    `task` what its output means; `input_names` names the positional inputs then the keyword
+    ones, so a user can override shapes by name.
+    """
+
+    spec: str
+    model: torch.nn.Module
+    example_inputs: tuple = ()
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+    family: str = "custom"
+    task: str = "unknown"
+    description: str = ""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [f"input{i}" for i in range(len(self.example_inputs))] + list(self.example_kwargs)
+
+    def run(self) -> Any:
+        with torch.no_grad():
+            return self.model(*self.example_inputs, **self.example_kwargs)
