@@ -19,8 +19,9 @@ from kiln.models.loaded import LoadedModel
 def _user_frame(exc: BaseException) -> str:
     """'file.py:LINE in func: code' of the deepest frame outside torch, if any."""
     torch_dir = os.path.dirname(torch.__file__)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
-    frames = [f for f in frames if "/kiln/" not in f.filename.replace(os.sep, "/")] or frames
+    kiln_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith((torch_dir, kiln_dir))]
     if not frames:
         return ""
     f = frames[-1]
@@ -30,22 +31,29 @@ def _user_frame(exc: BaseException) -> str:
 def capture(loaded: LoadedModel, dynamic_batch: bool = False) -> Graph:
     """Export `loaded.model` on its example inputs into a Graph (eval mode, no grad)."""
     model = loaded.model.eval()
-    dynamic_shapes = None
+    args, kwargs, dynamic_shapes = tuple(loaded.example_inputs), dict(loaded.example_kwargs), None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         dynamic_shapes = _batch_dims(loaded, batch)
+        # export specialises a size-1 dim to the constant 1: trace at batch 2 instead
+        args, kwargs = _at_least_batch_2(args), {k: _at_least_batch_2(v) for k, v in kwargs.items()}
     try:
         with torch.no_grad():
-            program = torch.export.export(
-                model, tuple(loaded.example_inputs), dict(loaded.example_kwargs),
-                dynamic_shapes=dynamic_shapes, strict=False,
-            )
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many types; all are the model's construct
         raise KilnError(
             f"cannot capture {loaded.spec} with torch.export: {type(exc).__name__}: "
             f"{first_line(exc)}{_user_frame(exc)}"
         ) from None
     return Graph(program, name=loaded.spec)
+
+
+def _at_least_batch_2(x):
+    if isinstance(x, tuple):
+        return tuple(_at_least_batch_2(v) for v in x)
+    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1:
+        return x.expand(2, *x.shape[1:]).clone()
+    return x
 
 
 def _batch_dims(loaded: LoadedModel, batch) -> tuple | dict:

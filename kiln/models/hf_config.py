@@ -77,7 +77,8 @@ _CLIP_TEXT = dict(TEXT, max_position_embeddings=32)
 
 # Every type below builds, runs and exports (torch.export, strict=False) with output equal to
 # eager; tests/test_hf_config.py checks it (transformers 5.23, torch 2.13, CPU). Tried and left out:
-#   longformer, led: export fails, their attention branches on `is_global_attn.item()` (data-dependent)
+#   (longformer and led build and run, but torch.export cannot capture them: their attention
+#   branches on `is_global_attn.item()`, data-dependent; kiln reports that construct.)
 #   vit_mae: forward draws random masking noise each call, so no two runs (or eager vs export) agree
 #   deepseek_v3: a tiny MLA/MoE config that runs was not found quickly (rotary broadcast error)
 SUPPORTED: dict[str, Recipe] = {
@@ -98,6 +99,7 @@ SUPPORTED: dict[str, Recipe] = {
                      num_feedforward_networks=2),
     "big_bird": _r(_TF, "text", TEXT, attention_type="original_full"),  # block-sparse needs long inputs
     "modernbert": _r(_TF, "text", TEXT, local_attention=8),
+    "longformer": _r(_TF, "text", TEXT, attention_window=[8, 8]),
     # decoders
     "gpt2": _r(_TF, "text", TEXT, n_inner=128),
     "gpt_neo": _r(_TF, "text", TEXT, attention_types=[[["global", "local"], 1]], window_size=8),
@@ -143,6 +145,8 @@ SUPPORTED: dict[str, Recipe] = {
     "pegasus": _r(_ED, "seq2seq", SEQ2SEQ),
     "blenderbot": _r(_ED, "seq2seq", SEQ2SEQ),
     "m2m_100": _r(_ED, "seq2seq", SEQ2SEQ),
+    "led": _r(_ED, "seq2seq", SEQ2SEQ, attention_window=[8, 8], max_encoder_position_embeddings=128,
+              max_decoder_position_embeddings=128),
     # vision
     "vit": _r(_VIT, "image", VIT),
     "deit": _r(_VIT, "image", VIT),

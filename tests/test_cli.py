@@ -1,0 +1,83 @@
+"""The kiln command: tables, documented JSON, and the bad-input contract (one line, exit 2,
+no traceback, no output files)."""
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from kiln.cli.main import app
+from kiln.hardware.profiles import HardwareProfile, save_profile
+
+runner = CliRunner()
+NODE_KEYS = {"name", "op", "module", "shape", "flops", "bytes"}
+TOP_KEYS = {"model", "params", "flops", "macs", "param_bytes", "peak_activation_bytes", "nodes", "roofline"}
+
+
+@pytest.fixture(autouse=True)
+def local_profile():
+    # a fixed 'local' profile: tests must not spend seconds calibrating
+    save_profile(HardwareProfile("local", "test cpu", "cpu", {"fp32": 2e11}, 2e10,
+                                 sources={"fp32": "measured by `kiln hardware calibrate` (test)"}))
+
+
+def test_analyze_writes_the_documented_json_and_svg(tmp_path):
+    out, svg = tmp_path / "a.json", tmp_path / "g.svg"
+    result = runner.invoke(app, ["analyze", "zoo:resnet20", "--json", str(out), "--svg", str(svg), "--depth", "1"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert TOP_KEYS <= set(data)
+    assert all(NODE_KEYS <= set(n) for n in data["nodes"])
+    assert data["flops"] == sum(n["flops"] for n in data["nodes"]) == 2 * data["macs"]
+    assert data["params"] == 272_474
+    assert {"hardware", "latency_s", "bound"} <= set(data["roofline"])
+    assert data["roofline"]["latency_s"] == pytest.approx(sum(n["roofline_s"] for n in data["nodes"]))
+    assert sum(m["params"] for m in data["modules"]) == data["params"]
+    assert all(n["measured_s"] is not None and n["measured_s"] >= 0 for n in data["nodes"])
+    assert svg.read_text().lstrip().startswith(("<svg", "<?xml"))
+    assert "per module (depth 1)" in result.output and "stages" in result.output
+
+
+def test_models_and_hardware_list_as_json(tmp_path):
+    out = tmp_path / "models.json"
+    result = runner.invoke(app, ["models", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    models = {m["name"]: m for m in json.loads(out.read_text())["models"]}
+    assert {"mlp", "resnet20", "minilm"} <= set(models)
+    assert models["minilm"]["family"] == "transformer" and models["minilm"]["params"] == 22_713_216
+    assert models["resnet20"]["default_input"].startswith("1x3x32x32")
+    hw = tmp_path / "hw.json"
+    assert runner.invoke(app, ["hardware", "--json", str(hw)]).exit_code == 0
+    names = {p["name"] for p in json.loads(hw.read_text())["profiles"]}
+    assert {"a100", "h100", "tpu-v4", "rpi4", "alveo-u250", "local"} <= names
+
+
+BAD = [
+    (["analyze", "zoo:nope"], "unknown zoo model 'nope'"),
+    (["analyze", "hf:/no/such/dir"], "does not exist"),
+    (["analyze", "hf-config:bert?bogus_key=1"], "bogus_key"),
+    (["analyze", "hf-config:nomodel"], "unknown model type"),
+    (["analyze", "zoo:mlp", "--input-shape", "2x3"], "rejected its inputs"),
+    (["analyze", "zoo:mlp", "--hardware", "tpu-v9"], "unknown hardware profile 'tpu-v9'"),
+    (["analyze", "zoo:mlp", "--color-by", "mood"], "expected bound or cost"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[b[1] for b in BAD])
+def test_bad_input_is_one_line_exit_2_and_leaves_no_files(tmp_path, argv, message):
+    out, svg = tmp_path / "out.json", tmp_path / "out.svg"
+    result = runner.invoke(app, [*argv, "--json", str(out), "--svg", str(svg)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kiln: error:") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_real_process_exit_code_and_stderr(tmp_path):
+    """The installed entry point, not the test runner: exit 2 and a single stderr line."""
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli.main", "analyze", "py:nope.py:f"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "kiln: error: py:nope.py:f: file nope.py does not exist"
