@@ -5,14 +5,10 @@ it uses for the GPU attention kernels through custom_mapping; mixture-of-experts
 their experts through an opaque transformers op, so the oracle runs the same weights with the
 eager experts loop, which flop_counter sees as plain matmuls.
 """
-import copy
-
 import pytest
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from kiln.analysis.cost import AnnotateCost
-from kiln.analysis.flops import sdpa_custom_mapping
+from kiln.analysis.oracle import flop_counter_flops
 from kiln.graph.capture import capture
 from kiln.models.spec import load
 
@@ -32,23 +28,10 @@ TYPES = [
 ]
 
 
-def oracle_flops(loaded) -> int:
-    model = loaded.model
-    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
-        model = copy.deepcopy(model)
-        for module in model.modules():
-            if hasattr(module, "config"):
-                module.config._experts_implementation = "eager"
-    # not under no_grad: flop_counter's module tracker trips on some models (deberta-v2) there
-    with FlopCounterMode(display=False, custom_mapping=sdpa_custom_mapping()) as counter:
-        model(*loaded.example_inputs, **loaded.example_kwargs)
-    return counter.get_total_flops()
-
-
 @pytest.mark.parametrize("model_type", TYPES)
 def test_hf_config_flops_match_flop_counter(model_type):
     loaded = load(f"hf-config:{model_type}")
-    expected = oracle_flops(loaded)
+    expected = flop_counter_flops(loaded)
     got = AnnotateCost()(capture(loaded)).record.flops
     assert expected > 0
     assert abs(got - expected) <= 0.01 * expected, (got, expected)
@@ -56,3 +39,18 @@ def test_hf_config_flops_match_flop_counter(model_type):
 
 def test_at_least_fifteen_diverse_types():
     assert len(TYPES) >= 15
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama", "vit", "wav2vec2"])
+def test_attention_counted_like_the_eager_attention_rebuild(model_type):
+    """A second oracle: the same weights with eager attention are plain matmuls to flop_counter."""
+    import copy
+
+    from transformers import AutoModel
+
+    loaded = load(f"hf-config:{model_type}")
+    eager = AutoModel.from_config(copy.deepcopy(loaded.model.config), attn_implementation="eager").eval()
+    eager.load_state_dict(loaded.model.state_dict())
+    eager_loaded = type(loaded)(loaded.spec, eager, loaded.example_inputs, loaded.example_kwargs)
+    expected = flop_counter_flops(eager_loaded, count_cpu_attention=False)
+    assert AnnotateCost()(capture(loaded)).record.flops == expected
