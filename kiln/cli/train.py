@@ -1,0 +1,116 @@
+"""`kiln train`, `kiln eval` and `kiln datasets`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from kiln.cli.common import console, user_errors
+from kiln.io import atomic_write_json
+
+OVERRIDES = ("dataset", "epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "schedule",
+             "warmup_fraction", "grad_clip", "bf16", "label_smoothing", "max_steps", "threads")
+
+
+def _config(spec, config, out, given: dict):
+    from kiln.config import from_dict, read_toml
+    from kiln.errors import KilnError
+    from kiln.train.config import TrainConfig
+
+    data = read_toml(config) if config else {}
+    data |= {k: v for k, v in given.items() if v is not None}
+    if spec:
+        data["model"] = spec
+    if out:
+        data["out"] = str(out)
+    if "model" not in data:
+        raise KilnError("no model: give a SPEC or `model = ...` in --config")
+    return from_dict(TrainConfig, data, str(config) if config else "train options")
+
+
+@user_errors
+def train(
+    spec: Optional[str] = typer.Argument(None, help="Model spec, e.g. zoo:cnn (or `model` in --config)."),
+    config: Optional[Path] = typer.Option(None, help="TOML file with TrainConfig keys; flags override it."),
+    out: Optional[Path] = typer.Option(None, help="Run directory, e.g. runs/cnn-mnist."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset spec (`kiln datasets`); default: the model's."),
+    epochs: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    optimizer: Optional[str] = typer.Option(None, help="adamw or sgd"),
+    weight_decay: Optional[float] = typer.Option(None),
+    schedule: Optional[str] = typer.Option(None, help="cosine, constant, linear or onecycle"),
+    warmup_fraction: Optional[float] = typer.Option(None),
+    grad_clip: Optional[float] = typer.Option(None, help="Max global gradient norm (0 = off)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast."),
+    label_smoothing: Optional[float] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None), threads: Optional[int] = typer.Option(None),
+    nproc: int = typer.Option(1, help="Data-parallel processes on this machine (torchrun, DDP)."),
+    nnodes: int = typer.Option(1), node_rank: int = typer.Option(0),
+    rdzv_endpoint: str = typer.Option("", help="host:port of the rendezvous for several machines."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the final metrics here."),
+) -> None:
+    """Train a model on a dataset, with validation each epoch and best/last checkpoints."""
+    from kiln.train.trainer import fit
+
+    if resume and out and (out / "config.toml").is_file() and not config:
+        config = out / "config.toml"
+    local = dict(locals())
+    cfg = _config(spec, config, out, {k: local[k] for k in OVERRIDES})
+    if nproc > 1 or nnodes > 1:
+        from kiln.train.distributed import launch
+
+        code = launch(cfg, nproc, resume, nnodes, node_rank, rdzv_endpoint)
+        if code:
+            raise typer.Exit(code)
+        if cfg.out and json_path:
+            atomic_write_json(json_path, __import__("json").loads((Path(cfg.out) / "metrics.json").read_text()))
+        return
+    metrics = fit(cfg, resume=resume)
+    key = metrics["metric"]
+    console.print(f"test {key}: {metrics[key]:.4f}  (best val {metrics['val_' + key]:.4f} at epoch {metrics['best_epoch']}; "
+                  f"{metrics['throughput_samples_s']:.0f} samples/s)")
+    if cfg.out:
+        console.print(f"run: {cfg.out}")
+    if json_path:
+        atomic_write_json(json_path, metrics)
+
+
+@user_errors
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `kiln train`."),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Reload a run and measure its metric on the test split again."""
+    import json
+
+    from kiln.train.trainer import evaluate_run
+
+    result = evaluate_run(run_dir)
+    key = result["metric"]
+    recorded = json.loads((run_dir / "metrics.json").read_text()).get(key) if (run_dir / "metrics.json").is_file() else None
+    result["recorded"] = recorded
+    result["reproduced"] = recorded is not None and abs(recorded - result[key]) <= 1e-9 * max(1.0, abs(recorded))
+    console.print(f"{result['model']} on {result['dataset']} (test): {key} {result[key]:.6f}"
+                  + (f"  recorded {recorded:.6f}  {'reproduced' if result['reproduced'] else 'DIFFERS'}" if recorded is not None else ""))
+    if json_path:
+        atomic_write_json(json_path, result)
+
+
+@user_errors
+def datasets(json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+    """List the datasets (real offline data where it exists)."""
+    from kiln.data import dataset_entries
+
+    rows = [{"name": e.name, "task": e.task, "description": e.description, "source": e.source,
+             "options": e.options} for e in dataset_entries()]
+    table = Table(title="kiln datasets")
+    for col in ("name", "task", "options", "source"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["task"], ", ".join(f"{k}={v}" for k, v in r["options"].items()), r["source"])
+    console.print(table)
+    if json_path:
+        atomic_write_json(json_path, {"datasets": rows})

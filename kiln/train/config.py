@@ -1,0 +1,47 @@
+"""The training config: one frozen dataclass; `kiln train --config t.toml` maps onto it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.errors import KilnError
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant", "linear", "onecycle")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    dataset: str = ""            # empty: the zoo model's default dataset
+    out: str = ""                # run directory
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    momentum: float = 0.9        # sgd only
+    schedule: str = "cosine"
+    warmup_fraction: float = 0.0
+    grad_clip: float = 0.0       # max global grad norm; 0 = off
+    bf16: bool = False           # autocast matmuls/convs to bfloat16
+    label_smoothing: float = 0.0
+    max_steps: int = 0           # stop after this many optimizer steps (0 = no limit)
+    eval_batch_size: int = 256
+    threads: int = 0             # torch threads per process (0 = torch's default)
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.max_steps >= 0, "max_steps must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise KilnError(f"train config: {message}")

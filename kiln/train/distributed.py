@@ -1,0 +1,61 @@
+"""Data parallel training: `kiln train ... --nproc N` launches torchrun, each rank runs `fit`
+with its slice of every global batch and DDP averaging gradients (gloo on CPU, NCCL on GPU)."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from kiln.config import load_toml, to_toml
+from kiln.errors import KilnError
+from kiln.train.config import TrainConfig
+
+
+def launch(cfg: TrainConfig, nproc: int, resume: bool = False, nnodes: int = 1, node_rank: int = 0,
+           rdzv_endpoint: str = "") -> int:
+    """Run torchrun with `nproc` processes per node; returns its exit code."""
+    if nproc < 1:
+        raise KilnError(f"--nproc must be >= 1, got {nproc}")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "train.toml"
+        config.write_text(to_toml(cfg))
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
+        if nnodes > 1 or rdzv_endpoint:
+            cmd += [f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint or 'localhost:29400'}"]
+        else:
+            cmd += ["--standalone"]
+        cmd += ["-m", "kiln.train.distributed", "--config", str(config)] + (["--resume"] if resume else [])
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(cfg.threads or 1))}
+        return subprocess.run(cmd, env=env).returncode
+
+
+def rank_main(config: str, resume: bool) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from kiln.train.trainer import Dist, fit
+
+    cfg = load_toml(TrainConfig, config)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    try:
+        here = Dist(dist.get_rank(), dist.get_world_size())
+        fit(cfg, resume=resume, dist=here, progress=here.main, wrap=lambda m: DDP(m))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    try:
+        rank_main(args.config, args.resume)
+    except KilnError as exc:
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        sys.exit(2)

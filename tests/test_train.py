@@ -1,0 +1,125 @@
+"""The trainer: learns, checkpoints, resumes exactly, reproduces its metric, and refuses bad input."""
+import json
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kiln.errors import KilnError
+from kiln.train import tasks
+from kiln.train.config import TrainConfig
+from kiln.train.trainer import evaluate_run, fit
+
+FACTORY = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def mlp():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 10))
+        return model, (torch.randn(1, 1, 8, 8),)
+
+    def plain():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        return model, (torch.randn(1, 1, 8, 8),)
+''')
+
+
+@pytest.fixture
+def spec(tmp_path):
+    path = tmp_path / "digits_mlp.py"
+    path.write_text(FACTORY)
+    return f"py:{path}:mlp"
+
+
+def cfg(spec, out, **kw):
+    base = dict(model=spec, dataset="digits", out=str(out), epochs=2, lr=3e-3, batch_size=32, seed=0)
+    return TrainConfig(**(base | kw))
+
+
+def test_trains_checkpoints_and_eval_reproduces_exactly(spec, tmp_path):
+    run = tmp_path / "run"
+    metrics = fit(cfg(spec, run, epochs=4), progress=False)
+    assert metrics["metric"] == "accuracy" and metrics["accuracy"] > 0.85   # real digits, 4 short epochs
+    for name in ("config.toml", "metrics.json", "best.safetensors", "last.safetensors", "state.pt"):
+        assert (run / name).is_file()
+    assert json.loads((run / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    again = evaluate_run(run)
+    assert again["accuracy"] == metrics["accuracy"]
+
+
+def test_same_seed_same_weights(spec, tmp_path):
+    fit(cfg(spec, tmp_path / "a"), progress=False)
+    fit(cfg(spec, tmp_path / "b"), progress=False)
+    a, b = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_interrupt_matches_an_uninterrupted_run(spec, tmp_path, monkeypatch):
+    fit(cfg(spec, tmp_path / "full", epochs=3), progress=False)
+    real = tasks.evaluate
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:          # during epoch 2's validation, before its checkpoint
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "evaluate", interrupted)
+    with pytest.raises(KilnError, match="interrupted"):
+        fit(cfg(spec, tmp_path / "cut", epochs=3), progress=False)
+    monkeypatch.setattr(tasks, "evaluate", real)
+    state = torch.load(tmp_path / "cut" / "state.pt", weights_only=False)
+    assert state["epoch"] == 1      # the last good checkpoint is epoch 1's
+    fit(cfg(spec, tmp_path / "cut", epochs=3), resume=True, progress=False)
+    a = load_file(tmp_path / "full" / "last.safetensors")
+    b = load_file(tmp_path / "cut" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_inputs_are_one_line_errors(spec, tmp_path):
+    with pytest.raises(KilnError, match="dataset digits does not fit model zoo:mlp"):
+        fit(cfg("zoo:mlp", tmp_path / "x"), progress=False)
+    with pytest.raises(KilnError, match="optimizer must be one of"):
+        cfg(spec, tmp_path / "y", optimizer="adam")
+    with pytest.raises(KilnError, match="does not exist"):
+        evaluate_run(tmp_path / "nowhere")
+    run = tmp_path / "run"
+    fit(cfg(spec, run, epochs=1), progress=False)
+    (run / "best.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(KilnError, match="corrupt"):
+        evaluate_run(run)
+    with pytest.raises(KilnError, match="already exists"):
+        fit(cfg(spec, run, epochs=1), progress=False)
+
+
+def test_config_from_toml_rejects_unknown_keys(tmp_path):
+    from kiln.config import load_toml, to_toml
+
+    good = TrainConfig(model="zoo:cnn", epochs=3, lr=0.01, bf16=True)
+    path = tmp_path / "t.toml"
+    path.write_text(to_toml(good))
+    assert load_toml(TrainConfig, path) == good
+    path.write_text('model = "zoo:cnn"\nepoch = 3\n')
+    with pytest.raises(KilnError, match="unknown key 'epoch'"):
+        load_toml(TrainConfig, path)
+    path.write_text('model = "zoo:cnn"\nepochs = "three"\n')
+    with pytest.raises(KilnError, match="'epochs' needs int"):
+        load_toml(TrainConfig, path)
+
+
+@pytest.mark.distributed
+def test_two_processes_end_with_the_same_parameters_as_one(spec, tmp_path):
+    from kiln.train.distributed import launch
+
+    base = dict(epochs=1, max_steps=6, batch_size=32, threads=1, optimizer="sgd", lr=0.05)
+    # dropout-free: DDP ranks draw their own dropout masks
+    plain = spec.replace(":mlp", ":plain")
+    fit(cfg(plain, tmp_path / "one", **base), progress=False)
+    assert launch(cfg(plain, tmp_path / "two", **base), nproc=2) == 0
+    a = load_file(tmp_path / "one" / "last.safetensors")
+    b = load_file(tmp_path / "two" / "last.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
