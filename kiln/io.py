@@ -6,17 +6,43 @@ import os
 import tempfile
 from pathlib import Path
 
+from kiln.errors import KilnError
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early, before any work, on an output path that cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise KilnError(f"output path {path} is a directory")
+    parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise KilnError(f"cannot write {path}: {parent} is not a writable directory")
+    return path
+
+
+def publish(tmp: str, path: Path) -> None:
+    """Give a finished temp file ordinary permissions (mkstemp makes 0600), then move it in place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise KilnError(f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
+        publish(tmp, path)
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise KilnError(f"cannot write {path}: {exc.strerror}") from None
         raise
     return path
 

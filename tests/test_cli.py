@@ -81,3 +81,9 @@ def test_real_process_exit_code_and_stderr(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "kiln: error: py:nope.py:f: file nope.py does not exist"
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path):
+    result = runner.invoke(app, ["analyze", "zoo:mlp", "--json", str(tmp_path)])
+    assert result.exit_code == 2 and "is a directory" in result.stderr
+    assert list(tmp_path.iterdir()) == []

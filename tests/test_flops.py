@@ -97,3 +97,14 @@ def test_oracle_blind_spot_is_real_and_kiln_counts_attention():
     # 6 layers, 12 heads, 128 tokens, head dim 32: QK^T and PV
     attention = 6 * (2 * 12 * 128 * 128 * 32 * 2)
     assert counted - plain.get_total_flops() == attention
+
+
+class AutocastRegion(nn.Module):
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):   # export wraps this region in a subgraph
+            return x @ x
+
+
+def test_flops_inside_an_autocast_region_are_counted():
+    x = r(8, 8)
+    assert kiln_flops(AutocastRegion(), (x,)) == 2 * 8 * 8 * 8 == oracle(AutocastRegion(), (x,))

@@ -123,3 +123,19 @@ def test_two_processes_end_with_the_same_parameters_as_one(spec, tmp_path):
     a = load_file(tmp_path / "one" / "last.safetensors")
     b = load_file(tmp_path / "two" / "last.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_resume_refuses_changes_that_break_exact_continuation(spec, tmp_path):
+    run = tmp_path / "run"
+    fit(cfg(spec, run, epochs=1), progress=False)
+    with pytest.raises(KilnError, match="cannot change lr"):
+        fit(cfg(spec, run, epochs=2, lr=0.1), resume=True, progress=False)
+    fit(cfg(spec, run, epochs=2), resume=True, progress=False)    # more epochs is fine
+    assert "epochs = 2" in (run / "config.toml").read_text()
+
+
+def test_node_classification_run_evaluates_again_exactly(tmp_path):
+    run = tmp_path / "gcn"
+    metrics = fit(TrainConfig(model="zoo:gcn", dataset="karate", out=str(run), epochs=30, lr=0.01,
+                              schedule="constant"), progress=False)
+    assert evaluate_run(run)["accuracy"] == metrics["accuracy"]

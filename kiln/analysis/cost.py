@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from kiln.analysis.flops import FORMULAS, decomposes, dispatch_flops
-from kiln.graph.graph import Graph
+from kiln.graph.graph import Graph, target_name, tensor_metas
 from kiln.graph.node import Cost, Node, NodeKind
 from kiln.graph.passes import PassResult
 
@@ -56,7 +56,7 @@ def _shape(a: Any):
 
 
 def node_cost(fx_node: torch.fx.Node, node: Node, graph: Graph) -> Cost:
-    flops, counted = _flops(fx_node, node)
+    flops, counted = _flops(fx_node, node.op, graph.program.graph_module)
     if node.is_view:
         return Cost(flops, 0, 0, counted)
     if node.op in GATHERS:
@@ -68,11 +68,20 @@ def node_cost(fx_node: torch.fx.Node, node: Node, graph: Graph) -> Cost:
     return Cost(flops, read, node.out_bytes, counted)
 
 
-def _flops(fx_node: torch.fx.Node, node: Node) -> tuple[int, bool]:
-    if node.op in FORMULAS:
+def _flops(fx_node: torch.fx.Node, op: str, root: torch.nn.Module) -> tuple[int, bool]:
+    if op in FORMULAS:
         ins = [_shape(a) for a in fx_node.args]
-        return FORMULAS.get(node.op)(node.op, ins, [t.shape for t in node.outputs], fx_node.args), True
-    if node.op in NO_FLOPS or not decomposes(fx_node.target):
+        outs = [t.shape for t in tensor_metas(fx_node.meta.get("val"))]
+        return FORMULAS.get(op)(op, ins, outs, fx_node.args), True
+    if op.startswith("wrap_with_"):   # an autocast or grad-mode region: cost its subgraph's ops
+        sub = next(getattr(root, a.target) for a in fx_node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr")
+        total, counted = 0, True
+        for inner in sub.graph.nodes:
+            if inner.op == "call_function":
+                flops, ok = _flops(inner, target_name(inner.target)[1], sub)
+                total, counted = total + flops, counted and ok
+        return total, counted
+    if op in NO_FLOPS or not decomposes(fx_node.target):
         return 0, True
     try:
         args, kwargs = torch.fx.node.map_arg((fx_node.args, fx_node.kwargs), _meta_tensor)

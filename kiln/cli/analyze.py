@@ -42,12 +42,18 @@ def analyze(
     from kiln.models.inputs import check_runs, with_input_shapes
     from kiln.models.spec import load
 
-    hw = _hardware(hardware)
+    from kiln.io import check_writable
+
+    for path in (json_path, svg):
+        if path:
+            check_writable(path)
     with err_console.status(f"loading {spec}") as status:
         loaded = load(spec)
         loaded = with_input_shapes(loaded, list(input_shape or []))
         if not input_shape:
             check_runs(loaded)
+    hw = _hardware(hardware)
+    with err_console.status(f"analysing {spec}") as status:
         result = run_analysis(loaded, hw, measure_time=measure, progress=lambda s: status.update(f"{s} {spec}"))
     outputs = {}
     if json_path:
@@ -91,7 +97,7 @@ def _print(a, depth: int, top: int) -> None:
         s.add_row(k, v)
     if m:
         s.add_row("measured here", f"eager {seconds(m.eager_s)}; graph ops {seconds(m.ops_s)} "
-                                   f"({m.threads} threads, mean of {m.repeats})")
+                                   f"({m.threads} threads; eager median, ops mean of {m.repeats})")
     if a.roofline.fallback_dtypes:
         s.add_row("note", f"{hw.name} has no figure for {', '.join(a.roofline.fallback_dtypes)}: costed at its {hw.fallback} peak")
     console.print(s)

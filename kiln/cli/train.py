@@ -1,6 +1,7 @@
 """`kiln train`, `kiln eval` and `kiln datasets`."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -62,13 +63,13 @@ def train(
     if nproc > 1 or nnodes > 1:
         from kiln.train.distributed import launch
 
-        code = launch(cfg, nproc, resume, nnodes, node_rank, rdzv_endpoint)
-        if code:
-            raise typer.Exit(code)
-        if cfg.out and json_path:
-            atomic_write_json(json_path, __import__("json").loads((Path(cfg.out) / "metrics.json").read_text()))
-        return
-    metrics = fit(cfg, resume=resume)
+        from kiln.errors import KilnError
+
+        if launch(cfg, nproc, resume, nnodes, node_rank, rdzv_endpoint):
+            raise KilnError(f"data-parallel training failed in a rank (its message is above); {cfg.out} keeps the last completed epoch")
+        metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
+    else:
+        metrics = fit(cfg, resume=resume)
     key = metrics["metric"]
     console.print(f"test {key}: {metrics[key]:.4f}  (best val {metrics['val_' + key]:.4f} at epoch {metrics['best_epoch']}; "
                   f"{metrics['throughput_samples_s']:.0f} samples/s)")
@@ -84,13 +85,17 @@ def evaluate(
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
     """Reload a run and measure its metric on the test split again."""
-    import json
 
     from kiln.train.trainer import evaluate_run
 
     result = evaluate_run(run_dir)
     key = result["metric"]
-    recorded = json.loads((run_dir / "metrics.json").read_text()).get(key) if (run_dir / "metrics.json").is_file() else None
+    try:
+        recorded = json.loads((run_dir / "metrics.json").read_text()).get(key) if (run_dir / "metrics.json").is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        from kiln.errors import KilnError
+
+        raise KilnError(f"{run_dir / 'metrics.json'} is corrupt: not a JSON object") from None
     result["recorded"] = recorded
     result["reproduced"] = recorded is not None and abs(recorded - result[key]) <= 1e-9 * max(1.0, abs(recorded))
     console.print(f"{result['model']} on {result['dataset']} (test): {key} {result[key]:.6f}"

@@ -62,4 +62,4 @@ def _batch_dims(loaded: LoadedModel, batch) -> tuple | dict:
 
     if loaded.example_kwargs and not loaded.example_inputs:
         return {k: spec(v) for k, v in loaded.example_kwargs.items()}
-    return tuple(spec(x) for x in loaded.example_inputs)
+    return tuple(spec(x) for x in loaded.example_inputs) + tuple(spec(v) for v in loaded.example_kwargs.values())

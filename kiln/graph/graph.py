@@ -102,6 +102,8 @@ class Graph:
             return Node(n.name, kind, fqn_of.get(n.name, n.name), kind.value, outputs=outputs)
         if n.op == "output":
             return Node(n.name, NodeKind.OUTPUT, "output", "output", inputs=inputs)
+        if n.op == "get_attr":   # a submodule (the body of an autocast region) or a constant
+            return Node(n.name, NodeKind.CONSTANT, str(n.target), "get_attr", outputs=outputs)
         target, op = target_name(n.target)
         module, mtype = _innermost_module(n)
         params = tuple(fqn_of[a] for a in inputs if a in fqn_of)

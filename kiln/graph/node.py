@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 
 
@@ -91,7 +91,6 @@ class Node:
     params: tuple[str, ...] = ()
     is_view: bool = False
     cost: Cost | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, ...]:

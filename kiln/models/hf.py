@@ -57,9 +57,12 @@ def _tokenized(directory: Path, model, max_length: int) -> dict | None:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception:
         return None   # a broken tokenizer is not fatal: random token ids still exercise the model
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    enc = tokenizer([EXAMPLE_TEXT], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    try:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        enc = tokenizer([EXAMPLE_TEXT], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    except Exception:
+        return None   # e.g. no pad/eos/unk token to pad with: random token ids instead
     import inspect
 
     accepted = inspect.signature(model.forward).parameters

@@ -62,8 +62,12 @@ def _as_loaded(result, spec: str) -> LoadedModel:
             raise KilnError(f"{spec}: the factory's module has no example_inputs; {SHAPES}")
     elif isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], torch.nn.Module):
         model, inputs = result[0], result[1]
-        kwargs = dict(result[2]) if len(result) == 3 else {}
+        kwargs = result[2] if len(result) == 3 else {}
     else:
         raise KilnError(f"{spec}: the factory returned {type(result).__name__}; {SHAPES}")
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    try:
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        kwargs = dict(kwargs)
+    except (TypeError, ValueError):
+        raise KilnError(f"{spec}: the factory's inputs are not a tensor, a tuple of them, or a dict; {SHAPES}") from None
     return LoadedModel(spec, model.eval(), inputs, kwargs, description=f"user model {type(model).__name__}")

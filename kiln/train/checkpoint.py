@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from kiln.errors import KilnError, first_line
+from kiln.io import publish
 
 
 def _atomic(path: Path, write) -> None:
@@ -18,7 +19,7 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

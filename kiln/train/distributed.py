@@ -16,9 +16,22 @@ from kiln.train.config import TrainConfig
 
 def launch(cfg: TrainConfig, nproc: int, resume: bool = False, nnodes: int = 1, node_rank: int = 0,
            rdzv_endpoint: str = "") -> int:
-    """Run torchrun with `nproc` processes per node; returns its exit code."""
+    """Run torchrun with `nproc` processes per node; returns its exit code.
+
+    What can be checked here is checked before any process starts, so bad input is one line."""
     if nproc < 1:
         raise KilnError(f"--nproc must be >= 1, got {nproc}")
+    world = nproc * nnodes
+    if cfg.batch_size % world:
+        raise KilnError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
+    if not cfg.out:
+        raise KilnError("data-parallel training needs --out: the ranks report through the run directory")
+    out = Path(cfg.out)
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise KilnError(f"run directory {out} already exists and is not empty: pass --resume or another --out")
+    from kiln.train.trainer import build
+
+    build(cfg)   # the model and dataset load and fit each other
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "train.toml"
         config.write_text(to_toml(cfg))
@@ -40,8 +53,8 @@ def rank_main(config: str, resume: bool) -> None:
     from kiln.train.trainer import Dist, fit
 
     cfg = load_toml(TrainConfig, config)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    # the trainer keeps model and data on the CPU, so gloo even where CUDA exists
+    dist.init_process_group("gloo")
     try:
         here = Dist(dist.get_rank(), dist.get_world_size())
         fit(cfg, resume=resume, dist=here, progress=here.main, wrap=lambda m: DDP(m))

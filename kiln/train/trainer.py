@@ -130,7 +130,7 @@ def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dist:
     """Where this process sits in a data-parallel job (rank 0 of 1 when alone)."""
 
@@ -163,9 +163,11 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
     out = Path(cfg.out) if cfg.out else None
     if out and dist.main and not resume and out.is_dir() and any(out.iterdir()):
         raise KilnError(f"run directory {out} already exists and is not empty: pass --resume or another --out")
+    torch.manual_seed(cfg.seed)   # a user factory's init follows the seed (zoo builders fix their own)
     setup = build(cfg)
     model, splits = setup.model, setup.splits
-    torch.manual_seed(cfg.seed)
+    # each rank draws its own dropout masks and noise; the data order is seeded separately
+    torch.manual_seed(cfg.seed + dist.rank)
     if setup.task == "node-classification" and dist.world > 1:
         raise KilnError(f"dataset {setup.dataset} is one graph: it cannot be split across {dist.world} processes")
     sampler = GlobalBatches(len(splits.train), cfg.batch_size, cfg.seed, dist.rank, dist.world)
@@ -176,7 +178,9 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": 0, "history": [], "train_time_s": 0.0, "samples": 0}
     if resume:
         state = _resume(out, model, opt, sched)
-    if out and dist.main and not resume:
+    if out and dist.main and resume:
+        _check_resume_config(cfg, out)
+    if out and dist.main:
         atomic_write_text(out / "config.toml", to_toml(cfg))
     train_model = wrap(tasks.LossForward(model) if hasattr(model, "loss") else model)
     metric_key = tasks.metric_for(setup.task, model).key
@@ -198,8 +202,10 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
                     if better:
                         save_weights(model, out / "best.safetensors")
                     save_weights(model, out / "last.safetensors")
-                    save_state({**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                "rng": torch.get_rng_state()}, out / "state.pt")
+                    # state.pt carries its own copy of the weights: it alone is what --resume reads,
+                    # so a kill between two files can never pair one epoch's weights with another's state
+                    save_state({**state, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}, out / "state.pt")
                 if dist.main and progress:
                     bar.console.print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {state['history'][-1]['train_loss']:.4f}  "
                                       f"val {metric_key} {val:.4f}{'  (best)' if better else ''}")
@@ -255,11 +261,30 @@ def _finish(cfg, setup, model, state, out, dist, metric_key) -> dict:
     return metrics
 
 
+RESUMABLE_CHANGES = ("epochs", "max_steps", "threads", "out")
+
+
+def _check_resume_config(cfg: TrainConfig, out: Path) -> None:
+    """A resumed run continues exactly only if nothing but its length changes."""
+    from kiln.config import load_toml
+
+    if not (out / "config.toml").is_file():
+        return
+    old = to_dict(load_toml(TrainConfig, out / "config.toml"))
+    for key, value in to_dict(cfg).items():
+        if key not in RESUMABLE_CHANGES and old[key] != value:
+            raise KilnError(f"--resume cannot change {key} ({old[key]!r} -> {value!r}); "
+                            f"only {', '.join(RESUMABLE_CHANGES[:2])} may change")
+
+
 def _resume(out: Path | None, model, opt, sched) -> dict:
     if out is None or not (out / "state.pt").is_file():
         raise KilnError(f"nothing to resume in {out}: no state.pt (the run never finished an epoch)")
-    load_weights(model, out / "last.safetensors")
     state = load_state(out / "state.pt")
+    try:
+        model.load_state_dict(state.pop("model"))
+    except (KeyError, RuntimeError) as exc:
+        raise KilnError(f"trainer state {out / 'state.pt'} does not fit the model: {first_line(exc)}") from None
     opt.load_state_dict(state.pop("optimizer"))
     sched.load_state_dict(state.pop("scheduler"))
     torch.set_rng_state(state.pop("rng"))   # dropout draws continue as if never stopped
@@ -283,9 +308,11 @@ def evaluate_run(run_dir: str | Path) -> dict:
     if not (run / "config.toml").is_file():
         raise KilnError(f"{run} is not a kiln run directory: no config.toml")
     cfg = load_toml(TrainConfig, run / "config.toml")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     setup = build(cfg)
     load_weights(setup.model, run / "best.safetensors")
     metric = tasks.metric_for(setup.task, setup.model)
-    value = tasks.evaluate(setup.model, setup.task, _loader(setup.splits.test, cfg, Dist()), metric)
+    value = tasks.evaluate(setup.model, setup.task, _loader(setup.splits.test, cfg, Dist(), task=setup.task), metric)
     return {"run": str(run), "model": cfg.model, "dataset": setup.dataset, "metric": metric.key,
             metric.key: value, "split": "test"}
