@@ -10,7 +10,6 @@ weights, capture, analysis, measured profile, JSON), median of repeats, on a cal
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -23,6 +22,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import report  # noqa: E402
 
 from kiln.graph.capture import capture  # noqa: E402
 from kiln.models.loaded import LoadedModel  # noqa: E402
@@ -71,11 +73,7 @@ def main() -> None:
         "capture_mlp200_s": statistics.median(kiln_t), "torch_export_mlp200_s": statistics.median(raw_t),
         "capture_overhead_ratio": statistics.median(kiln_t) / statistics.median(raw_t),
     }
-    for k, v in result.items():
-        print(f"{k}: {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import report  # noqa: E402
 
 from kiln.models.spec import load  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
@@ -77,11 +80,7 @@ def main() -> None:
         "step_s_one": one["train_time_s"] / steps, "step_s_two": two["train_time_s"] / steps,
         "allreduce_s_per_step": ar, "allreduce_share_of_two_proc_step": ar / (two["train_time_s"] / steps),
     }
-    for k, v in result.items():
-        print(f"{k}: {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":
