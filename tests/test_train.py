@@ -139,3 +139,25 @@ def test_node_classification_run_evaluates_again_exactly(tmp_path):
     metrics = fit(TrainConfig(model="zoo:gcn", dataset="karate", out=str(run), epochs=30, lr=0.01,
                               schedule="constant"), progress=False)
     assert evaluate_run(run)["accuracy"] == metrics["accuracy"]
+
+
+def test_cli_train_and_eval_round_trip(spec, tmp_path):
+    from typer.testing import CliRunner
+
+    from kiln.cli.main import app
+
+    runner = CliRunner()
+    run, out = tmp_path / "run", tmp_path / "m.json"
+    result = runner.invoke(app, ["train", spec, "--dataset", "digits", "--epochs", "1", "--out", str(run), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads(out.read_text())["accuracy"]
+    result = runner.invoke(app, ["eval", str(run), "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0 and "reproduced" in result.output
+    assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == recorded
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'model = "{spec}"\nlearning_rate = 0.1\n')
+    result = runner.invoke(app, ["train", "--config", str(bad), "--out", str(tmp_path / "never")])
+    assert result.exit_code == 2 and "unknown key 'learning_rate'" in result.stderr
+    assert not (tmp_path / "never").exists()
+    result = runner.invoke(app, ["eval", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
