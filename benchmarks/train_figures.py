@@ -38,7 +38,7 @@ EXPERIMENTS = {
                 weight_decay=0.1, grad_clip=1.0),
     "gcn": dict(model="zoo:gcn", dataset="karate", epochs=200, lr=0.01, weight_decay=5e-4, schedule="constant"),
     "vae": dict(model="zoo:vae", dataset="mnist-gen", epochs=30, lr=1e-3, batch_size=128, weight_decay=0.0),
-    "ddpm": dict(model="zoo:ddpm", dataset="mnist-gen", epochs=60, lr=1e-3, batch_size=128, warmup_fraction=0.02,
+    "ddpm": dict(model="zoo:ddpm", dataset="mnist-gen", epochs=30, lr=1e-3, batch_size=128, warmup_fraction=0.02,
                  weight_decay=0.0, grad_clip=1.0),
 }
 
