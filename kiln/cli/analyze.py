@@ -92,7 +92,7 @@ def _print(a, depth: int, top: int) -> None:
         ("arithmetic intensity", f"{flops / max(a.cost.bytes, 1):.2f} FLOP/B (ridge {hw.ridge():.1f})"),
         ("peak activation memory", f"{si(a.memory.peak_activation_bytes, 'B')} (at {a.memory.peak_at})"),
         (f"roofline on {hw.name}", f"{seconds(a.roofline.latency_s)}, {a.roofline.bound.value}-bound "
-                                   f"(compute {seconds(a.roofline.compute_s)}, memory {seconds(a.roofline.memory_s)})"),
+                                   f"(compute-bound ops {seconds(a.roofline.compute_s)}, memory-bound ops {seconds(a.roofline.memory_s)})"),
     ):
         s.add_row(k, v)
     if m:
