@@ -30,10 +30,10 @@ from kiln.train.trainer import fit  # noqa: E402
 EXPERIMENTS = {
     "cnn": dict(model="zoo:cnn", dataset="mnist", epochs=12, lr=2e-3, batch_size=64, warmup_fraction=0.05,
                 weight_decay=0.05),
-    # a first run (3 epochs, lr 4e-5, warmup 0.1, no smoothing) reached 83.5% test: the plain
-    # baseline's level; a gentler, longer schedule with label smoothing is what is kept here
-    "minilm": dict(model="zoo:minilm_cls", dataset="rotten-tomatoes?max_length=64", epochs=4, lr=3e-5,
-                   batch_size=32, warmup_fraction=0.06, weight_decay=0.01, grad_clip=1.0, label_smoothing=0.1),
+    # three recipes were run (benchmarks/results/train_figures.json): lr 4e-5/3 epochs (val 83.1%),
+    # lr 3e-5/4 epochs/smoothing 0.1 (val 83.0%), and this one, chosen by its validation accuracy
+    "minilm": dict(model="zoo:minilm_cls", dataset="rotten-tomatoes?max_length=64", epochs=3, lr=5e-5,
+                   batch_size=16, warmup_fraction=0.1, weight_decay=0.01, grad_clip=1.0, label_smoothing=0.1),
     "gpt": dict(model="zoo:gpt", dataset="rt-lm", epochs=4, lr=1e-3, batch_size=64, warmup_fraction=0.05,
                 weight_decay=0.1, grad_clip=1.0),
     "gcn": dict(model="zoo:gcn", dataset="karate", epochs=200, lr=0.01, weight_decay=5e-4, schedule="constant"),
