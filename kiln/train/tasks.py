@@ -68,7 +68,7 @@ def batch_loss(model: nn.Module, task: str, x, y, label_smoothing: float = 0.0) 
     custom = model if isinstance(inner, LossForward) else getattr(model, "loss", None)
     if callable(custom):
         loss, parts = custom(x, y)
-        n = _batch_size(x)
+        n = batch_size(x)
         return loss, {"sum": loss.detach().item() * n, "count": n, "parts": parts}
     logits = forward(model, x)
     if task == "language-modeling":
@@ -82,7 +82,7 @@ def batch_loss(model: nn.Module, task: str, x, y, label_smoothing: float = 0.0) 
     return loss, {"sum": correct, "count": int(mask.sum()), "loss": loss.detach().item()}
 
 
-def _batch_size(x) -> int:
+def batch_size(x) -> int:
     t = next(iter(x.values())) if isinstance(x, dict) else x
     return t.shape[0]
 

@@ -147,7 +147,7 @@ def _whole(samples):
     return samples[0]
 
 
-def _loader(ds, cfg: TrainConfig, dist: Dist, sampler: GlobalBatches | None = None, task: str = "") -> DataLoader:
+def _loader(ds, cfg: TrainConfig, sampler: GlobalBatches | None = None, task: str = "") -> DataLoader:
     if task == "node-classification":
         return DataLoader(ds, batch_size=1, shuffle=False, collate_fn=_whole)
     if sampler is None:   # evaluation: fixed order, whole split
@@ -190,9 +190,9 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
             for epoch in range(state["epoch"], cfg.epochs):
                 if cfg.max_steps and state["step"] >= cfg.max_steps:
                     break
-                _train_epoch(cfg, train_model, setup.task, _loader(splits.train, cfg, dist, sampler, setup.task),
+                _train_epoch(cfg, train_model, setup.task, _loader(splits.train, cfg, sampler, setup.task),
                              sampler, epoch, opt, sched, state, bar)
-                val = tasks.evaluate(model, setup.task, _loader(splits.val, cfg, dist, task=setup.task), tasks.metric_for(setup.task, model))
+                val = tasks.evaluate(model, setup.task, _loader(splits.val, cfg, task=setup.task), tasks.metric_for(setup.task, model))
                 state["history"][-1]["val_" + metric_key] = val
                 better = tasks.metric_for(setup.task, model).better(val, state["best"])
                 if better:
@@ -231,7 +231,7 @@ def _train_epoch(cfg, train_model, task, loader, sampler, epoch, opt, sched, sta
         opt.step()
         sched.step()
         state["step"] += 1
-        n = tasks._batch_size(x)
+        n = tasks.batch_size(x)
         seen += n
         loss_sum += loss.item() * n
         bar.update(job, advance=1)
@@ -246,7 +246,7 @@ def _train_epoch(cfg, train_model, task, loader, sampler, epoch, opt, sched, sta
 def _finish(cfg, setup, model, state, out, dist, metric_key) -> dict:
     if out and (out / "best.safetensors").is_file():
         load_weights(model, out / "best.safetensors")
-    test = tasks.evaluate(model, setup.task, _loader(setup.splits.test, cfg, dist, task=setup.task), tasks.metric_for(setup.task, model))
+    test = tasks.evaluate(model, setup.task, _loader(setup.splits.test, cfg, task=setup.task), tasks.metric_for(setup.task, model))
     metrics = {
         "model": cfg.model, "dataset": setup.dataset, "task": setup.task, "metric": metric_key,
         metric_key: test, "split": "test", "val_" + metric_key: state["best"], "best_epoch": state["best_epoch"],
@@ -313,6 +313,6 @@ def evaluate_run(run_dir: str | Path) -> dict:
     setup = build(cfg)
     load_weights(setup.model, run / "best.safetensors")
     metric = tasks.metric_for(setup.task, setup.model)
-    value = tasks.evaluate(setup.model, setup.task, _loader(setup.splits.test, cfg, Dist(), task=setup.task), metric)
+    value = tasks.evaluate(setup.model, setup.task, _loader(setup.splits.test, cfg, task=setup.task), metric)
     return {"run": str(run), "model": cfg.model, "dataset": setup.dataset, "metric": metric.key,
             metric.key: value, "split": "test"}
