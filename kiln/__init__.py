@@ -5,6 +5,14 @@ when a capability needs them.
 """
 from __future__ import annotations
 
+import logging
+
+# transformers imports torchao when it is installed; torchao logs a warning for each CUDA-only
+# extension it cannot load on a CPU machine, and torch one per Enum torchao registers: noise
+# on every command, not a problem
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
 __version__ = "0.1.0"
 
 __all__ = ["load", "capture", "analyze", "KilnError", "__version__"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from kiln.cli import analyze, hardware, models, train
+from kiln.cli import analyze, hardware, models, quantize, train
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -14,6 +14,7 @@ app.command("analyze")(analyze.analyze)
 app.command("train")(train.train)
 app.command("eval")(train.evaluate)
 app.command("datasets")(train.datasets)
+app.command("quantize")(quantize.quantize)
 app.add_typer(hardware.app, name="hardware")
 
 

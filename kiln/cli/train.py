@@ -12,7 +12,8 @@ from kiln.cli.common import console, user_errors
 from kiln.io import atomic_write_json
 
 OVERRIDES = ("dataset", "epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "schedule",
-             "warmup_fraction", "grad_clip", "bf16", "label_smoothing", "max_steps", "threads")
+             "warmup_fraction", "grad_clip", "bf16", "label_smoothing", "max_steps", "threads", "init", "quant",
+             "calib_batches")
 
 
 def _config(spec, config, out, given: dict):
@@ -48,6 +49,9 @@ def train(
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast."),
     label_smoothing: Optional[float] = typer.Option(None),
     max_steps: Optional[int] = typer.Option(None), threads: Optional[int] = typer.Option(None),
+    init: Optional[str] = typer.Option(None, help="Start from this run directory's best weights."),
+    quant: Optional[str] = typer.Option(None, help="Quantization-aware training with this quant config (TOML)."),
+    calib_batches: Optional[int] = typer.Option(None, help="QAT: batches that set activation scales first."),
     nproc: int = typer.Option(1, help="Data-parallel processes on this machine (torchrun, DDP)."),
     nnodes: int = typer.Option(1), node_rank: int = typer.Option(0),
     rdzv_endpoint: str = typer.Option("", help="host:port of the rendezvous for several machines."),

@@ -29,6 +29,9 @@ class TrainConfig:
     max_steps: int = 0           # stop after this many optimizer steps (0 = no limit)
     eval_batch_size: int = 256
     threads: int = 0             # torch threads per process (0 = torch's default)
+    init: str = ""               # start from this run directory's best weights (fine-tuning, QAT)
+    quant: str = ""              # quantization-aware training with this quant config (TOML)
+    calib_batches: int = 8       # QAT: batches that set the activation scales before training
 
     def __post_init__(self):
         checks = [
@@ -41,6 +44,7 @@ class TrainConfig:
             (self.grad_clip >= 0, "grad_clip must be >= 0"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.max_steps >= 0, "max_steps must be >= 0"),
+            (self.calib_batches >= 1, "calib_batches must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,8 +33,10 @@ class Setup:
     dataset: str
 
 
-def build(cfg: TrainConfig) -> Setup:
-    """Load the model and dataset and check, before any training, that they fit each other."""
+def build(cfg: TrainConfig, fresh: bool = True, run_dir: Path | None = None) -> Setup:
+    """Load the model and dataset and check, before any training, that they fit each other.
+    A fresh run also takes `init`'s weights and calibrates `quant`'s activation scales; a
+    resumed or re-evaluated one gets both from its own checkpoint."""
     from kiln.data import load_dataset
     from kiln.models.spec import load
 
@@ -42,7 +44,42 @@ def build(cfg: TrainConfig) -> Setup:
     dataset = cfg.dataset or _default_dataset(cfg.model)
     splits = load_dataset(dataset, seed=cfg.seed)
     check_fit(loaded.model, splits, cfg.model, dataset)
+    if cfg.init and fresh:
+        load_weights(loaded.model, _init_weights(cfg.init))
+    if cfg.quant:
+        _quantize_for_training(loaded.model, cfg, splits, quant_file(cfg, run_dir), calibrate=fresh)
     return Setup(loaded.model, splits, splits.task, dataset)
+
+
+def _init_weights(init: str) -> Path:
+    path = Path(init)
+    if path.is_dir():
+        return path / "best.safetensors"
+    if path.is_file():
+        return path
+    raise KilnError(f"init {init} is neither a run directory nor a safetensors file")
+
+
+def quant_file(cfg: TrainConfig, run_dir: Path | None) -> Path:
+    """A run keeps its own copy of the quant config as quant.toml and refers to it by that name."""
+    if run_dir is not None and cfg.quant == "quant.toml" and (run_dir / "quant.toml").is_file():
+        return run_dir / "quant.toml"
+    return Path(cfg.quant)
+
+
+def _quantize_for_training(model: nn.Module, cfg: TrainConfig, splits, path: Path, calibrate: bool) -> None:
+    from kiln.config import read_toml
+    from kiln.quant.apply import quantize
+    from kiln.quant.config import parse_config
+    from kiln.quant.run import calibration_batches, prepare
+
+    config = parse_config(read_toml(path), str(path))
+    if not calibrate:
+        quantize(model, config)
+        return
+    if config.gptq is not None:
+        raise KilnError(f"{path}: gptq is post-training rounding; it does not combine with quantization-aware training")
+    prepare(model, config, calibration_batches(splits, cfg.calib_batches, cfg.batch_size, cfg.seed))
 
 
 def _default_dataset(spec: str) -> str:
@@ -164,7 +201,14 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
     if out and dist.main and not resume and out.is_dir() and any(out.iterdir()):
         raise KilnError(f"run directory {out} already exists and is not empty: pass --resume or another --out")
     torch.manual_seed(cfg.seed)   # a user factory's init follows the seed (zoo builders fix their own)
-    setup = build(cfg)
+    quant_text = None
+    if cfg.quant and not resume:
+        if not Path(cfg.quant).is_file():
+            raise KilnError(f"quant config {cfg.quant} does not exist")
+        quant_text = Path(cfg.quant).read_text()
+    setup = build(cfg, fresh=not resume, run_dir=out)
+    if cfg.quant and out:
+        cfg = replace(cfg, quant="quant.toml")
     model, splits = setup.model, setup.splits
     # each rank draws its own dropout masks and noise; the data order is seeded separately
     torch.manual_seed(cfg.seed + dist.rank)
@@ -181,6 +225,8 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
     if out and dist.main and resume:
         _check_resume_config(cfg, out)
     if out and dist.main:
+        if quant_text is not None:
+            atomic_write_text(out / "quant.toml", quant_text)
         atomic_write_text(out / "config.toml", to_toml(cfg))
     train_model = wrap(tasks.LossForward(model) if hasattr(model, "loss") else model)
     metric_key = tasks.metric_for(setup.task, model).key
@@ -305,12 +351,16 @@ def evaluate_run(run_dir: str | Path) -> dict:
     run = Path(run_dir)
     if not run.is_dir():
         raise KilnError(f"run directory {run} does not exist")
+    from kiln.quant.run import evaluate_quantized, is_quantized_run
+
+    if is_quantized_run(run):
+        return evaluate_quantized(run)
     if not (run / "config.toml").is_file():
         raise KilnError(f"{run} is not a kiln run directory: no config.toml")
     cfg = load_toml(TrainConfig, run / "config.toml")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    setup = build(cfg)
+    setup = build(cfg, fresh=False, run_dir=run)
     load_weights(setup.model, run / "best.safetensors")
     metric = tasks.metric_for(setup.task, setup.model)
     value = tasks.evaluate(setup.model, setup.task, _loader(setup.splits.test, cfg, task=setup.task), metric)

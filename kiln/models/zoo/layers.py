@@ -25,8 +25,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        quant = getattr(self, "kiln_attention", None)   # kiln.quant's attention quantizers, when set
+        y = quant.attend(q, k, v, causal=self.causal, dropout=dropout) if quant is not None else \
+            F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 

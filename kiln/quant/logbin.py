@@ -1,0 +1,1 @@
+"""Number-format families (being written)."""

@@ -1,0 +1,220 @@
+"""`kiln quantize`: a model spec or a trained run, a quant config, calibration data -> a run
+directory that `kiln eval` measures and `load_quantized` rebuilds exactly.
+
+A quantized run directory holds quant.toml (the config as given), source.toml (where the
+float model and the data came from), model.safetensors (float weights as transformed by
+SmoothQuant/GPTQ, plus every quantizer's scales), report.json and metrics.json.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kiln.errors import KilnError
+from kiln.io import atomic_write_json, atomic_write_text
+from kiln.quant.apply import calibrate, quantize, report
+from kiln.quant.config import QuantConfig, parse_config
+
+
+@dataclass
+class Source:
+    src: str               # what the user gave: a spec or a run directory
+    spec: str              # the model spec
+    dataset: str
+    model: nn.Module
+
+
+def resolve_source(src: str, dataset: str | None = None) -> Source:
+    """A model spec, or a `kiln train` run directory (its best weights and its dataset)."""
+    from kiln.models.spec import load
+    from kiln.train.checkpoint import load_weights
+    from kiln.train.trainer import _default_dataset
+
+    path = Path(src)
+    if path.is_dir():
+        from kiln.config import load_toml
+        from kiln.train.config import TrainConfig
+
+        if not (path / "config.toml").is_file():
+            raise KilnError(f"{path} is not a kiln run directory: no config.toml")
+        cfg = load_toml(TrainConfig, path / "config.toml")
+        if cfg.quant:
+            raise KilnError(f"{path} is a quantization-aware run: evaluate it with `kiln eval`, it is already quantized")
+        model = load(cfg.model).model
+        load_weights(model, path / "best.safetensors")
+        return Source(src, cfg.model, dataset or cfg.dataset or _default_dataset(cfg.model), model.eval())
+    if ":" not in src:
+        raise KilnError(f"{src!r} is neither a run directory nor a model spec (zoo:NAME, hf:PATH, ...)")
+    return Source(src, src, dataset or _default_dataset(src), load(src).model.eval())
+
+
+def calibration_batches(splits, n: int, batch_size: int, seed: int) -> list:
+    """The first `n` batches of the training split in a seeded shuffle."""
+    from torch.utils.data import DataLoader
+
+    if splits.task == "node-classification":
+        return [splits.train[0][0]]
+    loader = DataLoader(splits.train, batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    batches = []
+    for x, _ in loader:
+        batches.append(x)
+        if len(batches) == n:
+            break
+    return batches
+
+
+def model_forward(model: nn.Module, x):
+    from kiln.train.tasks import forward
+
+    return forward(model, x)
+
+
+def check_batches(model: nn.Module, batches: list, where: str) -> None:
+    """One batch through the float model: data of the wrong shape fails here, not mid-way."""
+    from kiln.errors import first_line
+
+    try:
+        with torch.no_grad():
+            model_forward(model, batches[0])
+    except Exception as exc:
+        raise KilnError(f"{where} does not fit the model: {first_line(exc)}") from None
+
+
+def prepare(model: nn.Module, config: QuantConfig, batches: list,
+            forward: Callable = model_forward) -> dict:
+    """SmoothQuant (if configured), GPTQ (if configured), wrap the selected modules, then
+    calibrate the activation quantizers on `batches`. Returns what the algorithms reported."""
+    done: dict = {}
+    if config.smoothquant is not None:
+        from kiln.quant.smoothquant import smooth
+
+        done["smoothquant"] = smooth(model, batches, forward, alpha=config.smoothquant.alpha)
+    gptq_scales = None
+    if config.gptq is not None:
+        done["gptq"], gptq_scales = _run_gptq(model, config, batches, forward)
+    quantize(model, config)
+    if gptq_scales:
+        _adopt_gptq_scales(model, gptq_scales)
+    done["calibration_batches"] = calibrate(model, batches, forward)
+    return done
+
+
+def _run_gptq(model, config, batches, forward):
+    from kiln.quant import gptq
+
+    return gptq.gptq_for_config(model, config, batches, forward)
+
+
+def _adopt_gptq_scales(model: nn.Module, scales: dict[str, torch.Tensor]) -> None:
+    """GPTQ chose each group's scale; the weight quantizer keeps it, so the GPTQ'd weights sit
+    exactly on its grid and re-quantizing them changes nothing."""
+    from kiln.quant.modules import QuantOp
+
+    for name, m in model.named_modules():
+        if isinstance(m, QuantOp) and name in scales and m.weight_q is not None:
+            m.weight_q._store(scales[name], None)
+
+
+def _splits(dataset: str, seed: int):
+    from kiln.data import load_dataset
+
+    return load_dataset(dataset, seed=seed)
+
+
+def evaluate_model(model: nn.Module, splits, split: str = "test", batch_size: int = 256) -> tuple[str, float]:
+    from kiln.train import tasks
+    from kiln.train.trainer import _loader
+    from kiln.train.config import TrainConfig
+
+    cfg = TrainConfig(model="-", eval_batch_size=batch_size)
+    metric = tasks.metric_for(splits.task, model)
+    return metric.key, tasks.evaluate(model, splits.task, _loader(getattr(splits, split), cfg, task=splits.task), metric)
+
+
+def quantize_run(src: str, config_path: Path, out: Path | None, dataset: str | None = None,
+                 calib_batches: int = 16, batch_size: int = 32, seed: int = 0, evaluate: bool = True,
+                 log: Callable[[str], None] = lambda s: None) -> dict:
+    """The whole command: load, quantize, calibrate, measure, write the run directory."""
+    from kiln.config import read_toml
+    from kiln.train.checkpoint import save_weights
+
+    if out is not None and out.is_dir() and any(out.iterdir()):
+        raise KilnError(f"output directory {out} already exists and is not empty")
+    table = read_toml(config_path)
+    config = parse_config(table, str(config_path))
+    if calib_batches < 1:
+        raise KilnError(f"--calib-batches must be >= 1, got {calib_batches}")
+    source = resolve_source(src, dataset)
+    log(f"model {source.spec}, data {source.dataset}")
+    splits = _splits(source.dataset, seed)
+    batches = calibration_batches(splits, calib_batches, batch_size, seed)
+    check_batches(source.model, batches, f"calibration data {source.dataset}")
+    reference = copy.deepcopy(source.model)
+    model = source.model
+    done = prepare(model, config, batches)
+    log(f"calibrated on {done['calibration_batches']} batches of {batch_size}")
+    rep = report(reference, model, lambda m: model_forward(m, batches[0]))
+    rep["algorithms"] = {k: v for k, v in done.items() if k != "calibration_batches"}
+    metrics = {"model": source.spec, "source": src, "dataset": source.dataset, "split": "test",
+               "avg_weight_bits": rep["avg_weight_bits"], "model_bytes": rep["model_bytes"],
+               "fp32_bytes": rep["fp32_bytes"]}
+    if evaluate:
+        key, fp = evaluate_model(reference, splits)
+        _, q = evaluate_model(model, splits)
+        metrics |= {"metric": key, key: q, f"fp32_{key}": fp}
+        log(f"test {key}: fp32 {fp:.4f}, quantized {q:.4f}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "quant.toml", Path(config_path).read_text())
+        atomic_write_text(out / "source.toml", _source_toml(src, source, calib_batches, batch_size, seed))
+        save_weights(model, out / "model.safetensors")
+        atomic_write_json(out / "report.json", rep)
+        atomic_write_json(out / "metrics.json", metrics)
+    return {"metrics": metrics, "report": rep, "model": model}
+
+
+def _source_toml(src: str, source: Source, calib_batches: int, batch_size: int, seed: int) -> str:
+    return (f"src = {json.dumps(src)}\nspec = {json.dumps(source.spec)}\ndataset = {json.dumps(source.dataset)}\n"
+            f"calib_batches = {calib_batches}\nbatch_size = {batch_size}\nseed = {seed}\n")
+
+
+def is_quantized_run(run_dir: Path) -> bool:
+    return (run_dir / "source.toml").is_file() and (run_dir / "quant.toml").is_file()
+
+
+def load_quantized(run_dir: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a quantized run's model: the float model from its source, the same wrappers,
+    then every saved tensor (transformed weights and scales); (model, source table)."""
+    from kiln.config import read_toml
+    from kiln.train.checkpoint import load_weights
+
+    run = Path(run_dir)
+    if not is_quantized_run(run):
+        raise KilnError(f"{run} is not a quantized run directory: no source.toml/quant.toml")
+    src = read_toml(run / "source.toml")
+    try:
+        config = parse_config(read_toml(run / "quant.toml"), str(run / "quant.toml"))
+    except tomllib.TOMLDecodeError as exc:
+        raise KilnError(f"{run / 'quant.toml'} is not valid TOML: {exc}") from None
+    from kiln.models.spec import load
+
+    model = load(src["spec"]).model     # every weight comes from model.safetensors below
+    quantize(model, config)
+    load_weights(model, run / "model.safetensors")
+    return model.eval(), src
+
+
+def evaluate_quantized(run_dir: str | Path) -> dict:
+    model, src = load_quantized(run_dir)
+    splits = _splits(src["dataset"], int(src.get("seed", 0)))
+    key, value = evaluate_model(model, splits)
+    return {"run": str(run_dir), "model": src["spec"], "dataset": src["dataset"], "metric": key,
+            key: value, "split": "test"}

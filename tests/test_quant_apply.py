@@ -1,0 +1,213 @@
+"""Quantizing modules: wrappers, rules, calibration, LSQ, attention, reports, runs on disk.
+
+Oracles: scales and rounding written out by hand with torch ops, eager attention, exact
+reload of saved runs."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kiln.errors import KilnError
+from kiln.quant.apply import calibrate, quantize, report
+from kiln.quant.config import parse_config
+from kiln.quant.modules import QuantOp
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_int8_per_channel_weight_matches_hand_rounding():
+    m = _mlp()
+    w = m[0].weight.detach().clone()
+    quantize(m, parse_config({"weight": "int8"}))
+    scale = w.abs().amax(1, keepdim=True) / 127
+    expected = torch.clamp(torch.round(w / scale), -127, 127) * scale
+    assert torch.equal(m[0].quantized_weight(), expected)
+    x = torch.randn(3, 16)
+    assert torch.allclose(m[0](x), F.linear(x, expected, m[0].bias), atol=1e-6)
+
+
+def test_group_scales_and_asymmetric_zero_point():
+    m = _mlp()
+    w = m[0].weight.detach().clone()
+    quantize(m, parse_config({"weight": {"format": "int", "bits": 4, "granularity": "group", "group_size": 8,
+                                         "symmetric": False}}))
+    g = w.reshape(32, 2, 8)
+    lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 15
+    zp = torch.round(-8 - lo / scale).clamp(-8, 7)
+    expected = ((torch.clamp(torch.round(g / scale) + zp, -8, 7) - zp) * scale).reshape(32, 16)
+    assert torch.allclose(m[0].quantized_weight(), expected, atol=1e-7)
+
+
+def test_calibrated_input_scale_is_minmax_over_batches():
+    m = _mlp()
+    quantize(m, parse_config({"input": {"format": "int", "bits": 8}}))
+    batches = [torch.randn(4, 16) * (i + 1) for i in range(3)]
+    calibrate(m, batches, lambda mod, b: mod(b))
+    amax = max(b.abs().max() for b in batches)
+    assert torch.allclose(m[0].input_q.scale, amax / 127)
+
+
+def test_percentile_calibration_clips_to_the_quantile():
+    m = _mlp()
+    quantize(m, parse_config({"input": {"format": "int", "bits": 8, "calib": "percentile", "percentile": 99.0}}))
+    x = torch.randn(64, 16)
+    calibrate(m, [x], lambda mod, b: mod(b))
+    hi = torch.quantile(x.reshape(-1), 0.99)
+    lo = torch.quantile(x.reshape(-1), 0.01)
+    assert torch.allclose(m[0].input_q.scale, torch.maximum(hi, -lo) / 127)
+
+
+def test_mse_calibration_is_no_worse_than_minmax():
+    x = torch.randn(4096)
+    x[0] = 40.0                                     # one outlier: min-max wastes the grid on it
+    errs = {}
+    for calib in ("minmax", "mse"):
+        m = _mlp()
+        quantize(m, parse_config({"input": {"format": "int", "bits": 4, "calib": calib}}))
+        calibrate(m, [x.reshape(256, 16)], lambda mod, b: mod(b))
+        errs[calib] = (m[0].input_q(x.reshape(256, 16)) - x.reshape(256, 16)).pow(2).sum()
+    assert errs["mse"] < errs["minmax"] * 0.5
+
+
+def test_rules_most_specific_wins_and_skip():
+    m = nn.Sequential()
+    m.add_module("enc", nn.Linear(8, 8))
+    m.add_module("head", nn.Linear(8, 2))
+    m.add_module("emb", nn.Embedding(10, 8))
+    cfg = parse_config({"weight": "int8", "rules": [
+        {"match": "fqn:enc", "weight": "int4"},
+        {"match": "re:e.*", "weight": "int6"},
+        {"match": "type:Embedding", "weight": "int2"},
+        {"match": "re:head", "skip": True},
+    ]})
+    quantize(m, cfg)
+    assert m.enc.weight_q.spec.format.bits == 4          # fqn beats re
+    assert m.emb.weight_q.spec.format.bits == 6          # re beats type
+    assert isinstance(m.head, nn.Linear)                 # skipped
+
+
+def test_rule_matching_nothing_and_bad_keys_are_errors():
+    with pytest.raises(KilnError, match="matches no quantizable module"):
+        quantize(_mlp(), parse_config({"weight": "int8", "rules": [{"match": "fqn:nope", "skip": True}]}))
+    with pytest.raises(KilnError, match="unknown key 'wieght'"):
+        parse_config({"wieght": "int8"})
+    with pytest.raises(KilnError, match="unknown format 'int99'"):
+        parse_config({"weight": "int99"})
+    with pytest.raises(KilnError, match="granularity must be one of"):
+        parse_config({"weight": {"format": "int", "bits": 8, "granularity": "row"}})
+    with pytest.raises(KilnError, match="group_size 5 does not divide"):
+        quantize(_mlp(), parse_config({"weight": {"format": "int", "bits": 4, "granularity": "group", "group_size": 5}}))
+
+
+def test_lsq_scale_learns():
+    m = _mlp()
+    quantize(m, parse_config({"weight": {"format": "int", "bits": 4, "learnable": True}}))
+    assert isinstance(m[0].weight_q.scale, nn.Parameter)
+    m.train()
+    m(torch.randn(8, 16)).pow(2).sum().backward()
+    assert m[0].weight_q.scale.grad is not None and m[0].weight_q.scale.grad.abs().sum() > 0
+    assert m[0].module.weight.grad.abs().sum() > 0      # straight-through to the float weight
+
+
+def test_conv_and_embedding_wrappers_match_eager_at_16_bits():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(3, 4, 3))
+    ref = copy.deepcopy(m)
+    quantize(m, parse_config({"weight": "int16", "input": "int16"}))
+    x = torch.randn(2, 3, 9)
+    calibrate(m, [x], lambda mod, b: mod(b))
+    assert torch.allclose(m(x), ref(x), atol=1e-3)
+    emb = nn.Sequential(nn.Embedding(20, 8))
+    ref_e = copy.deepcopy(emb)
+    quantize(emb, parse_config({"targets": ["Embedding"], "weight": "int16"}))
+    ids = torch.tensor([[1, 5, 19]])
+    assert torch.allclose(emb(ids), ref_e(ids), atol=1e-3)
+
+
+def test_attention_matmuls_quantized_zoo_and_hf():
+    from kiln.models.zoo.layers import Block
+
+    torch.manual_seed(0)
+    blk = Block(32, 4, causal=True).eval()
+    ref = copy.deepcopy(blk)
+    x = torch.randn(2, 7, 32)
+    quantize(blk, parse_config({"targets": ["attention"], "attention": "int16"}))
+    assert blk.attn.kiln_attention is not None
+    calibrate(blk, [x], lambda mod, b: mod(b))
+    assert torch.allclose(blk(x), ref(x), atol=2e-3)          # 16 bits: eager attention's answer
+    coarse = copy.deepcopy(ref)
+    quantize(coarse, parse_config({"targets": ["attention"], "attention": "int4"}))
+    calibrate(coarse, [x], lambda mod, b: mod(b))
+    assert (coarse(x) - ref(x)).abs().max() > 1e-2            # 4 bits: the quantizers really act
+
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=16)
+    bert = BertModel(cfg).eval()
+    hf_ref = copy.deepcopy(bert)
+    ids = torch.randint(0, 50, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    quantize(bert, parse_config({"targets": ["attention"], "attention": "int16"}))
+    calibrate(bert, [(ids, mask)], lambda mod, b: mod(input_ids=b[0], attention_mask=b[1]))
+    got = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    want = hf_ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(got, want, atol=2e-3)
+
+
+def test_report_bits_bytes_and_sqnr():
+    m = _mlp()
+    ref = copy.deepcopy(m)
+    quantize(m, parse_config({"weight": "int4", "rules": [{"match": "fqn:2", "weight": "int8"}]}))
+    x = torch.randn(8, 16)
+    rep = report(ref, m, lambda mod: mod(x))
+    assert rep["avg_weight_bits"] == pytest.approx((4 * 512 + 8 * 128) / 640)
+    # weights at 4 and 8 bits, biases fp32, one fp32 scale per output channel
+    assert rep["model_bytes"] == (4 * 512 + 8 * 128 + 32 * (32 + 4) + 32 * (32 + 4)) // 8
+    w = m[0].module.weight
+    wq = m[0].quantized_weight()
+    sq = 10 * torch.log10(w.pow(2).sum() / (w - wq).pow(2).sum())
+    assert rep["layers"][0]["weight_sqnr_db"] == pytest.approx(sq.item(), rel=1e-5)
+
+
+def _kiln(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "kiln.cli.main", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_quantize_run_saves_and_reloads_exactly(tmp_path):
+    from kiln.quant.run import load_quantized, quantize_run
+
+    cfg = tmp_path / "q.toml"
+    cfg.write_text('weight = { format = "int", bits = 4 }\ninput = { format = "int", bits = 8, calib = "percentile" }\n')
+    out = tmp_path / "run"
+    res = quantize_run("zoo:mlp", cfg, out, "mnist", calib_batches=2, batch_size=16)
+    model, _ = load_quantized(out)
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.equal(model(x), res["model"].eval()(x))
+    r = _kiln("eval", str(out))
+    assert r.returncode == 0 and "reproduced" in r.stdout
+    assert json.loads((out / "report.json").read_text())["avg_weight_bits"] == 4.0
+
+
+def test_quantize_cli_bad_input_exit_2_nothing_written(tmp_path):
+    cfg = tmp_path / "q.toml"
+    cfg.write_text('weight = { format = "minifloat9000" }\n')
+    out = tmp_path / "run"
+    r = _kiln("quantize", "zoo:mlp", "--config", str(cfg), "--out", str(out))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown format 'minifloat9000'" in r.stderr
+    assert not out.exists()
+    cfg.write_text('weight = "int8"\n')
+    r = _kiln("quantize", "zoo:mlp", "--config", str(cfg), "--calib-dataset", "rotten-tomatoes", "--out", str(out))
+    assert r.returncode == 2 and "does not fit the model" in r.stderr and not out.exists()
