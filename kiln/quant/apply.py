@@ -27,6 +27,8 @@ def _is_attention(module: nn.Module) -> bool:
 def _type_name(module: nn.Module) -> str | None:
     if type(module) in OPS:
         return type(module).__name__
+    if isinstance(module, nn.Linear):      # SmoothQuant's input-scaling Linear
+        return "Linear"
     return "attention" if _is_attention(module) else None
 
 

@@ -15,7 +15,7 @@
     [smoothquant]                           # optional, before calibration
     alpha = 0.5
     [gptq]                                  # optional: Hessian-guided rounding of the weights
-    group_size = 128
+    act_order = false                       # (groups: the weight quantizer's granularity)
 
 A rule's weight/input/output replace the defaults for the modules it matches; `skip = true`
 leaves them in float. A pattern that matches no module is an error.
@@ -141,6 +141,9 @@ def parse_config(table: dict[str, Any], where: str = "quant config") -> QuantCon
 
     sq = table.get("smoothquant")
     gq = table.get("gptq")
+    if isinstance(gq, dict) and "group_size" in gq:
+        raise KilnError(f"{where}.gptq: group_size comes from the weight quantizer: set "
+                        "weight = { granularity = \"group\", group_size = N, ... } instead")
     return QuantConfig(
         targets=tuple(targets), defaults=defaults, rules=tuple(rules),
         smoothquant=from_dict(SmoothQuantConfig, sq, f"{where}.smoothquant") if sq is not None else None,

@@ -53,7 +53,8 @@ class QuantOp(nn.Module):
                  output: QSpec | None):
         super().__init__()
         self.module, self.fqn = module, fqn
-        self.op = OPS[type(module)]
+        # a SmoothQuant'd Linear (kiln.quant.smoothquant.SmoothedLinear) is a Linear that scales its input
+        self.op = OPS[nn.Linear] if isinstance(module, nn.Linear) else OPS[type(module)]
         w = module.weight
         self.weight_q = Quantizer(weight, "weight", 1, tuple(w.shape), f"{fqn}.weight") if weight else None
         in_shape = (w.shape[1],) if self.op.input_axis == -1 else None
@@ -79,6 +80,9 @@ class QuantOp(nn.Module):
         return self.weight_q(self.module.weight) if self.weight_q is not None else self.module.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        smooth = getattr(self.module, "inv_scale", None)
+        if smooth is not None:
+            x = x * smooth
         if self.input_q is not None:
             x = self.input_q(x)
         y = self.op.run(self.module, x, self.quantized_weight())

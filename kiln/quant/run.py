@@ -96,7 +96,12 @@ def prepare(model: nn.Module, config: QuantConfig, batches: list,
     if config.smoothquant is not None:
         from kiln.quant.smoothquant import smooth
 
-        done["smoothquant"] = smooth(model, batches, forward, alpha=config.smoothquant.alpha)
+        from kiln.quant.smoothquant import Unfoldable
+
+        # fold into LayerNorms where the graph allows; where a norm's output also feeds a
+        # residual add (post-LN BERT) the Linears after it scale their own input
+        done["smoothquant"] = smooth(model, batches, forward, alpha=config.smoothquant.alpha,
+                                     unfoldable=Unfoldable.SCALE_NORM_INPUT)
     gptq_scales = None
     if config.gptq is not None:
         done["gptq"], gptq_scales = _run_gptq(model, config, batches, forward)
@@ -113,14 +118,14 @@ def _run_gptq(model, config, batches, forward):
     return gptq.gptq_for_config(model, config, batches, forward)
 
 
-def _adopt_gptq_scales(model: nn.Module, scales: dict[str, torch.Tensor]) -> None:
+def _adopt_gptq_scales(model: nn.Module, scales: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
     """GPTQ chose each group's scale; the weight quantizer keeps it, so the GPTQ'd weights sit
     exactly on its grid and re-quantizing them changes nothing."""
     from kiln.quant.modules import QuantOp
 
     for name, m in model.named_modules():
         if isinstance(m, QuantOp) and name in scales and m.weight_q is not None:
-            m.weight_q._store(scales[name], None)
+            m.weight_q._store(*scales[name])
 
 
 def _splits(dataset: str, seed: int):
@@ -207,9 +212,30 @@ def load_quantized(run_dir: str | Path) -> tuple[nn.Module, dict]:
     from kiln.models.spec import load
 
     model = load(src["spec"]).model     # every weight comes from model.safetensors below
+    if config.smoothquant is not None:
+        _restore_smoothing(model, run / "model.safetensors")
     quantize(model, config)
     load_weights(model, run / "model.safetensors")
     return model.eval(), src
+
+
+def _restore_smoothing(model: nn.Module, weights: Path) -> None:
+    """Put back the input-scaling Linears SmoothQuant made (their scales load with the rest)."""
+    from safetensors import safe_open
+
+    from kiln.quant.smoothquant import SmoothedLinear
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            keys = set(f.keys())
+    except Exception:
+        return                          # load_weights below names the problem
+    for key in keys:
+        if key.endswith(".module.inv_scale"):
+            fqn = key[: -len(".module.inv_scale")]
+            parent, _, child = fqn.rpartition(".")
+            linear = model.get_submodule(fqn)
+            setattr(model.get_submodule(parent), child, SmoothedLinear(linear, torch.ones(linear.in_features)))
 
 
 def evaluate_quantized(run_dir: str | Path) -> dict:

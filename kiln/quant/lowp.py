@@ -1,0 +1,255 @@
+"""Real int8 inference on CPU: every nn.Linear runs as an int8 x int8 -> int32 matmul.
+
+Unlike kiln's other quantizers (fake quantization: round, then compute in fp32), these
+backends store the weights as 8-bit integers and run integer kernels, so they are faster
+and smaller, not just a model of the error. One verb, `to_int8(model, backend, ...)`, and
+one registry of backends (`BACKENDS`):
+
+- "torchao" (kiln's path): torchao's `Int8DynamicActivationInt8WeightConfig`, int8 weights
+  per output channel and int8 activations per token, scaled at run time (symmetric), then
+  torch.compile (inductor) with freezing. Freezing is what makes it fast: it turns the
+  weights into constants, so inductor's SmoothQuant pattern rewrites
+  `_int_mm -> * x_scale -> * w_scale` into oneDNN's `qlinear_pointwise` on a prepacked
+  weight (VNNI int8 dot products here), and fuses the per-token quantization into the
+  preceding elementwise kernel. Without freezing inductor calls plain `aten._int_mm`.
+- "torch.ao": `torch.ao.quantization.quantize_dynamic` (qint8 Linear, fbgemm, eager):
+  per-tensor weights, per-tensor dynamic activations. Deprecated upstream; kept as the
+  classic peer.
+- "ort": export to ONNX, ONNX Runtime's `quantize_dynamic` (int8 per-channel weights,
+  dynamic uint8 activations per tensor), run by an InferenceSession.
+
+`to_fp32(model, runtime)` builds the fp32 peers ("eager", "inductor", "ort") the same way,
+so a benchmark compares like with like. torchao and onnxruntime are imported inside the
+functions: importing this module stays light.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kiln.errors import KilnError, first_line
+from kiln.registry import Registry
+
+
+@dataclass(frozen=True)
+class Example:
+    """Inputs the model runs on: `model(*args, **kwargs)`; used to compile, export and warm up."""
+
+    args: tuple = ()
+    kwargs: dict | None = None
+
+    def call(self, fn: Callable) -> Any:
+        with torch.no_grad():
+            return fn(*self.args, **(self.kwargs or {}))
+
+    def feeds(self, names: list[str]) -> dict[str, Any]:
+        """numpy inputs for ONNX graph inputs `names`: positional ones in order, then by name."""
+        kwargs = self.kwargs or {}
+        rest = names[len(self.args):]
+        return {**{n: a.numpy() for n, a in zip(names, self.args)}, **{n: kwargs[n].numpy() for n in rest}}
+
+
+Builder = Callable[[nn.Module, Example, int], nn.Module]
+BACKENDS: Registry[Builder] = Registry("int8 backend")
+FP32: Registry[Builder] = Registry("fp32 runtime")
+
+
+def to_int8(model: nn.Module, backend: str = "torchao", example_args: tuple = (),
+            example_kwargs: dict | None = None, threads: int = 2) -> nn.Module:
+    """An inference-only copy of `model` whose Linears compute in int8 on the CPU.
+
+    `example_args`/`example_kwargs` are inputs it runs on (to compile, export, warm up).
+    `threads` pins ONNX Runtime's intra-op threads (torch uses torch.get_num_threads()).
+    The caller's model is left untouched. An unknown or missing backend, or a failed
+    export or compile, is a KilnError naming the backend.
+    """
+    build = BACKENDS.get(backend)
+    return _built(backend, build, model, Example(example_args, example_kwargs), threads)
+
+
+def to_fp32(model: nn.Module, runtime: str = "eager", example_args: tuple = (),
+            example_kwargs: dict | None = None, threads: int = 2) -> nn.Module:
+    """The fp32 peer of `to_int8`: "eager", "inductor" (torch.compile, freezing) or "ort"."""
+    build = FP32.get(runtime)
+    return _built(runtime, build, model, Example(example_args, example_kwargs), threads)
+
+
+def _built(name: str, build: Builder, model: nn.Module, example: Example, threads: int) -> nn.Module:
+    if threads < 1:
+        raise KilnError(f"{name}: threads must be >= 1, got {threads}")
+    source = copy.deepcopy(model).eval()
+    try:
+        out = build(source, example, threads)
+        example.call(out)   # compile / create the session now, so failures surface here
+    except KilnError:
+        raise
+    except ImportError as exc:
+        raise KilnError(f"{name}: a package it needs is not installed ({first_line(exc)})") from None
+    except Exception as exc:
+        raise KilnError(f"{name}: {type(exc).__name__}: {first_line(exc)}") from None
+    return out
+
+
+# ---------------------------------------------------------------- torch (inductor) runtimes
+
+class Frozen(nn.Module):
+    """`torch.compile(module)` run under no_grad with inductor's freezing on, for inference.
+
+    Freezing is applied per call, not through `torch.compile(options=...)`: in torch 2.13
+    `options={"freezing": True}` compiles without freezing (checked: no `_frozen_param`
+    in the output code), while `torch._inductor.config.patch(freezing=True)` around the
+    call freezes, also on recompiles for new shapes. The weights are baked in at compile
+    time: changing `module`'s parameters afterwards is not seen.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.__dict__["_compiled"] = torch.compile(module)   # not a submodule: no duplicate state
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            return self._compiled(*args, **kwargs)
+
+
+@FP32.register("eager")
+def _fp32_eager(model: nn.Module, example: Example, threads: int) -> nn.Module:
+    return model
+
+
+@FP32.register("inductor")
+def _fp32_inductor(model: nn.Module, example: Example, threads: int) -> nn.Module:
+    return Frozen(model)
+
+
+@BACKENDS.register("torchao")
+def _torchao(model: nn.Module, example: Example, threads: int) -> nn.Module:
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError:
+        raise KilnError("torchao: torchao is not installed (pip install torchao==0.18.0)") from None
+    # set_inductor_config=False: quantize_ would otherwise change process-wide inductor
+    # settings (coordinate-descent tuning...) for every later compile in the process.
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    return Frozen(model)
+
+
+@BACKENDS.register("torch.ao")
+def _torch_ao(model: nn.Module, example: Example, threads: int) -> nn.Module:
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # its deprecation notice, once per call
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+
+class OrtModule(nn.Module):
+    """An ONNX Runtime session behind the model's call signature; returns torch tensors."""
+
+    def __init__(self, onnx_bytes: bytes, names: list[str], threads: int):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise KilnError("ort: onnxruntime is not installed (pip install onnxruntime)") from None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.onnx_bytes = onnx_bytes
+        self.names = names
+        self.session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+
+    def forward(self, *args, **kwargs):
+        outs = self.session.run(None, Example(args, kwargs).feeds(self.names))
+        return torch.from_numpy(outs[0]) if len(outs) == 1 else tuple(torch.from_numpy(o) for o in outs)
+
+
+def export_onnx(model: nn.Module, example: Example, path: str) -> list[str]:
+    """torch.onnx.export (dynamo exporter) with a dynamic batch dimension; the input names."""
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError:
+        raise KilnError("ort: the ONNX exporter needs onnxscript (pip install onnxscript)") from None
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    shapes = ({k: {0: batch} for k in example.kwargs} if example.kwargs and not example.args
+              else [{0: batch} for _ in example.args])
+    try:
+        with torch.no_grad():
+            prog = torch.onnx.export(model, example.args, kwargs=example.kwargs, dynamo=True,
+                                     dynamic_shapes=shapes, verbose=False)
+        prog.save(path)
+    except Exception as exc:
+        raise KilnError(f"ort: torch.onnx.export failed: {type(exc).__name__}: {first_line(exc)}") from None
+    import onnx
+
+    return [i.name for i in onnx.load(path, load_external_data=False).graph.input]
+
+
+def _ort(model: nn.Module, example: Example, threads: int, quantize: bool) -> nn.Module:
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = os.path.join(tmp, "model.onnx")
+        names = export_onnx(model, example, fp32)
+        path = fp32
+        if quantize:
+            try:
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+            except ImportError:
+                raise KilnError("ort: onnxruntime is not installed (pip install onnxruntime)") from None
+            path = os.path.join(tmp, "model.int8.onnx")
+            # per-channel int8 weights: ORT's most accurate dynamic setting; reduce_range is only
+            # needed on CPUs without VNNI (this one has it).
+            quantize_dynamic(fp32, path, per_channel=True, weight_type=QuantType.QInt8)
+        with open(path, "rb") as f:
+            return OrtModule(f.read(), names, threads)
+
+
+@FP32.register("ort")
+def _fp32_ort(model: nn.Module, example: Example, threads: int) -> nn.Module:
+    return _ort(model, example, threads, quantize=False)
+
+
+@BACKENDS.register("ort")
+def _int8_ort(model: nn.Module, example: Example, threads: int) -> nn.Module:
+    return _ort(model, example, threads, quantize=True)
+
+
+# ---------------------------------------------------------------- inspection
+
+def int8_weights(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every weight stored as 8-bit integers: name -> shape. Recognises torchao's Int8Tensor
+    (its int8 `qdata`), torch.ao's dynamic quantized Linear (qint8 packed weight) and the
+    int8 initializers of an OrtModule's ONNX graph."""
+    found: dict[str, tuple[int, ...]] = {}
+    for name, mod in module.named_modules():
+        if isinstance(mod, OrtModule):
+            found.update(_onnx_int8_initializers(mod.onnx_bytes, prefix=name))
+            continue
+        w = getattr(mod, "weight", None)
+        if callable(w) and not isinstance(w, torch.Tensor):   # torch.ao's packed Linear
+            w = w()
+        qdata = getattr(w, "qdata", None)
+        if isinstance(qdata, torch.Tensor) and qdata.dtype in (torch.int8, torch.uint8):
+            found[f"{name}.weight"] = tuple(qdata.shape)
+        elif isinstance(w, torch.Tensor) and w.dtype in (torch.qint8, torch.quint8, torch.int8):
+            found[f"{name}.weight"] = tuple(w.shape)
+    return found
+
+
+def _onnx_int8_initializers(onnx_bytes: bytes, prefix: str) -> dict[str, tuple[int, ...]]:
+    import onnx
+
+    eight = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    graph = onnx.load_from_string(onnx_bytes).graph
+    return {f"{prefix}.{t.name}".lstrip("."): tuple(t.dims) for t in graph.initializer
+            if t.data_type in eight and len(t.dims) == 2}
