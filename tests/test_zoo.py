@@ -306,3 +306,43 @@ def test_zoo_model_runs_on_its_default_dataset(name):
         assert out.shape[:2] == y.shape and out.shape[-1] >= data.info["vocab_size"]
     elif ZOO.get(name).task != "sentence-embedding":
         assert out.shape == (*y.shape, data.num_classes)
+
+
+def _photo_folder(root):
+    """Two classes of real photo crops: scikit-learn's two sample photos (china, flower)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    for name, img in zip(("china", "flower"), load_sample_images().images):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            top, left = rng.integers(0, img.shape[0] - 160), rng.integers(0, img.shape[1] - 160)
+            Image.fromarray(img[top:top + 160, left:left + 160]).save(root / name / f"{i}.png")
+    return root
+
+
+def test_imagenet_models_fine_tune_on_an_image_folder(tmp_path):
+    """The real ImageNet weights with a fresh head train on the user's photos, and the run
+    reloads to the same metric; without path= the dataset says no ImageNet ships offline."""
+    from kiln.data import load_dataset
+    from kiln.errors import KilnError
+    from kiln.models.spec import load
+    from kiln.train.config import TrainConfig
+    from kiln.train.trainer import evaluate_run, fit
+
+    folder = _photo_folder(tmp_path / "photos")
+    splits = load_dataset(f"imagenet?path={folder}&size=64")
+    assert splits.num_classes == 2 and splits.train[0][0].shape == (3, 64, 64)
+    loaded = load("zoo:mobilenet_v2?classes=2")
+    assert loaded.model.classifier[-1].out_features == 2
+    assert loaded.model.features[0][0].weight.abs().sum() > 0          # pretrained body kept
+    cfg = TrainConfig(model="zoo:mobilenet_v2?classes=2", dataset=f"imagenet?path={folder}&size=64",
+                      epochs=1, batch_size=8, lr=1e-3, out=str(tmp_path / "run"))
+    metrics = fit(cfg, progress=False)
+    assert evaluate_run(tmp_path / "run")["accuracy"] == metrics["accuracy"]
+    with pytest.raises(KilnError, match="no ImageNet images ship offline"):
+        load_dataset("imagenet")
+    with pytest.raises(KilnError, match="unknown option 'klasses'"):
+        load("zoo:mobilenet_v2?klasses=2")

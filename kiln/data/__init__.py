@@ -12,7 +12,7 @@ from kiln.data.base import DATASETS, DataSplits, DatasetEntry, register
 from kiln.errors import KilnError
 
 # importing a module registers its datasets
-from kiln.data import graphs, images, lm, signals, text, video  # noqa: E402,F401  (registration)
+from kiln.data import graphs, images, lm, photos, signals, text, video  # noqa: E402,F401  (registration)
 
 __all__ = ["DataSplits", "DatasetEntry", "dataset_entries", "load_dataset", "parse_spec", "register"]
 

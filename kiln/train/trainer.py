@@ -87,7 +87,7 @@ def _default_dataset(spec: str) -> str:
         from kiln.models.zoo import ZOO, _load_families
 
         _load_families()
-        return ZOO.get(spec[4:]).dataset
+        return ZOO.get(spec[4:].partition("?")[0]).dataset
     raise KilnError(f"{spec} has no default dataset: pass --dataset (see `kiln datasets`)")
 
 

@@ -45,9 +45,43 @@ def entries() -> list[ZooEntry]:
 
 
 def load_zoo(name: str) -> LoadedModel:
+    """`NAME`, or `NAME?classes=N` for a classifier with a fresh N-way head (transfer
+    learning: the pretrained body kept, the last Linear replaced, seeded)."""
     _load_families()
+    name, _, query = name.partition("?")
     entry = ZOO.get(name)
+    classes = _classes(name, entry, query)
     loaded = entry.build()
-    loaded.spec, loaded.family, loaded.task = f"zoo:{name}", entry.family, entry.task
+    if classes is not None:
+        _new_head(loaded.model, classes)
+    loaded.spec, loaded.family, loaded.task = f"zoo:{name}" + (f"?{query}" if query else ""), entry.family, entry.task
     loaded.description = loaded.description or entry.description
     return loaded
+
+
+def _classes(name: str, entry: ZooEntry, query: str) -> int | None:
+    from kiln.errors import KilnError
+
+    if not query:
+        return None
+    key, _, value = query.partition("=")
+    if key != "classes" or "&" in query:
+        raise KilnError(f"zoo:{name}: unknown option {query.split('&')[0].split('=')[0]!r}; accepted: classes")
+    if entry.task != "classification":
+        raise KilnError(f"zoo:{name}: classes= needs a classification model; this one does {entry.task}")
+    if not value.isdigit() or int(value) < 2:
+        raise KilnError(f"zoo:{name}: classes must be an integer >= 2, got {value!r}")
+    return int(value)
+
+
+def _new_head(model, classes: int) -> None:
+    """Replace the last nn.Linear (the classifier head) with a fresh classes-way one."""
+    import torch
+    from torch import nn
+
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    old = model.get_submodule(name)
+    torch.manual_seed(0)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child,
+            nn.Linear(old.in_features, classes, bias=old.bias is not None))
