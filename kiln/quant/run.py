@@ -146,8 +146,9 @@ def evaluate_model(model: nn.Module, splits, split: str = "test", batch_size: in
 
 def quantize_run(src: str, config_path: Path, out: Path | None, dataset: str | None = None,
                  calib_batches: int = 16, batch_size: int = 32, seed: int = 0, evaluate: bool = True,
-                 log: Callable[[str], None] = lambda s: None) -> dict:
-    """The whole command: load, quantize, calibrate, measure, write the run directory."""
+                 log: Callable[[str], None] = lambda s: None, fp32_metric: float | None = None) -> dict:
+    """The whole command: load, quantize, calibrate, measure, write the run directory.
+    `fp32_metric`, when the caller already measured the float model, skips measuring it again."""
     from kiln.config import read_toml
     from kiln.train.checkpoint import save_weights
 
@@ -172,8 +173,8 @@ def quantize_run(src: str, config_path: Path, out: Path | None, dataset: str | N
                "avg_weight_bits": rep["avg_weight_bits"], "model_bytes": rep["model_bytes"],
                "fp32_bytes": rep["fp32_bytes"]}
     if evaluate:
-        key, fp = evaluate_model(reference, splits)
-        _, q = evaluate_model(model, splits)
+        key, q = evaluate_model(model, splits)
+        fp = fp32_metric if fp32_metric is not None else evaluate_model(reference, splits)[1]
         metrics |= {"metric": key, key: q, f"fp32_{key}": fp}
         log(f"test {key}: fp32 {fp:.4f}, quantized {q:.4f}")
     if out is not None:
