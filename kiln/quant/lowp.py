@@ -3,7 +3,7 @@
 Unlike kiln's other quantizers (fake quantization: round, then compute in fp32), these
 backends store the weights as 8-bit integers and run integer kernels, so they are faster
 and smaller, not just a model of the error. One verb, `to_int8(model, backend, ...)`, and
-one registry of backends (`BACKENDS`):
+one registry of backends (`BACKENDS`), one config (`LowpConfig`):
 
 - "torchao" (kiln's path): torchao's `Int8DynamicActivationInt8WeightConfig`, int8 weights
   per output channel and int8 activations per token, scaled at run time (symmetric), then
@@ -12,6 +12,9 @@ one registry of backends (`BACKENDS`):
   `_int_mm -> * x_scale -> * w_scale` into oneDNN's `qlinear_pointwise` on a prepacked
   weight (VNNI int8 dot products here), and fuses the per-token quantization into the
   preceding elementwise kernel. Without freezing inductor calls plain `aten._int_mm`.
+  Optionally SmoothQuant first (`LowpConfig.smoothquant_alpha`, calibrated): same kernels,
+  the activation pre-scale fuses into the quantization. Asymmetric activations would be
+  more accurate still but miss the oneDNN rewrite (on MiniLM 250 vs 154 ms per batch).
 - "torch.ao": `torch.ao.quantization.quantize_dynamic` (qint8 Linear, fbgemm, eager):
   per-tensor weights, per-tensor dynamic activations. Deprecated upstream; kept as the
   classic peer.
@@ -26,9 +29,10 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -55,37 +59,72 @@ class Example:
         return {**{n: a.numpy() for n, a in zip(names, self.args)}, **{n: kwargs[n].numpy() for n in rest}}
 
 
-Builder = Callable[[nn.Module, Example, int], nn.Module]
+@dataclass(frozen=True)
+class LowpConfig:
+    """Which backend builds the model, and its knobs.
+
+    threads: ONNX Runtime's intra-op threads (torch uses torch.get_num_threads()).
+    smoothquant_alpha: "torchao" only; migrate activation outliers into the weights first
+    (SmoothQuant, Xiao et al. 2022, s_j = max|X_j|^a / max|W_j|^(1-a), torchao's prototype),
+    calibrated on `calibration` batches. None: no smoothing.
+    """
+
+    backend: str = "torchao"
+    threads: int = 2
+    smoothquant_alpha: float | None = None
+
+    def __post_init__(self):
+        if self.threads < 1:
+            raise KilnError(f"{self.backend}: threads must be >= 1, got {self.threads}")
+        if self.smoothquant_alpha is not None:
+            if self.backend != "torchao":
+                raise KilnError(f"{self.backend}: smoothquant_alpha is only for backend torchao")
+            if not 0.0 < self.smoothquant_alpha <= 1.0:
+                raise KilnError(f"torchao: smoothquant_alpha must be in (0, 1], got {self.smoothquant_alpha}")
+
+
+Builder = Callable[[nn.Module, Example, LowpConfig, list[Example]], nn.Module]
 BACKENDS: Registry[Builder] = Registry("int8 backend")
 FP32: Registry[Builder] = Registry("fp32 runtime")
 
 
-def to_int8(model: nn.Module, backend: str = "torchao", example_args: tuple = (),
-            example_kwargs: dict | None = None, threads: int = 2) -> nn.Module:
+def to_int8(model: nn.Module, config: LowpConfig | str = "torchao", example_args: tuple = (),
+            example_kwargs: dict | None = None, calibration: Sequence[Any] = ()) -> nn.Module:
     """An inference-only copy of `model` whose Linears compute in int8 on the CPU.
 
-    `example_args`/`example_kwargs` are inputs it runs on (to compile, export, warm up).
-    `threads` pins ONNX Runtime's intra-op threads (torch uses torch.get_num_threads()).
+    `config` is a LowpConfig or just a backend name. `example_args`/`example_kwargs` are
+    inputs it runs on (to compile, export, warm up); `calibration` holds batches for
+    SmoothQuant, each a dict of keyword inputs, a tuple of positional ones or one tensor.
     The caller's model is left untouched. An unknown or missing backend, or a failed
     export or compile, is a KilnError naming the backend.
     """
-    build = BACKENDS.get(backend)
-    return _built(backend, build, model, Example(example_args, example_kwargs), threads)
+    config = LowpConfig(config) if isinstance(config, str) else config
+    build = BACKENDS.get(config.backend)
+    batches = [_as_example(b) for b in calibration]
+    if config.smoothquant_alpha is not None and not batches:
+        raise KilnError("torchao: smoothquant_alpha needs calibration batches")
+    return _built(config, build, model, Example(example_args, example_kwargs), batches)
 
 
 def to_fp32(model: nn.Module, runtime: str = "eager", example_args: tuple = (),
             example_kwargs: dict | None = None, threads: int = 2) -> nn.Module:
     """The fp32 peer of `to_int8`: "eager", "inductor" (torch.compile, freezing) or "ort"."""
     build = FP32.get(runtime)
-    return _built(runtime, build, model, Example(example_args, example_kwargs), threads)
+    return _built(LowpConfig(runtime, threads), build, model, Example(example_args, example_kwargs), [])
 
 
-def _built(name: str, build: Builder, model: nn.Module, example: Example, threads: int) -> nn.Module:
-    if threads < 1:
-        raise KilnError(f"{name}: threads must be >= 1, got {threads}")
+def _as_example(batch: Any) -> Example:
+    if isinstance(batch, dict):
+        return Example(kwargs=batch)
+    return Example(tuple(batch) if isinstance(batch, (tuple, list)) else (batch,))
+
+
+def _built(config: LowpConfig, build: Builder, model: nn.Module, example: Example,
+           calibration: list[Example]) -> nn.Module:
+    name = config.backend
     source = copy.deepcopy(model).eval()
     try:
-        out = build(source, example, threads)
+        out = build(source, example, config, calibration)
         example.call(out)   # compile / create the session now, so failures surface here
     except KilnError:
         raise
@@ -120,33 +159,43 @@ class Frozen(nn.Module):
 
 
 @FP32.register("eager")
-def _fp32_eager(model: nn.Module, example: Example, threads: int) -> nn.Module:
+def _fp32_eager(model: nn.Module, example: Example, config: LowpConfig, calibration: list[Example]) -> nn.Module:
     return model
 
 
 @FP32.register("inductor")
-def _fp32_inductor(model: nn.Module, example: Example, threads: int) -> nn.Module:
+def _fp32_inductor(model: nn.Module, example: Example, config: LowpConfig, calibration: list[Example]) -> nn.Module:
     return Frozen(model)
 
 
 @BACKENDS.register("torchao")
-def _torchao(model: nn.Module, example: Example, threads: int) -> nn.Module:
+def _torchao(model: nn.Module, example: Example, config: LowpConfig, calibration: list[Example]) -> nn.Module:
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError:
         raise KilnError("torchao: torchao is not installed (pip install torchao==0.18.0)") from None
     # set_inductor_config=False: quantize_ would otherwise change process-wide inductor
     # settings (coordinate-descent tuning...) for every later compile in the process.
-    quantize_(model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    base = Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+    if config.smoothquant_alpha is None:
+        quantize_(model, base)
+    else:
+        from torchao.prototype.smoothquant import SmoothQuantConfig
+
+        quantize_(model, SmoothQuantConfig(base, step="prepare", alpha=config.smoothquant_alpha))
+        for batch in calibration:
+            batch.call(model)          # observers record each Linear's per-channel max|X|
+        quantize_(model, SmoothQuantConfig(base, step="convert", alpha=config.smoothquant_alpha))
     # A lower bar (default 50 on CPU) for keeping an elementwise result instead of recomputing
-    # it: each int8 linear reads its input twice (per-token max, then quantize), and MiniLM's
-    # dequantize + bias + GELU was recomputed in both. 16 gave 163 vs 175 ms per batch (two
-    # copies of each, interleaved, 24 rounds; zoo:minilm 32 x 128, 2 threads); fp32 gains nothing.
+    # it: each int8 linear reads its input twice (per-token max, then quantize); with 16 the
+    # dequantize + bias before it is kept in a row buffer (GELU's erf is still computed twice).
+    # 163 vs 175 ms per batch (two copies of each, interleaved, 24 rounds; zoo:minilm 32 x 128,
+    # 2 threads); fp32 gains nothing.
     return Frozen(model, {"realize_opcount_threshold": 16})
 
 
 @BACKENDS.register("torch.ao")
-def _torch_ao(model: nn.Module, example: Example, threads: int) -> nn.Module:
+def _torch_ao(model: nn.Module, example: Example, config: LowpConfig, calibration: list[Example]) -> nn.Module:
     import warnings
 
     from torch.ao.quantization import quantize_dynamic
@@ -195,7 +244,9 @@ def export_onnx(model: nn.Module, example: Example, path: str) -> list[str]:
                                      dynamic_shapes=shapes, verbose=False)
         prog.save(path)
     except Exception as exc:
-        raise KilnError(f"ort: torch.onnx.export failed: {type(exc).__name__}: {first_line(exc)}") from None
+        root = exc.__cause__ or exc   # the exporter's own message is a generic "step n/3 failed"
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", first_line(root))   # it colours its messages
+        raise KilnError(f"ort: torch.onnx.export failed: {type(root).__name__}: {reason}") from None
     import onnx
 
     return [i.name for i in onnx.load(path, load_external_data=False).graph.input]
@@ -233,13 +284,13 @@ def _ort(model: nn.Module, example: Example, threads: int, quantize: bool) -> nn
 
 
 @FP32.register("ort")
-def _fp32_ort(model: nn.Module, example: Example, threads: int) -> nn.Module:
-    return _ort(model, example, threads, quantize=False)
+def _fp32_ort(model: nn.Module, example: Example, config: LowpConfig, calibration: list[Example]) -> nn.Module:
+    return _ort(model, example, config.threads, quantize=False)
 
 
 @BACKENDS.register("ort")
-def _int8_ort(model: nn.Module, example: Example, threads: int) -> nn.Module:
-    return _ort(model, example, threads, quantize=True)
+def _int8_ort(model: nn.Module, example: Example, config: LowpConfig, calibration: list[Example]) -> nn.Module:
+    return _ort(model, example, config.threads, quantize=True)
 
 
 # ---------------------------------------------------------------- inspection

@@ -1,0 +1,167 @@
+"""Real int8 inference of the pretrained MiniLM sentence encoder on this CPU: kiln's path
+(SmoothQuant, torchao W8A8, inductor with freezing) against fp32 and the int8 peers, side by side.
+
+    TORCHINDUCTOR_COMPILE_THREADS=1 flock /tmp/kiln-cpu.lock \
+        .venv/bin/python benchmarks/quant_int8_speed.py [--json PATH] [--repeats 15]
+
+zoo:minilm (all-MiniLM-L6-v2, real weights: BERT, mean pooling, L2 norm). Throughput: one
+batch of 32 real Rotten Tomatoes review snippets (test split) padded to 128 tokens,
+torch.set_num_threads(2) and 2 ONNX Runtime intra-op threads; every method is warmed up,
+then each round times every method once (in a rotating order, so a noisy neighbour hits all
+alike) and a method's figure is the median over rounds. Accuracy: cosine similarity of each
+method's sentence embeddings to fp32 eager on the first 1,000 test-split reviews.
+
+kiln's path is `to_int8(model, LowpConfig("torchao", smoothquant_alpha=0.5), calibration=...)`
+with 128 train-split reviews for calibration; "int8 torchao + compile" is the same without
+SmoothQuant. The peers as kiln.quant.lowp builds them: torch.ao's quantize_dynamic (its
+default qconfig), ONNX Runtime's quantize_dynamic with per-channel weights on the dynamo
+export (explicit attention, which ONNX Runtime runs faster than exported SDPA).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from datetime import date
+
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")   # compile workers would fight the 2 cores
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import report  # noqa: E402
+
+from kiln.data import load_dataset  # noqa: E402
+from kiln.models.spec import load  # noqa: E402
+from kiln.models.zoo.transformers import tokenize  # noqa: E402
+from kiln.data.text import minilm_tokenizer  # noqa: E402
+from kiln.quant.lowp import LowpConfig, int8_weights, to_fp32, to_int8  # noqa: E402
+
+BATCH, SEQ, THREADS = 32, 128, 2
+CALIBRATION = 128          # train-split reviews for SmoothQuant's activation statistics
+KILN = "int8 torchao + SmoothQuant + compile (kiln)"
+# name -> (precision, LowpConfig); fp32 rows name a runtime of to_fp32
+METHODS = {
+    "fp32 eager": ("fp32", "eager"),
+    "fp32 torch.compile": ("fp32", "inductor"),
+    KILN: ("int8", LowpConfig("torchao", THREADS, smoothquant_alpha=0.5)),
+    "int8 torchao + compile": ("int8", LowpConfig("torchao", THREADS)),
+    "int8 torch.ao quantize_dynamic": ("int8", LowpConfig("torch.ao", THREADS)),
+    "fp32 onnxruntime": ("fp32", "ort"),
+    "int8 onnxruntime quantize_dynamic": ("int8", LowpConfig("ort", THREADS)),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def batches(texts: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Batches of BATCH tokenised texts; the last one is filled up with repeats of its first
+    text (each sentence's embedding depends only on its own tokens), to keep one shape."""
+    out = []
+    for i in range(0, len(texts), BATCH):
+        chunk = texts[i:i + BATCH]
+        out.append((len(chunk), tokenize(minilm_tokenizer(), chunk + chunk[:1] * (BATCH - len(chunk)), SEQ)))
+    return out
+
+
+def embed(fn, parts) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(**b)[:n] for n, b in parts])
+
+
+def build(model, example, calibration) -> dict[str, tuple[torch.nn.Module, float]]:
+    built = {}
+    for name, (precision, how) in METHODS.items():
+        log(f"building {name} ...")
+        t0 = time.perf_counter()
+        if precision == "fp32":
+            m = to_fp32(model, how, example_kwargs=example, threads=THREADS)
+        else:
+            m = to_int8(model, how, example_kwargs=example, calibration=calibration)
+        built[name] = (m, time.perf_counter() - t0)
+    return built
+
+
+def time_rounds(built, example, repeats: int) -> dict[str, list[float]]:
+    names = list(built)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.no_grad():
+        for n in names:   # warm-up: caches, allocator, oneDNN primitive creation
+            for _ in range(2):
+                built[n][0](**example)
+        for r in range(repeats):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                t0 = time.perf_counter()
+                built[n][0](**example)
+                times[n].append(time.perf_counter() - t0)
+            log(f"round {r + 1}/{repeats}: " + ", ".join(f"{n.split(' (')[0]} {times[n][-1] * 1e3:.0f} ms" for n in names))
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "quant_int8_speed.json"))
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--sentences", type=int, default=1000)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    import onnxruntime
+    import torchao
+
+    log("loading zoo:minilm and the rotten-tomatoes test split ...")
+    model = load("zoo:minilm").model.eval()
+    splits = load_dataset("rotten-tomatoes").info["texts"]
+    texts = splits["test"][:args.sentences]
+    parts = batches(texts)
+    example = parts[0][1]
+    calibration = [b for _, b in batches(splits["train"][:CALIBRATION])]
+    built = build(model, example, calibration)
+    log(f"embedding {len(texts)} sentences with each method ...")
+    ref = embed(built["fp32 eager"][0], parts)
+    cos = {n: torch.nn.functional.cosine_similarity(embed(m, parts), ref, dim=1) for n, (m, _) in built.items()}
+    times = time_rounds(built, example, args.repeats)
+
+    base = BATCH / statistics.median(times["fp32 eager"])
+    methods = {}
+    for n, (m, build_s) in built.items():
+        med = statistics.median(times[n])
+        methods[n] = {
+            "sentences_per_s": round(BATCH / med, 2), "ms_per_batch": round(med * 1e3, 1),
+            "ratio_vs_fp32_eager": round(BATCH / med / base, 3),
+            "cosine_mean": round(cos[n].mean().item(), 5), "cosine_min": round(cos[n].min().item(), 5),
+            "int8_weights": len(int8_weights(m)), "build_s": round(build_s, 1),
+            "runs_ms": [round(t * 1e3, 1) for t in times[n]],
+        }
+    k = methods[KILN]
+    peers = ("int8 torch.ao quantize_dynamic", "int8 onnxruntime quantize_dynamic")
+    result = {
+        "date": date.today().isoformat(), "torch": torch.__version__, "torchao": torchao.__version__,
+        "onnxruntime": onnxruntime.__version__, "threads": THREADS, "batch": BATCH, "seq_len": SEQ,
+        "model": "zoo:minilm (all-MiniLM-L6-v2, real weights)",
+        "data": (f"rotten-tomatoes test split: throughput on its first {BATCH}, cosine on its first "
+                 f"{len(texts)}; SmoothQuant calibrated on the first {CALIBRATION} of the train split"),
+        "repeats": args.repeats, "methods": methods,
+        "targets": {
+            "kiln_ge_2x_fp32_eager": k["ratio_vs_fp32_eager"] >= 2.0,
+            "kiln_faster_than_int8_peers": all(k["sentences_per_s"] > methods[p]["sentences_per_s"] for p in peers),
+            "kiln_cosine_above_int8_peers": all(k["cosine_mean"] > methods[p]["cosine_mean"] for p in peers),
+            "kiln_cosine_mean_ge_0.99": k["cosine_mean"] >= 0.99,
+        },
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    report(result, args.json)
+    print(f"\n{'method':44s} {'sent/s':>8s} {'ms/batch':>9s} {'x fp32':>7s} {'cos mean':>9s} {'cos min':>8s} {'int8 W':>6s}")
+    for n, m in methods.items():
+        print(f"{n:44s} {m['sentences_per_s']:8.1f} {m['ms_per_batch']:9.1f} {m['ratio_vs_fp32_eager']:7.2f} "
+              f"{m['cosine_mean']:9.5f} {m['cosine_min']:8.5f} {m['int8_weights']:6d}")
+
+
+if __name__ == "__main__":
+    main()
