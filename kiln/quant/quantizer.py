@@ -307,6 +307,12 @@ class Quantizer(nn.Module):
 
     def _self_scaled(self, x: torch.Tensor) -> torch.Tensor:
         """Block formats block the reduction axis; binary/ternary scale per dim-0 slice."""
+        try:
+            return self._self_scaled_unchecked(x)
+        except KilnError as exc:     # name the tensor: the format alone cannot
+            raise KilnError(f"{self.where}: {str(exc).split('; move an axis')[0]}") from None
+
+    def _self_scaled_unchecked(self, x: torch.Tensor) -> torch.Tensor:
         if self.role == "weight":
             flat = x.reshape(x.shape[0], -1)
             return self.spec.format.quantize(flat).reshape(x.shape)
