@@ -211,3 +211,30 @@ def test_quantize_cli_bad_input_exit_2_nothing_written(tmp_path):
     cfg.write_text('weight = "int8"\n')
     r = _kiln("quantize", "zoo:mlp", "--config", str(cfg), "--calib-dataset", "rotten-tomatoes", "--out", str(out))
     assert r.returncode == 2 and "does not fit the model" in r.stderr and not out.exists()
+
+
+def test_smoothquant_run_reloads_exactly(tmp_path):
+    """Post-LN BERT gets input-scaling Linears from SmoothQuant; a reload rebuilds them from
+    the saved tensors and gives the same outputs bit for bit."""
+    from transformers import BertConfig, BertModel
+
+    from kiln.quant.run import _restore_smoothing, prepare
+    from kiln.train.checkpoint import load_weights, save_weights
+
+    def bert():
+        torch.manual_seed(0)
+        return BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, max_position_embeddings=16)).eval()
+
+    cfg = parse_config({"weight": "int8", "input": "int8", "smoothquant": {"alpha": 0.5}})
+    ids = [torch.randint(0, 60, (4, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    fwd = lambda m, b: m(input_ids=b).last_hidden_state    # noqa: E731
+    model = bert()
+    done = prepare(model, cfg, ids, fwd)
+    assert len(done["smoothquant"]["groups"]) == 5          # Q/K/V and FC1 of both layers, the pooler
+    save_weights(model, tmp_path / "m.safetensors")
+    again = bert()
+    _restore_smoothing(again, tmp_path / "m.safetensors")
+    quantize(again, cfg)
+    load_weights(again, tmp_path / "m.safetensors")
+    assert torch.equal(fwd(again, ids[0]), fwd(model, ids[0]))
