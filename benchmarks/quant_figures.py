@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import merge_result  # noqa: E402
 from kiln.config import read_toml  # noqa: E402
 from kiln.quant.run import quantize_run  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
@@ -164,9 +165,7 @@ def main() -> None:
             entry = globals()[f"exp_{name}"](out)
         entry["date"] = date.today().isoformat()
         print(name, json.dumps(entry, indent=1)[:3000], flush=True)
-        results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
-        results[name] = entry
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        merge_result(args.json, name, entry)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ loss curve. Results are merged into the JSON file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import merge_result  # noqa: E402
 from kiln.data import load_dataset  # noqa: E402
 from kiln.models.spec import load  # noqa: E402
 from kiln.train.checkpoint import load_weights  # noqa: E402
@@ -39,7 +39,7 @@ EXPERIMENTS = {
     "gcn": dict(model="zoo:gcn", dataset="karate", epochs=200, lr=0.01, weight_decay=5e-4, schedule="constant"),
     "vae": dict(model="zoo:vae", dataset="mnist-gen", epochs=30, lr=1e-3, batch_size=128, weight_decay=0.0),
     # 30 epochs at batch 128 (620 steps) gave pen strokes, not digits; diffusion needs steps, so
-    # batch 64 for 80 epochs (5,000 steps), in bf16 autocast, 2x faster than fp32 on this CPU's AMX
+    # batch 64 for 80 epochs (5,040 steps), in bf16 autocast (this CPU has AMX)
     "ddpm": dict(model="zoo:ddpm", dataset="mnist-gen", epochs=80, lr=1e-3, batch_size=64, warmup_fraction=0.02,
                  weight_decay=0.0, grad_clip=1.0, bf16=True),
 }
@@ -125,10 +125,7 @@ def main() -> None:
                 entry |= generative_extras(name, out, m)
         entry |= {"date": date.today().isoformat(), "config": EXPERIMENTS[name]}
         print(name, {k: v for k, v in entry.items() if k not in ("history", "config")}, flush=True)
-        # re-read before writing: several of these scripts may run one after another or at once
-        results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
-        results[name] = entry
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        merge_result(args.json, name, entry)
 
 
 if __name__ == "__main__":

@@ -238,3 +238,13 @@ def test_smoothquant_run_reloads_exactly(tmp_path):
     quantize(again, cfg)
     load_weights(again, tmp_path / "m.safetensors")
     assert torch.equal(fwd(again, ids[0]), fwd(model, ids[0]))
+
+
+def test_per_token_input_scales_are_computed_per_row_at_run_time():
+    m = _mlp()
+    quantize(m, parse_config({"input": {"format": "int", "bits": 8, "granularity": "token"}}))
+    assert not hasattr(m[0].input_q, "scale")                # nothing to calibrate
+    x = torch.randn(5, 16) * torch.arange(1, 6).unsqueeze(1)
+    scale = x.abs().amax(1, keepdim=True) / 127
+    expected = torch.clamp(torch.round(x / scale), -127, 127) * scale
+    assert torch.equal(m[0].input_q(x), expected)

@@ -19,8 +19,8 @@ from typing import Callable, ClassVar
 import torch
 
 from kiln.errors import KilnError
-from kiln.quant.formats import FORMATS, Format, preset
-from kiln.quant.minifloat import MiniFloat, pass_through, pow2
+from kiln.quant.formats import FORMATS, Format, pass_through, preset
+from kiln.quant.minifloat import MiniFloat, pow2
 
 # MX v1.0 section 5.3 and table 1. The FP elements reuse MiniFloat's rounding; emax_elem = MiniFloat.emax
 # (E4M3 8, E5M2 15, E3M2 4, E2M3 2, E2M1 2).

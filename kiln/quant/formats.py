@@ -29,14 +29,26 @@ FORMATS: Registry[type["Format"]] = Registry("number format")
 PRESETS: dict[str, dict[str, Any]] = {}
 
 
-def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """q in the forward pass, the identity's gradient in the backward pass."""
-    return x + (q - x).detach()
+class _PassThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, q):
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def pass_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`q` (cast to x's dtype) forward, the identity's gradient to `x` backward. Unlike
+    `x + (q - x).detach()`, the forward value is exactly q even when |x| >> |q| (1e30
+    saturating to 448 would come out as 0 there: 1e30 + (448 - 1e30) rounds to 0 in float32)."""
+    return _PassThrough.apply(x, q.to(x.dtype))
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round half to even, with the straight-through gradient (LSQ's round_pass)."""
-    return ste(x, torch.round(x))
+    return pass_through(x, torch.round(x))
 
 
 @dataclass(frozen=True)
@@ -206,5 +218,5 @@ def parse_format(spec: str | dict[str, Any], where: str = "format") -> Format:
     return from_dict(cls, table, f"{where} ({name})")
 
 
-__all__ = ["FORMATS", "PRESETS", "Format", "IntFormat", "FixedPoint", "parse_format", "preset", "ste",
+__all__ = ["FORMATS", "PRESETS", "Format", "IntFormat", "FixedPoint", "parse_format", "preset", "pass_through",
            "round_ste"]

@@ -343,7 +343,7 @@ def gptq_for_config(model: nn.Module, qconfig, batches: list, forward: Forward =
             continue
         off, specs = qconfig.resolve(name, "Linear")
         spec = specs.get("weight")
-        if off or spec is None or not spec.format.scaled or spec.dynamic:
+        if off or spec is None or not spec.format.scaled or spec.runtime_scale:
             continue
         if name in tied:
             skipped[name] = f"weight tied to {tied[name]}"

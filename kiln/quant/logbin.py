@@ -14,8 +14,8 @@ from typing import ClassVar
 import torch
 
 from kiln.errors import KilnError
-from kiln.quant.formats import FORMATS, Format, _check_bits, preset
-from kiln.quant.minifloat import pass_through, pow2, quantize_scaled
+from kiln.quant.formats import FORMATS, Format, _check_bits, pass_through, preset
+from kiln.quant.minifloat import pow2, quantize_scaled
 
 
 @FORMATS.register("log")

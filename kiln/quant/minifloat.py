@@ -19,26 +19,9 @@ from typing import ClassVar
 import torch
 
 from kiln.errors import KilnError
-from kiln.quant.formats import FORMATS, Format, preset
+from kiln.quant.formats import FORMATS, Format, pass_through, preset
 
 SPECIALS = ("ieee", "fn", "none")
-
-
-class _PassThrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, q):
-        return q
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def pass_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """`q` (cast to x's dtype) forward, the identity's gradient to `x` backward. Unlike formats.ste's
-    `x + (q - x).detach()`, the forward value is exactly q even when |x| >> |q| (1e30 saturating to 448
-    comes out as 0 there, since 1e30 + (448 - 1e30) rounds to 0 in float32)."""
-    return _PassThrough.apply(x, q.to(x.dtype))
 
 
 def quantize_scaled(x: torch.Tensor, scale: torch.Tensor | None, to_grid) -> torch.Tensor:
@@ -187,4 +170,4 @@ preset("fp4_e2m1", format="minifloat", exp=2, man=1, special="none")
 preset("fp16", format="minifloat", exp=5, man=10, special="ieee")
 preset("bf16", format="minifloat", exp=8, man=7, special="ieee")
 
-__all__ = ["MiniFloat", "SPECIALS", "pass_through", "pow2", "quantize_scaled", "round_float"]
+__all__ = ["MiniFloat", "SPECIALS", "pow2", "quantize_scaled", "round_float"]

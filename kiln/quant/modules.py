@@ -57,9 +57,7 @@ class QuantOp(nn.Module):
         self.op = OPS[nn.Linear] if isinstance(module, nn.Linear) else OPS[type(module)]
         w = module.weight
         self.weight_q = Quantizer(weight, "weight", 1, tuple(w.shape), f"{fqn}.weight") if weight else None
-        in_shape = (w.shape[1],) if self.op.input_axis == -1 else None
-        if isinstance(module, nn.Linear) or isinstance(module, nn.modules.conv._ConvNd):
-            in_shape = (w.shape[1] * getattr(module, "groups", 1),)
+        in_shape = (w.shape[1] * getattr(module, "groups", 1),)     # a conv's weight holds in/groups
         self.input_q = Quantizer(input, "input", self.op.input_axis, _act_shape(in_shape, self.op.input_axis),
                                  f"{fqn}.input") if input and self.op.quantize_input else None
         out_shape = (w.shape[0],) if not isinstance(module, nn.Embedding) else (w.shape[1],)

@@ -84,8 +84,6 @@ class QSpec:
             raise KilnError(f"{where}: percentile must be in (50, 100], got {self.percentile}")
         if role == "weight" and self.granularity is Granularity.TOKEN:
             raise KilnError(f"{where}: granularity 'token' is for activations; weights take tensor, channel or group")
-        if self.granularity is Granularity.TOKEN and not self.dynamic:
-            object.__setattr__(self, "dynamic", True)    # per-token scales only exist at run time
         if self.learnable and not isinstance(self.format, IntFormat):
             raise KilnError(f"{where}: learnable (LSQ) scales need format 'int', got {self.format.name!r}")
 
@@ -100,6 +98,12 @@ class QSpec:
     @property
     def bits(self) -> float:
         return self.format.bits
+
+    @property
+    def runtime_scale(self) -> bool:
+        """Scales computed from each tensor as it arrives: asked for, or per token (which
+        only exist at run time)."""
+        return self.dynamic or self.granularity is Granularity.TOKEN
 
 
 def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
@@ -123,7 +127,7 @@ class Quantizer(nn.Module):
         self._lo: torch.Tensor | None = None
         self._hi: torch.Tensor | None = None
         scale_shape = self._scale_shape(shape) if shape is not None else None
-        if spec.format.scaled and not spec.dynamic:
+        if spec.format.scaled and not spec.runtime_scale:
             init = torch.ones(scale_shape or (1,))
             if spec.learnable:
                 self.scale = nn.Parameter(init)
@@ -236,7 +240,7 @@ class Quantizer(nn.Module):
     # -- calibration -------------------------------------------------------------------------
     def init_from(self, w: torch.Tensor) -> None:
         """Weights: set the scale from the tensor itself."""
-        if not self.spec.format.scaled or self.spec.dynamic:
+        if not self.spec.format.scaled or self.spec.runtime_scale:
             return
         x = self._to_groups(w.detach()) if self.spec.granularity is Granularity.GROUP else w.detach()
         scale, zp = self._fit(x)
@@ -271,7 +275,7 @@ class Quantizer(nn.Module):
 
     def finish_calibration(self) -> None:
         self.calibrating = False
-        if not self.spec.format.scaled or self.spec.dynamic or self.role == "weight":
+        if not self.spec.format.scaled or self.spec.runtime_scale or self.role == "weight":
             return
         if self._lo is None:
             raise KilnError(f"{self.where}: saw no calibration data (the module never ran)")
@@ -292,7 +296,7 @@ class Quantizer(nn.Module):
             return self._self_scaled(x)
         grouped = self.spec.granularity is Granularity.GROUP
         xs = self._to_groups(x) if grouped else x
-        if self.spec.dynamic or (self.role == "weight" and self.training and not self.spec.learnable):
+        if self.spec.runtime_scale or (self.role == "weight" and self.training and not self.spec.learnable):
             scale, zp = self._fit(xs.detach()) if self.role == "weight" else self._scale_from_range(*self._minmax(xs.detach()))
         else:
             if not bool(self.ready):
@@ -318,12 +322,9 @@ class Quantizer(nn.Module):
             return self.spec.format.quantize(flat).reshape(x.shape)
         return self.spec.format.quantize(x.movedim(self.axis, -1)).movedim(-1, self.axis)
 
-    def quantized_weight(self, w: torch.Tensor) -> torch.Tensor:
-        return self(w)
-
     def extra_repr(self) -> str:
         return f"{self.role}: {self.spec.format.describe()} {self.spec.granularity.value}" + \
-            (" dynamic" if self.spec.dynamic else "") + (" lsq" if self.spec.learnable else "")
+            (" dynamic" if self.spec.runtime_scale else "") + (" lsq" if self.spec.learnable else "")
 
 
 __all__ = ["QSpec", "Quantizer", "Granularity", "Calib", "QUANTIZER_KEYS"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -104,18 +103,14 @@ def prepare(model: nn.Module, config: QuantConfig, batches: list,
                                      unfoldable=Unfoldable.SCALE_NORM_INPUT)
     gptq_scales = None
     if config.gptq is not None:
-        done["gptq"], gptq_scales = _run_gptq(model, config, batches, forward)
+        from kiln.quant.gptq import gptq_for_config
+
+        done["gptq"], gptq_scales = gptq_for_config(model, config, batches, forward)
     quantize(model, config)
     if gptq_scales:
         _adopt_gptq_scales(model, gptq_scales)
     done["calibration_batches"] = calibrate(model, batches, forward)
     return done
-
-
-def _run_gptq(model, config, batches, forward):
-    from kiln.quant import gptq
-
-    return gptq.gptq_for_config(model, config, batches, forward)
 
 
 def _adopt_gptq_scales(model: nn.Module, scales: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
@@ -206,10 +201,7 @@ def load_quantized(run_dir: str | Path) -> tuple[nn.Module, dict]:
     if not is_quantized_run(run):
         raise KilnError(f"{run} is not a quantized run directory: no source.toml/quant.toml")
     src = read_toml(run / "source.toml")
-    try:
-        config = parse_config(read_toml(run / "quant.toml"), str(run / "quant.toml"))
-    except tomllib.TOMLDecodeError as exc:
-        raise KilnError(f"{run / 'quant.toml'} is not valid TOML: {exc}") from None
+    config = parse_config(read_toml(run / "quant.toml"), str(run / "quant.toml"))
     from kiln.models.spec import load
 
     model = load(src["spec"]).model     # every weight comes from model.safetensors below
