@@ -27,7 +27,7 @@ from common import report  # noqa: E402
 from kiln.models.spec import load  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
 from kiln.train.distributed import launch  # noqa: E402
-from kiln.train.trainer import _default_dataset, fit  # noqa: E402
+from kiln.train.trainer import default_dataset, fit  # noqa: E402
 
 
 def _allreduce_worker(rank: int, world: int, numel: int, repeats: int, port: int, out) -> None:
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--json")
     args = parser.parse_args()
-    dataset = _default_dataset(args.model)
+    dataset = default_dataset(args.model)
     base = dict(model=args.model, dataset=dataset, epochs=1, max_steps=args.steps, batch_size=args.batch,
                 schedule="constant")
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,7 @@ from kiln.data import load_dataset  # noqa: E402
 from kiln.models.spec import load  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
 from kiln.train.tasks import forward  # noqa: E402
-from kiln.train.trainer import _default_dataset, fit  # noqa: E402
+from kiln.train.trainer import default_dataset, fit  # noqa: E402
 
 BATCH = {"zoo:cnn": 64, "zoo:minilm_cls": 32}
 
@@ -67,7 +67,7 @@ def main() -> None:
     torch.set_num_threads(2)
     results = {"date": date.today().isoformat(), "threads": 2, "steps": args.steps, "models": {}}
     for spec in args.models.split(","):
-        dataset, batch = _default_dataset(spec), BATCH.get(spec, 64)
+        dataset, batch = default_dataset(spec), BATCH.get(spec, 64)
         kiln_runs, plain_runs = [], []
         for _ in range(args.repeats):   # alternate so drift hits both equally
             plain_runs.append(plain_loop(spec, dataset, batch, args.steps))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,38 +19,6 @@ from kiln.errors import KilnError
 from kiln.io import atomic_write_json, atomic_write_text
 from kiln.quant.apply import calibrate, quantize, report
 from kiln.quant.config import QuantConfig, parse_config
-
-
-@dataclass
-class Source:
-    src: str               # what the user gave: a spec or a run directory
-    spec: str              # the model spec
-    dataset: str
-    model: nn.Module
-
-
-def resolve_source(src: str, dataset: str | None = None) -> Source:
-    """A model spec, or a `kiln train` run directory (its best weights and its dataset)."""
-    from kiln.models.spec import load
-    from kiln.train.checkpoint import load_weights
-    from kiln.train.trainer import _default_dataset
-
-    path = Path(src)
-    if path.is_dir():
-        from kiln.config import load_toml
-        from kiln.train.config import TrainConfig
-
-        if not (path / "config.toml").is_file():
-            raise KilnError(f"{path} is not a kiln run directory: no config.toml")
-        cfg = load_toml(TrainConfig, path / "config.toml")
-        if cfg.quant:
-            raise KilnError(f"{path} is a quantization-aware run: evaluate it with `kiln eval`, it is already quantized")
-        model = load(cfg.model).model
-        load_weights(model, path / "best.safetensors")
-        return Source(src, cfg.model, dataset or cfg.dataset or _default_dataset(cfg.model), model.eval())
-    if ":" not in src:
-        raise KilnError(f"{src!r} is neither a run directory nor a model spec (zoo:NAME, hf:PATH, ...)")
-    return Source(src, src, dataset or _default_dataset(src), load(src).model.eval())
 
 
 def calibration_batches(splits, n: int, batch_size: int, seed: int) -> list:
@@ -153,7 +120,7 @@ def quantize_run(src: str, config_path: Path, out: Path | None, dataset: str | N
     config = parse_config(table, str(config_path))
     if calib_batches < 1:
         raise KilnError(f"--calib-batches must be >= 1, got {calib_batches}")
-    source = resolve_source(src, dataset)
+    source = _source(src, dataset)
     log(f"model {source.spec}, data {source.dataset}")
     splits = _splits(source.dataset, seed)
     batches = calibration_batches(splits, calib_batches, batch_size, seed)
@@ -182,9 +149,21 @@ def quantize_run(src: str, config_path: Path, out: Path | None, dataset: str | N
     return {"metrics": metrics, "report": rep, "model": model}
 
 
-def _source_toml(src: str, source: Source, calib_batches: int, batch_size: int, seed: int) -> str:
+def _source(src: str, dataset: str | None):
+    from kiln.models.artifact import load_source
+
+    source = load_source(src, dataset)
+    if any(t.get("kind") == "quant" for t in source.transforms):
+        raise KilnError(f"{src} is already quantized: evaluate it with `kiln eval`")
+    if not source.dataset:
+        raise KilnError(f"{src} has no default dataset: pass --calib-dataset (see `kiln datasets`)")
+    return source
+
+
+def _source_toml(src: str, source, calib_batches: int, batch_size: int, seed: int) -> str:
     return (f"src = {json.dumps(src)}\nspec = {json.dumps(source.spec)}\ndataset = {json.dumps(source.dataset)}\n"
-            f"calib_batches = {calib_batches}\nbatch_size = {batch_size}\nseed = {seed}\n")
+            f"calib_batches = {calib_batches}\nbatch_size = {batch_size}\nseed = {seed}\n"
+            f"transforms = {json.dumps(json.dumps(source.transforms))}\n")
 
 
 def is_quantized_run(run_dir: Path) -> bool:
@@ -202,9 +181,11 @@ def load_quantized(run_dir: str | Path) -> tuple[nn.Module, dict]:
         raise KilnError(f"{run} is not a quantized run directory: no source.toml/quant.toml")
     src = read_toml(run / "source.toml")
     config = parse_config(read_toml(run / "quant.toml"), str(run / "quant.toml"))
-    from kiln.models.spec import load
+    from kiln.models.artifact import rebuild
 
-    model = load(src["spec"]).model     # every weight comes from model.safetensors below
+    # the source's architecture (a pruned or factorised artifact's, too); every weight comes
+    # from model.safetensors below
+    model, _ = rebuild(src["spec"], json.loads(src.get("transforms", "[]")))
     if config.smoothquant is not None:
         _restore_smoothing(model, run / "model.safetensors")
     quantize(model, config)

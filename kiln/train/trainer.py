@@ -38,23 +38,54 @@ def build(cfg: TrainConfig, fresh: bool = True, run_dir: Path | None = None) -> 
     A fresh run also takes `init`'s weights and calibrates `quant`'s activation scales; a
     resumed or re-evaluated one gets both from its own checkpoint."""
     from kiln.data import load_dataset
+
+    model, _, _ = _float_architecture(cfg)
+    dataset = cfg.dataset or default_dataset(cfg.model)
+    splits = load_dataset(dataset, seed=cfg.seed)
+    check_fit(model, splits, cfg.model, dataset)
+    if cfg.init and fresh:
+        load_weights(model, _init_weights(cfg.init))
+    if cfg.quant:
+        _quantize_for_training(model, cfg, splits, quant_file(cfg, run_dir), calibrate=fresh)
+    return Setup(model, splits, splits.task, dataset)
+
+
+def _float_architecture(cfg: TrainConfig):
+    """The spec's model, or, when `init` is an artifact (a pruned or factorised model), the
+    artifact's architecture; (model, LoadedModel, transforms). Weights are not loaded."""
+    from kiln.models.artifact import is_artifact, read_artifact, rebuild
     from kiln.models.spec import load
 
+    if cfg.init and is_artifact(Path(cfg.init)):
+        meta = read_artifact(cfg.init)
+        if meta["spec"] != cfg.model:
+            raise KilnError(f"init {cfg.init} is a {meta['spec']} artifact but the model is {cfg.model}")
+        model, loaded = rebuild(meta["spec"], meta["transforms"])
+        return model, loaded, list(meta["transforms"])
     loaded = load(cfg.model)
-    dataset = cfg.dataset or _default_dataset(cfg.model)
-    splits = load_dataset(dataset, seed=cfg.seed)
-    check_fit(loaded.model, splits, cfg.model, dataset)
-    if cfg.init and fresh:
-        load_weights(loaded.model, _init_weights(cfg.init))
+    return loaded.model, loaded, []
+
+
+def architecture(cfg: TrainConfig, run_dir: Path | None = None):
+    """A run's model as trained (artifact architecture, quantizers), without data or weights."""
+    model, loaded, transforms = _float_architecture(cfg)
     if cfg.quant:
-        _quantize_for_training(loaded.model, cfg, splits, quant_file(cfg, run_dir), calibrate=fresh)
-    return Setup(loaded.model, splits, splits.task, dataset)
+        from kiln.config import read_toml
+        from kiln.quant.apply import quantize
+        from kiln.quant.config import parse_config
+
+        path = quant_file(cfg, run_dir)
+        quantize(model, parse_config(read_toml(path), str(path)))
+        transforms = transforms + [{"kind": "quant", "config": str(path)}]
+    return model, loaded, transforms
 
 
 def _init_weights(init: str) -> Path:
+    from kiln.models.artifact import is_artifact
+
     path = Path(init)
     if path.is_dir():
-        return path / "best.safetensors"
+        return path / ("model.safetensors" if is_artifact(path) else "best.safetensors")
     if path.is_file():
         return path
     raise KilnError(f"init {init} is neither a run directory nor a safetensors file")
@@ -82,7 +113,7 @@ def _quantize_for_training(model: nn.Module, cfg: TrainConfig, splits, path: Pat
     prepare(model, config, calibration_batches(splits, cfg.calib_batches, cfg.batch_size, cfg.seed))
 
 
-def _default_dataset(spec: str) -> str:
+def default_dataset(spec: str) -> str:
     if spec.startswith("zoo:"):
         from kiln.models.zoo import ZOO, _load_families
 
@@ -355,6 +386,10 @@ def evaluate_run(run_dir: str | Path) -> dict:
 
     if is_quantized_run(run):
         return evaluate_quantized(run)
+    from kiln.models.artifact import is_artifact
+
+    if is_artifact(run):
+        return _evaluate_artifact(run)
     if not (run / "config.toml").is_file():
         raise KilnError(f"{run} is not a kiln run directory: no config.toml")
     cfg = load_toml(TrainConfig, run / "config.toml")
@@ -366,3 +401,16 @@ def evaluate_run(run_dir: str | Path) -> dict:
     value = tasks.evaluate(setup.model, setup.task, _loader(setup.splits.test, cfg, task=setup.task), metric)
     return {"run": str(run), "model": cfg.model, "dataset": setup.dataset, "metric": metric.key,
             metric.key: value, "split": "test"}
+
+
+def _evaluate_artifact(run: Path) -> dict:
+    from kiln.data import load_dataset
+    from kiln.models.artifact import load_artifact
+    from kiln.quant.run import evaluate_model
+
+    src = load_artifact(run)
+    if not src.dataset:
+        raise KilnError(f"artifact {run} names no dataset to evaluate on")
+    key, value = evaluate_model(src.model, load_dataset(src.dataset, seed=0))
+    return {"run": str(run), "model": src.spec, "dataset": src.dataset, "metric": key, key: value, "split": "test"}
+
