@@ -13,7 +13,7 @@ from kiln.io import atomic_write_json
 
 OVERRIDES = ("dataset", "epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "schedule",
              "warmup_fraction", "grad_clip", "bf16", "label_smoothing", "max_steps", "threads", "init", "quant",
-             "calib_batches")
+             "calib_batches", "teacher", "distill_alpha", "distill_temperature")
 
 
 def _config(spec, config, out, given: dict):
@@ -52,6 +52,9 @@ def train(
     init: Optional[str] = typer.Option(None, help="Start from this run directory's best weights."),
     quant: Optional[str] = typer.Option(None, help="Quantization-aware training with this quant config (TOML)."),
     calib_batches: Optional[int] = typer.Option(None, help="QAT: batches that set activation scales first."),
+    teacher: Optional[str] = typer.Option(None, help="Distil from this model (spec, run or artifact directory)."),
+    distill_alpha: Optional[float] = typer.Option(None, help="Weight of the distillation term (default 0.5)."),
+    distill_temperature: Optional[float] = typer.Option(None, help="Softmax temperature of distillation (default 2)."),
     nproc: int = typer.Option(1, help="Data-parallel processes on this machine (torchrun, DDP)."),
     nnodes: int = typer.Option(1), node_rank: int = typer.Option(0),
     rdzv_endpoint: str = typer.Option("", help="host:port of the rendezvous for several machines."),

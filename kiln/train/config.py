@@ -32,6 +32,9 @@ class TrainConfig:
     init: str = ""               # start from this run directory's best weights (fine-tuning, QAT)
     quant: str = ""              # quantization-aware training with this quant config (TOML)
     calib_batches: int = 8       # QAT: batches that set the activation scales before training
+    teacher: str = ""            # distil from this model (spec, run or artifact directory)
+    distill_alpha: float = 0.5   # weight of the distillation term (with a teacher)
+    distill_temperature: float = 2.0
 
     def __post_init__(self):
         checks = [
@@ -45,6 +48,8 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.max_steps >= 0, "max_steps must be >= 0"),
             (self.calib_batches >= 1, "calib_batches must be >= 1"),
+            (0 <= self.distill_alpha <= 1, "distill_alpha must be in [0, 1]"),
+            (self.distill_temperature > 0, "distill_temperature must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

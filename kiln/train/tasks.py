@@ -70,7 +70,11 @@ def batch_loss(model: nn.Module, task: str, x, y, label_smoothing: float = 0.0) 
         loss, parts = custom(x, y)
         n = batch_size(x)
         return loss, {"sum": loss.detach().item() * n, "count": n, "parts": parts}
-    logits = forward(model, x)
+    return logits_loss(forward(model, x), task, y, label_smoothing)
+
+
+def logits_loss(logits: torch.Tensor, task: str, y, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The task's loss of logits already computed (distillation reuses the student's)."""
     if task == "language-modeling":
         flat, target = logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)
         loss = F.cross_entropy(flat, target, ignore_index=IGNORE)

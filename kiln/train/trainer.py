@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 from kiln.config import to_dict, to_toml
 from kiln.errors import KilnError, first_line
 from kiln.io import atomic_write_json, atomic_write_text
-from kiln.train import tasks
+from kiln.train import distill, tasks
 from kiln.train.checkpoint import load_state, load_weights, save_state, save_weights
 from kiln.train.config import TrainConfig
 
@@ -223,9 +223,14 @@ def _loader(ds, cfg: TrainConfig, sampler: GlobalBatches | None = None, task: st
     return DataLoader(ds, batch_sampler=sampler)
 
 
+Hook = Callable[[nn.Module, int, int], None]
+
+
 def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: bool = True,
-        wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> dict:
-    """Train `cfg.model` on `cfg.dataset` into `cfg.out`; returns the final metrics."""
+        wrap: Callable[[nn.Module], nn.Module] = lambda m: m, hooks: Sequence[Hook] = ()) -> dict:
+    """Train `cfg.model` on `cfg.dataset` into `cfg.out`; returns the final metrics. Each hook is
+    called as `hook(model, step, total_steps)` after every optimizer step (pruning schedules,
+    mask re-application)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out) if cfg.out else None
@@ -241,6 +246,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
     if cfg.quant and out:
         cfg = replace(cfg, quant="quant.toml")
     model, splits = setup.model, setup.splits
+    step_loss = distill.loss_fn(cfg, setup.task, model, distill.load_teacher(cfg.teacher) if cfg.teacher else None)
     # each rank draws its own dropout masks and noise; the data order is seeded separately
     torch.manual_seed(cfg.seed + dist.rank)
     if setup.task == "node-classification" and dist.world > 1:
@@ -260,6 +266,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
             atomic_write_text(out / "quant.toml", quant_text)
         atomic_write_text(out / "config.toml", to_toml(cfg))
     train_model = wrap(tasks.LossForward(model) if hasattr(model, "loss") else model)
+    after_step = lambda step: [hook(model, step, total) for hook in hooks]   # noqa: E731
     metric_key = tasks.metric_for(setup.task, model).key
     bar = _progress(progress and dist.main)
     try:
@@ -267,8 +274,8 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
             for epoch in range(state["epoch"], cfg.epochs):
                 if cfg.max_steps and state["step"] >= cfg.max_steps:
                     break
-                _train_epoch(cfg, train_model, setup.task, _loader(splits.train, cfg, sampler, setup.task),
-                             sampler, epoch, opt, sched, state, bar)
+                _train_epoch(cfg, train_model, step_loss, _loader(splits.train, cfg, sampler, setup.task),
+                             sampler, epoch, opt, sched, state, bar, after_step)
                 val = tasks.evaluate(model, setup.task, _loader(splits.val, cfg, task=setup.task), tasks.metric_for(setup.task, model))
                 state["history"][-1]["val_" + metric_key] = val
                 better = tasks.metric_for(setup.task, model).better(val, state["best"])
@@ -291,7 +298,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
     return _finish(cfg, setup, model, state, out, dist, metric_key)
 
 
-def _train_epoch(cfg, train_model, task, loader, sampler, epoch, opt, sched, state, bar) -> None:
+def _train_epoch(cfg, train_model, step_loss, loader, sampler, epoch, opt, sched, state, bar, after_step) -> None:
     sampler.epoch = epoch
     train_model.train()
     seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
@@ -300,7 +307,7 @@ def _train_epoch(cfg, train_model, task, loader, sampler, epoch, opt, sched, sta
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             break
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, _ = tasks.batch_loss(train_model, task, x, y, cfg.label_smoothing)
+            loss = step_loss(train_model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -308,6 +315,7 @@ def _train_epoch(cfg, train_model, task, loader, sampler, epoch, opt, sched, sta
         opt.step()
         sched.step()
         state["step"] += 1
+        after_step(state["step"])
         n = tasks.batch_size(x)
         seen += n
         loss_sum += loss.item() * n
