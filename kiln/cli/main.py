@@ -1,9 +1,11 @@
 """The `kiln` command."""
 from __future__ import annotations
 
+import importlib
+
 import typer
 
-from kiln.cli import analyze, hardware, models, quantize, train
+from kiln.cli import analyze, compile, hardware, models, quantize, train
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -15,6 +17,8 @@ app.command("train")(train.train)
 app.command("eval")(train.evaluate)
 app.command("datasets")(train.datasets)
 app.command("quantize")(quantize.quantize)
+app.command("compile")(compile.compile)
+app.command("search")(importlib.import_module("kiln.cli.search").search)
 app.add_typer(hardware.app, name="hardware")
 
 

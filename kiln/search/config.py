@@ -1,0 +1,162 @@
+"""The search config: one frozen dataclass for the study, one per search space kind.
+
+    # s.toml
+    study = "minilm-mp"
+    objectives = ["accuracy", "avg_bits"]     # names from kiln.search.objectives
+    sampler = "nsga2"                         # tpe, nsga2, random, grid, qmc
+    trials = 40
+    seed = 0
+    reference = [0.5, 32.0]                   # hypervolume reference point (multi-objective)
+
+    [space]
+    kind = "mixed-precision"                  # the rest of the table is that kind's config
+    source = "runs/figures/minilm-v3"
+    bits = [4, 6, 8]
+
+Unknown keys are KilnErrors naming the key, here and in the space's table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from kiln.errors import KilnError
+
+C = TypeVar("C")
+SAMPLERS = ("tpe", "nsga2", "random", "grid", "qmc")
+PRUNERS = ("none", "median", "hyperband")
+
+
+def from_table(cls: type[C], table: dict[str, Any], where: str) -> C:
+    """Like `kiln.config.from_dict`, plus tuple fields given as TOML arrays (elements
+    type-checked) and dict fields given as tables."""
+    from kiln.config import _coerce
+
+    if not isinstance(table, dict):
+        raise KilnError(f"{where}: needs a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise KilnError(f"{where}: unknown key {unknown[0]!r}; accepted: {', '.join(names)}")
+    values = {}
+    for key, value in table.items():
+        hint = hints[key]
+        if typing.get_origin(hint) is tuple:
+            values[key] = _tuple(value, typing.get_args(hint)[0], f"{where}: key {key!r}")
+        elif hint is dict:
+            if not isinstance(value, dict):
+                raise KilnError(f"{where}: key {key!r} needs a table, got {value!r}")
+            values[key] = dict(value)
+        else:
+            values[key] = _coerce(cls, key, value, hint)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise KilnError(f"{where}: {exc}") from None
+
+
+def _tuple(value: Any, elem: type, where: str) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise KilnError(f"{where} needs a list, got {value!r}")
+    out = []
+    for v in value:
+        ok = isinstance(v, elem) and not isinstance(v, bool) or (elem is float and isinstance(v, int)
+                                                                and not isinstance(v, bool))
+        if not ok:
+            raise KilnError(f"{where} needs a list of {elem.__name__}, got {value!r}")
+        out.append(elem(v))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    space: dict = field(default_factory=dict)   # {"kind": NAME, ...that kind's keys}
+    objectives: tuple[str, ...] = ("accuracy",)
+    sampler: str = "tpe"
+    trials: int = 20
+    seed: int = 0
+    study: str = "kiln-search"
+    timeout_s: float = 0.0           # stop starting trials after this long (0 = no limit)
+    pruner: str = "none"             # single-objective studies: median or hyperband
+    population: int = 0              # NSGA-II population (0: optuna's default, 50)
+    startup_trials: int = 10         # TPE's random start
+    early_stop: bool = True          # multi-objective: stop trials whose partial scores are hopeless
+    early_stop_warmup: int = 5       # completed trials before early stopping starts
+    early_stop_dominators: int = 3   # stop when this many completed trials dominate at a step
+    reference: tuple[float, ...] = ()   # hypervolume reference point, objectives' own units
+    hardware: str = "h100"           # profile for the roofline_ms objective
+    storage: str = ""                # optuna storage URL; empty: SQLite (or a journal file) in the run dir
+    workers: int = 1
+    threads: int = 0                 # torch threads of a single-process search (0: torch's default);
+                                     # each of several workers always gets 1
+
+    def __post_init__(self):
+        checks = [
+            (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}"),
+            (self.pruner in PRUNERS, f"pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}"),
+            (self.trials >= 1, f"trials must be >= 1, got {self.trials}"),
+            (self.timeout_s >= 0, "timeout_s must be >= 0"),
+            (self.population == 0 or self.population >= 2, "population must be 0 (default) or >= 2"),
+            (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+            (not self.reference or len(self.reference) == len(self.objectives),
+             f"reference has {len(self.reference)} values for {len(self.objectives)} objectives"),
+            (bool(self.study.strip()), "study needs a name"),
+            (isinstance(self.space, dict) and isinstance(self.space.get("kind"), str),
+             "needs a [space] table with kind = NAME"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise KilnError(f"search config: {message}")
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def parse_search_config(table: dict[str, Any], where: str = "search config") -> SearchConfig:
+    """A SearchConfig from a TOML table; the [space] table is checked by its kind's config."""
+    from kiln.search.spaces import space_config
+
+    table = dict(table)
+    if "space" not in table:
+        raise KilnError(f"{where}: needs a [space] table with kind = NAME")
+    cfg = from_table(SearchConfig, table, where)
+    space_config(cfg.space, f"{where}.space")      # unknown kinds and keys fail here, before any work
+    from kiln.search.objectives import resolve
+
+    resolve(cfg.objectives)
+    return cfg
+
+
+def load_search_config(path) -> SearchConfig:
+    from kiln.config import read_toml
+
+    return parse_search_config(read_toml(path), str(path))
+
+
+def to_toml(cfg: SearchConfig) -> str:
+    """The config back as TOML (it round-trips through parse_search_config)."""
+    d = dataclasses.asdict(cfg)
+    space = d.pop("space")
+    lines = [f"{k} = {_val(v)}" for k, v in d.items()]
+    lines += ["", "[space]"] + [f"{k} = {_val(v)}" for k, v in space.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _val(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_val(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_val(x)}" for k, x in v.items()) + " }"
+    return repr(v)

@@ -1,0 +1,198 @@
+"""The study loop: Optuna's ask/tell around a search space, with kiln's rules on top.
+
+- A trial whose objective raises is told FAIL with the reason in its user attribute
+  `fail_reason`; the study goes on.
+- Single-objective trials that report intermediate scores are pruned by Optuna's pruner.
+  Multi-objective trials, which Optuna's pruners do not handle, are stopped as hopeless when
+  their partial scores at a step are dominated by the partial scores at that step of
+  `early_stop_dominators` completed trials (after `early_stop_warmup` completed trials).
+- The budget is the study's trial count, whatever ran them: a resumed study, or several worker
+  processes sharing one storage, stop together at `trials`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from kiln.errors import KilnError, first_line
+from kiln.search.config import SearchConfig
+from kiln.search.objectives import Objective, pick, resolve
+from kiln.search.pareto import dominates
+from kiln.search.spaces import Context, Space, build_space
+
+OPTUNA_DIRECTION = {"max": "maximize", "min": "minimize"}
+# the keys that define a study: resuming one with other values would mix two searches
+DEFINING = ("space", "objectives", "study")
+
+
+@dataclass
+class Setup:
+    cfg: SearchConfig
+    space: Space
+    objectives: list[Objective]
+    study: object          # optuna.Study
+
+
+def make_space(cfg: SearchConfig) -> tuple[Space, list[Objective]]:
+    objectives = resolve(cfg.objectives)
+    ctx = Context(wanted=frozenset(cfg.objectives), seed=cfg.seed, hardware=cfg.hardware)
+    return build_space(cfg.space, ctx), objectives
+
+
+def make_sampler(cfg: SearchConfig, space: Space, worker: int = 0):
+    """The configured sampler; each worker gets its own seed so they don't propose the same points."""
+    import optuna
+
+    seed = cfg.seed + 1000 * worker
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.startup_trials, multivariate=True)
+    if cfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=cfg.population or 50)
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if cfg.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=cfg.seed, scramble=True, warn_independent_sampling=False)
+    grid = space.grid()
+    if grid is None:
+        raise KilnError(f"search config: the grid sampler needs a finite space; {space.kind!r} has "
+                        "continuous parameters (use tpe, random or qmc)")
+    return optuna.samplers.GridSampler(grid, seed=cfg.seed)
+
+
+def grid_size(space: Space) -> int | None:
+    grid = space.grid()
+    return math.prod(len(v) for v in grid.values()) if grid else None
+
+
+def make_pruner(cfg: SearchConfig):
+    import optuna
+
+    if cfg.multi or cfg.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    return optuna.pruners.HyperbandPruner()
+
+
+def open_study(cfg: SearchConfig, storage, space: Space, worker: int = 0):
+    """Create the study, or load it to resume; a study made by a different config is refused."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    directions = [OPTUNA_DIRECTION[o.direction] for o in resolve(cfg.objectives)]
+    try:
+        study = optuna.create_study(storage=storage, study_name=cfg.study, directions=directions,
+                                    sampler=make_sampler(cfg, space, worker), pruner=make_pruner(cfg),
+                                    load_if_exists=True)
+    except ValueError as exc:   # the stored study has other directions
+        raise KilnError(f"study {cfg.study!r} exists with another definition: {first_line(exc)}") from None
+    defining = json.dumps({k: getattr(cfg, k) for k in DEFINING}, sort_keys=True, default=list)
+    stored = study.user_attrs.get("kiln_definition")
+    if stored is None:
+        study.set_user_attr("kiln_definition", defining)
+    elif stored != defining:
+        raise KilnError(f"study {cfg.study!r} in this storage was made by a different search config "
+                        "(space or objectives differ): use another --out, --storage or study name")
+    return study
+
+
+def fail_interrupted(study) -> int:
+    """Mark trials left RUNNING by a killed search as FAIL ("interrupted"); only call this when no
+    other process can be running trials of the study. Returns how many."""
+    from optuna.trial import TrialState
+
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the search was killed")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(stale)
+
+
+def _reporter(trial, study, cfg: SearchConfig, objectives: list[Objective]) -> Callable:
+    import optuna
+
+    directions = [o.direction for o in objectives]
+
+    def report(step: int, partial: dict) -> None:
+        values = [partial.get(o.name) for o in objectives]
+        if any(v is None for v in values):
+            return
+        if not cfg.multi:
+            trial.report(float(values[0]), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}")
+            return
+        trial.set_user_attr(f"partial_{step}", [float(v) for v in values])
+        if cfg.early_stop and hopeless(study, step, values, directions, cfg):
+            trial.set_user_attr("stopped", f"hopeless at step {step}")
+            raise optuna.TrialPruned(f"hopeless at step {step}")
+
+    return report
+
+
+def hopeless(study, step: int, values: list[float], directions: list[str], cfg: SearchConfig) -> bool:
+    """Partial scores dominated, at the same step, by `early_stop_dominators` completed trials."""
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(done) < cfg.early_stop_warmup:
+        return False
+    key = f"partial_{step}"
+    beaten = sum(1 for t in done if key in t.user_attrs and dominates(t.user_attrs[key], values, directions))
+    return beaten >= cfg.early_stop_dominators
+
+
+def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
+    """Ask one trial, score it, tell the result; returns the state's name."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study, cfg = setup.study, setup.cfg
+    trial = study.ask()
+    try:
+        candidate = setup.space.suggest(trial)
+        scores = setup.space.score(candidate, _reporter(trial, study, cfg, setup.objectives))
+        values = pick(scores, setup.objectives, setup.space.kind)
+        bad = [(o.name, v) for o, v in zip(setup.objectives, values) if not math.isfinite(v)]
+        if bad:
+            raise KilnError(f"objective {bad[0][0]} is {bad[0][1]}")
+    except optuna.TrialPruned as exc:
+        trial.set_user_attr("pruned", str(exc))
+        study.tell(trial, state=TrialState.PRUNED)
+        return "PRUNED"
+    except KeyboardInterrupt:
+        trial.set_user_attr("fail_reason", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except Exception as exc:
+        reason = first_line(exc)
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        log(f"trial {trial.number} failed: {reason}")
+        return "FAIL"
+    for name, value in scores.items():
+        trial.set_user_attr(name, value)
+    study.tell(trial, values)
+    return "COMPLETE"
+
+
+def budget(cfg: SearchConfig, space: Space) -> int:
+    size = grid_size(space) if cfg.sampler == "grid" else None
+    return min(cfg.trials, size) if size else cfg.trials
+
+
+def optimize(setup: Setup, log: Callable[[str], None] = lambda s: None,
+             on_trial: Callable[[str], None] = lambda s: None) -> None:
+    """Run trials until the study holds `trials` of them (or timeout_s passes)."""
+    cfg = setup.cfg
+    setup.space.ensure_setup()
+    total = budget(cfg, setup.space)
+    t0 = time.monotonic()
+    while len(setup.study.get_trials(deepcopy=False)) < total:
+        if cfg.timeout_s and time.monotonic() - t0 > cfg.timeout_s:
+            log(f"timeout_s {cfg.timeout_s:g} reached")
+            break
+        on_trial(run_trial(setup, log))

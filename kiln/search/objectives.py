@@ -1,0 +1,128 @@
+"""What a study optimises: named objectives with a direction, and the measurements behind them.
+
+A search space scores a candidate into a `Scores` dict (objective name -> value); the study
+keeps the values of the objectives its config names, in that order. The cost measurements
+(FLOPs, measured or roofline latency, bytes) are plain functions any space can call.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kiln.errors import KilnError
+from kiln.registry import Registry
+
+Scores = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    direction: str          # "max" or "min"
+    unit: str
+    description: str
+
+
+OBJECTIVES: Registry[Objective] = Registry("objective")
+
+
+def _objective(name: str, direction: str, unit: str, description: str) -> None:
+    OBJECTIVES.register(name)(Objective(name, direction, unit, description))
+
+
+_objective("accuracy", "max", "", "task metric on the scoring split (accuracy for classifiers)")
+_objective("loss", "min", "", "task loss on the scoring split")
+_objective("avg_bits", "min", "bits", "average weight bits over the quantized layers")
+_objective("model_bytes", "min", "B", "stored model size: quantized weights at their bits, the rest at dtype width")
+_objective("params", "min", "", "parameter count")
+_objective("flops", "min", "FLOP", "FLOPs of one forward on the example input (torch.utils.flop_counter)")
+_objective("latency_ms", "min", "ms", "measured eager forward time on the example input, median")
+_objective("roofline_ms", "min", "ms", "roofline latency of the captured graph on a hardware profile")
+
+
+def resolve(names: tuple[str, ...]) -> list[Objective]:
+    """The objectives named in a config, checked: at least one, each known, none twice."""
+    if not names:
+        raise KilnError("search config: objectives needs at least one name; known: "
+                        + ", ".join(OBJECTIVES.names()))
+    if len(set(names)) != len(names):
+        raise KilnError(f"search config: objectives {list(names)} name one objective twice")
+    return [OBJECTIVES.get(n) for n in names]
+
+
+def pick(scores: Scores, objectives: list[Objective], space: str) -> list[float]:
+    """The values a trial reports, in the config's order; a missing one is a KilnError naming it."""
+    missing = [o.name for o in objectives if o.name not in scores]
+    if missing:
+        raise KilnError(f"search space {space!r} does not measure {missing[0]!r}; "
+                        f"it measures: {', '.join(sorted(scores))}")
+    return [float(scores[o.name]) for o in objectives]
+
+
+def param_count(model: nn.Module) -> int:
+    seen = {id(p): p.numel() for p in model.parameters()}
+    return sum(seen.values())
+
+
+def fp32_bytes(model: nn.Module) -> int:
+    seen = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(seen.values())
+
+
+def count_flops(model: nn.Module, inputs: tuple) -> int:
+    from kiln.analysis.oracle import flop_counter_flops
+    from kiln.models.loaded import LoadedModel
+
+    return flop_counter_flops(LoadedModel("search-candidate", model, tuple(inputs)))
+
+
+@torch.no_grad()
+def measured_latency_ms(model: nn.Module, inputs: tuple, repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of `repeats` eager forwards (after `warmup`), in milliseconds."""
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(warmup):
+            model(*inputs)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(*inputs)
+            times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    return 1e3 * statistics.median(times)
+
+
+def roofline_ms(model: nn.Module, inputs: tuple, hardware: str) -> float:
+    """Roofline latency (max of compute and memory time per op, summed) of the captured graph."""
+    from kiln.analysis.cost import AnnotateCost
+    from kiln.analysis.roofline import roofline
+    from kiln.graph.capture import capture
+    from kiln.graph.passes import PassManager
+    from kiln.hardware.profiles import load_profile
+    from kiln.models.loaded import LoadedModel
+
+    graph = capture(LoadedModel("search-candidate", model.eval(), tuple(inputs)))
+    PassManager([AnnotateCost()]).run(graph)
+    return 1e3 * roofline(graph, load_profile(hardware))[1].latency_s
+
+
+def cost_scores(model: nn.Module, inputs: tuple, wanted: set[str], hardware: str = "h100") -> Scores:
+    """The cost objectives among `wanted` that depend only on the model and its input."""
+    out: Scores = {}
+    if "params" in wanted:
+        out["params"] = float(param_count(model))
+    if "model_bytes" in wanted:
+        out["model_bytes"] = float(fp32_bytes(model))
+    if "flops" in wanted:
+        out["flops"] = float(count_flops(model, inputs))
+    if "latency_ms" in wanted:
+        out["latency_ms"] = measured_latency_ms(model, inputs)
+    if "roofline_ms" in wanted:
+        out["roofline_ms"] = roofline_ms(model, inputs, hardware)
+    return out

@@ -1,0 +1,87 @@
+"""Several worker processes on one study: `kiln search ... --workers N`.
+
+Each worker is a fresh Python process (`python -m kiln.search.workers`) with one torch thread,
+its own sampler seed, and the same storage; the storage hands out trial numbers, so no trial
+is run twice, and every worker stops when the study holds `trials` trials. Workers on other
+machines run the same command against a shared storage URL (PostgreSQL, or a journal file on
+a shared file system).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from kiln.errors import KilnError
+
+
+def worker_command(config: Path, storage: str, worker: int) -> list[str]:
+    return [sys.executable, "-m", "kiln.search.workers", "--config", str(config),
+            "--storage", storage, "--worker", str(worker)]
+
+
+def launch(config: Path, storage: str, n: int, log_dir: Path) -> list[subprocess.Popen]:
+    """Start `n` workers; their stderr goes to log_dir/worker-I.log."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = []
+    for i in range(n):
+        log = open(log_dir / f"worker-{i}.log", "w")
+        procs.append(subprocess.Popen(worker_command(config, storage, i), env=env,
+                                      stdout=subprocess.DEVNULL, stderr=log))
+        log.close()
+    return procs
+
+
+def wait(procs: list[subprocess.Popen], count: Callable[[], int], tick: Callable[[int], None],
+         log_dir: Path) -> None:
+    """Wait for every worker, calling tick(trials so far) about once a second; a worker that
+    fails is a KilnError quoting the last line of its log. Ctrl-C stops them all."""
+    try:
+        while any(p.poll() is None for p in procs):
+            tick(count())
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+    tick(count())
+    for i, p in enumerate(procs):
+        if p.returncode != 0:
+            lines = (log_dir / f"worker-{i}.log").read_text().strip().splitlines()
+            raise KilnError(f"search worker {i} exited with code {p.returncode}: "
+                            f"{lines[-1] if lines else 'no output'}")
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from kiln.search.config import load_search_config
+    from kiln.search.engine import Setup, make_space, open_study, optimize
+    from kiln.search.storage import open_storage
+
+    parser = argparse.ArgumentParser(prog="kiln.search.workers")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--storage", required=True)
+    parser.add_argument("--worker", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    try:
+        cfg = load_search_config(args.config)
+        space, objectives = make_space(cfg)
+        study = open_study(cfg, open_storage(args.storage), space, worker=args.worker)
+        optimize(Setup(cfg, space, objectives, study),
+                 log=lambda s: print(f"worker {args.worker}: {s}", file=sys.stderr, flush=True))
+    except KilnError as exc:
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
