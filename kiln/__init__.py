@@ -12,6 +12,8 @@ import logging
 # on every command, not a problem
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+# the ONNX exporter warns once per export that torchvision (which kiln does not use) is missing
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -1,8 +1,10 @@
 """Atomic file writes: a command that fails leaves no half-written output behind."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -57,3 +59,35 @@ def _jsonable(obj):
     if isinstance(obj, (set, tuple)):
         return list(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def check_new_dir(out: str | Path) -> Path:
+    """An output directory must not exist yet, or be empty: runs are never overwritten."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise KilnError(f"output directory {out} already exists and is not empty")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path):
+    """Yield a hidden sibling directory to fill; on success it is renamed to `out`, on any
+    failure removed, so `out` is either complete or absent."""
+    out = check_new_dir(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise KilnError(f"cannot write {out}: {exc.strerror}") from None
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if out.is_dir():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+

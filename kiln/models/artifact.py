@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -77,39 +74,18 @@ def is_artifact(path: Path) -> bool:
 def save_artifact(out: str | Path, model: nn.Module, *, spec: str, dataset: str, transforms: list[dict],
                   report: dict | None = None, metrics: dict | None = None) -> Path:
     """Write the whole directory or nothing: files go to a hidden sibling that is renamed into place."""
-    from kiln.io import atomic_write_json
+    from kiln.io import atomic_dir, atomic_write_json
     from kiln.train.checkpoint import save_weights
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise KilnError(f"output directory {out} already exists and is not empty")
     for record in transforms:
         if not isinstance(record, dict) or "kind" not in record:
             raise ValueError(f"a transform record needs a 'kind': {record!r}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise KilnError(f"cannot write {out}: {exc.strerror}") from None
-    try:
+    with atomic_dir(out) as tmp:
         atomic_write_json(tmp / ARTIFACT_FILE, {"spec": spec, "dataset": dataset, "transforms": transforms})
         save_weights(model, tmp / "model.safetensors")
         atomic_write_json(tmp / "report.json", report or {})
         atomic_write_json(tmp / "metrics.json", metrics or {})
-        os.chmod(tmp, 0o777 & ~_umask())
-        if out.is_dir():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return Path(out)
 
 
 def read_artifact(run_dir: str | Path) -> dict:

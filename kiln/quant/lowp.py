@@ -147,15 +147,28 @@ class Frozen(nn.Module):
     time: changing `module`'s parameters afterwards is not seen.
     """
 
-    def __init__(self, module: nn.Module, inductor: dict[str, Any] | None = None):
+    def __init__(self, module: nn.Module, inductor: dict[str, Any] | None = None, mode: str | None = None):
         super().__init__()
         self.module = module
         self.inductor = {"freezing": True, **(inductor or {})}
-        self.__dict__["_compiled"] = torch.compile(module)   # not a submodule: no duplicate state
+        # not a submodule: no duplicate state
+        self.__dict__["_compiled"] = torch.compile(fresh_frame(module), **({"mode": mode} if mode else {}))
 
     def forward(self, *args, **kwargs):
         with torch.no_grad(), torch._inductor.config.patch(self.inductor):
             return self._compiled(*args, **kwargs)
+
+
+def fresh_frame(module: nn.Module) -> nn.Module:
+    """`module` behind a forward of its own code object. Dynamo caches compiled code per code
+    object and, with nn modules inlined, guards on the parameters as inputs rather than on
+    the module: two compiles of one model class (plain and frozen, or two modes) would
+    otherwise share a cache entry, and the second would silently run the first's code."""
+    namespace: dict = {}
+    exec("def forward(self, *args, **kwargs):\n    return self.inner(*args, **kwargs)\n", namespace)
+    wrapper = type("Fresh", (nn.Module,), {"forward": namespace["forward"]})()
+    wrapper.inner = module
+    return wrapper
 
 
 @FP32.register("eager")
@@ -210,7 +223,7 @@ def _torch_ao(model: nn.Module, example: Example, config: LowpConfig, calibratio
 class OrtModule(nn.Module):
     """An ONNX Runtime session behind the model's call signature; returns torch tensors."""
 
-    def __init__(self, onnx_bytes: bytes, names: list[str], threads: int):
+    def __init__(self, onnx_bytes: bytes, names: list[str], threads: int, level: Any = None):
         super().__init__()
         try:
             import onnxruntime as ort
@@ -219,7 +232,7 @@ class OrtModule(nn.Module):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = level if level is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.onnx_bytes = onnx_bytes
         self.names = names
         self.session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
@@ -238,6 +251,9 @@ def export_onnx(model: nn.Module, example: Example, path: str) -> list[str]:
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     shapes = ({k: {0: batch} for k in example.kwargs} if example.kwargs and not example.args
               else [{0: batch} for _ in example.args])
+    sizes = {x.shape[0] for x in (*example.args, *(example.kwargs or {}).values()) if isinstance(x, torch.Tensor)}
+    if len(sizes) != 1:
+        shapes = None            # inputs without one shared batch dimension (a GNN's graph): static
     try:
         with torch.no_grad():
             prog = torch.onnx.export(model, example.args, kwargs=example.kwargs, dynamo=True,

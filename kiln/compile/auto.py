@@ -1,0 +1,180 @@
+"""Choosing a backend by measurement: build every candidate, reject those whose outputs leave
+their precision's tolerance against eager, time the rest side by side, keep the fastest.
+
+Timing interleaves the candidates (one call of each per round, `rounds` rounds), so a slow
+spell of the machine lands on all of them rather than on whichever ran last; latency is the
+median round, p90 the 90th percentile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from kiln.compile.backends import (TOLERANCE, BackendSpec, Precision, build, missing_package, parse_backend,
+                                   precision_of)
+from kiln.compile.verify import relative_error
+from kiln.errors import KilnError
+from kiln.models.loaded import LoadedModel
+
+# what `--backend auto` tries, by the lowest precision the user allows
+AUTO = {
+    Precision.FP32: ("eager", "export", "eager:passes=1", "inductor", "inductor:freezing=1",
+                     "inductor:freezing=1,passes=1", "onnxruntime", "onnxruntime:level=basic"),
+    Precision.BF16: ("eager:dtype=bf16", "inductor:dtype=bf16,freezing=1"),
+    Precision.INT8: ("torchao-int8",),
+}
+ORDER = (Precision.FP32, Precision.BF16, Precision.INT8)
+
+
+def auto_candidates(precision: Precision) -> list[str]:
+    allowed = ORDER[:ORDER.index(precision) + 1]
+    return [c for p in allowed for c in AUTO[p]]
+
+
+@dataclass
+class Candidate:
+    backend: str
+    precision: str
+    status: str = "ok"                 # ok | rejected | failed
+    reason: str = ""
+    error: float | None = None         # relative error against eager
+    tolerance: float | None = None
+    build_s: float | None = None
+    latency_s: float | None = None     # median over rounds
+    p90_s: float | None = None
+    throughput: float | None = None    # samples/s
+    times: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class Selection:
+    batch: int | None
+    threads: int
+    rounds: int
+    candidates: list[Candidate]
+    chosen: str
+    fns: dict[str, Callable] = field(default_factory=dict, repr=False)
+
+    def by_name(self, name: str) -> Candidate:
+        return next(c for c in self.candidates if c.backend == name)
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "threads": self.threads, "rounds": self.rounds, "chosen": self.chosen,
+                "candidates": [{k: v for k, v in dataclasses.asdict(c).items() if k != "times"}
+                               for c in self.candidates]}
+
+
+def batch_dim_size(loaded: LoadedModel) -> int | None:
+    """The batch size every tensor input shares in its first dimension, or None for inputs
+    without one (a GNN's node features and edge list)."""
+    tensors = [x for x in (*loaded.example_inputs, *loaded.example_kwargs.values()) if isinstance(x, torch.Tensor)]
+    sizes = {x.shape[0] for x in tensors if x.dim() >= 1}
+    return sizes.pop() if len(sizes) == 1 and all(x.dim() >= 1 for x in tensors) else None
+
+
+def at_batch(loaded: LoadedModel, batch: int, seed: int = 0) -> LoadedModel:
+    """The example inputs at batch `batch`: float inputs drawn afresh (seeded), integer ones
+    (token ids, masks, timesteps) repeated, so they stay valid."""
+    if batch < 1:
+        raise KilnError(f"batch must be >= 1, got {batch}")
+    if batch_dim_size(loaded) is None:
+        if batch != 1:
+            raise KilnError(f"{loaded.spec}: its inputs have no batch dimension (e.g. a whole graph); use --batch 1")
+        return loaded
+    gen = torch.Generator().manual_seed(seed)
+
+    def grow(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.is_floating_point():
+            return torch.randn((batch, *x.shape[1:]), generator=gen, dtype=x.dtype)
+        return x[:1].repeat(batch, *([1] * (x.dim() - 1)))
+
+    return dataclasses.replace(loaded, example_inputs=tuple(grow(x) for x in loaded.example_inputs),
+                               example_kwargs={k: grow(v) for k, v in loaded.example_kwargs.items()})
+
+
+def call(fn: Callable, loaded: LoadedModel):
+    with torch.no_grad():
+        return fn(*loaded.example_inputs, **loaded.example_kwargs)
+
+
+def select(model: nn.Module, loaded: LoadedModel, backends: Sequence[str], precision: Precision = Precision.FP32,
+           rounds: int = 20, warmup: int = 3, progress: Callable[[str], None] = lambda s: None) -> Selection:
+    """Build and check each backend on `loaded`'s inputs, time the accepted ones interleaved,
+    choose the fastest. A KilnError when nothing could run."""
+    specs = [parse_backend(b) for b in backends]
+    model = model.eval()
+    reference = call(model, loaded)
+    batch = batch_dim_size(loaded)
+    cands, fns = [], {}
+    for spec in specs:
+        cand, fn = _check(spec, model, loaded, reference, precision, progress)
+        cands.append(cand)
+        if fn is not None:
+            fns[spec.label] = fn
+    if not fns:
+        reasons = "; ".join(f"{c.backend}: {c.reason}" for c in cands)
+        raise KilnError(f"no backend could run {loaded.spec} within tolerance ({reasons})")
+    progress(f"timing {len(fns)} candidates, {rounds} interleaved rounds")
+    _time(fns, {c.backend: c for c in cands}, loaded, rounds, warmup, batch or 1)
+    chosen = min((c for c in cands if c.status == "ok"), key=lambda c: c.latency_s)
+    return Selection(batch, torch.get_num_threads(), rounds, cands, chosen.backend, fns)
+
+
+def _check(spec: BackendSpec, model, loaded, reference, precision: Precision, progress):
+    prec = precision_of(spec)
+    cand = Candidate(spec.label, prec.value, tolerance=TOLERANCE[prec])
+    if ORDER.index(prec) > ORDER.index(precision):
+        cand.status, cand.reason = "rejected", f"{prec.value} is below the allowed precision ({precision.value})"
+        return cand, None
+    if need := missing_package(spec):
+        cand.status, cand.reason = "failed", f"{need} is not installed"
+        return cand, None
+    progress(f"building {spec.label}")
+    t0 = time.perf_counter()
+    try:
+        fn = build(spec, model, loaded)
+        out = call(fn, loaded)
+    except KilnError as exc:
+        cand.status, cand.reason = "failed", str(exc).removeprefix(spec.label + ": ")
+        return cand, None
+    cand.build_s = time.perf_counter() - t0
+    cand.error = relative_error(out, reference)
+    if not cand.error <= cand.tolerance:
+        cand.status = "rejected"
+        cand.reason = f"outputs differ from eager by {cand.error:.2e} (tolerance {cand.tolerance:.0e} for {prec.value})"
+        return cand, None
+    return cand, fn
+
+
+def _time(fns: dict[str, Callable], cands: dict[str, Candidate], loaded, rounds: int, warmup: int,
+          batch: int) -> None:
+    for fn in fns.values():
+        for _ in range(warmup):
+            call(fn, loaded)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            call(fn, loaded)
+            cands[name].times.append(time.perf_counter() - t0)
+    for name in fns:
+        c = cands[name]
+        c.latency_s = statistics.median(c.times)
+        c.p90_s = percentile(c.times, 90)
+        c.throughput = batch / c.latency_s
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile by linear interpolation between closest ranks (numpy's default)."""
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)

@@ -1,0 +1,129 @@
+"""`kiln compile`: choose a backend for a model at a batch size and write the choice down.
+
+A compile directory holds compile.json (the source, the chosen backend, batch, precision,
+threads), report.json (every candidate's latency, throughput, error and reason, plus the
+roofline bound on the hardware profile and the achieved fraction of it) and, where the
+backend produces a deployable file, that file: model.onnx (onnxruntime) or program.pt2
+(export). `load_compiled` rebuilds the chosen backend from the source, so `kiln bench DIR`
+runs exactly what was chosen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kiln.compile.auto import Selection, at_batch, auto_candidates, select
+from kiln.compile.backends import Precision, build, parse_backend
+from kiln.errors import KilnError
+from kiln.models.loaded import LoadedModel
+
+COMPILE_FILE = "compile.json"
+
+
+def parse_precision(text: str) -> Precision:
+    try:
+        return Precision(text)
+    except ValueError:
+        raise KilnError(f"unknown precision {text!r}; known: {', '.join(p.value for p in Precision)}") from None
+
+
+def candidates(backend: str, precision: Precision) -> list[str]:
+    """`auto`, one backend, or a comma-free list joined by '+': 'eager+onnxruntime:level=basic'."""
+    names = auto_candidates(precision) if backend == "auto" else backend.split("+")
+    for name in names:
+        parse_backend(name)          # unknown names and options fail before any work
+    if "eager" not in names:
+        names = ["eager", *names]    # the baseline is always measured beside
+    return names
+
+
+def source_inputs(src: str, batch: int, dataset: str | None = None):
+    """(Source, LoadedModel at `batch` running the source's model)."""
+    from kiln.models.artifact import load_source
+
+    source = load_source(src, dataset)
+    loaded = dataclasses.replace(source.loaded, model=source.model)
+    return source, at_batch(loaded, batch)
+
+
+def roofline_of(loaded: LoadedModel, profile) -> dict:
+    """FLOPs and bytes of one call at this batch and the roofline latency on `profile`
+    (a HardwareProfile; None: no roofline)."""
+    from kiln.analysis.report import analyze
+
+    if profile is None:
+        return {"note": "no hardware profile"}
+    a = analyze(loaded, profile, measure_time=False)
+    return {"hardware": profile.name, "flops": a.flops, "bytes": a.cost.bytes, "roofline_s": a.roofline.latency_s,
+            "bound": a.roofline.bound.value, "peak_fp32_flops": profile.peak_flops.get("fp32")}
+
+
+def attach_roofline(report: dict, roof: dict) -> None:
+    """Each measured candidate's achieved FLOP/s and fraction of the roofline bound."""
+    for c in report["candidates"]:
+        if c.get("latency_s") and roof.get("roofline_s"):
+            c["achieved_flops"] = roof["flops"] / c["latency_s"]
+            c["roofline_fraction"] = roof["roofline_s"] / c["latency_s"]
+    report["roofline"] = roof
+
+
+def compile_run(src: str, backend: str = "auto", batch: int = 1, precision: str = "fp32", rounds: int = 20,
+                out: Path | None = None, hardware=None,
+                progress: Callable[[str], None] = lambda s: None) -> tuple[dict, Selection]:
+    prec = parse_precision(precision)
+    names = candidates(backend, prec)
+    if rounds < 1:
+        raise KilnError(f"rounds must be >= 1, got {rounds}")
+    if out is not None:
+        from kiln.io import check_new_dir
+
+        check_new_dir(out)
+    source, loaded = source_inputs(src, batch)
+    sel = select(source.model, loaded, names, prec, rounds=rounds, progress=progress)
+    report = {"src": src, "spec": source.spec, "precision": prec.value, **sel.to_dict()}
+    progress("roofline")
+    attach_roofline(report, roofline_of(loaded, hardware))
+    if out is not None:
+        _write(out, report, sel, source, loaded)
+    return report, sel
+
+
+def _write(out: Path, report: dict, sel: Selection, source, loaded: LoadedModel) -> None:
+    from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
+
+    chosen = parse_backend(sel.chosen)
+    meta = {"src": report["src"], "spec": report["spec"], "backend": sel.chosen, "batch": report["batch"],
+            "precision": report["precision"], "threads": sel.threads}
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / COMPILE_FILE, meta)
+        atomic_write_json(tmp / "report.json", report)
+        fn = sel.fns[sel.chosen]
+        if chosen.name == "onnxruntime":
+            (tmp / "model.onnx").write_bytes(fn.onnx_bytes)
+        elif chosen.name == "export":
+            args, kwargs = tuple(loaded.example_inputs), dict(loaded.example_kwargs)
+            with torch.no_grad():
+                torch.export.save(torch.export.export(source.model.eval(), args, kwargs, strict=False),
+                                  str(tmp / "program.pt2"))
+        atomic_write_text(tmp / "README.txt", f"kiln compile of {report['src']}: backend {sel.chosen} at batch "
+                                              f"{report['batch']}; reload with kiln.compile.run.load_compiled\n")
+
+
+def is_compiled(path: Path) -> bool:
+    return (Path(path) / COMPILE_FILE).is_file()
+
+
+def load_compiled(path: str | Path, batch: int | None = None) -> tuple[Callable, LoadedModel, dict]:
+    """(the chosen backend's callable, the inputs at its batch, compile.json)."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / COMPILE_FILE).read_text())
+        spec = parse_backend(meta["backend"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise KilnError(f"{path} is not a readable kiln compile directory: {exc}") from None
+    source, loaded = source_inputs(meta["src"], batch or meta["batch"] or 1)
+    return build(spec, source.model, loaded), loaded, meta
