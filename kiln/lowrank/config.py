@@ -1,0 +1,221 @@
+"""The low-rank config: which modules to factorise, at which rank, and how to fine-tune after.
+
+    # l.toml
+    targets = ["Linear", "Conv2d"]   # module types (exact class names) the default applies to
+    budget = 0.5                     # keep this fraction of each module's weights, in (0, 1)
+    # energy = 0.9                   # or: keep this fraction of the squared singular values, (0, 1]
+    # rank = 64                      # or: this rank (Conv2d: for both channel modes)
+    [[rules]]                        # most specific first: fqn, then re, then type
+    match = "re:.*classifier.*"
+    skip = true
+    [[rules]]
+    match = "fqn:encoder.layer.0.output.dense"
+    energy = 0.95                    # its own choice (one of budget, energy, rank)
+    [finetune]                       # TrainConfig keys for the fine-tune, plus distill = true
+    epochs = 1
+    lr = 5e-5
+    distill = true                   # knowledge distillation from the dense model
+
+Linear layers get a truncated SVD, Conv2d layers a Tucker-2 (HOSVD). A rule that matches a
+module of another type, a grouped conv, a weight shared with another module, or a rank that
+would not save parameters leaves that module dense and says why in the report. A rule whose
+pattern matches no module is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from kiln.config import from_dict
+from kiln.errors import KilnError
+
+SUPPORTED = ("Linear", "Conv2d")
+CHOICES = ("budget", "energy", "rank")
+KINDS = ("fqn", "re", "type")
+SPECIFICITY = {"fqn": 0, "re": 1, "type": 2}
+RULE_KEYS = ("match", "skip", *CHOICES)
+# what fine-tuning may set; the model, data, init, teacher and run directory come from the run
+FINETUNE_KEYS = ("epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "momentum", "schedule",
+                 "warmup_fraction", "grad_clip", "bf16", "label_smoothing", "max_steps", "eval_batch_size",
+                 "threads", "distill", "distill_alpha", "distill_temperature")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How one module's rank is chosen: by parameter budget, by energy, or fixed."""
+    kind: str      # one of CHOICES
+    value: float
+
+    def __post_init__(self):
+        check_choice(self.kind, self.value, "low-rank config")
+
+
+def check_choice(kind: str, value: Any, where: str) -> None:
+    if kind not in CHOICES:
+        raise KilnError(f"{where}: unknown rank choice {kind!r}; accepted: {', '.join(CHOICES)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise KilnError(f"{where}: {kind} needs a number, got {value!r}")
+    if kind == "budget" and not 0 < value < 1:
+        raise KilnError(f"{where}: budget {value!r} is outside (0, 1)")
+    if kind == "energy" and not 0 < value <= 1:
+        raise KilnError(f"{where}: energy {value!r} is outside (0, 1]")
+    if kind == "rank" and (not isinstance(value, int) or value < 1):
+        raise KilnError(f"{where}: rank {value!r} must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str
+    pattern: str
+    skip: bool = False
+    choice: Choice | None = None
+
+    def matches(self, fqn: str, type_name: str) -> bool:
+        if self.kind == "fqn":
+            return fqn == self.pattern
+        if self.kind == "re":
+            return re.fullmatch(self.pattern, fqn) is not None
+        return type_name == self.pattern
+
+    @property
+    def match(self) -> str:
+        return f"{self.kind}:{self.pattern}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a config means for one model: module -> choice, and the modules left dense, with why."""
+    chosen: dict[str, Choice]
+    skipped: dict[str, str]
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    choice: Choice
+    targets: tuple[str, ...] = SUPPORTED
+    rules: tuple[Rule, ...] = ()
+    finetune: dict[str, Any] | None = None
+    latency_batch: int = 32          # latency before/after is measured at this batch size
+    latency_repeats: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        bad = [t for t in self.targets if t not in SUPPORTED]
+        if bad:
+            raise KilnError(f"low-rank config: module type {bad[0]!r} is not supported; supported: {', '.join(SUPPORTED)}")
+        if self.latency_batch < 1 or self.latency_repeats < 1:
+            raise KilnError("low-rank config: latency_batch and latency_repeats must be >= 1")
+
+    def plan(self, model: nn.Module) -> Plan:
+        """Resolve targets and rules against a model; a rule that matches nothing is an error."""
+        chosen, skipped, used = {}, {}, set()
+        for fqn, module in model.named_modules():
+            name = type(module).__name__
+            rules = sorted((r for r in self.rules if r.matches(fqn, name)), key=lambda r: -SPECIFICITY[r.kind])
+            used.update(r.match for r in rules)
+            if name not in self.targets and not rules:
+                continue
+            skip, choice = name not in self.targets, self.choice
+            for r in rules:
+                skip = r.skip
+                choice = r.choice or choice
+            if skip:
+                if name in self.targets or rules:
+                    skipped[fqn] = "skipped by a rule"
+            elif name not in SUPPORTED:
+                skipped[fqn] = f"module type {name} is not supported (only {', '.join(SUPPORTED)})"
+            else:
+                chosen[fqn] = choice
+        unused = [r.match for r in self.rules if r.match not in used]
+        if unused:
+            raise KilnError(f"low-rank config: rule {unused[0]!r} matches no module of the model")
+        return Plan(chosen, skipped)
+
+
+def _one_choice(table: dict, where: str, required: bool) -> Choice | None:
+    given = [k for k in CHOICES if k in table]
+    if len(given) > 1:
+        raise KilnError(f"{where}: set only one of {', '.join(CHOICES)}, got {', '.join(given)}")
+    if not given:
+        if required:
+            raise KilnError(f"{where}: set one of {', '.join(CHOICES)} (how each module's rank is chosen)")
+        return None
+    check_choice(given[0], table[given[0]], where)
+    return Choice(given[0], table[given[0]])
+
+
+def _rule(r: Any, where: str) -> Rule:
+    if not isinstance(r, dict):
+        raise KilnError(f"{where}: needs a table")
+    bad = sorted(set(r) - set(RULE_KEYS))
+    if bad:
+        raise KilnError(f"{where}: unknown key {bad[0]!r}; accepted: {', '.join(RULE_KEYS)}")
+    match = r.get("match")
+    if not isinstance(match, str) or ":" not in match or match.split(":", 1)[0] not in KINDS:
+        raise KilnError(f"{where}: match needs 'fqn:NAME', 're:REGEX' or 'type:TYPE', got {match!r}")
+    kind, pattern = match.split(":", 1)
+    if kind == "re":
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise KilnError(f"{where}: bad regex {pattern!r}: {exc}") from None
+    return Rule(kind, pattern, bool(r.get("skip", False)), _one_choice(r, where, required=False))
+
+
+def finetune_table(table: Any, where: str) -> dict[str, Any]:
+    """A [finetune] table, checked by the trainer's own config before any work."""
+    from kiln.train.config import TrainConfig
+
+    if not isinstance(table, dict):
+        raise KilnError(f"{where}.finetune: needs a table")
+    bad = sorted(set(table) - set(FINETUNE_KEYS))
+    if bad:
+        raise KilnError(f"{where}.finetune: unknown key {bad[0]!r}; accepted: {', '.join(FINETUNE_KEYS)}")
+    if not isinstance(table.get("distill", False), bool):
+        raise KilnError(f"{where}.finetune: distill needs true or false")
+    from_dict(TrainConfig, {k: v for k, v in table.items() if k != "distill"} | {"model": "-"}, f"{where}.finetune")
+    return dict(table)
+
+
+def parse_config(table: dict[str, Any], where: str = "low-rank config") -> LowRankConfig:
+    """A LowRankConfig from a TOML table; unknown keys and bad values are one-line KilnErrors."""
+    scalars = ("latency_batch", "latency_repeats", "seed")
+    accepted = (*CHOICES, "targets", "rules", "finetune", *scalars)
+    unknown = sorted(set(table) - set(accepted))
+    if unknown:
+        raise KilnError(f"{where}: unknown key {unknown[0]!r}; accepted: {', '.join(accepted)}")
+    targets = table.get("targets", list(SUPPORTED))
+    if not isinstance(targets, list) or not all(isinstance(x, str) for x in targets):
+        raise KilnError(f"{where}: targets needs a list of module type names, got {targets!r}")
+    rules = table.get("rules", [])
+    if not isinstance(rules, list):
+        raise KilnError(f"{where}: rules needs a list of tables ([[rules]])")
+    finetune = table.get("finetune")
+
+    @dataclass(frozen=True)
+    class _Scalars:
+        latency_batch: int = 32
+        latency_repeats: int = 20
+        seed: int = 0
+
+    rest = from_dict(_Scalars, {k: table[k] for k in scalars if k in table}, where)
+    return LowRankConfig(_one_choice(table, where, required=True), tuple(targets),
+                         tuple(_rule(r, f"{where}.rules[{i}]") for i, r in enumerate(rules)),
+                         None if finetune is None else finetune_table(finetune, where),
+                         **dataclasses.asdict(rest))
+
+
+def to_table(cfg: LowRankConfig) -> dict[str, Any]:
+    """The TOML/JSON table parse_config reads back to an equal config."""
+    table: dict[str, Any] = {cfg.choice.kind: cfg.choice.value, "targets": list(cfg.targets),
+                             "latency_batch": cfg.latency_batch, "latency_repeats": cfg.latency_repeats,
+                             "seed": cfg.seed}
+    table["rules"] = [{"match": r.match, "skip": r.skip} | ({r.choice.kind: r.choice.value} if r.choice else {})
+                      for r in cfg.rules]
+    if cfg.finetune is not None:
+        table["finetune"] = dict(cfg.finetune)
+    return table
