@@ -1,0 +1,203 @@
+"""Structured pruning: groups from the graph, shrinking, importance, restore; oracles are eager
+outputs, exact parameter arithmetic and hand-computed scores."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kiln.errors import KilnError
+from kiln.prune.deps import Group
+from kiln.prune.importance import group_scores
+from kiln.prune.structured import dependency_groups, prune_structured, prune_transformer, restore
+
+torch.set_num_threads(1)
+
+
+class Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+
+class Net(nn.Module):
+    """Stem, a residual block, a depthwise-separable branch and a cat, then a linear head."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.block = Block(c)
+        self.expand = nn.Conv2d(c, 2 * c, 1)
+        self.dw = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.pw = nn.Conv2d(2 * c, c, 1)
+        self.side = nn.Conv2d(c, 4, 1)
+        self.fc = nn.Linear((c + 4) * 4, 10)
+
+    def forward(self, x):
+        x = self.block(torch.relu(self.bn(self.stem(x))))
+        y = self.pw(torch.relu(self.dw(self.expand(x))))
+        z = torch.cat([y, self.side(x)], dim=1)
+        return self.fc(nn.functional.adaptive_avg_pool2d(z, 2).flatten(1))
+
+
+def _net() -> Net:
+    torch.manual_seed(0)
+    net = Net().eval()
+    for m in net.modules():   # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+X = (torch.randn(2, 3, 8, 8),)
+
+
+def _by_producer(groups: list[Group]) -> dict[str, Group]:
+    return {g.producers[0]: g for g in groups if g.producers}
+
+
+def _members(g: Group) -> set[tuple[str, int, int]]:
+    return {(s.param, s.dim, s.offset) for s in g.slots}
+
+
+def test_coupled_groups_found_exactly():
+    groups = _by_producer(dependency_groups(_net(), X))
+    residual = groups["block.conv2"]
+    assert residual.producers == ["block.conv2", "stem"]
+    assert _members(residual) == {
+        ("stem.weight", 0, 0), ("bn.weight", 0, 0), ("bn.bias", 0, 0), ("bn.running_mean", 0, 0), ("bn.running_var", 0, 0),
+        ("block.conv1.weight", 1, 0), ("block.conv2.weight", 0, 0), ("block.bn2.weight", 0, 0), ("block.bn2.bias", 0, 0),
+        ("block.bn2.running_mean", 0, 0), ("block.bn2.running_var", 0, 0), ("expand.weight", 1, 0), ("side.weight", 1, 0)}
+    # depthwise: the expand conv's channels are the depthwise conv's channels, read by pw
+    assert _members(groups["expand"]) == {("expand.weight", 0, 0), ("expand.bias", 0, 0), ("dw.weight", 0, 0),
+                                          ("dw.bias", 0, 0), ("pw.weight", 1, 0)}
+    # cat: pw's channels sit at fc features 0.., side's at 8*4.., 4 features (2x2 pool) per channel
+    pw, side = groups["pw"], groups["side"]
+    assert [(s.offset, s.ppc) for s in pw.slots if s.param == "fc.weight"] == [(0, 4)]
+    assert [(s.offset, s.ppc) for s in side.slots if s.param == "fc.weight"] == [(32, 4)]
+    assert groups["fc"].pinned == ["it reaches the model's output"]
+    assert not any(g.pinned for name, g in groups.items() if name != "fc")
+
+
+def _zero_units(model: nn.Module, group: Group, units: torch.Tensor) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for slot in group.slots:
+            if slot.param in params:
+                params[slot.param].index_fill_(slot.dim, group.positions(slot, units), 0.0)
+
+
+def test_pruning_zero_channels_keeps_outputs_and_exports():
+    net = _net()
+    for g in dependency_groups(net, X):
+        if not g.pinned:
+            _zero_units(net, g, torch.arange(0, g.units, 2))   # half of every group is exactly zero
+    res = prune_structured(net, X, 0.5)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), net(x), atol=1e-5, rtol=1e-5)
+        exported = torch.export.export(res.model, (x,), strict=False).module()
+        torch.testing.assert_close(exported(x), res.model(x), atol=1e-6, rtol=1e-6)
+    assert res.model.block.conv1.in_channels == 4 and res.model.dw.groups == 8 and res.model.fc.in_features == 24
+
+
+def test_param_count_is_exact_arithmetic():
+    res = prune_structured(_net(), X, 0.5)
+    c, e, s = 4, 8, 2   # kept: residual/stem channels, expand/dw channels, side channels
+    expected = (3 * c * 9 + 2 * c) + 2 * (c * c * 9 + 2 * c) + (e * c + e) + (e * 9 + e) + (c * e + c) \
+        + (s * c + s) + ((c + s) * 4 * 10 + 10)
+    assert res.report["params_after"] == sum(p.numel() for p in res.model.parameters()) == expected
+    assert res.report["params_before"] == sum(p.numel() for p in _net().parameters())
+    assert res.report["layers"]["block.conv1"]["in"] == [8, 4]
+
+
+def test_restore_rebuilds_the_pruned_model():
+    res = prune_structured(_net(), X, 0.5, "l2", round_to=2)
+    fresh = restore(Net().eval(), res.record)
+    fresh.load_state_dict(res.model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(*X), res.model(*X))
+
+
+def test_l1_and_taylor_scores_match_hand_computation():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    (group,) = [g for g in dependency_groups(mlp, (x,)) if not g.pinned]
+    w1, b1, w2 = mlp[0].weight, mlp[0].bias, mlp[2].weight
+    parts = [w1.abs().sum(1), b1.abs(), w2.abs().sum(0)]
+    expected = sum(p / p.mean() for p in parts) / 3
+    torch.testing.assert_close(group_scores(group, "l1", dict(mlp.named_parameters())), expected.detach())
+    nn.functional.cross_entropy(mlp(x), y).backward()
+    parts = [(w1 * w1.grad).abs().sum(1), (b1 * b1.grad).abs(), (w2 * w2.grad).abs().sum(0)]
+    expected = sum(p / p.mean() for p in parts) / 3
+    grads = {n: p.grad for n, p in mlp.named_parameters()}
+    torch.testing.assert_close(group_scores(group, "taylor", dict(mlp.named_parameters()), grads), expected.detach())
+    mlp.zero_grad()
+    res = prune_structured(mlp, (x,), 0.5, "taylor", batches=[(x, y)])
+    assert res.model[0].out_features == 3 and res.model[2].in_features == 3
+
+
+class Cumsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.cumsum(self.conv1(x), dim=1))
+
+
+def test_bad_input_is_a_kiln_error():
+    with pytest.raises(KilnError, match=r"cannot prune conv1: no rule for cumsum in conv1|cannot prune conv1.*cumsum"):
+        prune_structured(Cumsum(), X, 0.0, targets={"conv1": 0.5})
+    for ratio in (1.0, -0.1):
+        with pytest.raises(KilnError, match="ratio must be in"):
+            prune_structured(_net(), X, ratio)
+    with pytest.raises(KilnError, match="taylor importance needs batches"):
+        prune_structured(_net(), X, 0.5, "taylor")
+    with pytest.raises(KilnError, match="unknown structured importance 'l3'"):
+        prune_structured(_net(), X, 0.5, "l3")
+
+
+def test_bert_heads_and_ffn_zero_units_keep_outputs():
+    from kiln.models.spec import load
+
+    loaded = load("hf-config:bert")
+    model, kw = loaded.model.eval(), loaded.example_kwargs
+    groups = dependency_groups(model, (), kw)
+    heads = [g for g in groups if "heads" in g.flags]
+    assert len(heads) == 2 and all(g.units == 4 and g.unit == 16 for g in heads)
+    assert {s.param.rsplit(".", 1)[0] for s in heads[0].slots} == {
+        f"encoder.layer.0.attention.{m}" for m in ("self.query", "self.key", "self.value", "output.dense")}
+    ffn = [g for g in groups if g.producers and g.producers[0].endswith("intermediate.dense")]
+    for g in heads:
+        _zero_units(model, g, torch.tensor([1, 3]))
+    for g in ffn:
+        _zero_units(model, g, torch.arange(0, g.units, 2))
+    res = prune_transformer(model, (), heads=0.5, ffn=0.5, example_kwargs=kw)
+    attn = res.model.encoder.layer[0].attention.self
+    assert (attn.num_attention_heads, attn.all_head_size, attn.query.out_features) == (2, 32, 32)
+    assert res.model.encoder.layer[1].intermediate.dense.out_features == 64
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(**kw).last_hidden_state, model(**kw).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_pruned_resnet_saves_and_reloads_as_an_artifact(tmp_path):
+    from kiln.models.artifact import load_artifact, save_artifact
+    from kiln.models.spec import load
+
+    loaded = load("zoo:resnet20")
+    res = prune_structured(loaded.model, loaded.example_inputs, 0.5, ignore=("fc",))
+    save_artifact(tmp_path / "a", res.model, spec="zoo:resnet20", dataset="", transforms=[res.record])
+    back = load_artifact(tmp_path / "a").model
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), res.model.eval()(x))
+    assert sum(p.numel() for p in back.parameters()) == res.report["params_after"]
