@@ -5,7 +5,7 @@ import importlib
 
 import typer
 
-from kiln.cli import analyze, compile, hardware, models, quantize, train
+from kiln.cli import analyze, bench, compile, hardware, models, quantize, train
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -18,7 +18,11 @@ app.command("eval")(train.evaluate)
 app.command("datasets")(train.datasets)
 app.command("quantize")(quantize.quantize)
 app.command("compile")(compile.compile)
+app.command("bench")(bench.bench)
 app.command("search")(importlib.import_module("kiln.cli.search").search)
+app.command("prune")(importlib.import_module("kiln.cli.prune").prune)
+app.command("lowrank")(importlib.import_module("kiln.cli.lowrank").lowrank)
+app.command("early-exit")(importlib.import_module("kiln.cli.early_exit").early_exit)
 app.add_typer(hardware.app, name="hardware")
 
 

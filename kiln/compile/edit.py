@@ -183,8 +183,15 @@ class ProgramEdit:
         ep = graph.program
         self.program = ep
         self.graph: fx.Graph = copy.deepcopy(ep.graph)
-        self.specs: dict[str, InputSpec] = {s.arg.name: s for s in ep.graph_signature.input_specs
-                                            if hasattr(s.arg, "name")}
+        # the copy may rename a placeholder (fx avoids builtins: nn.Sequential's `input` becomes
+        # `input_1`), so the signature is re-keyed by position onto the copy's names
+        by_name = {s.arg.name: s for s in ep.graph_signature.input_specs if hasattr(s.arg, "name")}
+        self.specs: dict[str, InputSpec] = {}
+        for old, new in zip(ep.graph.nodes, self.graph.nodes):
+            if old.op == "placeholder" and old.name in by_name:
+                spec = by_name[old.name]
+                arg = TensorArgument(new.name) if isinstance(spec.arg, TensorArgument) else spec.arg
+                self.specs[new.name] = InputSpec(spec.kind, arg, spec.target, spec.persistent)
         self.state_dict = dict(ep.state_dict)
         self.constants = dict(ep.constants)
         self._dropped: set[str] = set()

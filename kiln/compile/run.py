@@ -117,13 +117,16 @@ def is_compiled(path: Path) -> bool:
     return (Path(path) / COMPILE_FILE).is_file()
 
 
-def load_compiled(path: str | Path, batch: int | None = None) -> tuple[Callable, LoadedModel, dict]:
-    """(the chosen backend's callable, the inputs at its batch, compile.json)."""
+def load_compiled(path: str | Path, inputs: Callable[[object], LoadedModel] | None = None):
+    """(the chosen backend's callable, the inputs it was built on, compile.json, the Source).
+    `inputs(source)` may supply other inputs to build on (a real batch of the dataset)."""
     path = Path(path)
     try:
         meta = json.loads((path / COMPILE_FILE).read_text())
         spec = parse_backend(meta["backend"])
     except (OSError, ValueError, KeyError) as exc:
         raise KilnError(f"{path} is not a readable kiln compile directory: {exc}") from None
-    source, loaded = source_inputs(meta["src"], batch or meta["batch"] or 1)
-    return build(spec, source.model, loaded), loaded, meta
+    source, loaded = source_inputs(meta["src"], meta["batch"] or 1)
+    if inputs is not None:
+        loaded = inputs(source)
+    return build(spec, source.model, loaded), loaded, meta, source

@@ -293,3 +293,28 @@ def accuracy_from_log(path: Path, labels: list) -> dict:
     if not total:
         raise KilnError(f"LoadGen logged no responses in {path}")
     return {"accuracy": correct / total, "accuracy_samples": len(records)}
+
+
+def raw_loop(fn: Callable, samples: Samples, batch: int, seconds: float = 10.0, min_calls: int = 20) -> dict:
+    """The same model calls LoadGen would make, in a plain timed Python loop: batches of
+    `batch` consecutive samples (padded like the SUT's); samples/s and per-call latency
+    percentiles. The reference a harness's overhead is judged against."""
+    import statistics
+    import time
+
+    from kiln.compile.auto import percentile
+
+    n = len(samples.inputs)
+    batches = [samples.batch(list(range(i, min(i + batch, n))), pad_to=batch) for i in range(0, n, batch)]
+    call_model(fn, batches[0])
+    times, done, start = [], 0, time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < seconds:
+        x = batches[len(times) % len(batches)]
+        t0 = time.perf_counter()
+        predictions(call_model(fn, x))
+        times.append(time.perf_counter() - t0)
+        done += batch
+    total = sum(times)
+    return {"samples_per_second": done / total, "calls": len(times), "mean_latency_s": statistics.mean(times),
+            "p50_latency_s": percentile(times, 50), "p90_latency_s": percentile(times, 90),
+            "p99_latency_s": percentile(times, 99)}
