@@ -225,7 +225,7 @@ def prune_unstructured(model: nn.Module, ratio: float, criterion: str = "magnitu
     for fqn, k in keep.items():
         set_mask(model.get_submodule(fqn), k)
     record = {"kind": KIND, "criterion": criterion, "scope": scope, "ratio": ratio, "masks": sorted(keep)}
-    return PruneResult(model, record, sparsity_report(model, sorted(keep)))
+    return PruneResult(model, record, sparsity_report(model, [*targets, *overrides]))
 
 
 def sparsity_report(model: nn.Module, fqns: Iterable[str]) -> list[dict]:

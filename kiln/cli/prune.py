@@ -1,0 +1,94 @@
+"""`kiln prune`: unstructured, N:M or structured pruning of a spec, run or artifact, with optional
+fine-tuning (and distillation from the unpruned model), into an artifact run directory."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from kiln.cli.common import console, err_console, si, user_errors
+from kiln.io import atomic_write_json
+
+QUICK = ("method", "criterion", "scope", "ratio", "schedule", "seed", "keep_masks")
+
+
+def _config(config: Optional[Path], given: dict, nm: Optional[str], finetune: dict):
+    from kiln.config import read_toml
+    from kiln.errors import KilnError
+    from kiln.prune.config import parse_config
+
+    table = read_toml(config) if config else {}
+    table |= {k: v for k, v in given.items() if v is not None}
+    if nm is not None:
+        n, sep, m = nm.partition(":")
+        if not sep or not n.isdigit() or not m.isdigit():
+            raise KilnError(f"--nm needs N:M (e.g. 2:4), got {nm!r}")
+        table |= {"n": int(n), "m": int(m)} | ({} if given.get("method") else {"method": "nm"})
+    extra = {k: v for k, v in finetune.items() if v is not None}
+    if extra:
+        table["finetune"] = dict(table.get("finetune") or {}) | extra
+    return parse_config(table, str(config) if config else "prune options")
+
+
+def print_report(report: dict, metrics: dict) -> None:
+    table = Table(title=f"{report['method']} pruning")
+    for col in ("module", "zeros", "total", "sparsity"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for row in report["layers"]:
+        if "zeros" in row:
+            table.add_row(row["module"], f"{row['zeros']:,}", f"{row['total']:,}", f"{row['sparsity']:.3f}")
+        else:   # structured: channels
+            table.add_row(str(row.get("module", row)), *(str(row.get(k, "")) for k in ("before", "after", "ratio")))
+    console.print(table)
+    for s in report["skipped"]:
+        console.print(f"skipped {s['module']}: {s['reason']}")
+    b, a = report["before"], report["after"]
+    console.print(f"params {si(b['params'])} -> {si(a['params'])} (non-zero {si(b['nonzero_params'])} -> "
+                  f"{si(a['nonzero_params'])}); FLOPs {si(b['flops'])} -> {si(a['flops'])} (skipping zero weights: "
+                  f"{si(a['effective_flops'])}); latency {b['latency_s'] * 1e3:.3f} -> {a['latency_s'] * 1e3:.3f} ms "
+                  f"(median of {a['latency_repeats']}, {a['threads']} threads)")
+    if "metric" in metrics:
+        key = metrics["metric"]
+        line = f"test {key}: dense {metrics.get('dense_' + key, float('nan')):.4f}"
+        if "before_finetune_" + key in metrics:
+            line += f"  pruned {metrics['before_finetune_' + key]:.4f}"
+        console.print(line + f"  final {metrics[key]:.4f}")
+
+
+@user_errors
+def prune(
+    src: str = typer.Argument(..., help="A model spec, a `kiln train` run or an artifact directory."),
+    out: Path = typer.Option(..., help="Artifact run directory to write (must not exist or be empty)."),
+    config: Optional[Path] = typer.Option(None, help="Prune config TOML; the flags below override it."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset for scores, fine-tuning and evaluation; default: the source's."),
+    method: Optional[str] = typer.Option(None, help="unstructured, nm or structured"),
+    criterion: Optional[str] = typer.Option(None, help="magnitude, random, snip, movement (structured: l1, ...)"),
+    scope: Optional[str] = typer.Option(None, help="global or local"),
+    ratio: Optional[float] = typer.Option(None, help="Fraction removed, in [0, 1)."),
+    nm: Optional[str] = typer.Option(None, help="N:M sparsity, e.g. 2:4 (implies --method nm)."),
+    schedule: Optional[str] = typer.Option(None, help="oneshot, agp or lottery"),
+    seed: Optional[int] = typer.Option(None),
+    keep_masks: Optional[bool] = typer.Option(None, "--keep-masks/--permanent", help="Save masks as parametrizations."),
+    epochs: Optional[int] = typer.Option(None, help="Fine-tune for this many epochs."),
+    lr: Optional[float] = typer.Option(None, help="Fine-tuning learning rate."),
+    max_steps: Optional[int] = typer.Option(None, help="Fine-tuning step limit."),
+    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Distil from the unpruned model."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure the test metric before and after."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write metrics and report here."),
+) -> None:
+    """Prune a model and report per-layer sparsity, parameters, FLOPs and latency before and after."""
+    from kiln.io import check_writable
+    from kiln.prune.run import prune_run
+
+    if json_path:
+        check_writable(json_path)
+    local = dict(locals())
+    cfg = _config(config, {k: local[k] for k in QUICK}, nm,
+                  {"epochs": epochs, "lr": lr, "max_steps": max_steps, "distill": distill})
+    result = prune_run(src, cfg, out, dataset, evaluate, log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    print_report(result["report"], result["metrics"])
+    console.print(f"run: {out}")
+    if json_path:
+        atomic_write_json(json_path, result)

@@ -1,0 +1,210 @@
+"""The pruning config: what to prune, how much, on which schedule, and how to fine-tune after.
+
+    # p.toml
+    method = "unstructured"        # unstructured | nm | structured
+    criterion = "magnitude"        # magnitude | random | snip | movement (structured: its importances)
+    scope = "global"               # global | local (unstructured)
+    ratio = 0.9                    # fraction of weights (structured: channels) removed, in [0, 1)
+    n = 2                          # nm: N kept in every group of M
+    m = 4
+    schedule = "oneshot"           # oneshot | agp (cubic, during fine-tuning) | lottery (rewinding)
+    [[rules]]                      # most specific first: fqn, then re, then type
+    match = "fqn:fc2"
+    ratio = 0.5                    # its own ratio (pruned locally); `skip = true` leaves it dense
+    activation = 0.5               # zero this fraction of its outputs per sample
+    [finetune]                     # TrainConfig keys for the fine-tune, plus distill = true
+    epochs = 2
+    lr = 1e-3
+    distill = true                 # knowledge distillation from the unpruned model
+
+An unknown key is an error naming it; a rule whose pattern matches no module is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from kiln.config import from_dict
+from kiln.errors import KilnError
+from kiln.rules import Match, least_specific_first
+
+METHODS = ("unstructured", "nm", "structured")
+SCOPES = ("global", "local")
+SCHEDULES = ("oneshot", "agp", "lottery")
+REWINDS = ("init", "source")
+RULE_KEYS = ("match", "skip", "ratio", "activation")
+# what fine-tuning may set; the model, data, init, teacher and run directory come from the prune run
+FINETUNE_KEYS = ("epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "momentum", "schedule",
+                 "warmup_fraction", "grad_clip", "bf16", "label_smoothing", "max_steps", "eval_batch_size",
+                 "threads", "distill", "distill_alpha", "distill_temperature")
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: Match
+    skip: bool = False
+    ratio: float | None = None
+    activation: float | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a config means for one model: which modules at which ratio."""
+    targets: tuple[str, ...]            # pruned at the config's ratio (one pool when global)
+    overrides: dict[str, float]         # pruned at their own ratio, locally
+    activations: dict[str, float]       # activation sparsity
+    skipped: tuple[str, ...]            # targeted types a rule left dense
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = "unstructured"
+    criterion: str = "magnitude"
+    scope: str = "global"
+    ratio: float = 0.5
+    n: int = 2
+    m: int = 4
+    targets: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+    activation: float = 0.0              # activation sparsity on every target
+    schedule: str = "oneshot"
+    agp_initial: float = 0.0             # AGP: sparsity at the first step
+    agp_end: float = 0.75                # AGP: fraction of fine-tuning steps over which sparsity grows
+    agp_every: int = 10                  # AGP: masks recomputed every this many steps
+    rounds: int = 3                      # lottery: prune-rewind-retrain rounds
+    rewind: str = "init"                 # lottery: rewind survivors to the spec's init or the source weights
+    batches: int = 8                     # snip/movement/structured: data batches for the scores
+    batch_size: int = 32
+    round_to: int = 1                    # structured: keep channel counts multiples of this
+    seed: int = 0
+    keep_masks: bool = False             # save the masks as parametrizations (train on with them)
+    rules: tuple[Rule, ...] = ()
+    finetune: dict[str, Any] | None = None   # FINETUNE_KEYS -> value
+
+    def __post_init__(self):
+        checks = [
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
+            (self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.rewind in REWINDS, f"rewind must be one of {', '.join(REWINDS)}"),
+            (0 <= self.ratio < 1, f"ratio {self.ratio} is outside [0, 1)"),
+            (0 <= self.activation < 1, f"activation {self.activation} is outside [0, 1)"),
+            (self.method != "nm" or 0 < self.n < self.m, f"N:M {self.n}:{self.m} needs 0 < N < M"),
+            (0 <= self.agp_initial <= self.ratio, "agp_initial must be in [0, ratio]"),
+            (0 < self.agp_end <= 1, "agp_end must be in (0, 1]"),
+            (self.agp_every >= 1 and self.rounds >= 1 and self.batches >= 1 and self.batch_size >= 1
+             and self.round_to >= 1, "agp_every, rounds, batches, batch_size and round_to must be >= 1"),
+            (self.schedule == "oneshot" or self.finetune is not None, f"schedule {self.schedule} needs a [finetune] section"),
+            (self.schedule == "oneshot" or self.method == "unstructured",
+             f"schedule {self.schedule} applies to unstructured pruning only"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise KilnError(f"prune config: {message}")
+        if self.method != "structured":
+            from kiln.prune.unstructured import CRITERIA
+
+            CRITERIA.get(self.criterion)
+
+    def plan(self, model: nn.Module) -> Plan:
+        """Resolve targets and rules against a model; a rule that matches nothing is an error."""
+        targets, overrides, activations, skipped, used = [], {}, {}, [], set()
+        for fqn, module in model.named_modules():
+            name = type_name(module)
+            rules = least_specific_first(self.rules, fqn, name)
+            used.update(str(r.match) for r in rules)
+            if name not in self.targets and not rules:
+                continue
+            skip, ratio, act = name not in self.targets, None, self.activation if name in self.targets else 0.0
+            for r in rules:
+                skip = r.skip
+                ratio = r.ratio if r.ratio is not None else ratio
+                act = r.activation if r.activation is not None else act
+            if skip:
+                if name in self.targets:
+                    skipped.append(fqn)
+                continue
+            if ratio is not None:
+                overrides[fqn] = ratio
+            else:
+                targets.append(fqn)
+            if act:
+                activations[fqn] = act
+        unused = [str(r.match) for r in self.rules if str(r.match) not in used]
+        if unused:
+            raise KilnError(f"prune config: rule {unused[0]!r} matches no module of the model")
+        return Plan(tuple(targets), overrides, activations, tuple(skipped))
+
+
+def type_name(module: nn.Module) -> str:
+    """The module's class name, seen through a parametrization's generated subclass."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls.__name__
+
+
+def _rule(r: Any, where: str) -> Rule:
+    if not isinstance(r, dict):
+        raise KilnError(f"{where}: needs a table")
+    bad = sorted(set(r) - set(RULE_KEYS))
+    if bad:
+        raise KilnError(f"{where}: unknown key {bad[0]!r}; accepted: {', '.join(RULE_KEYS)}")
+    match = Match.parse(r.get("match"), where)
+    for key in ("ratio", "activation"):
+        value = r.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+            raise KilnError(f"{where}: {key} {value!r} is outside [0, 1)")
+    return Rule(match, bool(r.get("skip", False)), r.get("ratio"), r.get("activation"))
+
+
+def _finetune(table: Any, where: str) -> dict[str, Any]:
+    from kiln.train.config import TrainConfig
+
+    if not isinstance(table, dict):
+        raise KilnError(f"{where}.finetune: needs a table")
+    bad = sorted(set(table) - set(FINETUNE_KEYS))
+    if bad:
+        raise KilnError(f"{where}.finetune: unknown key {bad[0]!r}; accepted: {', '.join(FINETUNE_KEYS)}")
+    if not isinstance(table.get("distill", False), bool):
+        raise KilnError(f"{where}.finetune: distill needs true or false")
+    # validated by the trainer's own config, so a bad lr is caught before any pruning
+    from_dict(TrainConfig, {k: v for k, v in table.items() if k != "distill"} | {"model": "-"}, f"{where}.finetune")
+    return dict(table)
+
+
+def parse_config(table: dict[str, Any], where: str = "prune config") -> PruneConfig:
+    """A PruneConfig from a TOML table; unknown keys and bad values are one-line KilnErrors."""
+    fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    unknown = sorted(set(table) - fields)
+    if unknown:
+        raise KilnError(f"{where}: unknown key {unknown[0]!r}; accepted: {', '.join(sorted(fields))}")
+    data = dict(table)
+    rules = data.pop("rules", [])
+    if not isinstance(rules, list):
+        raise KilnError(f"{where}: rules needs a list of tables ([[rules]])")
+    finetune = data.pop("finetune", None)
+    targets = data.pop("targets", list(PruneConfig.targets))
+    if not isinstance(targets, list) or not all(isinstance(x, str) for x in targets):
+        raise KilnError(f"{where}: targets needs a list of module type names, got {targets!r}")
+    schedule = data.pop("schedule", PruneConfig.schedule)
+    if not isinstance(schedule, str):
+        raise KilnError(f"{where}: key 'schedule' needs str, got {schedule!r}")
+    cfg = from_dict(PruneConfig, data, where)   # scalars, type-checked; oneshot until the rest is known
+    return dataclasses.replace(cfg, schedule=schedule, targets=tuple(targets),
+                               rules=tuple(_rule(r, f"{where}.rules[{i}]") for i, r in enumerate(rules)),
+                               finetune=None if finetune is None else _finetune(finetune, where))
+
+
+def to_table(cfg: PruneConfig) -> dict[str, Any]:
+    """The TOML/JSON table parse_config reads back to an equal config."""
+    table = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("rules", "finetune", "targets")}
+    table["targets"] = list(cfg.targets)
+    table["rules"] = [{"match": str(r.match), "skip": r.skip} | ({"ratio": r.ratio} if r.ratio is not None else {})
+                      | ({"activation": r.activation} if r.activation is not None else {}) for r in cfg.rules]
+    if cfg.finetune is not None:
+        table["finetune"] = dict(cfg.finetune)
+    return table
