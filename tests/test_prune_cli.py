@@ -168,3 +168,31 @@ def test_agp_finetune_with_distillation_reaches_the_exact_final_sparsity(spec, t
 def test_prune_config_defaults_validate():
     with pytest.raises(KilnError, match="schedule lottery applies to unstructured pruning only"):
         PruneConfig(method="nm", schedule="lottery", finetune={"epochs": 1})
+
+
+CONV = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def net():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+        return model, (torch.randn(1, 1, 8, 8),)
+''')
+
+
+def test_structured_dispatch_writes_a_smaller_model_that_reloads(tmp_path):
+    path = tmp_path / "conv.py"
+    path.write_text(CONV)
+    js, out = tmp_path / "r.json", tmp_path / "run"
+    result = invoke(f"py:{path}:net", "--out", out, "--method", "structured", "--ratio", 0.5, "--no-eval", "--json", js)
+    assert result.exit_code == 0, result.output
+    report = json.loads(js.read_text())["report"]
+    model = load_artifact(out).model
+    assert report["after"]["params"] == sum(p.numel() for p in model.parameters()) < report["before"]["params"]
+    assert model[0].out_channels == 4 and model[2].out_channels == 4 and model[5].in_features == 4 * 64
+    assert {r["module"]: r["out"] for r in report["layers"]}["0"] == [8, 4]
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 1, 8, 8))
+    assert report["after"]["flops"] == counter.get_total_flops()

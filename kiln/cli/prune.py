@@ -33,14 +33,15 @@ def _config(config: Optional[Path], given: dict, nm: Optional[str], finetune: di
 
 
 def print_report(report: dict, metrics: dict) -> None:
+    structured = report["method"] == "structured"
     table = Table(title=f"{report['method']} pruning")
-    for col in ("module", "zeros", "total", "sparsity"):
+    for col in ("module", "in", "out", "params") if structured else ("module", "zeros", "total", "sparsity"):
         table.add_column(col, justify="left" if col == "module" else "right")
     for row in report["layers"]:
-        if "zeros" in row:
+        if structured:
+            table.add_row(row["module"], *(f"{row[k][0]:,} -> {row[k][1]:,}" for k in ("in", "out", "params")))
+        else:
             table.add_row(row["module"], f"{row['zeros']:,}", f"{row['total']:,}", f"{row['sparsity']:.3f}")
-        else:   # structured: channels
-            table.add_row(str(row.get("module", row)), *(str(row.get(k, "")) for k in ("before", "after", "ratio")))
     console.print(table)
     for s in report["skipped"]:
         console.print(f"skipped {s['module']}: {s['reason']}")

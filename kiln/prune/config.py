@@ -104,10 +104,19 @@ class PruneConfig:
         for ok, message in checks:
             if not ok:
                 raise KilnError(f"prune config: {message}")
-        if self.method != "structured":
+        if self.method == "structured":
+            from kiln.prune.importance import IMPORTANCE
+
+            IMPORTANCE.get(self.importance)
+        else:
             from kiln.prune.unstructured import CRITERIA
 
             CRITERIA.get(self.criterion)
+
+    @property
+    def importance(self) -> str:
+        """Structured pruning's importance: "magnitude" means a channel's L1 norm."""
+        return "l1" if self.criterion == "magnitude" else self.criterion
 
     def plan(self, model: nn.Module) -> Plan:
         """Resolve targets and rules against a model; a rule that matches nothing is an error."""

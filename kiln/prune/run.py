@@ -67,8 +67,11 @@ def prune_run(src: str, cfg: PruneConfig, out: str | Path, dataset: str | None =
 
 
 def _needs_data(cfg: PruneConfig) -> bool:
-    return cfg.finetune is not None or cfg.criterion in ("snip", "movement") or (
-        cfg.method == "structured" and cfg.criterion not in ("l1", "l2", "random"))
+    if cfg.method == "structured":
+        from kiln.prune.importance import NEEDS_GRADIENTS
+
+        return cfg.finetune is not None or cfg.importance in NEEDS_GRADIENTS
+    return cfg.finetune is not None or cfg.criterion in ("snip", "movement")
 
 
 def _splits(dataset: str):
@@ -148,16 +151,21 @@ def _nm(model: nn.Module, cfg: PruneConfig, plan: Plan, ctx: ScoreContext):
 
 
 def _structured(model: nn.Module, cfg: PruneConfig, plan: Plan, source, splits):
-    try:
-        from kiln.prune.structured import prune_structured
-    except ModuleNotFoundError:
-        raise KilnError("structured pruning is not available in this build (kiln.prune.structured)") from None
-    batches = None
-    if splits is not None and cfg.criterion not in ("l1", "l2", "random"):
-        batches = _batches(splits, cfg)
-    result = prune_structured(model, source.example_inputs, cfg.ratio, importance=cfg.criterion,
-                              ignore=tuple(plan.skipped), batches=batches, round_to=cfg.round_to)
-    return result.model, result.record, result.report
+    """Channels, heads and neurons removed (kiln.prune.structured); the report lists each layer's
+    shapes before and after, and pinned groups (coupling it could not resolve) as skipped."""
+    from kiln.prune.importance import NEEDS_GRADIENTS
+    from kiln.prune.structured import prune_structured
+
+    batches = _batches(splits, cfg) if cfg.importance in NEEDS_GRADIENTS else None
+    result = prune_structured(model, source.example_inputs, cfg.ratio, importance=cfg.importance,
+                              targets=dict(plan.overrides) or None, ignore=tuple(plan.skipped), batches=batches,
+                              round_to=cfg.round_to, example_kwargs=source.example_kwargs)
+    report = result.report
+    layers = [{"module": fqn, **row} for fqn, row in report["layers"].items()]
+    record = result.record | {"skipped": [{"module": ", ".join(p["modules"]), "reason": p["reason"]}
+                                          for p in report["pinned"]],
+                              "groups": report["groups"]}
+    return result.model, record, layers
 
 
 # -- fine-tuning through the trainer ----------------------------------------------------------
