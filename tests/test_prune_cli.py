@@ -196,3 +196,17 @@ def test_structured_dispatch_writes_a_smaller_model_that_reloads(tmp_path):
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 1, 8, 8))
     assert report["after"]["flops"] == counter.get_total_flops()
+
+
+def test_example_configs_parse_and_plan_against_the_zoo_cnn():
+    from pathlib import Path
+
+    from kiln.config import read_toml
+    from kiln.models.spec import load
+
+    configs = sorted(Path("configs/prune").glob("*.toml"))
+    assert len(configs) >= 5
+    parsed = {p.stem: parse_config(read_toml(p), str(p)) for p in configs}
+    plan = parsed["snip-rules"].plan(load("zoo:cnn").model)
+    assert plan.targets == ("features.3", "features.7", "features.10") and plan.overrides == {"features.0": 0.3}
+    assert plan.skipped == ("fc",) and plan.activations == {"features.10": 0.5}
