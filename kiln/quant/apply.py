@@ -42,14 +42,14 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
         if name is None or not fqn:
             continue
         for i, rule in enumerate(config.rules):
-            used[i] |= rule.matches(fqn, name)
+            used[i] |= rule.match.matches(fqn, name)
         skip, specs = config.resolve(fqn, name)
         if skip or not any(specs.values()):
             continue
         plan.append((fqn, module, name, specs))
     for rule, hit in zip(config.rules, used):
         if not hit:
-            raise KilnError(f"quant config: rule {rule.kind}:{rule.pattern} matches no quantizable module "
+            raise KilnError(f"quant config: rule {rule.match} matches no quantizable module "
                             f"(Linear, Conv1d/2d/3d, Embedding or attention)")
     if not plan:
         raise KilnError("quant config selects no module of this model")

@@ -22,33 +22,23 @@ leaves them in float. A pattern that matches no module is an error.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.errors import KilnError
 from kiln.quant.quantizer import QSpec
+from kiln.rules import Match, least_specific_first
 
 ROLES = ("weight", "input", "output")
 TOP_KEYS = ("targets", "weight", "input", "output", "attention", "rules", "smoothquant", "gptq")
 RULE_KEYS = ("match", "skip", "weight", "input", "output", "attention")
-KINDS = ("fqn", "re", "type")
-SPECIFICITY = {"fqn": 0, "re": 1, "type": 2}
 
 
 @dataclass(frozen=True)
 class Rule:
-    kind: str
-    pattern: str
+    match: Match
     skip: bool = False
     specs: dict[str, QSpec | None] = field(default_factory=dict)   # only the roles it sets
-
-    def matches(self, fqn: str, type_name: str) -> bool:
-        if self.kind == "fqn":
-            return fqn == self.pattern
-        if self.kind == "re":
-            return re.fullmatch(self.pattern, fqn) is not None
-        return type_name == self.pattern
 
 
 @dataclass(frozen=True)
@@ -76,8 +66,7 @@ class QuantConfig:
     def resolve(self, fqn: str, type_name: str) -> tuple[bool, dict[str, QSpec | None]]:
         """(skip, role -> spec) for one module: defaults overridden by the matching rules,
         least specific first so the most specific (an exact FQN) has the last word."""
-        matching = sorted((r for r in self.rules if r.matches(fqn, type_name)),
-                          key=lambda r: -SPECIFICITY[r.kind])
+        matching = least_specific_first(self.rules, fqn, type_name)
         targeted = type_name in self.targets
         specs = dict(self.defaults) if targeted else {}
         skip = not targeted
@@ -125,18 +114,10 @@ def parse_config(table: dict[str, Any], where: str = "quant config") -> QuantCon
         bad = sorted(set(r) - set(RULE_KEYS))
         if bad:
             raise KilnError(f"{rw}: unknown key {bad[0]!r}; accepted: {', '.join(RULE_KEYS)}")
-        match = r.get("match")
-        if not isinstance(match, str) or ":" not in match or match.split(":", 1)[0] not in KINDS:
-            raise KilnError(f"{rw}: match needs 'fqn:NAME', 're:REGEX' or 'type:TYPE', got {match!r}")
-        kind, pattern = match.split(":", 1)
-        if kind == "re":
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise KilnError(f"{rw}: bad regex {pattern!r}: {exc}") from None
-        if kind == "type" and pattern not in known_types:
-            raise KilnError(f"{rw}: unknown type {pattern!r}; supported: {', '.join(known_types)}")
-        rules.append(Rule(kind, pattern, bool(r.get("skip", False)), _specs(r, rw)))
+        match = Match.parse(r.get("match"), rw)
+        if match.kind == "type" and match.pattern not in known_types:
+            raise KilnError(f"{rw}: unknown type {match.pattern!r}; supported: {', '.join(known_types)}")
+        rules.append(Rule(match, bool(r.get("skip", False)), _specs(r, rw)))
     from kiln.config import from_dict
 
     sq = table.get("smoothquant")
