@@ -210,3 +210,15 @@ def test_example_configs_parse_and_plan_against_the_zoo_cnn():
     plan = parsed["snip-rules"].plan(load("zoo:cnn").model)
     assert plan.targets == ("features.3", "features.7", "features.10") and plan.overrides == {"features.0": 0.3}
     assert plan.skipped == ("fc",) and plan.activations == {"features.10": 0.5}
+
+
+def test_lottery_rounds_reach_the_final_sparsity_from_the_init(spec, tmp_path):
+    from kiln.prune.run import prune_run
+
+    cfg = parse_config({"ratio": 0.75, "schedule": "lottery", "rounds": 2,
+                        "finetune": {"epochs": 1, "max_steps": 3, "batch_size": 32}})
+    result = prune_run(spec, cfg, tmp_path / "run", dataset="digits", evaluate=False, progress=False)
+    layers = result["report"]["layers"]
+    assert sum(r["zeros"] for r in layers) == round(0.75 * sum(r["total"] for r in layers))
+    rounds = result["metrics"]["finetune"]["rounds"]
+    assert [r["ratio"] for r in rounds] == pytest.approx([0.5, 0.75]) and all(r["steps"] == 3 for r in rounds)

@@ -153,3 +153,22 @@ def test_bad_input_is_a_one_line_error():
         prune_unstructured(Net(), 0.5, "l3")
     with pytest.raises(KilnError, match=r"module 'act' \(ReLU\): no weight"):
         prune_unstructured(nn.ModuleDict({"act": nn.ReLU()}), 0.5, targets=["act"])
+
+
+def test_agp_movement_hook_prunes_the_weights_moving_towards_zero():
+    from kiln.prune.schedule import AGP
+    from kiln.prune.unstructured import raw_weight
+
+    model = nn.Sequential(nn.Linear(4, 2, bias=False))
+    prune_unstructured(model, 0.0)                      # all-ones masks, as a prune run starts AGP
+    w = torch.tensor([[1.0, -2.0, 3.0, 0.5], [-1.0, 1.0, 2.0, -4.0]])
+    g = torch.tensor([[1.0, 1.0, -1.0, 0.0], [0.5, -3.0, 1.0, 1.0]])
+    with torch.no_grad():
+        raw_weight(model[0]).copy_(w)
+    raw_weight(model[0]).grad = g
+    hook = AGP(["0"], final=0.5, criterion="movement", every=1, end=1.0)
+    hook(model, 1, 1)                                   # last ramp step: the final ratio
+    movement = -(w * g)                                 # [[-1, 2, 3, 0], [0.5, 3, -2, 4]]
+    expected = movement.reshape(-1).argsort(stable=True)[:4]
+    assert torch.equal((model[0].weight.reshape(-1) == 0).nonzero().flatten(), expected.sort().values)
+    assert hook.history == [(1, 0.5)]
