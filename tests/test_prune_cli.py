@@ -81,6 +81,7 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(spec, tmp_path, argv, 
      "module '1': cannot prune 2:5: input dimension 64 is not a multiple of M=5"),
     ('ratio = 0.5\nsparsity = 3\n', "unknown key 'sparsity'"),
     ('ratio = 0.5\n[finetune]\nlr = -1.0\n', "lr must be > 0"),
+    ('targets = ["Lienar"]\n', "nothing to prune: no module of type Lienar"),
 ])
 def test_bad_configs_exit_2_naming_the_problem(spec, tmp_path, toml, message):
     cfg, out = tmp_path / "p.toml", tmp_path / "run"

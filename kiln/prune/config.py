@@ -145,6 +145,9 @@ class PruneConfig:
         unused = [str(r.match) for r in self.rules if str(r.match) not in used]
         if unused:
             raise KilnError(f"prune config: rule {unused[0]!r} matches no module of the model")
+        if not targets and not overrides and not activations:
+            raise KilnError(f"prune config: nothing to prune: no module of type {', '.join(self.targets)} "
+                            f"is left by the rules")
         return Plan(tuple(targets), overrides, activations, tuple(skipped))
 
 
