@@ -126,7 +126,7 @@ def train(model: nn.Module, data: Tensors, recipe: Recipe, seed: int, on_step=No
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if on_step:
             on_step(done, steps)
     tail = losses[-50:]

@@ -1,0 +1,110 @@
+"""DARTS on real MNIST against random search given the same wall time.
+
+    flock /tmp/kiln-cpu.lock .venv/bin/python benchmarks/nas_darts.py darts [--json PATH]
+    flock /tmp/kiln-cpu.lock .venv/bin/python benchmarks/nas_darts.py random [--json PATH]
+
+EXP:
+  darts    search with configs/nas/darts_mnist.toml (a wall-clock search budget), retrain the
+           found cell from scratch, test accuracy
+  darts2   the same with second-order (unrolled) architecture gradients (darts2_mnist.toml)
+  random   random search over the same cell space (configs/nas/random_mnist.toml) whose search
+           budget is the wall time the `darts` entry's search took (read from the JSON), each cell
+           trained for one proxy epoch and scored on val; its best cell is retrained with the same
+           recipe as the DARTS cell. Run `darts` first.
+Each experiment is a separate invocation so no single job holds the CPU lock for long; entries
+are merged into one JSON file (default benchmarks/results/nas_darts.json).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from common import merge_result  # noqa: E402
+from kiln.search.nas import config as nas_config  # noqa: E402
+from kiln.search.nas.run import run_darts, run_sampled  # noqa: E402
+
+CONFIGS = Path("configs/nas")
+DEFAULT_JSON = "benchmarks/results/nas_darts.json"
+
+
+def _entry(result, cfg_path: Path, wall: float, command: str) -> dict:
+    return {"date": date.today().isoformat(), "command": command, "config": str(cfg_path),
+            "threads": torch.get_num_threads(), "wall_seconds": round(wall, 1),
+            "search_seconds": result.search["seconds"], "retrain_seconds": result.metrics["retrain_seconds"],
+            "search": {k: v for k, v in result.search.items() if k != "alphas"},
+            "test_accuracy": result.metrics["test_accuracy"], "val_accuracy": result.metrics["val_accuracy"],
+            "params": result.metrics["params"], "architecture": result.architecture,
+            "history": result.history}
+
+
+def darts(json_path: str, name: str, cfg_file: str) -> None:
+    path = CONFIGS / cfg_file
+    cfg = nas_config.load("darts", path)
+    start = time.perf_counter()
+    result = run_darts(cfg)
+    entry = _entry(result, path, time.perf_counter() - start, f"benchmarks/nas_darts.py {name}")
+    entry["search_budget_s"] = cfg.darts.time_budget_s
+    merge_result(json_path, name, entry)
+    _print(name, entry)
+
+
+def random_baseline(json_path: str) -> None:
+    results = json.loads(Path(json_path).read_text()) if Path(json_path).is_file() else {}
+    if "darts" not in results:
+        sys.exit(f"no `darts` entry in {json_path}: run `benchmarks/nas_darts.py darts` first")
+    budget = results["darts"]["search_seconds"]
+    path = CONFIGS / "random_mnist.toml"
+    cfg = nas_config.load("random", path)
+    cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, time_budget_s=budget))
+    start = time.perf_counter()
+    result = run_sampled("random", cfg)
+    entry = _entry(result, path, time.perf_counter() - start, "benchmarks/nas_darts.py random")
+    entry["search_budget_s"] = budget
+    merge_result(json_path, "random", entry)
+    _print("random", entry)
+    darts_acc = results["darts"]["test_accuracy"]
+    verdict = {"darts_test_accuracy": darts_acc, "random_test_accuracy": entry["test_accuracy"],
+               "darts_total_seconds": results["darts"]["search_seconds"] + results["darts"]["retrain_seconds"],
+               "random_total_seconds": entry["search_seconds"] + entry["retrain_seconds"],
+               "darts_at_least_random": darts_acc >= entry["test_accuracy"],
+               "test_samples": 999}
+    merge_result(json_path, "comparison", verdict)
+    for key, value in verdict.items():
+        print(f"{key}: {value}")
+
+
+def _print(name: str, entry: dict) -> None:
+    print(f"\n{name}: search {entry['search_seconds']:.0f} s ({entry['search']}), "
+          f"retrain {entry['retrain_seconds']:.0f} s, params {entry['params']:,}")
+    print(f"{name}: val accuracy {entry['val_accuracy']:.4f}, test accuracy {entry['test_accuracy']:.4f} "
+          f"(999 real MNIST test digits)")
+    print(f"{name}: genotype {json.dumps(entry['architecture']['genotype'])}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("exp", nargs="+", choices=["darts", "darts2", "random"])
+    parser.add_argument("--json", default=DEFAULT_JSON)
+    args = parser.parse_args()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    for exp in args.exp:
+        if exp == "darts":
+            darts(args.json, "darts", "darts_mnist.toml")
+        elif exp == "darts2":
+            darts(args.json, "darts2", "darts2_mnist.toml")
+        else:
+            random_baseline(args.json)
+
+
+if __name__ == "__main__":
+    main()
