@@ -23,6 +23,7 @@ app.command("search")(importlib.import_module("kiln.cli.search").search)
 app.command("prune")(importlib.import_module("kiln.cli.prune").prune)
 app.command("lowrank")(importlib.import_module("kiln.cli.lowrank").lowrank)
 app.command("early-exit")(importlib.import_module("kiln.cli.early_exit").early_exit)
+app.command("nas")(importlib.import_module("kiln.cli.nas").nas)
 app.add_typer(hardware.app, name="hardware")
 
 
