@@ -201,3 +201,23 @@ def test_pruned_resnet_saves_and_reloads_as_an_artifact(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(x), res.model.eval()(x))
     assert sum(p.numel() for p in back.parameters()) == res.report["params_after"]
+
+
+class FixedView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8 * 64, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(x.shape[0], 8 * 64))
+
+
+def test_a_width_fixed_in_code_is_a_kiln_error_naming_the_failure():
+    with pytest.raises(KilnError, match="pruned model no longer runs"):
+        prune_structured(FixedView(), X, 0.5)
+
+
+def test_layer_norm_without_affine_is_pinned():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8, elementwise_affine=False), nn.Linear(8, 2))
+    (group,) = [g for g in dependency_groups(model, (torch.randn(2, 4),)) if g.producers == ["0"]]
+    assert "layer_norm in 1" in group.pinned[0] and "without affine" in group.pinned[0]

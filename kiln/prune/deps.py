@@ -324,6 +324,8 @@ def _layer_norm(ctx: _Ctx, node, op: str) -> Any:
     if tx is not None and tx.dim >= ndim - len(shape):
         if len(shape) != 1:
             raise ValueError("normalised over several dimensions")
+        if not isinstance(_arg(node, 2, "weight"), torch.fx.Node):
+            raise ValueError("a layer norm without affine parameters keeps its size in the code")
         _norm_slots(ctx, tx, [a for a in node.args[2:4] if isinstance(a, torch.fx.Node)], 0)
     return tx if op == "layer_norm" else [tx, None, None]
 

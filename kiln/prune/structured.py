@@ -147,9 +147,25 @@ def prune_structured(model: nn.Module, example_inputs: tuple, ratio: float, impo
     before = _shapes(model)
     n_before = _count(model)
     apply_keeps(model, keeps)
+    _check_runs(model, example_inputs, example_kwargs)
     report = _report(model, before, n_before, rows, groups)
     record = {"kind": KIND, "keep": {p: {str(d): idx.tolist() for d, idx in dims.items()} for p, dims in keeps.items()}}
     return StructuredResult(model, record, report)
+
+
+def _check_runs(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None) -> None:
+    """The pruned model must still run: a size written into the model's code (a view to a fixed
+    width) is invisible to the graph."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*example_inputs, **(example_kwargs or {}))
+    except Exception as exc:   # any failure here is the model's fixed-size code
+        raise KilnError(f"the pruned model no longer runs ({type(exc).__name__}: {first_line(exc)}); does its "
+                        "code fix a channel count (a view to a constant width)? ignore that layer") from None
+    finally:
+        model.train(was_training)
 
 
 def prune_transformer(model: nn.Module, example_inputs: tuple = (), *, heads: float = 0.0, ffn: float = 0.0,
