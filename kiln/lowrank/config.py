@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,19 +167,29 @@ def _rule(r: Any, where: str) -> Rule:
     return Rule(kind, pattern, bool(r.get("skip", False)), _one_choice(r, where, required=False))
 
 
-def finetune_table(table: Any, where: str) -> dict[str, Any]:
+def finetune_table(table: Any, where: str, section: str = "finetune") -> dict[str, Any]:
     """A [finetune] table, checked by the trainer's own config before any work."""
     from kiln.train.config import TrainConfig
 
     if not isinstance(table, dict):
-        raise KilnError(f"{where}.finetune: needs a table")
+        raise KilnError(f"{where}.{section}: needs a table")
     bad = sorted(set(table) - set(FINETUNE_KEYS))
     if bad:
-        raise KilnError(f"{where}.finetune: unknown key {bad[0]!r}; accepted: {', '.join(FINETUNE_KEYS)}")
+        raise KilnError(f"{where}.{section}: unknown key {bad[0]!r}; accepted: {', '.join(FINETUNE_KEYS)}")
     if not isinstance(table.get("distill", False), bool):
-        raise KilnError(f"{where}.finetune: distill needs true or false")
-    from_dict(TrainConfig, {k: v for k, v in table.items() if k != "distill"} | {"model": "-"}, f"{where}.finetune")
+        raise KilnError(f"{where}.{section}: distill needs true or false")
+    from_dict(TrainConfig, {k: v for k, v in table.items() if k != "distill"} | {"model": "-"}, f"{where}.{section}")
     return dict(table)
+
+
+def scalar_fields(cls: type, names: tuple[str, ...], data: dict[str, Any], where: str) -> dict[str, Any]:
+    """The scalar keys of a config class, type-checked by kiln.config.from_dict (the structured
+    ones -- rules, tables, lists -- are parsed by hand)."""
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    scalars = dataclasses.make_dataclass(cls.__name__, [(n, hints[n], dataclasses.field(default=defaults[n]))
+                                                        for n in names], frozen=True)
+    return dataclasses.asdict(from_dict(scalars, data, where))
 
 
 def parse_config(table: dict[str, Any], where: str = "low-rank config") -> LowRankConfig:
@@ -196,17 +207,11 @@ def parse_config(table: dict[str, Any], where: str = "low-rank config") -> LowRa
         raise KilnError(f"{where}: rules needs a list of tables ([[rules]])")
     finetune = table.get("finetune")
 
-    @dataclass(frozen=True)
-    class _Scalars:
-        latency_batch: int = 32
-        latency_repeats: int = 20
-        seed: int = 0
-
-    rest = from_dict(_Scalars, {k: table[k] for k in scalars if k in table}, where)
+    rest = scalar_fields(LowRankConfig, scalars, {k: table[k] for k in scalars if k in table}, where)
     return LowRankConfig(_one_choice(table, where, required=True), tuple(targets),
                          tuple(_rule(r, f"{where}.rules[{i}]") for i, r in enumerate(rules)),
                          None if finetune is None else finetune_table(finetune, where),
-                         **dataclasses.asdict(rest))
+                         **rest)
 
 
 def to_table(cfg: LowRankConfig) -> dict[str, Any]:

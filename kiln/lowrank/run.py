@@ -77,7 +77,7 @@ def lowrank_run(src: str, config_path: Path, out: Path, dataset: str | None = No
 
     check_new_dir(out)
     config = parse_config(read_toml(config_path), str(config_path))
-    source = _source(src, dataset, need_data=evaluate or config.finetune is not None)
+    source = float_source(src, dataset, need_data=evaluate or config.finetune is not None)
     log(f"model {source.spec}, data {source.dataset or '-'}")
     dense = copy.deepcopy(source.model).eval()
     model, decisions, record = factorize(source.model, config.plan(source.model))
@@ -164,7 +164,8 @@ def _splits(dataset: str, seed: int):
     return load_dataset(dataset, seed=seed)
 
 
-def _source(src: str, dataset: str | None, need_data: bool):
+def float_source(src: str, dataset: str | None, need_data: bool):
+    """A model source that is not quantized (and has a dataset when `need_data`)."""
     from kiln.models.artifact import load_source
 
     source = load_source(src, dataset)
