@@ -97,7 +97,9 @@ def loss_on(model: nn.Module, batch) -> torch.Tensor:
 
 
 def _grad(loss, params) -> list[torch.Tensor]:
-    return list(torch.autograd.grad(loss, params, allow_unused=True))
+    """Gradients, zeros for parameters the loss does not use (alpha_reduce without reductions)."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
 def _set(params, values) -> None:
@@ -121,17 +123,18 @@ def hessian_vector(model: SearchNetwork, batch, v: list[torch.Tensor], r: float 
 
 
 def second_order_alpha_grad(model: SearchNetwork, train_batch, val_batch, xi: float,
-                            weight_decay: float = 0.0) -> list[torch.Tensor]:
-    """The unrolled architecture gradient (one virtual SGD step of size xi, no momentum)."""
+                            weight_decay: float = 0.0, fd_step: float = 0.01) -> list[torch.Tensor]:
+    """The unrolled architecture gradient (one virtual SGD step of size xi, no momentum);
+    `fd_step` is the finite difference's r (a ReLU kink inside the step biases it)."""
     w, alphas = model.weights(), model.arch_parameters()
-    g_train = [g if g is not None else torch.zeros_like(p) for g, p in zip(_grad(loss_on(model, train_batch), w), w)]
+    g_train = _grad(loss_on(model, train_batch), w)
     saved = [p.detach().clone() for p in w]
     _set(w, [p - xi * (g + weight_decay * p) for p, g in zip(saved, g_train)])
     grads = _grad(loss_on(model, val_batch), alphas + w)
     _set(w, saved)
     d_alpha = grads[: len(alphas)]
-    d_w = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[len(alphas):], w)]
-    hvp = hessian_vector(model, train_batch, d_w)
+    d_w = grads[len(alphas):]
+    hvp = hessian_vector(model, train_batch, d_w, fd_step)
     return [da - xi * h for da, h in zip(d_alpha, hvp)]
 
 
@@ -153,6 +156,7 @@ class DartsSettings:
     alpha_weight_decay: float = 1e-3
     grad_clip: float = 5.0
     eval_samples: int = 1000
+    fd_step: float = 0.01
 
 
 @dataclass
@@ -166,7 +170,8 @@ class DartsResult:
 
 def _alpha_step(model, a_opt, s: DartsSettings, train_batch, val_batch, lr: float) -> None:
     if s.order == 2:
-        grads = second_order_alpha_grad(model, train_batch, val_batch, xi=lr, weight_decay=s.w_weight_decay)
+        grads = second_order_alpha_grad(model, train_batch, val_batch, xi=lr, weight_decay=s.w_weight_decay,
+                                       fd_step=s.fd_step)
     else:
         grads = first_order_alpha_grad(model, val_batch)
     for p, g in zip(model.arch_parameters(), grads):
