@@ -47,15 +47,15 @@ def nas(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Search an architecture, retrain it from scratch, report val/test accuracy."""
-    from kiln.io import atomic_write_json, check_writable
+    from kiln.io import atomic_write_json, check_new_dir, check_writable
     from kiln.search.nas import config as nas_config
-    from kiln.search.nas.run import check_out, run_method, write_run
+    from kiln.search.nas.run import run_method, write_run
 
     if method not in METHODS:
         raise KilnError(f"unknown nas method {method!r}; known: {', '.join(METHODS)}")
     cfg = nas_config.load(method, config)
     if out:
-        check_out(out)
+        check_new_dir(out)
     if json_path:
         check_writable(json_path)
     result = run_method(method, cfg, progress)

@@ -3,9 +3,6 @@ measure it on the test split (only the final model ever sees test data; search u
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -178,25 +175,13 @@ def run_method(method: str, cfg, progress: bool = True) -> NasResult:
     raise KilnError(f"unknown nas method {method!r}; known: {', '.join(METHODS)}")
 
 
-def check_out(out: Path) -> None:
-    """Fail before any work when the run directory cannot be written whole."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise KilnError(f"output directory {out} already exists and is not empty")
-
-
 def write_run(out: Path, result: NasResult, cfg) -> Path:
     """config.toml, architecture.json, metrics.json, search.json, history.json and
-    model.safetensors, all or nothing (written to a hidden sibling, then renamed)."""
-    from kiln.io import atomic_write_json, atomic_write_text
+    model.safetensors, all or nothing (kiln.io.atomic_dir)."""
+    from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
     from kiln.train.checkpoint import save_weights
 
-    check_out(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise KilnError(f"cannot write {out}: {exc.strerror}") from None
-    try:
+    with atomic_dir(out) as tmp:
         atomic_write_text(tmp / "config.toml", nas_config.to_toml(cfg))
         atomic_write_json(tmp / "architecture.json", {"method": result.method, **result.architecture})
         atomic_write_json(tmp / "metrics.json", result.metrics)
@@ -204,13 +189,4 @@ def write_run(out: Path, result: NasResult, cfg) -> Path:
         atomic_write_json(tmp / "history.json", result.history)
         if result.model is not None:
             save_weights(result.model, tmp / "model.safetensors")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)
-        if out.is_dir():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
