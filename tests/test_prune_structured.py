@@ -221,3 +221,37 @@ def test_layer_norm_without_affine_is_pinned():
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8, elementwise_affine=False), nn.Linear(8, 2))
     (group,) = [g for g in dependency_groups(model, (torch.randn(2, 4),)) if g.producers == ["0"]]
     assert "layer_norm in 1" in group.pinned[0] and "without affine" in group.pinned[0]
+
+
+class Mixed(nn.Module):
+    """Conv1d/BatchNorm1d/Conv3d channels and an embedding -> layer norm -> linear width."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv1d(2, 6, 3, padding=1), nn.BatchNorm1d(6), nn.Conv1d(6, 3, 1)
+        self.v1, self.v2 = nn.Conv3d(1, 4, 1), nn.Conv3d(4, 2, 1)
+        self.emb, self.ln, self.fc = nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x, vol, ids):
+        a = self.c2(torch.relu(self.bn(self.c1(x)))).mean(-1)
+        b = self.v2(torch.relu(self.v1(vol))).mean((2, 3, 4))
+        return a + self.fc(self.ln(self.emb(ids))).mean(1), b
+
+
+def test_conv1d_conv3d_embedding_layer_norm_shrink_consistently():
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    inputs = (torch.randn(2, 2, 5), torch.randn(2, 1, 2, 2, 2), torch.randint(0, 10, (2, 4)))
+    groups = _by_producer(dependency_groups(model, inputs))
+    assert set(groups) >= {"c1", "v1", "emb"} and not groups["emb"].pinned
+    for name in ("c1", "v1"):
+        _zero_units(model, groups[name], torch.arange(0, groups[name].units, 2))
+    res = prune_structured(model, inputs, 0.5)
+    m = res.model
+    assert (m.c1.out_channels, m.bn.num_features, m.c2.in_channels, m.v2.in_channels) == (3, 3, 3, 2)
+    assert (m.emb.embedding_dim, m.ln.normalized_shape, m.fc.in_features) == (4, (4,), 4)
+    with torch.no_grad():
+        # the embedding width changes what the layer norm averages: only the conv outputs are exact
+        torch.testing.assert_close(m(*inputs)[1], model(*inputs)[1], atol=1e-5, rtol=1e-5)
+        exported = torch.export.export(m, inputs, strict=False).module()
+        torch.testing.assert_close(exported(*inputs), m(*inputs))
