@@ -92,3 +92,20 @@ def test_bad_settings_are_one_line_errors():
         EvolutionSettings(population=4, sample_size=9)
     with pytest.raises(KilnError, match="baseline_decay"):
         RLSettings(baseline_decay=1.5)
+
+
+@pytest.mark.parametrize("name", st.STRATEGIES.names())
+def test_strategy_conformance(name):
+    """Every registered strategy: codes fit the choices, tell accepts any reward, same seed same codes."""
+    import kiln.search.nas.run  # noqa: F401  (registers every strategy)
+
+    def codes(seed):
+        strategy = st.STRATEGIES.get(name)(CHOICES, seed)
+        out = []
+        for k in range(30):
+            code = strategy.ask()
+            assert len(code) == len(CHOICES) and all(0 <= c < n for c, n in zip(code, CHOICES))
+            strategy.tell(code, matches(code) + (k % 3) * 0.01)
+            out.append(code)
+        return out
+    assert codes(3) == codes(3)
