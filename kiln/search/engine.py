@@ -59,6 +59,9 @@ def make_sampler(cfg: SearchConfig, space: Space, worker: int = 0):
     if grid is None:
         raise KilnError(f"search config: the grid sampler needs a finite space; {space.kind!r} has "
                         "continuous parameters (use tpe, random or qmc)")
+    if grid_size(space) > 1_000_000:
+        raise KilnError(f"search config: the grid sampler would walk {grid_size(space):.3g} points of "
+                        f"{space.kind!r}; use tpe, nsga2, random or qmc")
     return optuna.samplers.GridSampler(grid, seed=cfg.seed)
 
 

@@ -1,0 +1,158 @@
+"""Mixed-precision search on MiniLM fine-tuned on Rotten Tomatoes: NSGA-II against random.
+
+    flock /tmp/kiln-cpu.lock .venv/bin/python benchmarks/search_mp.py [--trials 40] [--seeds 3]
+        [--samples 300] [--json benchmarks/results/search_mp.json]
+
+The space: each of the 36 encoder Linears' weights at int 4, 6 or 8 bits (per output channel);
+the pooler and the classifier at int8; every Linear input at int8 per tensor (min-max,
+calibrated on 2 training batches of 32 per trial); fake quantization (kiln.quant). A trial is
+scored on the first `samples` reviews of the validation split (max_length 64): accuracy (max)
+and average weight bits over the quantized Linears (min). Hypervolume reference point:
+(accuracy 0.5, 32 bits). Both samplers get the same trial budget, 3 seeds each; NSGA-II runs a
+population of 10. Then: do the NSGA-II fronts dominate the uniform int8/int6/int4 points
+(scored the same way), and the chosen best front point (the fewest bits within one point of
+uniform int8's validation accuracy) measured on the whole test split beside uniform int8.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from common import merge_result  # noqa: E402
+from kiln.search.config import parse_search_config  # noqa: E402
+from kiln.search.engine import Setup, make_space, open_study, optimize  # noqa: E402
+from kiln.search.pareto import dominates, front, hypervolume  # noqa: E402
+
+RUN = Path("runs/figures/minilm-v3")
+REFERENCE = (0.5, 32.0)
+DIRECTIONS = ("max", "min")
+
+
+def source() -> Path:
+    if (RUN / "best.safetensors").is_file():
+        return RUN
+    from train_figures import run
+
+    print(f"{RUN} missing: training the minilm recipe (benchmarks/train_figures.py minilm)", flush=True)
+    run("minilm", Path("runs/figures"))
+    return Path("runs/figures/minilm")
+
+
+def config(sampler: str, seed: int, trials: int, samples: int, src: Path):
+    return parse_search_config({
+        "study": f"mp-{sampler}-{seed}", "objectives": ["accuracy", "avg_bits"], "sampler": sampler,
+        "trials": trials, "seed": seed, "population": 10, "reference": list(REFERENCE),
+        "space": {"kind": "mixed-precision", "source": str(src), "include": r".*encoder.*", "bits": [4, 6, 8],
+                  "samples": samples, "act_bits": 8, "fixed_bits": 8, "calib_batches": 2, "batch_size": 32},
+    }, "search_mp")
+
+
+def run_study(space, objectives, cfg) -> tuple[list[tuple[float, float]], list[dict]]:
+    study = open_study(cfg, None, space)          # in memory: the figure keeps the points it needs
+    optimize(Setup(cfg, space, objectives, study))
+    done = [t for t in study.trials if t.values is not None]
+    return [tuple(t.values) for t in done], [t.params for t in done]
+
+
+def hv_optuna(points, reference) -> float:
+    import numpy as np
+    from optuna._hypervolume import compute_hypervolume
+
+    losses = np.array([[-a, b] for a, b in points])
+    inside = losses[(losses < np.array([-reference[0], reference[1]])).all(axis=1)]
+    return float(compute_hypervolume(inside, np.array([-reference[0], reference[1]]))) if len(inside) else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default="benchmarks/results/search_mp.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    src = source()
+    t0 = time.perf_counter()
+    space, objectives = make_space(config("nsga2", 0, args.trials, args.samples, src))
+    space.ensure_setup()                          # one subset and one set of calibration batches for all
+    uniform = {f"int{b}": tuple(space.score(space.uniform(b), None)[k] for k in ("accuracy", "avg_bits"))
+               for b in (8, 6, 4)}
+    print("uniform (val subset):", uniform, flush=True)
+    studies = {}
+    for sampler in ("nsga2", "random"):
+        for seed in range(args.seeds):
+            t = time.perf_counter()
+            points, params = run_study(space, objectives, config(sampler, seed, args.trials, args.samples, src))
+            studies[f"{sampler}-{seed}"] = {"points": points, "params": params, "front": front(points, DIRECTIONS),
+                                            "hypervolume": hypervolume(points, DIRECTIONS, REFERENCE),
+                                            "hypervolume_optuna": hv_optuna(points, REFERENCE),
+                                            "wall_s": time.perf_counter() - t}
+            s = studies[f"{sampler}-{seed}"]
+            print(f"{sampler} seed {seed}: hypervolume {s['hypervolume']:.5f} (optuna {s['hypervolume_optuna']:.5f}), "
+                  f"front {len(s['front'])} points, {s['wall_s']:.0f} s", flush=True)
+    entry = summarise(studies, uniform, args)
+    entry |= best_on_test(space, studies, uniform)
+    entry |= {"wall_s": time.perf_counter() - t0, "date": date.today().isoformat(), "threads": args.threads,
+              "source": str(src), "trials": args.trials, "seeds": args.seeds, "samples": args.samples,
+              "space": "36 encoder Linears x int{4,6,8} weights per channel; pooler+classifier int8; inputs int8 per tensor",
+              "reference": list(REFERENCE), "studies": studies, "uniform": uniform}
+    print_table(entry)
+    merge_result(args.json, "minilm_mixed_precision", entry)
+
+
+def summarise(studies: dict, uniform: dict, args) -> dict:
+    out = {}
+    for sampler in ("nsga2", "random"):
+        hvs = [studies[f"{sampler}-{s}"]["hypervolume"] for s in range(args.seeds)]
+        out[f"{sampler}_hypervolume_mean"] = statistics.mean(hvs)
+        out[f"{sampler}_hypervolumes"] = hvs
+    # a uniform point counts as beaten when some point of the front dominates it
+    out["nsga2_front_dominates_uniform"] = {
+        name: [any(dominates(p, u, DIRECTIONS) for p in studies[f"nsga2-{s}"]["front"]) for s in range(args.seeds)]
+        for name, u in uniform.items()}
+    return out
+
+
+def best_on_test(space, studies: dict, uniform: dict) -> dict:
+    """The fewest-bits NSGA-II front point within one point of uniform int8 (validation subset),
+    and uniform int8, both on the whole test split."""
+    candidates = [p for k, s in studies.items() if k.startswith("nsga2") for p in s["front"]
+                  if p[0] >= uniform["int8"][0] - 0.01]
+    if not candidates:
+        return {"chosen": None}
+    chosen = min(candidates, key=lambda p: (p[1], -p[0]))
+    params = next(s["params"][s["points"].index(chosen)] for s in studies.values() if chosen in s["points"])
+    from kiln.data import load_dataset
+
+    splits = load_dataset(space.source.dataset, seed=space.ctx.seed)
+    out = {"chosen_val": chosen, "chosen_params": params}
+    for name, choice in (("chosen", params), ("uniform_int8", space.uniform(8))):
+        table = space.quant_table(space.bits_of(choice))
+        out[f"{name}_test_accuracy"] = space.measure(space.model, table, splits, "test")["accuracy"]
+    return out
+
+
+def print_table(entry: dict) -> None:
+    print(f"\n{'':16}{'hypervolume (mean of seeds)':>30}")
+    for sampler in ("nsga2", "random"):
+        print(f"{sampler:16}{entry[f'{sampler}_hypervolume_mean']:>30.5f}   {entry[f'{sampler}_hypervolumes']}")
+    for name, u in entry["uniform"].items():
+        print(f"uniform {name}: val acc {u[0]:.4f}, {u[1]:.2f} bits; dominated by the NSGA-II front "
+              f"(per seed): {entry['nsga2_front_dominates_uniform'][name]}")
+    if entry.get("chosen_val"):
+        print(f"chosen front point: val {entry['chosen_val']}; test accuracy {entry['chosen_test_accuracy']:.4f} "
+              f"vs uniform int8 {entry['uniform_int8_test_accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

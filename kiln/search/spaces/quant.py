@@ -1,0 +1,210 @@
+"""Mixed precision: a weight bit width per Linear (or per group of them), scored by the task
+metric on a fixed subset and by the bits it costs.
+
+    [space]
+    kind = "mixed-precision"
+    source = "runs/figures/minilm-v3"      # spec, train run or artifact (kiln.models.artifact.load_source)
+    bits = [4, 6, 8]                       # the choices per layer
+    include = ".*encoder.*"                # Linears searched (regex over FQNs); the rest at fixed_bits
+    group = ""                             # "" one choice per Linear; or a regex with one group:
+                                           # Linears with the same captured text share a choice
+    act_bits = 8                           # Linear inputs, per tensor, calibrated (0: float)
+
+Each trial quantizes a fresh copy of the float model (fake quantization, `kiln.quant`),
+calibrates the activations on `calib_batches` training batches, and scores `samples` examples
+of `split`. A trial's best configs export as quant.toml, ready for `kiln quantize SRC --config`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kiln.errors import KilnError
+from kiln.io import atomic_write_text
+from kiln.search.spaces import Report, Space, register_space
+
+GRANULARITIES = ("tensor", "channel")
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    source: str = ""
+    dataset: str = ""                 # default: the source's
+    split: str = "val"
+    samples: int = 400                # scored examples (the first N of the split)
+    bits: tuple[int, ...] = (4, 6, 8)
+    format: str = "int"
+    granularity: str = "channel"
+    include: str = ".*"
+    fixed_bits: int = 8               # Linears outside `include` (0: left in float)
+    group: str = ""
+    act_bits: int = 8
+    calib_batches: int = 2
+    batch_size: int = 32
+    eval_batch_size: int = 100
+
+    def __post_init__(self):
+        checks = [
+            (bool(self.source), "source needs a model spec or run directory"),
+            (bool(self.bits) and all(2 <= b <= 16 for b in self.bits), f"bits needs values in 2..16, got {list(self.bits)}"),
+            (len(set(self.bits)) == len(self.bits), f"bits {list(self.bits)} repeats a value"),
+            (self.granularity in GRANULARITIES, f"granularity must be one of {', '.join(GRANULARITIES)}"),
+            (self.samples >= 1 and self.calib_batches >= 1, "samples and calib_batches must be >= 1"),
+            (self.act_bits == 0 or 2 <= self.act_bits <= 16, "act_bits must be 0 (float) or 2..16"),
+            (self.split in ("train", "val", "test"), "split must be train, val or test"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise KilnError(f"mixed-precision space: {message}")
+        for pattern in (self.include, self.group):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise KilnError(f"mixed-precision space: bad regex {pattern!r}: {exc}") from None
+
+
+def layer_groups(names: list[str], include: str, group: str) -> dict[str, list[str]]:
+    """Searched Linears by choice name: each its own, or grouped by the regex's first group."""
+    chosen = [n for n in names if re.fullmatch(include, n)]
+    if not chosen:
+        raise KilnError(f"mixed-precision space: include {include!r} matches none of the model's "
+                        f"{len(names)} Linears (e.g. {', '.join(names[:3])}): the space has no point")
+    if not group:
+        return {n: [n] for n in chosen}
+    groups: dict[str, list[str]] = {}
+    for n in chosen:
+        m = re.fullmatch(group, n)
+        if m is None or not m.groups():
+            raise KilnError(f"mixed-precision space: group {group!r} (needs one capture group) does not match {n!r}")
+        groups.setdefault(m.group(1), []).append(n)
+    return groups
+
+
+class QuantSpaceBase(Space):
+    """Loads the float model, the scoring subset and calibration batches once per process."""
+
+    def setup(self) -> None:
+        import torch
+        from torch.utils.data import Subset
+
+        from kiln.models.artifact import load_source
+        from kiln.quant.run import calibration_batches, check_batches
+
+        from kiln.data import load_dataset
+
+        c = self.config
+        source = load_source(c.source, c.dataset or None)
+        if not source.dataset:
+            raise KilnError(f"mixed-precision space: {c.source} has no dataset; set dataset")
+        self.source = source
+        self.model = source.model.eval()
+        self.splits = load_dataset(source.dataset, seed=self.ctx.seed)
+        split = getattr(self.splits, c.split)
+        setattr(self.splits, c.split, Subset(split, range(min(c.samples, len(split)))))
+        self.batches = calibration_batches(self.splits, c.calib_batches, c.batch_size, self.ctx.seed)
+        check_batches(self.model, self.batches, f"dataset {source.dataset}")
+        self.linears = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and n]
+        self.groups = layer_groups(self.linears, c.include, c.group)
+        torch.manual_seed(self.ctx.seed)
+
+    def quant_table(self, bits_of: dict[str, int]) -> dict[str, Any]:
+        """The quant config (TOML table) giving each Linear its bits; `bits_of` by Linear FQN."""
+        c = self.config
+
+        def weight(b):
+            return {"format": c.format, "bits": b, "granularity": c.granularity}
+
+        table: dict[str, Any] = {"targets": ["Linear"]}
+        if c.fixed_bits:
+            table["weight"] = weight(c.fixed_bits)
+        if c.act_bits:
+            table["input"] = {"format": "int", "bits": c.act_bits, "granularity": "tensor", "calib": "minmax"}
+        rules = [{"match": f"fqn:{n}", "weight": weight(b)} for n, b in bits_of.items()]
+        if not c.fixed_bits:
+            rules += [{"match": f"fqn:{n}", "skip": True} for n in self.linears if n not in bits_of]
+        table["rules"] = rules
+        return table
+
+    def measure(self, model: nn.Module, table: dict, splits=None, split: str = "") -> dict[str, float]:
+        """Quantize a copy of `model` by `table`, calibrate, score: accuracy, avg_bits, model_bytes.
+        Scored on the space's subset unless other `splits`/`split` are given."""
+        from kiln.quant.apply import calibrate, quantize, report
+        from kiln.quant.config import parse_config
+        from kiln.quant.run import evaluate_model, model_forward
+
+        config = parse_config(table, "mixed-precision trial")
+        if config.smoothquant is not None or config.gptq is not None:
+            raise KilnError("mixed-precision space: smoothquant and gptq are not searched")
+        qmodel = quantize(copy.deepcopy(model), config)
+        with frozen_weights(qmodel):
+            calibrate(qmodel, self.batches, model_forward)
+            key, value = evaluate_model(qmodel, splits or self.splits, split or self.config.split,
+                                        self.config.eval_batch_size)
+        rep = report(model, qmodel, lambda m: None)     # bits and bytes only: no SQNR forwards
+        return {"accuracy" if key == "accuracy" else key: value, "avg_bits": rep["avg_weight_bits"],
+                "model_bytes": float(rep["model_bytes"])}
+
+
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module):
+    """Fake-quantize every wrapped weight once instead of on every forward (the weights do not
+    change while a trial is scored): the same numbers, a fraction of the time."""
+    import torch
+
+    from kiln.quant.modules import QuantOp
+
+    saved = []
+    with torch.no_grad():
+        for op in model.modules():
+            if isinstance(op, QuantOp) and op.weight_q is not None:
+                saved.append((op, op.weight_q, op.module.weight.detach().clone()))
+                op.module.weight.copy_(op.quantized_weight())
+                op.weight_q = None
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for op, wq, w in saved:
+                op.module.weight.copy_(w)
+                op.weight_q = wq
+
+
+@register_space("mixed-precision")
+class MixedPrecisionSpace(QuantSpaceBase):
+    Config = MixedPrecisionConfig
+
+    def suggest(self, trial) -> dict[str, int]:
+        self.ensure_setup()
+        return {g: trial.suggest_categorical(g, list(self.config.bits)) for g in self.groups}
+
+    def bits_of(self, choice: dict[str, int]) -> dict[str, int]:
+        return {n: int(choice[g]) for g, names in self.groups.items() for n in names}
+
+    def uniform(self, bits: int) -> dict[str, int]:
+        return {g: bits for g in self.groups}
+
+    def score(self, choice: dict[str, int], report: Report) -> dict[str, float]:
+        self.ensure_setup()
+        return self.measure(self.model, self.quant_table(self.bits_of(choice)))
+
+    def grid(self) -> dict[str, list]:
+        self.ensure_setup()
+        return {g: list(self.config.bits) for g in self.groups}
+
+    def export(self, params: dict, out: Path) -> list[Path]:
+        from kiln.search.config import _val
+
+        self.ensure_setup()
+        table = self.quant_table(self.bits_of(params))
+        lines = [f"# trial of a mixed-precision search over {self.config.source}: "
+                 f"kiln quantize {self.config.source} --config quant.toml"]
+        lines += [f"{k} = {_val(v)}" for k, v in table.items() if k != "rules"]
+        for rule in table["rules"]:
+            lines += ["", "[[rules]]", *[f"{k} = {_val(v)}" for k, v in rule.items()]]
+        return [atomic_write_text(out / "quant.toml", "\n".join(lines) + "\n")]
