@@ -135,7 +135,7 @@ def resnet() -> dict:
         models[name] = load_source(str(OUT / f"resnet20-{name}-ft")).model
         entry[name] = {"params": sum(p.numel() for p in model.parameters()), "macs": macs(model, example),
                        "test_accuracy_before_finetune": before, "finetuned": ft, "test_accuracy": ft[ft["metric"]]}
-    lat = latency(models, (torch.randn(64, 3, 32, 32),))
+    lat = latency(models, (torch.randn(64, 3, 32, 32),), rounds=60)
     for name in models:
         entry[name]["latency_b64_ms"] = lat[name] * 1e3
     for name in pruned:

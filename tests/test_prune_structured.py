@@ -155,6 +155,8 @@ class Cumsum(nn.Module):
 def test_bad_input_is_a_kiln_error():
     with pytest.raises(KilnError, match=r"cannot prune conv1: no rule for cumsum in conv1|cannot prune conv1.*cumsum"):
         prune_structured(Cumsum(), X, 0.0, targets={"conv1": 0.5})
+    with pytest.raises(KilnError, match="target 'nope' matches no layer"):
+        prune_structured(_net(), X, 0.5, targets={"nope": 0.5})
     for ratio in (1.0, -0.1):
         with pytest.raises(KilnError, match="ratio must be in"):
             prune_structured(_net(), X, ratio)

@@ -68,6 +68,11 @@ class Plan:
         for name, r in [("ratio", self.ratio), ("heads", self.heads), ("ffn", self.ffn), *self.targets.items()]:
             if r is not None and not (isinstance(r, (int, float)) and 0 <= r < 1):
                 raise KilnError(f"structured pruning: {name} must be in [0, 1), got {r!r}")
+        for pattern in (*self.targets, *self.ignore):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise KilnError(f"structured pruning: {pattern!r} is not a valid regex: {exc}") from None
         if self.round_to < 1:
             raise KilnError(f"structured pruning: round_to must be >= 1, got {self.round_to}")
 
@@ -79,6 +84,12 @@ class Plan:
             if any(re.search(pattern, fqn) for fqn in modules):
                 return r
         return None
+
+    def check_targets(self, groups: list[Group]) -> None:
+        producers = [fqn for g in groups for fqn in g.producers]
+        for key in self.targets:
+            if key not in producers and not any(re.search(key, fqn) for fqn in producers):
+                raise KilnError(f"structured pruning target {key!r} matches no layer that produces channels")
 
     def ratio_of(self, group: Group) -> float:
         producers = group.producers
@@ -126,6 +137,7 @@ def prune_structured(model: nn.Module, example_inputs: tuple, ratio: float, impo
         raise KilnError(f"{importance} importance needs batches of (x, y) to take gradients on")
     model = copy.deepcopy(model)
     groups = dependency_groups(model, example_inputs, example_kwargs)
+    plan.check_targets(groups)
     params = dict(model.named_parameters())
     grads = gradients(model, batches, default_loss) if importance in NEEDS_GRADIENTS else None
     masks: dict[str, dict[int, torch.Tensor]] = {}
@@ -141,8 +153,6 @@ def prune_structured(model: nn.Module, example_inputs: tuple, ratio: float, impo
         _mark(group, dropped, model, masks)
         rows.append({"producers": group.producers, "units": group.units, "unit": group.unit, "kept": keep_n,
                      "ratio": r, "flags": sorted(group.flags)})
-    if targets and not rows and any(plan.targets.values()):
-        raise KilnError(f"structured pruning: no group matches targets {', '.join(plan.targets)}")
     keeps = {p: {d: m.nonzero().flatten() for d, m in dims.items()} for p, dims in masks.items()}
     before = _shapes(model)
     n_before = _count(model)
