@@ -166,11 +166,13 @@ def test_bad_input_is_a_kiln_error():
         prune_structured(_net(), X, 0.5, "l3")
 
 
-def test_bert_heads_and_ffn_zero_units_keep_outputs():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])   # one fused op, or matmul-softmax-matmul
+def test_bert_heads_and_ffn_zero_units_keep_outputs(attention):
     from kiln.models.spec import load
 
     loaded = load("hf-config:bert")
     model, kw = loaded.model.eval(), loaded.example_kwargs
+    model.set_attn_implementation(attention)
     groups = dependency_groups(model, (), kw)
     heads = [g for g in groups if "heads" in g.flags]
     assert len(heads) == 2 and all(g.units == 4 and g.unit == 16 for g in heads)

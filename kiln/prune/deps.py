@@ -487,3 +487,41 @@ def _sdpa(ctx: _Ctx, node, op: str) -> Any:
        "ones_like", "full_like", "empty_like")
 def _no_channels(ctx: _Ctx, node, op: str) -> None:
     return None
+
+
+@_rule("matmul", "bmm", "mm")
+def _matmul(ctx: _Ctx, node, op: str) -> Track | None:
+    """Batch dimensions pass through (heads of eager attention: scores = q @ k^T, probs @ v); the
+    contracted dimension couples its two sides; rows of a and columns of b pass to the output."""
+    a, b = node.args[:2]
+    ta, tb, na, nb, nd = ctx.track(a), ctx.track(b), len(_shape(a)), len(_shape(b)), len(_shape(node))
+    if ta is None and tb is None:
+        return None
+    if min(na, nb) < 2:
+        raise ValueError("a vector operand")
+    ra = ta.dim - na if ta else None   # positions from the right: -1 columns, -2 rows, < -2 batch
+    rb = tb.dim - nb if tb else None
+    if ra == -1 and rb == -2:
+        if not unify(ctx, ta, tb, _where(node, op)):
+            raise ValueError("the contracted channels do not line up")
+        return None
+    if ra is not None and ra < -2 and rb == ra:
+        if not unify(ctx, ta, tb, _where(node, op)):
+            raise ValueError("batched channels do not line up")
+        for seg in ta.segs:
+            ctx.spaces.group(seg.space).flags.add("heads")
+        return Track(nd + ra, ta.segs)
+    other = _shape(b if ta else a)
+    if ta is not None and tb is None and (ra == -2 or (ra < -2 and (len(other) < -ra or other[ra] == 1))):
+        return Track(nd + ra, ta.segs)
+    if tb is not None and ta is None and (rb == -1 or (rb < -2 and (len(_shape(a)) < -rb or _shape(a)[rb] == 1))):
+        return Track(nd + rb, tb.segs)
+    raise ValueError("channels on both sides of a product that does not keep them apart")
+
+
+@_rule("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
+def _softmax(ctx: _Ctx, node, op: str) -> Track | None:
+    tx = ctx.track(node.args[0])
+    if tx is not None and _norm_dim(node.args[1], len(_shape(node))) == tx.dim:
+        raise ValueError("normalises over the channels")
+    return tx
