@@ -54,7 +54,11 @@ def make_sampler(cfg: SearchConfig, space: Space, worker: int = 0):
     if cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.sampler == "qmc":
-        return optuna.samplers.QMCSampler(seed=cfg.seed, scramble=True, warn_independent_sampling=False)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.QMCSampler(seed=cfg.seed, scramble=True, warn_independent_sampling=False)
     grid = space.grid()
     if grid is None:
         raise KilnError(f"search config: the grid sampler needs a finite space; {space.kind!r} has "
@@ -84,7 +88,7 @@ def open_study(cfg: SearchConfig, storage, space: Space, worker: int = 0):
     """Create the study, or load it to resume; a study made by a different config is refused."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)    # kiln logs failed trials itself, in one line
     directions = [OPTUNA_DIRECTION[o.direction] for o in resolve(cfg.objectives)]
     try:
         study = optuna.create_study(storage=storage, study_name=cfg.study, directions=directions,
@@ -149,37 +153,47 @@ def hopeless(study, step: int, values: list[float], directions: list[str], cfg: 
 
 
 def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
-    """Ask one trial, score it, tell the result; returns the state's name."""
+    """Run one trial through Optuna's own loop (samplers such as the grid's stop the study from
+    inside it); returns the trial's state name. An exception fails the trial, with its reason."""
     import optuna
-    from optuna.trial import TrialState
 
     study, cfg = setup.study, setup.cfg
-    trial = study.ask()
-    try:
-        candidate = setup.space.suggest(trial)
-        scores = setup.space.score(candidate, _reporter(trial, study, cfg, setup.objectives))
-        values = pick(scores, setup.objectives, setup.space.kind)
-        bad = [(o.name, v) for o, v in zip(setup.objectives, values) if not math.isfinite(v)]
-        if bad:
-            raise KilnError(f"objective {bad[0][0]} is {bad[0][1]}")
-    except optuna.TrialPruned as exc:
-        trial.set_user_attr("pruned", str(exc))
-        study.tell(trial, state=TrialState.PRUNED)
-        return "PRUNED"
-    except KeyboardInterrupt:
-        trial.set_user_attr("fail_reason", "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
-        raise
-    except Exception as exc:
-        reason = first_line(exc)
-        trial.set_user_attr("fail_reason", reason)
-        study.tell(trial, state=TrialState.FAIL)
-        log(f"trial {trial.number} failed: {reason}")
-        return "FAIL"
-    for name, value in scores.items():
-        trial.set_user_attr(name, value)
-    study.tell(trial, values)
-    return "COMPLETE"
+    ran = []
+
+    def objective(trial):
+        ran.append(trial.number)
+        try:
+            candidate = setup.space.suggest(trial)
+            scores = setup.space.score(candidate, _reporter(trial, study, cfg, setup.objectives))
+            values = pick(scores, setup.objectives, setup.space.kind)
+            bad = [(o.name, v) for o, v in zip(setup.objectives, values) if not math.isfinite(v)]
+            if bad:
+                raise KilnError(f"objective {bad[0][0]} is {bad[0][1]}")
+        except optuna.TrialPruned as exc:
+            trial.set_user_attr("pruned", str(exc))
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
+        except Exception as exc:
+            trial.set_user_attr("fail_reason", first_line(exc))
+            log(f"trial {trial.number} failed: {first_line(exc)}")
+            raise
+        for name, value in scores.items():
+            trial.set_user_attr(name, value)
+        return values if cfg.multi else values[0]
+
+    study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+    return study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
+        study._study_id, ran[0])).state.name if ran else "NONE"
+
+
+def started(study) -> int:
+    """Trials that count against the budget: all but enqueued ones still WAITING to run."""
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                         TrialState.FAIL, TrialState.RUNNING)))
 
 
 def budget(cfg: SearchConfig, space: Space) -> int:
@@ -194,7 +208,7 @@ def optimize(setup: Setup, log: Callable[[str], None] = lambda s: None,
     setup.space.ensure_setup()
     total = budget(cfg, setup.space)
     t0 = time.monotonic()
-    while len(setup.study.get_trials(deepcopy=False)) < total:
+    while started(setup.study) < total:
         if cfg.timeout_s and time.monotonic() - t0 > cfg.timeout_s:
             log(f"timeout_s {cfg.timeout_s:g} reached")
             break

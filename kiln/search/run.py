@@ -15,7 +15,7 @@ from typing import Callable
 from kiln.errors import KilnError
 from kiln.io import atomic_write_text
 from kiln.search.config import SearchConfig, parse_search_config, to_toml
-from kiln.search.engine import Setup, budget, fail_interrupted, make_space, open_study, optimize
+from kiln.search.engine import Setup, budget, started, fail_interrupted, make_space, open_study, optimize
 from kiln.search.storage import default_url, is_local_default, open_storage
 
 
@@ -46,7 +46,8 @@ def run_search(cfg: SearchConfig, out: Path, progress: bool = True,
     """Run (or resume) the study, then write the best configs and the report; returns the summary."""
     from kiln.search.report import write_report
 
-    space, objectives = make_space(cfg)                 # a bad space fails before any file is written
+    space, objectives = make_space(cfg)
+    space.ensure_setup()        # a space with no valid point, or a source that fails, stops here: nothing written
     # a given storage must be reachable before anything is written; the default one lives in `out`
     storage = open_storage(cfg.storage) if cfg.storage else None
     cfg, config_path = prepare_run(cfg, out)
@@ -58,7 +59,7 @@ def run_search(cfg: SearchConfig, out: Path, progress: bool = True,
             log(f"resuming: {n} trial(s) left running by a killed search marked FAIL (interrupted)")
     setup = Setup(cfg, space, objectives, study)
     total = budget(cfg, space)
-    done = len(study.get_trials(deepcopy=False))
+    done = started(study)
     if done:
         log(f"resuming study {cfg.study!r}: {done} of {total} trials already there")
     with _bar(progress, total, done) as tick:
@@ -68,7 +69,7 @@ def run_search(cfg: SearchConfig, out: Path, progress: bool = True,
             from kiln.search.workers import launch, wait
 
             procs = launch(config_path, cfg.storage, cfg.workers, Path(out))
-            wait(procs, lambda: len(study.get_trials(deepcopy=False)), tick, Path(out))
+            wait(procs, lambda: started(study), tick, Path(out))
     return write_report(study, cfg, space, objectives, Path(out))
 
 
@@ -77,7 +78,7 @@ def _single(setup: Setup, log, tick) -> None:
 
     if setup.cfg.threads:
         torch.set_num_threads(setup.cfg.threads)
-    optimize(setup, log, on_trial=lambda state: tick(len(setup.study.get_trials(deepcopy=False))))
+    optimize(setup, log, on_trial=lambda state: tick(started(setup.study)))
 
 
 class _bar:

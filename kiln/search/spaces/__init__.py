@@ -48,9 +48,13 @@ class Space(ABC):
     def setup(self) -> None:
         """Load what every trial shares (once per process)."""
 
+    def check(self) -> None:
+        """Raise a KilnError when the space has no valid point (after setup, before any trial)."""
+
     def ensure_setup(self) -> None:
         if not self._ready:
             self.setup()
+            self.check()
             self._ready = True
 
     @abstractmethod

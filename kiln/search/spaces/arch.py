@@ -199,14 +199,18 @@ def _valid_depths(depths: tuple[int, ...], size: int) -> list[int]:
 class CNNSpace(TrainedSpace):
     Config = CNNConfig
 
+    def check(self) -> None:
+        c = self.config
+        if not _valid_depths(c.depth, min(self.splits.sample_shape[1:])) or not c.channels or not c.kernels \
+                or not c.blocks:
+            raise KilnError(f"cnn space has no valid point: depth {list(c.depth)} on "
+                            f"{self.splits.sample_shape} images, channels {list(c.channels)}, "
+                            f"kernels {list(c.kernels)}, blocks {list(c.blocks)}")
+
     def suggest(self, trial) -> dict:
         self.ensure_setup()
         c = self.config
         depths = _valid_depths(c.depth, min(self.splits.sample_shape[1:]))
-        if not depths or not c.channels or not c.kernels or not c.blocks:
-            raise KilnError(f"cnn space has no valid point: depth {list(c.depth)} on "
-                            f"{self.splits.sample_shape} images, channels {list(c.channels)}, "
-                            f"kernels {list(c.kernels)}, blocks {list(c.blocks)}")
         params = {"depth": trial.suggest_categorical("depth", depths)}
         for i in range(params["depth"]):
             params[f"s{i}_channels"] = trial.suggest_categorical(f"s{i}_channels", list(c.channels))
@@ -224,13 +228,17 @@ def vit_heads(dim: int, heads: tuple[int, ...]) -> list[int]:
 class ViTSpace(TrainedSpace):
     Config = ViTConfig
 
-    def suggest(self, trial) -> dict:
-        self.ensure_setup()
+    def check(self) -> None:
         c = self.config
         dims = [d for d in c.dim if vit_heads(d, c.heads)]
         if not dims or not c.depth or not c.mlp_ratio or self.splits.sample_shape[-1] % c.patch:
             raise KilnError(f"vit space has no valid point: no width in {list(c.dim)} is divisible by a "
                             f"head count in {list(c.heads)}, or patch {c.patch} does not tile the image")
+
+    def suggest(self, trial) -> dict:
+        self.ensure_setup()
+        c = self.config
+        dims = [d for d in c.dim if vit_heads(d, c.heads)]
         params = {"depth": trial.suggest_categorical("depth", list(c.depth)),
                   "dim": trial.suggest_categorical("dim", dims)}
         # heads depend on the width: a conditional parameter per width keeps every choice valid

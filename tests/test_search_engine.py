@@ -1,0 +1,192 @@
+"""The search engine: failures, pruning, early stopping, grids, resume after a kill, bad input."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from kiln.errors import KilnError
+from kiln.search.config import parse_search_config, to_toml
+from kiln.search.engine import Setup, make_space, open_study, optimize
+from kiln.search.pareto import front, hypervolume
+from kiln.search.run import run_search
+
+USER = textwrap.dedent('''
+    import time
+
+    def two(trial):
+        x = trial.suggest_float("x", -2, 2)
+        y = trial.suggest_int("y", 0, 4)
+        if y == 3:
+            raise ValueError("y=3 is not allowed")
+        return {"accuracy": -(x - 1) ** 2 - y, "model_bytes": abs(x) + y}
+
+    def partial(trial, report):
+        x = trial.suggest_float("x", 0, 1)
+        report(1, {"accuracy": x, "model_bytes": 1.0})
+        return {"accuracy": x, "model_bytes": 1.0}
+
+    def single(trial, report):
+        x = trial.suggest_float("x", 0, 1)
+        report(1, {"accuracy": x})
+        return {"accuracy": x}
+
+    def grid(trial):
+        return {"accuracy": trial.suggest_categorical("x", [1, 2, 3]) * 10 + trial.suggest_categorical("y", [0, 1])}
+
+    def slow(trial):
+        x = trial.suggest_float("x", 0, 1)
+        time.sleep(0.4)
+        return {"accuracy": x}
+''')
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "user.py"
+    path.write_text(USER)
+    return path
+
+
+def cfg_for(user_file, fn, **top):
+    table = {"study": "t", "objectives": ["accuracy"], "sampler": "random", "trials": 8, **top,
+             "space": {"kind": "python", "objective": f"py:{user_file}:{fn}", **top.pop("space", {})}}
+    return parse_search_config(table)
+
+
+def in_memory(cfg, enqueue=()):
+    space, objectives = make_space(cfg)
+    study = open_study(cfg, None, space)
+    for params in enqueue:
+        study.enqueue_trial(params)
+    optimize(Setup(cfg, space, objectives, study))
+    return study
+
+
+def test_failing_objective_is_marked_fail_with_its_reason_and_the_study_goes_on(user_file, tmp_path):
+    cfg = cfg_for(user_file, "two", objectives=["accuracy", "model_bytes"], trials=20, reference=[-10.0, 10.0])
+    summary = run_search(cfg, tmp_path / "run", progress=False)
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["trials_detail"]
+    failed = [r for r in rows if r["state"] == "FAIL"]
+    assert len(rows) == 20 and failed
+    assert all(r["params"]["y"] == 3 and r["attrs"]["fail_reason"] == "y=3 is not allowed" for r in failed)
+    assert all(r["params"]["y"] != 3 for r in rows if r["state"] == "COMPLETE")
+    # the report's front and hypervolume are those of the completed trials
+    points = [r["values"] for r in rows if r["state"] == "COMPLETE"]
+    assert sorted(map(tuple, summary["front"])) == sorted(front(points, ("max", "min")))
+    assert summary["hypervolume"] == hypervolume(points, ("max", "min"), (-10.0, 10.0))
+    for n in summary["best"]:
+        assert (tmp_path / "run" / "best" / f"trial-{n}" / "params.json").is_file()
+    assert (tmp_path / "run" / "pareto.png").is_file() and "<svg" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_hopeless_multi_objective_trials_are_stopped(user_file):
+    cfg = cfg_for(user_file, "partial", objectives=["accuracy", "model_bytes"], trials=5,
+                  early_stop_warmup=3, early_stop_dominators=3)
+    study = in_memory(cfg, [{"x": 0.9}, {"x": 0.8}, {"x": 0.7}, {"x": 0.1}, {"x": 0.95}])
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
+    assert study.trials[3].user_attrs["stopped"] == "hopeless at step 1"
+
+
+def test_single_objective_trials_are_pruned_by_the_median_rule(user_file):
+    cfg = cfg_for(user_file, "single", trials=7, pruner="median")
+    study = in_memory(cfg, [{"x": v} for v in (0.9, 0.8, 0.7, 0.6, 0.5, 0.1, 0.95)])
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5 + ["PRUNED", "COMPLETE"]
+
+
+def test_grid_sampler_walks_every_point_once(user_file):
+    cfg = cfg_for(user_file, "grid", sampler="grid", trials=100, space={"grid": {"x": [1, 2, 3], "y": [0, 1]}})
+    study = in_memory(cfg)
+    assert sorted((t.params["x"], t.params["y"]) for t in study.trials) == [(x, y) for x in (1, 2, 3) for y in (0, 1)]
+
+
+def test_qmc_and_tpe_and_nsga2_run(user_file):
+    for sampler in ("qmc", "tpe", "nsga2"):
+        study = in_memory(cfg_for(user_file, "two", sampler=sampler, objectives=["accuracy", "model_bytes"],
+                                  trials=6, population=4, startup_trials=2))
+        assert len(study.trials) == 6
+
+
+def test_unknown_keys_are_errors(user_file):
+    with pytest.raises(KilnError, match="unknown key 'trails'"):
+        parse_search_config({"trails": 3, "space": {"kind": "python", "objective": f"py:{user_file}:two"}})
+    with pytest.raises(KilnError, match="unknown key 'objectiv'"):
+        parse_search_config({"space": {"kind": "python", "objectiv": "x"}})
+    with pytest.raises(KilnError, match="unknown search space 'nope'"):
+        parse_search_config({"space": {"kind": "nope"}})
+    with pytest.raises(KilnError, match="unknown objective 'acc'"):
+        parse_search_config({"objectives": ["acc"], "space": {"kind": "python", "objective": f"py:{user_file}:two"}})
+
+
+def test_config_round_trips_through_toml(user_file):
+    import tomllib
+
+    cfg = cfg_for(user_file, "two", objectives=["accuracy", "model_bytes"], reference=[0.5, 32.0], sampler="nsga2")
+    assert parse_search_config(tomllib.loads(to_toml(cfg))) == cfg
+
+
+def test_unreachable_storage_is_one_line_exit_2_and_nothing_written(user_file, tmp_path):
+    config = tmp_path / "s.toml"
+    config.write_text(to_toml(cfg_for(user_file, "two")))
+    out = tmp_path / "run"
+    for url in ("postgresql://kiln:kiln@127.0.0.1:9/none", "sqlite:////no/such/dir/s.db", "redis-ish://x"):
+        r = subprocess.run([sys.executable, "-m", "kiln.cli.main", "search", "--config", str(config),
+                            "--out", str(out), "--storage", url], capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("kiln: error: storage") and r.stderr.count("\n") == 1, r.stderr
+        assert not out.exists()
+
+
+def test_resuming_a_different_search_in_the_same_directory_is_refused(user_file, tmp_path):
+    run_search(cfg_for(user_file, "two", trials=2), tmp_path / "run", progress=False)
+    with pytest.raises(KilnError, match="different search"):
+        run_search(cfg_for(user_file, "single", trials=2), tmp_path / "run", progress=False)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_keeps_every_completed_trial(user_file, tmp_path):
+    config, out = tmp_path / "s.toml", tmp_path / "run"
+    cfg = cfg_for(user_file, "slow", trials=12)
+    config.write_text(to_toml(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli.main", "search", "--config", str(config),
+                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = []
+    deadline = time.time() + 60
+    while len(done) < 3 and time.time() < deadline:
+        time.sleep(0.2)
+        if (out / "study.db").is_file():
+            try:
+                with sqlite3.connect(out / "study.db") as db:
+                    done = db.execute("select t.number, v.value from trials t join trial_values v "
+                                      "on t.trial_id = v.trial_id where t.state = 'COMPLETE'").fetchall()
+            except sqlite3.OperationalError:
+                pass
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(done) >= 3
+    summary = run_search(cfg, out, progress=False)
+    rows = {r["number"]: r for r in json.loads((out / "results.json").read_text())["trials_detail"]}
+    assert sorted(rows) == list(range(12)) and summary["trials"] == 12
+    for number, value in done:                         # nothing completed before the kill is lost
+        assert rows[number]["state"] == "COMPLETE" and rows[number]["values"] == [value]
+    interrupted = [r for r in rows.values() if r["state"] == "FAIL"]
+    assert all(r["attrs"]["fail_reason"].startswith("interrupted") for r in interrupted)
+    assert len(interrupted) <= 1
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_without_running_a_trial_twice(user_file, tmp_path):
+    cfg = cfg_for(user_file, "two", trials=10, workers=2)
+    summary = run_search(cfg, tmp_path / "run", progress=False)
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["trials_detail"]
+    assert summary["trials"] == 10 and sorted(r["number"] for r in rows) == list(range(10))
+    params = [tuple(sorted(r["params"].items())) for r in rows]
+    assert len(set(params)) == 10                        # each worker samples with its own seed
+    assert (tmp_path / "run" / "study.journal").is_file()
