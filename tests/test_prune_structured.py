@@ -216,9 +216,12 @@ class FixedView(nn.Module):
         return self.fc(self.conv(x).view(x.shape[0], 8 * 64))
 
 
-def test_a_width_fixed_in_code_is_a_kiln_error_naming_the_failure():
-    with pytest.raises(KilnError, match="pruned model no longer runs"):
-        prune_structured(FixedView(), X, 0.5)
+def test_a_width_fixed_in_code_leaves_that_group_whole_or_is_an_error_when_targeted():
+    res = prune_structured(FixedView(), X, 0.5)
+    assert res.model.conv.out_channels == 8 and res.report["params_after"] == res.report["params_before"]
+    assert "pruning it breaks the model's code: RuntimeError" in res.report["pinned"][-1]["reason"]
+    with pytest.raises(KilnError, match="cannot prune conv: the pruned model no longer runs"):
+        prune_structured(FixedView(), X, 0.5, targets={"conv": 0.5})
 
 
 def test_layer_norm_without_affine_is_pinned():

@@ -525,3 +525,12 @@ def _softmax(ctx: _Ctx, node, op: str) -> Track | None:
     if tx is not None and _norm_dim(node.args[1], len(_shape(node))) == tx.dim:
         raise ValueError("normalises over the channels")
     return tx
+
+
+@_rule("pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d", "reflection_pad1d", "replication_pad1d")
+def _pad(ctx: _Ctx, node, op: str) -> Track | None:
+    """Padding of the trailing (spatial) dimensions keeps the channels."""
+    tx = ctx.track(node.args[0])
+    if tx is not None and tx.dim >= len(_shape(node)) - len(node.args[1]) // 2:
+        raise ValueError("pads the channels")
+    return tx

@@ -91,6 +91,9 @@ class Plan:
             if key not in producers and not any(re.search(key, fqn) for fqn in producers):
                 raise KilnError(f"structured pruning target {key!r} matches no layer that produces channels")
 
+    def targeted(self, group: Group) -> bool:
+        return bool(self._target(group.producers))
+
     def ratio_of(self, group: Group) -> float:
         producers = group.producers
         target = self._target(producers)
@@ -140,42 +143,83 @@ def prune_structured(model: nn.Module, example_inputs: tuple, ratio: float, impo
     plan.check_targets(groups)
     params = dict(model.named_parameters())
     grads = gradients(model, batches, default_loss) if importance in NEEDS_GRADIENTS else None
-    masks: dict[str, dict[int, torch.Tensor]] = {}
-    rows = []
+    decisions: list[Decision] = []
     for group in groups:
         r = plan.ratio_of(group)
         keep_n = plan.keep_count(group.units, r)
-        if keep_n == group.units:
-            continue
-        scores = group_scores(group, importance, params, grads)
-        order = torch.argsort(scores, descending=True, stable=True)
-        dropped = torch.sort(order[keep_n:]).values
-        _mark(group, dropped, model, masks)
-        rows.append({"producers": group.producers, "units": group.units, "unit": group.unit, "kept": keep_n,
-                     "ratio": r, "flags": sorted(group.flags)})
-    keeps = {p: {d: m.nonzero().flatten() for d, m in dims.items()} for p, dims in masks.items()}
-    before = _shapes(model)
-    n_before = _count(model)
+        if keep_n < group.units:
+            order = torch.argsort(group_scores(group, importance, params, grads), descending=True, stable=True)
+            decisions.append(Decision(group, torch.sort(order[keep_n:]).values, r, plan.targeted(group)))
+    before, n_before = _shapes(model), _count(model)
+    run = (example_inputs, example_kwargs or {})
+    decisions, broken = _runnable(model, decisions, run)
+    keeps = _keeps(model, decisions)
     apply_keeps(model, keeps)
-    _check_runs(model, example_inputs, example_kwargs)
-    report = _report(model, before, n_before, rows, groups)
+    error = _run_error(model, run)
+    if error:
+        raise KilnError(f"the pruned model no longer runs ({error})")
+    report = _report(model, before, n_before, [d.row() for d in decisions], groups, broken)
     record = {"kind": KIND, "keep": {p: {str(d): idx.tolist() for d, idx in dims.items()} for p, dims in keeps.items()}}
     return StructuredResult(model, record, report)
 
 
-def _check_runs(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None) -> None:
-    """The pruned model must still run: a size written into the model's code (a view to a fixed
-    width) is invisible to the graph."""
+@dataclass
+class Decision:
+    group: Group
+    dropped: torch.Tensor   # units removed
+    ratio: float
+    targeted: bool          # the user named this group: failing to prune it is an error
+
+    def row(self) -> dict:
+        g = self.group
+        return {"producers": g.producers, "units": g.units, "unit": g.unit, "kept": g.units - len(self.dropped),
+                "ratio": self.ratio, "flags": sorted(g.flags)}
+
+
+def _keeps(model: nn.Module, decisions: list[Decision]) -> Keeps:
+    masks: dict[str, dict[int, torch.Tensor]] = {}
+    for d in decisions:
+        for slot in d.group.slots:
+            size = _tensor(model, slot.param).shape[slot.dim]
+            mask = masks.setdefault(slot.param, {}).setdefault(slot.dim, torch.ones(size, dtype=torch.bool))
+            mask[d.group.positions(slot, d.dropped)] = False
+    return {p: {d: m.nonzero().flatten() for d, m in dims.items()} for p, dims in masks.items()}
+
+
+def _run_error(model: nn.Module, run: tuple[tuple, dict]) -> str:
+    """'' when the model runs on the example inputs, else what went wrong."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(*example_inputs, **(example_kwargs or {}))
-    except Exception as exc:   # any failure here is the model's fixed-size code
-        raise KilnError(f"the pruned model no longer runs ({type(exc).__name__}: {first_line(exc)}); does its "
-                        "code fix a channel count (a view to a constant width)? ignore that layer") from None
+            model(*run[0], **run[1])
+        return ""
+    except Exception as exc:   # any failure here is a size fixed in the model's code
+        return f"{type(exc).__name__}: {first_line(exc)}"
     finally:
         model.train(was_training)
+
+
+def _runnable(model: nn.Module, decisions: list[Decision], run) -> tuple[list[Decision], list[dict]]:
+    """The decisions whose pruning leaves a model that still runs. A size written into the model's
+    code (a view to a width taken from another tensor) is invisible to the graph, so when the whole
+    plan fails, each group is tried alone and the ones that break the code are left whole."""
+    trial = copy.deepcopy(model)
+    apply_keeps(trial, _keeps(trial, decisions))
+    if not _run_error(trial, run):
+        return decisions, []
+    ok, broken = [], []
+    for d in decisions:
+        trial = copy.deepcopy(model)
+        apply_keeps(trial, _keeps(trial, [d]))
+        error = _run_error(trial, run)
+        if not error:
+            ok.append(d)
+        elif d.targeted:
+            raise KilnError(f"cannot prune {d.group.producers[0]}: the pruned model no longer runs ({error})")
+        else:
+            broken.append({"modules": d.group.modules[:4], "reason": f"pruning it breaks the model's code: {error}"})
+    return ok, broken
 
 
 def prune_transformer(model: nn.Module, example_inputs: tuple = (), *, heads: float = 0.0, ffn: float = 0.0,
@@ -183,13 +227,6 @@ def prune_transformer(model: nn.Module, example_inputs: tuple = (), *, heads: fl
     """Remove `heads` of every attention layer's heads and `ffn` of every feed-forward layer's neurons."""
     return prune_structured(model, example_inputs, 0.0, importance, heads=heads, ffn=ffn,
                             example_kwargs=example_kwargs, **kw)
-
-
-def _mark(group: Group, dropped: torch.Tensor, model: nn.Module, masks: dict) -> None:
-    for slot in group.slots:
-        t = _tensor(model, slot.param)
-        mask = masks.setdefault(slot.param, {}).setdefault(slot.dim, torch.ones(t.shape[slot.dim], dtype=torch.bool))
-        mask[group.positions(slot, dropped)] = False
 
 
 def _tensor(model: nn.Module, fqn: str) -> torch.Tensor:
@@ -304,12 +341,12 @@ def _shapes(model: nn.Module) -> dict[str, dict]:
     return out
 
 
-def _report(model: nn.Module, before: dict, n_before: int, rows: list, groups: list[Group]) -> dict:
+def _report(model: nn.Module, before: dict, n_before: int, rows: list, groups: list[Group], broken: list) -> dict:
     after = _shapes(model)
     layers = {fqn: {"type": b["type"], "in": [b["in"], after[fqn]["in"]], "out": [b["out"], after[fqn]["out"]],
                     "params": [b["params"], after[fqn]["params"]]}
               for fqn, b in before.items() if b != after[fqn]}
-    pinned = [{"modules": g.modules[:4], "reason": g.pinned[0]} for g in groups if g.pinned and g.producers]
+    pinned = [{"modules": g.modules[:4], "reason": g.pinned[0]} for g in groups if g.pinned and g.producers] + broken
     return {"params_before": n_before, "params_after": _count(model), "layers": layers, "groups": rows,
             "pinned": pinned}
 
