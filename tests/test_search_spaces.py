@@ -1,0 +1,159 @@
+"""Search spaces: mixed precision against kiln.quant's own path, architectures against
+hand-counted sizes and torch.utils.flop_counter, exported configs that load back."""
+import copy
+
+import optuna
+import pytest
+import torch
+from torch.utils.data import Subset
+from torch.utils.flop_counter import FlopCounterMode
+
+from kiln.errors import KilnError
+from kiln.search.config import parse_search_config
+from kiln.search.engine import make_space
+from kiln.search.run import run_search
+from kiln.search.spaces.arch import build_candidate
+from kiln.search.spaces.quant import frozen_weights, layer_groups
+
+torch.set_num_threads(1)
+
+
+def mp_space(**space):
+    cfg = parse_search_config({"objectives": ["accuracy", "avg_bits"], "space": {
+        "kind": "mixed-precision", "source": "zoo:mlp", "samples": 64, "bits": [4, 8], "calib_batches": 1,
+        "batch_size": 16, **space}})
+    space, _ = make_space(cfg)
+    space.ensure_setup()
+    return space
+
+
+@pytest.fixture(scope="module")
+def mlp_space():
+    return mp_space()
+
+
+def test_layer_groups():
+    names = ["enc.layer.0.q", "enc.layer.0.k", "enc.layer.1.q", "head"]
+    assert layer_groups(names, r"enc.*", "") == {n: [n] for n in names[:3]}
+    assert layer_groups(names, r"enc.*", r"enc\.layer\.(\d+)\..*") == {"0": names[:2], "1": names[2:3]}
+    with pytest.raises(KilnError, match="has no point"):
+        layer_groups(names, r"decoder.*", "")
+
+
+def test_avg_bits_by_hand(mlp_space):
+    choice = {"layers.0": 4, "layers.2": 8, "head": 4}
+    scores = mlp_space.score(choice, None)
+    numel = {"layers.0": 256 * 784, "layers.2": 128 * 256, "head": 10 * 128}
+    assert scores["avg_bits"] == pytest.approx(sum(choice[n] * k for n, k in numel.items()) / sum(numel.values()))
+    assert 0.0 <= scores["accuracy"] <= 1.0
+
+
+def test_uniform_int8_scores_like_kiln_quant_itself(mlp_space):
+    from kiln.quant.config import parse_config
+    from kiln.quant.run import evaluate_model, prepare
+
+    table = {"targets": ["Linear"], "weight": {"format": "int", "bits": 8, "granularity": "channel"},
+             "input": {"format": "int", "bits": 8, "granularity": "tensor", "calib": "minmax"}}
+    model = copy.deepcopy(mlp_space.model)
+    prepare(model, parse_config(table), mlp_space.batches)                   # the quantize command's path
+    oracle = evaluate_model(model, mlp_space.splits, "val", 100)[1]
+    assert mlp_space.score(mlp_space.uniform(8), None)["accuracy"] == oracle
+
+
+def test_frozen_weights_change_nothing_but_speed(mlp_space):
+    from kiln.quant.apply import calibrate, quantize
+    from kiln.quant.config import parse_config
+    from kiln.quant.run import model_forward
+
+    model = quantize(copy.deepcopy(mlp_space.model), parse_config(mlp_space.quant_table(
+        mlp_space.bits_of({"layers.0": 4, "layers.2": 8, "head": 4}))))
+    calibrate(model, mlp_space.batches, model_forward)
+    x = torch.randn(5, 1, 28, 28)
+    ref = model(x)
+    with frozen_weights(model):
+        assert torch.equal(model(x), ref)
+    assert torch.equal(model(x), ref)                                        # and restored after
+
+
+def test_export_is_a_quant_config_that_resolves_to_the_chosen_bits(mlp_space, tmp_path):
+    from kiln.config import read_toml
+    from kiln.quant.config import parse_config
+
+    (path,) = mlp_space.export({"layers.0": 4, "layers.2": 8, "head": 4}, tmp_path)
+    config = parse_config(read_toml(path))
+    assert {n: config.resolve(n, "Linear")[1]["weight"].bits for n in ("layers.0", "layers.2", "head")} == \
+        {"layers.0": 4, "layers.2": 8, "head": 4}
+
+
+def test_a_space_with_no_valid_point_stops_before_writing(tmp_path):
+    for space in ({"kind": "mixed-precision", "source": "zoo:mlp", "include": "nothing.*"},
+                  {"kind": "vit", "dim": [30], "heads": [4, 8]},
+                  {"kind": "cnn", "depth": [6]}):
+        cfg = parse_search_config({"space": space})
+        with pytest.raises(KilnError, match="no (valid )?point"):
+            run_search(cfg, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
+
+
+def test_cnn_candidate_size_and_flops_by_hand():
+    params = {"depth": 2, "s0_channels": 8, "s0_kernel": 5, "s0_blocks": 2, "s1_channels": 16, "s1_kernel": 3,
+              "s1_blocks": 1}
+    model = build_candidate("cnn", params)
+    convs = 8 * 1 * 25 + 8 * 8 * 25 + 16 * 8 * 9
+    bns = 2 * (8 + 8 + 16)
+    assert sum(p.numel() for p in model.parameters()) == convs + bns + 16 * 10 + 10
+    from kiln.search.objectives import count_flops
+
+    x = torch.randn(1, 1, 28, 28)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert count_flops(model, (x,)) == counter.get_total_flops()
+    # convolutions at 28x28, 28x28, then 14x14 after the pool: 2 FLOPs per multiply-add
+    assert counter.get_total_flops() == 2 * (28 * 28 * (8 * 25) + 28 * 28 * (8 * 8 * 25) + 14 * 14 * (16 * 8 * 9)
+                                             + 16 * 10)
+
+
+def test_vit_heads_always_divide_the_width():
+    cfg = parse_search_config({"sampler": "random", "space": {"kind": "vit", "dim": [24, 32], "heads": [3, 4, 8]}})
+    space, _ = make_space(cfg)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        params = space.suggest(study.ask())
+        assert params["dim"] % params["heads"] == 0
+        model = space.build(params)
+        assert model.blocks[0].attn.heads == params["heads"] and len(model.blocks) == params["depth"]
+
+
+def test_cnn_search_exports_a_model_that_loads_and_trains(tmp_path):
+    from kiln.config import read_toml
+    from kiln.models.spec import load
+
+    cfg = parse_search_config({"objectives": ["accuracy", "params"], "sampler": "random", "trials": 2, "threads": 1,
+                               "space": {"kind": "cnn", "steps": 4, "eval_every": 2, "samples": 64,
+                                         "depth": [1, 2], "channels": [4, 8]}})
+    summary = run_search(cfg, tmp_path / "run", progress=False)
+    n = summary["best"][0]
+    trial_dir = tmp_path / "run" / "best" / f"trial-{n}"
+    train = read_toml(trial_dir / "train.toml")
+    loaded = load(train["model"])
+    params_of_trial = summary["front"][summary["best"].index(n)][1]
+    assert sum(p.numel() for p in loaded.model.parameters()) == params_of_trial
+    assert loaded.model(*loaded.example_inputs).shape == (1, 10)
+
+
+@pytest.mark.slow
+def test_compression_aware_scoring_reports_quantized_size(tmp_path):
+    cfg = parse_search_config({"objectives": ["accuracy", "model_bytes"], "sampler": "random", "trials": 1,
+                               "threads": 1, "space": {"kind": "cnn", "steps": 3, "eval_every": 10, "samples": 64,
+                                                       "depth": [1], "compress": "configs/quant/w8a8.toml"}})
+    space, _ = make_space(cfg)
+    space.ensure_setup()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    params = space.suggest(study.ask())
+    scores = space.score(params, lambda *a: None)
+    model = space.build(params)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    others = sum(p.numel() for p in model.parameters()) - weights
+    channels = params["s0_channels"] + 10            # one fp32 scale per output channel, conv and linear
+    assert scores["avg_bits"] == 8.0
+    assert scores["model_bytes"] == weights + 4 * others + 4 * channels
