@@ -157,3 +157,23 @@ def test_compression_aware_scoring_reports_quantized_size(tmp_path):
     channels = params["s0_channels"] + 10            # one fp32 scale per output channel, conv and linear
     assert scores["avg_bits"] == 8.0
     assert scores["model_bytes"] == weights + 4 * others + 4 * channels
+
+
+def test_compression_space_prunes_factorises_and_quantizes_by_hand():
+    cfg = parse_search_config({"objectives": ["accuracy", "params"], "space": {
+        "kind": "compression", "source": "zoo:mlp", "samples": 64, "bits": [4, 8], "calib_batches": 1,
+        "batch_size": 16, "budgets": [1.0, 0.25], "sparsity": [0.0, 0.5]}})
+    space, _ = make_space(cfg)
+    space.ensure_setup()
+    choice = {"layers.0:sparsity": 0.5, "layers.0:budget": 1.0, "layers.0:bits": 4,
+              "layers.2:sparsity": 0.0, "layers.2:budget": 0.25, "layers.2:bits": 8,
+              "head:sparsity": 0.0, "head:budget": 1.0, "head:bits": 8}
+    model, bits = space.compress(choice)
+    rank = int(0.25 * 256 * 128 / (256 + 128))                   # the largest rank within a quarter of the weights
+    assert model.layers[2].rank == rank
+    assert bits == {"layers.0": 4, "layers.2.first": 8, "layers.2.second": 8, "head": 8}
+    assert int((model.layers[0].weight == 0).sum()) == 256 * 784 // 2
+    scores = space.score(choice, None)
+    assert scores["params"] == 256 * 784 // 2 + 256 + rank * (256 + 128) + 128 + 10 * 128 + 10
+    weights = {4: 256 * 784, 8: rank * (256 + 128) + 10 * 128}
+    assert scores["avg_bits"] == pytest.approx(sum(b * n for b, n in weights.items()) / sum(weights.values()))
