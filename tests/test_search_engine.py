@@ -190,3 +190,29 @@ def test_two_workers_share_one_study_without_running_a_trial_twice(user_file, tm
     params = [tuple(sorted(r["params"].items())) for r in rows]
     assert len(set(params)) == 10                        # each worker samples with its own seed
     assert (tmp_path / "run" / "study.journal").is_file()
+
+
+def test_cli_unknown_key_is_one_line_exit_2(tmp_path):
+    config = tmp_path / "s.toml"
+    config.write_text('trials = 3\nsampler = "tpe"\n[space]\nkind = "cnn"\nchanels = [8]\n')
+    r = subprocess.run([sys.executable, "-m", "kiln.cli.main", "search", "--config", str(config),
+                        "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown key 'chanels'" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_shipped_search_config_parses():
+    configs = sorted(Path("configs/search").glob("*.toml"))
+    assert configs
+    from kiln.search.config import load_search_config
+
+    for path in configs:
+        assert load_search_config(path).space["kind"] in ("mixed-precision", "cnn", "vit", "compression",
+                                                          "train-hparams", "python")
+
+
+@pytest.mark.slow
+def test_resuming_with_another_worker_count_keeps_the_study(user_file, tmp_path):
+    run_search(cfg_for(user_file, "two", trials=3, workers=2), tmp_path / "run", progress=False)
+    summary = run_search(cfg_for(user_file, "two", trials=5, workers=1), tmp_path / "run", progress=False)
+    assert summary["trials"] == 5 and not (tmp_path / "run" / "study.db").exists()

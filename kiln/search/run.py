@@ -48,6 +48,11 @@ def run_search(cfg: SearchConfig, out: Path, progress: bool = True,
 
     space, objectives = make_space(cfg)
     space.ensure_setup()        # a space with no valid point, or a source that fails, stops here: nothing written
+    previous = Path(out) / "config.toml"
+    if not cfg.storage and previous.is_file():    # resuming: the study stays where it was started
+        from kiln.config import read_toml
+
+        cfg = dataclasses.replace(cfg, storage=str(read_toml(previous).get("storage", "")))
     # a given storage must be reachable before anything is written; the default one lives in `out`
     storage = open_storage(cfg.storage) if cfg.storage else None
     cfg, config_path = prepare_run(cfg, out)
