@@ -177,3 +177,19 @@ def test_compression_space_prunes_factorises_and_quantizes_by_hand():
     assert scores["params"] == 256 * 784 // 2 + 256 + rank * (256 + 128) + 128 + 10 * 128 + 10
     weights = {4: 256 * 784, 8: rank * (256 + 128) + 10 * 128}
     assert scores["avg_bits"] == pytest.approx(sum(b * n for b, n in weights.items()) / sum(weights.values()))
+
+
+def test_cost_objectives_match_kiln_analysis():
+    from kiln.analysis.report import analyze
+    from kiln.hardware.profiles import load_profile
+    from kiln.models.loaded import LoadedModel
+    from kiln.search.objectives import cost_scores
+
+    model = build_candidate("cnn", {"depth": 1, "s0_channels": 8, "s0_kernel": 3, "s0_blocks": 1}).eval()
+    x = (torch.randn(1, 1, 28, 28),)
+    scores = cost_scores(model, x, {"params", "model_bytes", "flops", "latency_ms", "roofline_ms"}, "h100")
+    a = analyze(LoadedModel("cnn", model, x), load_profile("h100"), measure_time=False)
+    assert scores["roofline_ms"] == pytest.approx(1e3 * a.roofline.latency_s)
+    assert scores["flops"] == a.flops
+    assert scores["params"] == a.params and scores["model_bytes"] == a.param_bytes == 4 * a.params
+    assert scores["latency_ms"] > 0
