@@ -232,6 +232,9 @@ class OrtModule(nn.Module):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # no busy-waiting between runs: spinning threads would steal the cores from whatever
+        # runs next (torch, another session) on a machine with few of them
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = level if level is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.onnx_bytes = onnx_bytes
         self.names = names
