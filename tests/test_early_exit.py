@@ -203,3 +203,13 @@ def test_cli_trains_heads_sweeps_and_reloads(tmp_path):
     with torch.no_grad():
         src.model.threshold = -1.0
         assert torch.equal(src.model(x), src.model.backbone(x))
+
+
+def test_joint_training_reaches_the_backbone():
+    backbone = cnn()
+    x, y = torch.randn(8, 1, 12, 12), torch.randint(0, 4, (8,))
+    model = attach(backbone, ["3"], (x[:1],), {}, freeze_backbone=False)
+    model.train()
+    assert backbone.training
+    model.loss(x, y)[0].backward()
+    assert backbone[0].weight.grad is not None and backbone[8].weight.grad is not None
