@@ -223,3 +223,16 @@ def test_lottery_rounds_reach_the_final_sparsity_from_the_init(spec, tmp_path):
     assert sum(r["zeros"] for r in layers) == round(0.75 * sum(r["total"] for r in layers))
     rounds = result["metrics"]["finetune"]["rounds"]
     assert [r["ratio"] for r in rounds] == pytest.approx([0.5, 0.75]) and all(r["steps"] == 3 for r in rounds)
+
+
+def test_activation_sparsity_rule_survives_the_artifact(spec, tmp_path):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('ratio = 0.5\n[[rules]]\nmatch = "fqn:1"\nactivation = 0.25\n')
+    js = tmp_path / "r.json"
+    result = invoke(spec, "--out", tmp_path / "run", "--no-eval", "--config", cfg, "--json", js)
+    assert result.exit_code == 0, result.output
+    assert json.loads(js.read_text())["report"]["activations"] == {"1": 0.25}
+    model, seen = load_artifact(tmp_path / "run").model, {}
+    model[1].register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
+    model(torch.randn(3, 1, 8, 8))
+    assert ((seen["out"] == 0).sum(1) == 8).all()    # round(0.25 * 32) zeroed per sample, before the ReLU

@@ -44,7 +44,7 @@ def prune_run(src: str, cfg: PruneConfig, out: str | Path, dataset: str | None =
         metrics = _metric(metrics, "dense_", model, splits)
         log(f"dense {metrics['metric']}: {metrics['dense_' + metrics['metric']]:.4f}")
     model, record, layers = _prune(model, cfg, plan, source, splits)
-    if cfg.activation or plan.activations:
+    if plan.activations:
         record["activations"] = sparsify_activations(model, plan.activations)
     if cfg.finetune is not None:
         if evaluate and splits is not None and cfg.schedule == "oneshot":

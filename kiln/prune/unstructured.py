@@ -263,7 +263,7 @@ def sparsify_activations(model: nn.Module, ratios: dict[str, float]) -> dict:
     """Attach an ActivationSparsity hook to each named module; returns the record's entry."""
     for fqn, ratio in ratios.items():
         module = _module(model, fqn)
-        module._kiln_activation_sparsity = module.register_forward_hook(ActivationSparsity(fqn, ratio))
+        module.register_forward_hook(ActivationSparsity(fqn, ratio))
     return dict(ratios)
 
 
