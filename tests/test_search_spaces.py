@@ -193,3 +193,22 @@ def test_cost_objectives_match_kiln_analysis():
     assert scores["flops"] == a.flops
     assert scores["params"] == a.params and scores["model_bytes"] == a.param_bytes == 4 * a.params
     assert scores["latency_ms"] > 0
+
+
+def test_a_repeated_point_takes_the_earlier_trials_values_without_running():
+    from kiln.search.engine import Setup, open_study, optimize
+
+    cfg = parse_search_config({"objectives": ["accuracy", "avg_bits"], "sampler": "random", "trials": 3, "space": {
+        "kind": "mixed-precision", "source": "zoo:mlp", "samples": 64, "bits": [4, 8], "calib_batches": 1,
+        "batch_size": 16}})
+    space, objectives = make_space(cfg)
+    calls = []
+    score = space.score
+    space.score = lambda *a: calls.append(1) or score(*a)
+    study = open_study(cfg, None, space)
+    point = {"layers.0": 4, "layers.2": 8, "head": 4}
+    for p in (point, point, dict(point, head=8)):
+        study.enqueue_trial(p)
+    optimize(Setup(cfg, space, objectives, study))
+    t = study.trials
+    assert len(calls) == 2 and t[1].user_attrs["duplicate_of"] == 0 and t[1].values == t[0].values

@@ -164,6 +164,10 @@ def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
         ran.append(trial.number)
         try:
             candidate = setup.space.suggest(trial)
+            earlier = _same_params(study, trial) if setup.space.deterministic else None
+            if earlier is not None:      # samplers re-propose points of a finite space: don't pay twice
+                trial.set_user_attr("duplicate_of", earlier.number)
+                return earlier.values if cfg.multi else earlier.values[0]
             scores = setup.space.score(candidate, _reporter(trial, study, cfg, setup.objectives))
             values = pick(scores, setup.objectives, setup.space.kind)
             bad = [(o.name, v) for o, v in zip(setup.objectives, values) if not math.isfinite(v)]
@@ -186,6 +190,16 @@ def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
     study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
     return study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
         study._study_id, ran[0])).state.name if ran else "NONE"
+
+
+def _same_params(study, trial):
+    """A completed trial with exactly this trial's parameters, if any."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.params == trial.params:
+            return t
+    return None
 
 
 def started(study) -> int:

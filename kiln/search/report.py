@@ -144,7 +144,8 @@ def _table(rows: list[dict], objectives: list[Objective], only: list[int] | None
         if only is not None and r["number"] not in only:
             continue
         vals = r["values"] or [None] * len(objectives)
-        note = r["attrs"].get("fail_reason") or r["attrs"].get("pruned") or ""
+        dup = r["attrs"].get("duplicate_of")
+        note = r["attrs"].get("fail_reason") or r["attrs"].get("pruned") or (f"same as trial {dup}" if dup is not None else "")
         body.append([str(r["number"]), r["state"], *[_fmt(v) for v in vals], _fmt(r["seconds"]), note])
     return [head, *body]
 

@@ -39,6 +39,9 @@ class Context:
 
 class Space(ABC):
     Config: type = object
+    # the same parameters always score the same (seeded training, fixed subsets): a trial that
+    # repeats a completed one's parameters takes its values instead of running again
+    deterministic: bool = True
 
     def __init__(self, config: Any, ctx: Context):
         self.config = config

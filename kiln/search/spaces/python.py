@@ -60,6 +60,7 @@ def load_function(ref: str):
 @register_space("python")
 class PythonSpace(Space):
     Config = PythonConfig
+    deterministic = False      # the user's function asks for its own parameters, inside score
 
     def setup(self) -> None:
         self.fn = load_function(self.config.objective)
