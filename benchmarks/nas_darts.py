@@ -96,6 +96,10 @@ def main() -> None:
     parser.add_argument("exp", nargs="+", choices=["darts", "darts2", "random"])
     parser.add_argument("--json", default=DEFAULT_JSON)
     args = parser.parse_args()
+    # One thread: on the shared 2-core machine a second OpenMP thread that gets descheduled stalls
+    # every one of the thousands of small kernels per step (measured: 1.1 s/step at 1 thread,
+    # 2 to 80 s/step at 2 threads under load).
+    torch.set_num_threads(1)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     for exp in args.exp:
         if exp == "darts":

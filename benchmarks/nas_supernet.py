@@ -58,6 +58,10 @@ def main() -> None:
     parser.add_argument("--supernet-epochs", type=float, default=None, help="default: the config's")
     parser.add_argument("--json", default="benchmarks/results/nas_supernet.json")
     args = parser.parse_args()
+    # One thread: on the shared 2-core machine a second OpenMP thread that gets descheduled stalls
+    # every one of the thousands of small kernels per step (measured: 1.1 s/step at 1 thread,
+    # 2 to 80 s/step at 2 threads under load).
+    torch.set_num_threads(1)
     from scipy.stats import kendalltau
 
     cfg = nas_config.load("spos", CONFIG)
