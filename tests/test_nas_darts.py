@@ -142,3 +142,18 @@ def test_a_short_search_runs_within_its_wall_budget(order):
                           darts.DartsSettings(order=order, time_budget_s=1.5, batch_size=8, eval_samples=16), seed=0)
     assert result.steps >= 1 and result.seconds < 1.5 + 2.0
     assert result.history[-1]["step"] == result.steps
+
+
+def test_warmup_leaves_the_alphas_alone_until_its_fraction_of_the_budget():
+    from kiln.search.nas.fit import Tensors
+
+    space = CellSpace(("none", "skip_connect", "sep_conv_3x3"), nodes=2)
+    data = Tensors(torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+    macro = Macro(channels=2, layers=2, stem_stride=1)
+    settings = dict(time_budget_s=60, max_epochs=1, batch_size=8, eval_samples=16)
+    frozen = darts.search(space, macro, data, darts.DartsSettings(warmup_fraction=0.99, **settings), seed=0)
+    moved = darts.search(space, macro, data, darts.DartsSettings(**settings), seed=0)
+    torch.manual_seed(0)
+    init = darts.SearchNetwork(space, macro, torch.Generator().manual_seed(0)).alpha_normal.softmax(-1)
+    assert torch.allclose(torch.tensor(frozen.alphas["normal"]), init)   # 4 steps, all in warm-up
+    assert not torch.allclose(torch.tensor(moved.alphas["normal"]), init)

@@ -99,10 +99,6 @@ class DartsRun:
     darts: DartsSettings = DartsSettings()
     retrain: Recipe = Recipe(epochs=10.0)
 
-    def __post_init__(self):
-        if self.darts.order not in (1, 2):
-            raise KilnError(f"nas [darts]: order must be 1 or 2, got {self.darts.order}")
-
 
 @dataclass(frozen=True)
 class SampledRun:

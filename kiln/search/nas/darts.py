@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from kiln.errors import KilnError
 from kiln.search.nas.fit import Tensors, accuracy, batches, cosine
 from kiln.search.nas.space import (
     CellNetwork, CellSpace, FactorizedReduce, Genotype, Macro, ReLUConvBN, build_op, discretise,
@@ -157,6 +158,14 @@ class DartsSettings:
     grad_clip: float = 5.0
     eval_samples: int = 1000
     fd_step: float = 0.01
+    warmup_fraction: float = 0.0   # of the budget spent on weights only (PC-DARTS warms up 15 of 50 epochs)
+
+    def __post_init__(self):
+        if self.order not in (1, 2):
+            raise KilnError(f"nas [darts]: order must be 1 or 2, got {self.order}")
+        if not 0.0 <= self.warmup_fraction < 1.0 or self.time_budget_s <= 0 or self.max_epochs < 1:
+            raise KilnError(f"nas [darts]: need 0 <= warmup_fraction < 1, time_budget_s > 0, max_epochs >= 1; "
+                            f"got {self.warmup_fraction}, {self.time_budget_s}, {self.max_epochs}")
 
 
 @dataclass
@@ -209,11 +218,13 @@ def search(space: CellSpace, macro: Macro, data: Tensors, s: DartsSettings, seed
     start, step, history = time.perf_counter(), 0, []
     held_out = a_half.take(torch.arange(min(s.eval_samples, len(a_half))))
     while step < total and time.perf_counter() - start < s.time_budget_s:
-        lr = cosine(s.w_lr, max(step / total, (time.perf_counter() - start) / s.time_budget_s))
+        progress = max(step / total, (time.perf_counter() - start) / s.time_budget_s)
+        lr = cosine(s.w_lr, progress)
         for group in w_opt.param_groups:
             group["lr"] = lr
         train_batch, val_batch = next(w_feed), next(a_feed)
-        _alpha_step(model, a_opt, s, train_batch, val_batch, lr)
+        if progress >= s.warmup_fraction:
+            _alpha_step(model, a_opt, s, train_batch, val_batch, lr)
         loss = _weight_step(model, w_opt, s, train_batch)
         step += 1
         out_of_time = time.perf_counter() - start >= s.time_budget_s
