@@ -118,7 +118,7 @@ class Plan:
 
 
 def is_ffn(group: Group) -> bool:
-    """A feed-forward hidden layer: produced and consumed by linears only, no norm, add or heads."""
+    """A hidden layer between two weight layers (a transformer's FFN): no norm, residual add or heads."""
     return not (group.flags & {"heads", "residual", "norm"}) and all(s.role in ("out", "in") for s in group.slots)
 
 
