@@ -94,3 +94,16 @@ def test_a_model_with_its_own_loss_cannot_be_distilled(spec):
     with pytest.raises(KilnError, match="teacher zoo:vae: distillation needs logits"):
         loss_fn(cfg, "generation", Own(), Own())
     assert tasks.logits_loss(torch.zeros(2, 4), "classification", torch.tensor([1, 2]))[0].item() == pytest.approx(math.log(4))
+
+
+def test_cli_flags_reach_the_config():
+    from typer.testing import CliRunner
+
+    from kiln.cli.main import app
+
+    result = CliRunner().invoke(app, ["train", "zoo:cnn", "--teacher", "zoo:cnn", "--distill-alpha", "1.5"])
+    assert result.exit_code == 2 and "distill_alpha must be in [0, 1]" in result.output
+    from kiln.cli.train import _config
+
+    cfg = _config("zoo:cnn", None, None, {"teacher": "runs/t", "distill_alpha": 0.3, "distill_temperature": 4.0})
+    assert (cfg.teacher, cfg.distill_alpha, cfg.distill_temperature) == ("runs/t", 0.3, 4.0)
