@@ -3,6 +3,8 @@
     flock /tmp/kiln-cpu.lock .venv/bin/python benchmarks/prune_structured.py EXP [EXP ...] [--json PATH]
 
 EXP:
+  groups   kiln's graph-derived channel groups against Torch-Pruning's DependencyGraph on zoo CNNs
+           (cnn, resnet20, mobilenet_v2, efficientnet_lite0, c3d): is the partition the same?
   resnet   zoo:resnet20 on its default dataset (real MNIST digits at 32x32x3). The dense model is
            trained here when runs/prune/resnet20-dense is missing (recipe DENSE below). 50% of the
            channels of every prunable group are removed by kiln (graph-derived groups) and by
@@ -148,6 +150,37 @@ def resnet() -> dict:
     return entry
 
 
+def groups() -> dict:
+    """kiln's graph-derived groups against Torch-Pruning's DependencyGraph on zoo CNNs: the
+    partition of conv/linear output channels (depthwise convs follow their input) into groups."""
+    from torch import nn
+
+    from kiln.models.spec import load
+    from kiln.prune.structured import dependency_groups
+
+    torch.set_num_threads(1)
+    entry: dict = {"date": str(date.today())}
+    for spec in ("zoo:cnn", "zoo:resnet20", "zoo:mobilenet_v2", "zoo:efficientnet_lite0", "zoo:c3d"):
+        loaded = load(spec)
+        model, x = loaded.model.eval(), loaded.example_inputs
+        import torch_pruning as tp
+
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=x[0])
+        names = {m: n for n, m in model.named_modules()}
+        theirs = set()
+        for g in graph.get_all_groups(root_module_types=[nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear]):
+            members = frozenset(names[d.target.module] for d, _ in g if d.handler.__name__ == "prune_out_channels"
+                                and isinstance(d.target.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+                                and getattr(d.target.module, "groups", 1) == 1)
+            theirs |= {members} if members else set()
+        ours = {frozenset(g.producers) for g in dependency_groups(model, x) if g.producers}
+        entry[spec] = {"kiln_groups": len(ours), "torch_pruning_groups": len(theirs), "same_partition": ours == theirs,
+                       "only_kiln": sorted(sorted(g) for g in ours - theirs)[:5],
+                       "only_torch_pruning": sorted(sorted(g) for g in theirs - ours)[:5]}
+        print(spec, entry[spec])
+    return entry
+
+
 def _test_metric(run: Path) -> float:
     """The test metric of a train run (its metrics.json) or of an artifact (evaluated now)."""
     import json
@@ -211,11 +244,11 @@ def _table(title: str, entry: dict, names: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiments", nargs="+", choices=("resnet", "minilm"))
+    parser.add_argument("experiments", nargs="+", choices=("resnet", "minilm", "groups"))
     parser.add_argument("--json", default="benchmarks/results/prune_structured.json")
     args = parser.parse_args()
     for exp in args.experiments:
-        merge_result(args.json, exp, {"resnet": resnet, "minilm": minilm}[exp]())
+        merge_result(args.json, exp, {"resnet": resnet, "minilm": minilm, "groups": groups}[exp]())
 
 
 if __name__ == "__main__":
