@@ -262,3 +262,27 @@ def test_conv1d_conv3d_embedding_layer_norm_shrink_consistently():
         torch.testing.assert_close(m(*inputs)[1], model(*inputs)[1], atol=1e-5, rtol=1e-5)
         exported = torch.export.export(m, inputs, strict=False).module()
         torch.testing.assert_close(exported(*inputs), m(*inputs))
+
+
+@pytest.mark.parametrize("spec", ["hf-config:gpt2", "hf-config:llama"])   # Conv1D (addmm); SwiGLU gate * up
+def test_decoder_ffn_zero_units_keep_outputs(spec):
+    from kiln.models.spec import load
+
+    loaded = load(spec)
+    model, kw = loaded.model.eval(), loaded.example_kwargs
+    ffn = [g for g in dependency_groups(model, (), kw) if g.producers and "mlp" in g.producers[0]]
+    assert len(ffn) == 2 and all(g.units == 128 and not g.pinned for g in ffn)
+    for g in ffn:
+        _zero_units(model, g, torch.arange(0, g.units, 2))
+    res = prune_transformer(model, (), ffn=0.5, example_kwargs=kw)
+    removed = res.report["params_before"] - res.report["params_after"]
+    assert removed == sum(_slot_numel(model, g) // 2 for g in ffn)   # half of each member's share
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(**kw).last_hidden_state, model(**kw).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def _slot_numel(model: nn.Module, group: Group) -> int:
+    """Parameters a group's members hold along its dimension (every unit's share, all units)."""
+    params = dict(model.named_parameters())
+    return sum(params[s.param].numel() for s in group.slots if s.param in params)

@@ -102,8 +102,9 @@ def _pointwise(ctx: Ctx, node, op: str) -> Any:
         return [None, None] if op == "native_dropout" else None
     pos = {t.dim - len(shape_of(a)) for a, t in tracked}
     first = tracked[0][1]
+    spaces = {ctx.spaces.find(s.space) for _, t in tracked for s in t.segs}
     ok = len(pos) == 1 and all(unify(ctx, first, t, where(node, op)) for _, t in tracked[1:])
-    if ok and len(tracked) > 1:
+    if ok and len(spaces) > len(first.segs) and op in ("add", "add_", "sub", "sub_"):   # two producers summed
         for seg in first.segs:
             ctx.spaces.group(seg.space).flags.add("residual")
     (rel,) = pos if len(pos) == 1 else (0,)
@@ -294,3 +295,15 @@ def _pad(ctx: Ctx, node, op: str) -> Track | None:
     if tx is not None and tx.dim >= len(shape_of(node)) - len(node.args[1]) // 2:
         raise ValueError("pads the channels")
     return tx
+
+
+@rule("addmm")
+def _addmm(ctx: Ctx, node, op: str) -> Track:
+    """bias + x @ W with W stored (in, out): Hugging Face's Conv1D (GPT-2)."""
+    bias, x, w = node.args[:3]
+    tx = ctx.track(x)
+    if tx is not None and tx.dim != 1:
+        raise ValueError("channels on the rows of a matrix product")
+    for seg in tx.segs if tx is not None else ():
+        ctx.slot(seg, ctx.param(w), 0, "in")
+    return ctx.produce(shape_of(w)[1], 1, [(ctx.param(w), 1), (ctx.param(bias), 0)])

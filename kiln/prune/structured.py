@@ -261,7 +261,8 @@ def apply_keeps(model: nn.Module, keeps: Keeps) -> nn.Module:
         for name, dims in tensors.items():
             _slice(module, name, dims, tied)
         fix = next((f for t, f in LAYERS.items() if type(module) is t), None) \
-            or next((f for t, f in LAYERS.items() if isinstance(module, t)), None)
+            or next((f for t, f in LAYERS.items() if isinstance(module, t)), None) \
+            or LAYERS_BY_NAME.get(type(module).__name__)
         if fix is not None:
             fix(module, before)
     for module in model.modules():
@@ -318,6 +319,14 @@ def _fix_batch_norm(m: nn.Module, before: dict) -> None:
 @_layer(nn.LayerNorm)
 def _fix_layer_norm(m: nn.LayerNorm, before: dict) -> None:
     m.normalized_shape = (m.weight.shape[0],)
+
+
+def _fix_hf_conv1d(m: nn.Module, before: dict) -> None:
+    """transformers' Conv1D (GPT-2) keeps its output width in `nf` and uses it in forward."""
+    m.nx, m.nf = m.weight.shape
+
+
+LAYERS_BY_NAME: dict[str, LayerFix] = {"Conv1D": _fix_hf_conv1d}   # foreign layers kiln does not import
 
 
 @_layer(nn.Embedding)
