@@ -34,6 +34,8 @@ from kiln.search.pareto import dominates, front, hypervolume  # noqa: E402
 
 RUN = Path("runs/figures/minilm-v3")
 REFERENCE = (0.5, 32.0)
+# per block and sublayer: attention (q, k, v, output), intermediate, output: 18 choices, not 36
+GROUPS = {"block-sublayer": r".*layer\.(\d+\.(?:attention|intermediate|output))\..*"}
 DIRECTIONS = ("max", "min")
 
 
@@ -47,12 +49,13 @@ def source() -> Path:
     return Path("runs/figures/minilm")
 
 
-def config(sampler: str, seed: int, trials: int, samples: int, src: Path):
+def config(sampler: str, seed: int, trials: int, samples: int, src: Path, group: str = ""):
     return parse_search_config({
         "study": f"mp-{sampler}-{seed}", "objectives": ["accuracy", "avg_bits"], "sampler": sampler,
         "trials": trials, "seed": seed, "population": 10, "reference": list(REFERENCE),
         "space": {"kind": "mixed-precision", "source": str(src), "include": r".*encoder.*", "bits": [4, 6, 8],
-                  "samples": samples, "act_bits": 8, "fixed_bits": 8, "calib_batches": 2, "batch_size": 32},
+                  "samples": samples, "act_bits": 8, "fixed_bits": 8, "calib_batches": 2, "batch_size": 32,
+                  "group": group},
     }, "search_mp")
 
 
@@ -79,6 +82,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="benchmarks/results/search_mp.json")
+    parser.add_argument("--group", default="", help="share one choice among the Linears whose FQNs this "
+                        "regex's group captures alike (e.g. per block and sublayer: --group block-sublayer)")
     parser.add_argument("--summarise-only", action="store_true",
                         help="recompute the summary from the studies stored in --json (no trials run)")
     args = parser.parse_args()
@@ -87,7 +92,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     src = source()
     t0 = time.perf_counter()
-    space, objectives = make_space(config("nsga2", 0, args.trials, args.samples, src))
+    group = GROUPS.get(args.group, args.group)
+    space, objectives = make_space(config("nsga2", 0, args.trials, args.samples, src, group))
     space.ensure_setup()                          # one subset and one set of calibration batches for all
     uniform = {f"int{b}": tuple(space.score(space.uniform(b), None)[k] for k in ("accuracy", "avg_bits"))
                for b in (8, 6, 4)}
@@ -96,7 +102,7 @@ def main() -> None:
     for sampler in ("nsga2", "random"):
         for seed in range(args.seeds):
             t = time.perf_counter()
-            points, params = run_study(space, objectives, config(sampler, seed, args.trials, args.samples, src))
+            points, params = run_study(space, objectives, config(sampler, seed, args.trials, args.samples, src, group))
             studies[f"{sampler}-{seed}"] = {"points": points, "params": params, "front": front(points, DIRECTIONS),
                                             "hypervolume": hypervolume(points, DIRECTIONS, REFERENCE),
                                             "hypervolume_optuna": hv_optuna(points, REFERENCE),
@@ -110,20 +116,25 @@ def main() -> None:
               "source": str(src), "trials": args.trials, "seeds": args.seeds, "samples": args.samples,
               "space": "36 encoder Linears x int{4,6,8} weights per channel; pooler+classifier int8; inputs int8 per tensor",
               "reference": list(REFERENCE), "studies": studies, "uniform": uniform}
+    entry["group"] = group
     print_table(entry)
-    merge_result(args.json, "minilm_mixed_precision", entry)
+    merge_result(args.json, name(args), entry)
+
+
+def name(args) -> str:
+    return "minilm_mixed_precision" + (f"_{args.group}" if args.group else "")
 
 
 def resummarise(args) -> None:
     import json
 
-    entry = json.loads(Path(args.json).read_text())["minilm_mixed_precision"]
+    entry = json.loads(Path(args.json).read_text())[name(args)]
     studies = {k: dict(v, points=[tuple(p) for p in v["points"]], front=[tuple(p) for p in v["front"]])
                for k, v in entry["studies"].items()}
     args.seeds = entry["seeds"]
     entry |= summarise(studies, {k: tuple(v) for k, v in entry["uniform"].items()}, args)
     print_table(entry)
-    merge_result(args.json, "minilm_mixed_precision", entry)
+    merge_result(args.json, name(args), entry)
 
 
 def summarise(studies: dict, uniform: dict, args) -> dict:
