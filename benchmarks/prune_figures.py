@@ -41,7 +41,7 @@ MINILM_RUN = Path("runs/figures/minilm-v3")
 CNN_FT = {"epochs": 8, "lr": 1e-3, "batch_size": 64, "warmup_fraction": 0.05, "weight_decay": 0.0, "distill": True,
           "threads": THREADS}
 SWEEP_FT = {"epochs": 1, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.0, "threads": THREADS}
-MINILM_FT = {"epochs": 1, "max_steps": 300, "lr": 5e-5, "batch_size": 16, "warmup_fraction": 0.1,
+MINILM_FT = {"epochs": 1, "max_steps": 120, "lr": 5e-5, "batch_size": 16, "warmup_fraction": 0.1,
              "weight_decay": 0.01, "grad_clip": 1.0, "distill": True, "threads": THREADS}
 
 
