@@ -15,6 +15,7 @@ from pathlib import Path
 from kiln.errors import KilnError, first_line
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+HEARTBEAT_S = 30
 ACCEPTED = "sqlite:///PATH, postgresql://USER:PASS@HOST/DB, mysql://..., journal:PATH"
 
 
@@ -49,8 +50,16 @@ def open_storage(url: str):
         parent = Path(url.split(":///", 1)[-1]).parent
         if not parent.is_dir():
             raise KilnError(f"storage {url}: directory {parent} does not exist")
+    import warnings
+
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(scheme))
+        # a worker killed on another machine leaves its trial RUNNING: with a heartbeat, Optuna
+        # fails such trials once they are silent for the grace period (journal files have none;
+        # the run directory's own storage is cleaned by kiln.search.engine.fail_interrupted)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(scheme),
+                                              heartbeat_interval=HEARTBEAT_S, grace_period=4 * HEARTBEAT_S)
     except Exception as exc:     # SQLAlchemy's OperationalError, a missing driver, ...
         raise KilnError(f"storage {url} cannot be reached: {first_line(exc)}") from None
 
