@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from kiln.adapt.config import parse_config
 from kiln.adapt.early_exit import CRITERIA, EarlyExit, heads_for, probe
-from kiln.adapt.sweep import exit_flops, exits_taken, point
+from kiln.adapt.sweep import Point, choose, exit_flops, exits_taken, point
 from kiln.errors import KilnError
 
 torch.set_num_threads(1)
@@ -150,10 +150,21 @@ def test_point_averages_flops_by_where_each_sample_exits():
     crit = CRITERIA.get("confidence")
     scores = torch.tensor([[0.9, 0.1], [0.1, 0.2], [0.2, 0.95]])           # exits 0, final, 1 at t=0.8
     logits = torch.zeros(3, 3, 2)
-    logits[0, 0, 1] = logits[2, 1, 0] = logits[1, 2, 1] = 1.0             # predictions 1, 1, 0
+    logits[0, 0, 1] = logits[2, 1, 0] = logits[1, 2, 1] = 1.0             # [exit, sample, class]: taken 1, 0, 1
+    logits[2, 2, 1] = 1.0                                                  # the final exit predicts 0, 0, 1
     p = point(logits, torch.tensor([1, 0, 0]), scores, crit, 0.8, (10, 20, 30))
     assert p.avg_flops == pytest.approx((10 + 30 + 20) / 3) and p.accuracy == pytest.approx(2 / 3)
     assert p.exit_fractions == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert p.agreement == pytest.approx(2 / 3)    # sample 0 leaves with 1 where the final exit says 0
+
+
+def test_choose_takes_the_cheapest_point_that_changes_few_enough_predictions():
+    pts = [Point(t, acc, flops, (), agree) for t, acc, flops, agree in
+           [(0.1, 0.90, 100, 1.0), (0.2, 0.91, 60, 0.99), (0.3, 0.92, 40, 0.97), (0.4, 0.5, 10, 0.6)]]
+    assert choose(pts, 0.01).threshold == 0.2      # 0.3 is more accurate but changes 3% of predictions
+    assert choose(pts, 0.05).threshold == 0.3
+    assert choose(pts, 0.0).threshold == 0.1
+    assert choose(pts, 0.0, "accuracy", reference=0.90).threshold == 0.3
 
 
 @pytest.mark.parametrize("table,message", [
@@ -162,6 +173,7 @@ def test_point_averages_flops_by_where_each_sample_exits():
     ({"exits": ["3"], "criterion": "vibes"}, "unknown exit criterion 'vibes'"),
     ({"exits": ["3"], "criterion": "confidence", "threshold": 1.5}, "confidence threshold 1.5 is outside"),
     ({"exits": ["3"], "weights": [1.0]}, "weights needs 2 values"),
+    ({"exits": ["3"], "select": "luck"}, "select must be one of agreement, accuracy"),
     ({"exits": ["3"], "train": {"distill": True}}, "distill does not apply"),
 ])
 def test_bad_configs_are_one_line_errors(table, message):

@@ -4,7 +4,9 @@
     exits = ["bert.encoder.layer.0", "bert.encoder.layer.1"]   # block FQNs, one head after each
     criterion = "entropy"        # entropy (exit when <= threshold) | confidence (max prob >= threshold)
     # threshold = 0.2            # fixed; default: chosen on the validation split, the fewest
-    max_drop = 0.005             #   FLOPs within max_drop of the final exit's accuracy
+    max_drop = 0.005             #   FLOPs within max_drop of the final exit, by `select`:
+    select = "agreement"         #   agreement: at most max_drop of predictions changed (a bound on
+                                 #   the accuracy drop); accuracy: accuracy within max_drop
     head_pool = 1                # images: adaptive average pooling to pool x pool before the head
     head_hidden = 0              # a tanh hidden layer of this width in each head (0: linear head)
     freeze_backbone = true       # train the heads only (DeeBERT's second stage); false: jointly
@@ -22,7 +24,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 
-SCALARS = ("criterion", "threshold", "max_drop", "head_pool", "head_hidden", "freeze_backbone", "sweep_points",
+SCALARS = ("criterion", "threshold", "max_drop", "select", "head_pool", "head_hidden", "freeze_backbone", "sweep_points",
            "latency_samples", "latency_repeats", "seed")
 
 
@@ -32,6 +34,7 @@ class EarlyExitConfig:
     criterion: str = "entropy"
     threshold: float | None = None
     max_drop: float = 0.005
+    select: str = "agreement"
     head_pool: int = 1
     head_hidden: int = 0
     freeze_backbone: bool = True
@@ -44,12 +47,14 @@ class EarlyExitConfig:
 
     def __post_init__(self):
         from kiln.adapt.early_exit import CRITERIA
+        from kiln.adapt.sweep import SELECTIONS
 
         CRITERIA.get(self.criterion)
         checks = [
             (len(self.exits) >= 1, "exits needs at least one block FQN"),
             (len(set(self.exits)) == len(self.exits), "exits names a block twice"),
             (0 <= self.max_drop < 1, f"max_drop {self.max_drop} is outside [0, 1)"),
+            (self.select in SELECTIONS, f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}"),
             (self.head_pool >= 1 and self.head_hidden >= 0, "head_pool must be >= 1 and head_hidden >= 0"),
             (not self.weights or len(self.weights) == len(self.exits) + 1,
              f"weights needs {len(self.exits) + 1} values (one per exit and the final output)"),

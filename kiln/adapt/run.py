@@ -46,7 +46,6 @@ def curve(logits, labels, model: EarlyExit, grid: list[float], per_exit) -> list
 def early_exit_run(src: str, config_path: Path, out: Path, dataset: str | None = None, log: Log = lambda s: None) -> dict:
     """The whole command: probe, attach, train the heads, sweep, time, write the artifact."""
     from kiln.config import read_toml
-    from kiln.data import load_dataset
     from kiln.io import check_new_dir
     from kiln.lowrank.run import finetune, float_source
     from kiln.models.artifact import save_artifact
@@ -64,30 +63,41 @@ def early_exit_run(src: str, config_path: Path, out: Path, dataset: str | None =
     transforms = list(source.transforms) + [record]
     log(f"model {source.spec}, data {source.dataset}; exits after {', '.join(exits)}")
     trained = finetune(model, source, transforms, cfg.train, out, log)
+    report = sweep_and_time(model, source, cfg, shapes, log)
+    record["threshold"] = model.threshold
+    report |= {"params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
+               "train": trained}
+    metrics = {"model": source.spec, "source": src, "dataset": source.dataset, "split": "test", "metric": "accuracy",
+               "accuracy": report["chosen"]["accuracy"], "dense_accuracy": report["dense"]["accuracy"],
+               "avg_flops": report["chosen"]["avg_flops"], "dense_flops": report["dense"]["flops"],
+               "threshold": model.threshold}
+    save_artifact(out, model, spec=source.spec, dataset=source.dataset, transforms=transforms,
+                  report=report, metrics=metrics)
+    return {"report": report, "metrics": metrics, "model": model}
+
+
+def sweep_and_time(model: EarlyExit, source, cfg: EarlyExitConfig, shapes: list[tuple], log: Log = lambda s: None) -> dict:
+    """Every exit's logits on validation and test, the threshold (the config's, or chosen on
+    validation), the test curve and batch-1 latency; sets `model.threshold`."""
+    from kiln.data import load_dataset
+
+    args, kwargs = tuple(source.example_inputs), dict(source.example_kwargs)
     splits = load_dataset(source.dataset, seed=cfg.seed)
     flops = exit_flops(model, args, kwargs)
     val, test = collect(model, splits.val), collect(model, splits.test)
     grid = thresholds(model.criterion.score(val[0][:-1]), model.criterion, cfg.sweep_points)
     dense_val = float((val[0][-1].argmax(-1) == val[1]).double().mean())
-    threshold = cfg.threshold if cfg.threshold is not None else \
-        choose(curve(*val, model, grid, flops.per_exit), dense_val, cfg.max_drop).threshold
-    model.threshold = record["threshold"] = threshold
-    report = _report(model, cfg, flops, test, grid, threshold, shapes)
-    report["threshold_from"] = "config" if cfg.threshold is not None else f"validation (max_drop {cfg.max_drop})"
+    model.threshold = cfg.threshold if cfg.threshold is not None else \
+        choose(curve(*val, model, grid, flops.per_exit), cfg.max_drop, cfg.select, dense_val).threshold
+    report = _report(model, cfg, flops, test, grid, model.threshold, shapes)
+    report["threshold_from"] = "config" if cfg.threshold is not None else \
+        f"validation ({cfg.select}, max_drop {cfg.max_drop})"
     report["dense_val_accuracy"] = dense_val
     report["latency"] = latency(model, splits.test, cfg, test)
-    report["params_before"] = params_before
-    report["params_after"] = sum(p.numel() for p in model.parameters())
-    report["train"] = trained
     chosen = report["chosen"]
-    log(f"threshold {threshold:.4g}: test accuracy {chosen['accuracy']:.4f} (final exit {report['dense']['accuracy']:.4f}), "
-        f"{chosen['flops_saved']:.1%} fewer FLOPs per sample")
-    metrics = {"model": source.spec, "source": src, "dataset": source.dataset, "split": "test", "metric": "accuracy",
-               "accuracy": chosen["accuracy"], "dense_accuracy": report["dense"]["accuracy"],
-               "avg_flops": chosen["avg_flops"], "dense_flops": flops.backbone, "threshold": threshold}
-    save_artifact(out, model, spec=source.spec, dataset=source.dataset, transforms=transforms,
-                  report=report, metrics=metrics)
-    return {"report": report, "metrics": metrics, "model": model}
+    log(f"threshold {model.threshold:.4g}: test accuracy {chosen['accuracy']:.4f} (final exit "
+        f"{report['dense']['accuracy']:.4f}), {chosen['flops_saved']:.1%} fewer FLOPs per sample")
+    return report
 
 
 def _report(model: EarlyExit, cfg: EarlyExitConfig, flops: ExitFlops, test, grid, threshold, shapes) -> dict:

@@ -74,6 +74,7 @@ class Point:
     accuracy: float
     avg_flops: float
     exit_fractions: tuple[float, ...]   # share of samples leaving at each exit (the last: final)
+    agreement: float = 1.0              # share of samples predicted as the final exit predicts them
 
 
 def exits_taken(scores: torch.Tensor, criterion: Criterion, threshold: float) -> torch.Tensor:
@@ -88,11 +89,12 @@ def point(logits: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, crit
           threshold: float, per_exit: tuple[int, ...]) -> Point:
     """logits (exits + 1, N, classes), labels (N,), scores (N, exits) -> one point of the curve."""
     taken = exits_taken(scores, criterion, threshold)
-    preds = logits.argmax(-1).gather(0, taken[None]).squeeze(0)
+    all_preds = logits.argmax(-1)
+    preds = all_preds.gather(0, taken[None]).squeeze(0)
     cost = torch.tensor(per_exit, dtype=torch.float64)[taken]
     counts = torch.bincount(taken, minlength=logits.shape[0]).double() / len(taken)
     return Point(float(threshold), float((preds == labels).double().mean()), float(cost.mean()),
-                 tuple(float(c) for c in counts))
+                 tuple(float(c) for c in counts), float((preds == all_preds[-1]).double().mean()))
 
 
 def thresholds(scores: torch.Tensor, criterion: Criterion, n: int) -> list[float]:
@@ -103,7 +105,18 @@ def thresholds(scores: torch.Tensor, criterion: Criterion, n: int) -> list[float
     return sorted({float(q) for q in qs} | {never}, reverse=criterion.higher_passes)
 
 
-def choose(points: list[Point], reference: float, max_drop: float) -> Point:
-    """The point with the fewest average FLOPs whose accuracy is within `max_drop` of `reference`."""
-    ok = [p for p in points if p.accuracy >= reference - max_drop - 1e-12]
+SELECTIONS = ("agreement", "accuracy")
+
+
+def choose(points: list[Point], max_drop: float, select: str = "agreement", reference: float = 0.0) -> Point:
+    """The point with the fewest average FLOPs that stays within `max_drop`:
+    - "agreement": at most `max_drop` of the samples change their prediction from the final
+      exit's. Changed predictions bound the accuracy drop from above whatever the labels, so
+      this is steadier on a small validation split;
+    - "accuracy": accuracy at least `reference - max_drop`, where exits that fix some samples
+      and break others cancel out."""
+    if select == "agreement":
+        ok = [p for p in points if 1 - p.agreement <= max_drop + 1e-12]
+    else:
+        ok = [p for p in points if p.accuracy >= reference - max_drop - 1e-12]
     return min(ok, key=lambda p: (p.avg_flops, -p.accuracy)) if ok else max(points, key=lambda p: p.avg_flops)
