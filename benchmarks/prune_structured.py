@@ -12,6 +12,7 @@ EXP:
            fine-tuned with one recipe (FINETUNE, through the trainer, starting from a saved
            artifact); test accuracy, MACs (kiln.analysis) and batch-64 CPU latency (medians,
            interleaved rounds, threads stated) side by side.
+  resnet-latency  time the saved `resnet` models again (rotating order), updating that entry
   minilm   MiniLM fine-tuned on Rotten Tomatoes (runs/figures/minilm-v3, from
            benchmarks/train_figures.py minilm): a third of every layer's heads and half of its FFN
            neurons removed by kiln (L1), fine-tuned with distillation from the dense model
@@ -70,16 +71,20 @@ def macs(model: torch.nn.Module, inputs: tuple, kwargs: dict | None = None) -> i
 
 def latency(models: dict[str, torch.nn.Module], inputs: tuple, kwargs: dict | None = None,
             rounds: int = 30, warmup: int = 5) -> dict[str, float]:
-    """Median seconds per forward of each model, measured in interleaved rounds (no_grad, eval)."""
+    """Median seconds per forward of each model, measured in interleaved rounds (no_grad, eval).
+    Each round starts with the next model: whichever runs right after the dense one was measured
+    ~2% slower (caches), so a fixed order would favour one of two identical pruned models."""
     kwargs = kwargs or {}
     times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
     with torch.inference_mode():
         for m in models.values():
             m.eval()
             for _ in range(warmup):
                 m(*inputs, **kwargs)
-        for _ in range(rounds):
-            for name, m in models.items():
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                m = models[name]
                 t0 = time.perf_counter()
                 m(*inputs, **kwargs)
                 times[name].append(time.perf_counter() - t0)
@@ -147,6 +152,26 @@ def resnet() -> dict:
         e["speedup_over_mac_reduction"] = e["speedup"] / e["mac_reduction"]
         e["accuracy_drop_points"] = 100 * (entry["dense"]["test_accuracy"] - e["test_accuracy"])
     _table("resnet20, 50% channels", entry, ["dense", *pruned])
+    return entry
+
+
+def resnet_latency(json_path: str) -> dict:
+    """Measure the `resnet` experiment's saved models again (latency fields only) and update its entry."""
+    import json
+
+    torch.set_num_threads(THREADS)
+    entry = json.loads(Path(json_path).read_text())["resnet"]
+    models = {"dense": load_source(str(OUT / "resnet20-dense")).model}
+    models |= {name: load_source(str(OUT / f"resnet20-{name}-ft")).model for name in ("kiln", "torch_pruning")}
+    lat = latency(models, (torch.randn(64, 3, 32, 32),), rounds=60)
+    entry["latency_date"] = str(date.today())
+    for name in models:
+        entry[name]["latency_b64_ms"] = lat[name] * 1e3
+    for name in ("kiln", "torch_pruning"):
+        e = entry[name]
+        e["speedup"] = lat["dense"] / lat[name]
+        e["speedup_over_mac_reduction"] = e["speedup"] / e["mac_reduction"]
+    _table("resnet20, 50% channels", entry, ["dense", "kiln", "torch_pruning"])
     return entry
 
 
@@ -244,11 +269,12 @@ def _table(title: str, entry: dict, names: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiments", nargs="+", choices=("resnet", "minilm", "groups"))
+    parser.add_argument("experiments", nargs="+", choices=("resnet", "resnet-latency", "minilm", "groups"))
     parser.add_argument("--json", default="benchmarks/results/prune_structured.json")
     args = parser.parse_args()
+    run = {"resnet": resnet, "resnet-latency": lambda: resnet_latency(args.json), "minilm": minilm, "groups": groups}
     for exp in args.experiments:
-        merge_result(args.json, exp, {"resnet": resnet, "minilm": minilm, "groups": groups}[exp]())
+        merge_result(args.json, "resnet" if exp == "resnet-latency" else exp, run[exp]())
 
 
 if __name__ == "__main__":
