@@ -5,7 +5,6 @@ import copy
 import optuna
 import pytest
 import torch
-from torch.utils.data import Subset
 from torch.utils.flop_counter import FlopCounterMode
 
 from kiln.errors import KilnError
