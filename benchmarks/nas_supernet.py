@@ -84,7 +84,7 @@ def main() -> None:
     b = [r["standalone_val_accuracy"] for r in rows]
     tau = spos.kendall_tau(a, b)
     ref = kendalltau(a, b)
-    entry = {"date": date.today().isoformat(), "command": "benchmarks/nas_supernet.py " + " ".join(sys.argv[1:]),
+    entry = {"date": date.today().isoformat(), "command": " ".join(["benchmarks/nas_supernet.py", *sys.argv[1:]]),
              "config": str(CONFIG), "threads": torch.get_num_threads(), "archs": len(rows),
              "kendall_tau": tau, "scipy_kendall_tau_b": float(ref.statistic), "p_value": float(ref.pvalue),
              "supernet_seconds": round(stats["seconds"], 1), "supernet_steps": stats["steps"],

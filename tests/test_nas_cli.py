@@ -116,3 +116,33 @@ def test_a_bad_genotype_record_is_an_error():
         Genotype.from_dict({"normal": [[["skip_connect"]]]})
     with pytest.raises(KilnError, match="reads state 5"):
         Genotype(normal=((("skip_connect", 5), ("skip_connect", 0)),), reduce=()).check()
+
+
+def test_spos_run_dir_rebuilds_the_found_path_with_the_reported_accuracy(tmp_path):
+    from kiln.search.nas.config import SposSpace
+    from kiln.search.nas.spos import PathNet
+
+    toml = """dataset = "mnist"
+[space]
+channels = 4
+[supernet]
+epochs = 0.1
+[search]
+archs = 4
+bn_batches = 2
+val_samples = 50
+[evolution]
+population = 3
+sample_size = 2
+[retrain]
+epochs = 0.05
+"""
+    result = _nas(tmp_path, "spos", toml)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    arch = json.loads((run / "architecture.json").read_text())
+    space = SposSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch["space"].items()})
+    net = PathNet(space, tuple(arch["path"]), 1, 10)
+    load_weights(net, run / "model.safetensors")
+    assert accuracy(net, load_data("mnist", seed=0).test) == json.loads((run / "metrics.json").read_text())["test_accuracy"]
+    assert len(json.loads((run / "history.json").read_text())) == 4
