@@ -67,9 +67,10 @@ class Reinforce(Strategy):
     def __init__(self, choices: list[int], seed: int, settings: RLSettings = RLSettings()):
         super().__init__(choices, seed)
         self.settings = settings
-        torch.manual_seed(seed)
         self.gen = torch.Generator().manual_seed(seed)
-        self.controller = Controller(self.choices, settings.hidden)
+        with torch.random.fork_rng(devices=[]):   # a seeded init without touching the caller's RNG
+            torch.manual_seed(seed)
+            self.controller = Controller(self.choices, settings.hidden)
         self.opt = torch.optim.Adam(self.controller.parameters(), lr=settings.lr)
         self.baseline: float | None = None
 
