@@ -1,11 +1,9 @@
 """The `kiln` command."""
 from __future__ import annotations
 
-import importlib
-
 import typer
 
-from kiln.cli import analyze, bench, compile, hardware, models, quantize, train
+from kiln.cli import analyze, bench, compile, early_exit, hardware, lowrank, models, nas, prune, quantize, search, train
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -19,11 +17,11 @@ app.command("datasets")(train.datasets)
 app.command("quantize")(quantize.quantize)
 app.command("compile")(compile.compile)
 app.command("bench")(bench.bench)
-app.command("search")(importlib.import_module("kiln.cli.search").search)
-app.command("prune")(importlib.import_module("kiln.cli.prune").prune)
-app.command("lowrank")(importlib.import_module("kiln.cli.lowrank").lowrank)
-app.command("early-exit")(importlib.import_module("kiln.cli.early_exit").early_exit)
-app.command("nas")(importlib.import_module("kiln.cli.nas").nas)
+app.command("search")(search.search)
+app.command("prune")(prune.prune)
+app.command("lowrank")(lowrank.lowrank)
+app.command("early-exit")(early_exit.early_exit)
+app.command("nas")(nas.nas)
 app.add_typer(hardware.app, name="hardware")
 
 
