@@ -74,7 +74,8 @@ class EarlyExitConfig:
 
 def parse_config(table: dict[str, Any], where: str = "early-exit config") -> EarlyExitConfig:
     """An EarlyExitConfig from a TOML table; unknown keys and bad values are one-line KilnErrors."""
-    from kiln.lowrank.config import finetune_table, scalar_fields
+    from kiln.lowrank.config import scalar_fields
+    from kiln.train.config import finetune_table
 
     fields = [f.name for f in dataclasses.fields(EarlyExitConfig)]
     unknown = sorted(set(table) - set(fields))

@@ -24,7 +24,6 @@ pattern matches no module is an error.
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -33,16 +32,13 @@ from torch import nn
 
 from kiln.config import from_dict
 from kiln.errors import KilnError
+from kiln.rules import Match, least_specific_first
+from kiln.train.config import finetune_table
 
 SUPPORTED = ("Linear", "Conv2d")
 CHOICES = ("budget", "energy", "rank")
-KINDS = ("fqn", "re", "type")
-SPECIFICITY = {"fqn": 0, "re": 1, "type": 2}
 RULE_KEYS = ("match", "skip", *CHOICES)
-# what fine-tuning may set; the model, data, init, teacher and run directory come from the run
-FINETUNE_KEYS = ("epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "momentum", "schedule",
-                 "warmup_fraction", "grad_clip", "bf16", "label_smoothing", "max_steps", "eval_batch_size",
-                 "threads", "distill", "distill_alpha", "distill_temperature")
+
 
 
 @dataclass(frozen=True)
@@ -70,21 +66,9 @@ def check_choice(kind: str, value: Any, where: str) -> None:
 
 @dataclass(frozen=True)
 class Rule:
-    kind: str
-    pattern: str
+    match: Match
     skip: bool = False
     choice: Choice | None = None
-
-    def matches(self, fqn: str, type_name: str) -> bool:
-        if self.kind == "fqn":
-            return fqn == self.pattern
-        if self.kind == "re":
-            return re.fullmatch(self.pattern, fqn) is not None
-        return type_name == self.pattern
-
-    @property
-    def match(self) -> str:
-        return f"{self.kind}:{self.pattern}"
 
 
 @dataclass(frozen=True)
@@ -116,8 +100,8 @@ class LowRankConfig:
         chosen, skipped, used = {}, {}, set()
         for fqn, module in model.named_modules():
             name = type(module).__name__
-            rules = sorted((r for r in self.rules if r.matches(fqn, name)), key=lambda r: -SPECIFICITY[r.kind])
-            used.update(r.match for r in rules)
+            rules = least_specific_first(self.rules, fqn, name)
+            used.update(str(r.match) for r in rules)
             if name not in self.targets and not rules:
                 continue
             skip, choice = name not in self.targets, self.choice
@@ -131,7 +115,7 @@ class LowRankConfig:
                 skipped[fqn] = f"module type {name} is not supported (only {', '.join(SUPPORTED)})"
             else:
                 chosen[fqn] = choice
-        unused = [r.match for r in self.rules if r.match not in used]
+        unused = [str(r.match) for r in self.rules if str(r.match) not in used]
         if unused:
             raise KilnError(f"low-rank config: rule {unused[0]!r} matches no module of the model")
         return Plan(chosen, skipped)
@@ -155,31 +139,7 @@ def _rule(r: Any, where: str) -> Rule:
     bad = sorted(set(r) - set(RULE_KEYS))
     if bad:
         raise KilnError(f"{where}: unknown key {bad[0]!r}; accepted: {', '.join(RULE_KEYS)}")
-    match = r.get("match")
-    if not isinstance(match, str) or ":" not in match or match.split(":", 1)[0] not in KINDS:
-        raise KilnError(f"{where}: match needs 'fqn:NAME', 're:REGEX' or 'type:TYPE', got {match!r}")
-    kind, pattern = match.split(":", 1)
-    if kind == "re":
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise KilnError(f"{where}: bad regex {pattern!r}: {exc}") from None
-    return Rule(kind, pattern, bool(r.get("skip", False)), _one_choice(r, where, required=False))
-
-
-def finetune_table(table: Any, where: str, section: str = "finetune") -> dict[str, Any]:
-    """A [finetune] table, checked by the trainer's own config before any work."""
-    from kiln.train.config import TrainConfig
-
-    if not isinstance(table, dict):
-        raise KilnError(f"{where}.{section}: needs a table")
-    bad = sorted(set(table) - set(FINETUNE_KEYS))
-    if bad:
-        raise KilnError(f"{where}.{section}: unknown key {bad[0]!r}; accepted: {', '.join(FINETUNE_KEYS)}")
-    if not isinstance(table.get("distill", False), bool):
-        raise KilnError(f"{where}.{section}: distill needs true or false")
-    from_dict(TrainConfig, {k: v for k, v in table.items() if k != "distill"} | {"model": "-"}, f"{where}.{section}")
-    return dict(table)
+    return Rule(Match.parse(r.get("match"), where), bool(r.get("skip", False)), _one_choice(r, where, required=False))
 
 
 def scalar_fields(cls: type, names: tuple[str, ...], data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -219,7 +179,7 @@ def to_table(cfg: LowRankConfig) -> dict[str, Any]:
     table: dict[str, Any] = {cfg.choice.kind: cfg.choice.value, "targets": list(cfg.targets),
                              "latency_batch": cfg.latency_batch, "latency_repeats": cfg.latency_repeats,
                              "seed": cfg.seed}
-    table["rules"] = [{"match": r.match, "skip": r.skip} | ({r.choice.kind: r.choice.value} if r.choice else {})
+    table["rules"] = [{"match": str(r.match), "skip": r.skip} | ({r.choice.kind: r.choice.value} if r.choice else {})
                       for r in cfg.rules]
     if cfg.finetune is not None:
         table["finetune"] = dict(cfg.finetune)

@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from kiln.config import from_dict
 from kiln.errors import KilnError
 from kiln.rules import Match, least_specific_first
+from kiln.train.config import finetune_table
 
 METHODS = ("unstructured", "nm", "structured")
 SCOPES = ("global", "local")
@@ -38,10 +39,6 @@ SCHEDULES = ("oneshot", "agp", "lottery")
 REWINDS = ("init", "source")
 RULE_KEYS = ("match", "skip", "ratio", "activation")
 # what fine-tuning may set; the model, data, init, teacher and run directory come from the prune run
-FINETUNE_KEYS = ("epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "momentum", "schedule",
-                 "warmup_fraction", "grad_clip", "bf16", "label_smoothing", "max_steps", "eval_batch_size",
-                 "threads", "distill", "distill_alpha", "distill_temperature")
-
 
 @dataclass(frozen=True)
 class Rule:
@@ -82,7 +79,7 @@ class PruneConfig:
     seed: int = 0
     keep_masks: bool = False             # save the masks as parametrizations (train on with them)
     rules: tuple[Rule, ...] = ()
-    finetune: dict[str, Any] | None = None   # FINETUNE_KEYS -> value
+    finetune: dict[str, Any] | None = None   # kiln.train.config.FINETUNE_KEYS -> value
 
     def __post_init__(self):
         checks = [
@@ -173,21 +170,6 @@ def _rule(r: Any, where: str) -> Rule:
     return Rule(match, bool(r.get("skip", False)), r.get("ratio"), r.get("activation"))
 
 
-def _finetune(table: Any, where: str) -> dict[str, Any]:
-    from kiln.train.config import TrainConfig
-
-    if not isinstance(table, dict):
-        raise KilnError(f"{where}.finetune: needs a table")
-    bad = sorted(set(table) - set(FINETUNE_KEYS))
-    if bad:
-        raise KilnError(f"{where}.finetune: unknown key {bad[0]!r}; accepted: {', '.join(FINETUNE_KEYS)}")
-    if not isinstance(table.get("distill", False), bool):
-        raise KilnError(f"{where}.finetune: distill needs true or false")
-    # validated by the trainer's own config, so a bad lr is caught before any pruning
-    from_dict(TrainConfig, {k: v for k, v in table.items() if k != "distill"} | {"model": "-"}, f"{where}.finetune")
-    return dict(table)
-
-
 def parse_config(table: dict[str, Any], where: str = "prune config") -> PruneConfig:
     """A PruneConfig from a TOML table; unknown keys and bad values are one-line KilnErrors."""
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
@@ -208,7 +190,7 @@ def parse_config(table: dict[str, Any], where: str = "prune config") -> PruneCon
     cfg = from_dict(PruneConfig, data, where)   # scalars, type-checked; oneshot until the rest is known
     return dataclasses.replace(cfg, schedule=schedule, targets=tuple(targets),
                                rules=tuple(_rule(r, f"{where}.rules[{i}]") for i, r in enumerate(rules)),
-                               finetune=None if finetune is None else _finetune(finetune, where))
+                               finetune=None if finetune is None else finetune_table(finetune, where))
 
 
 def to_table(cfg: PruneConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from kiln.errors import KilnError
 
@@ -54,3 +55,25 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise KilnError(f"train config: {message}")
+
+
+# what fine-tuning may set; the model, data, init, teacher and run directory come from the run
+FINETUNE_KEYS = ("epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "momentum", "schedule",
+                 "warmup_fraction", "grad_clip", "bf16", "label_smoothing", "max_steps", "eval_batch_size",
+                 "threads", "distill", "distill_alpha", "distill_temperature")
+
+
+def finetune_table(table: Any, where: str, section: str = "finetune") -> dict[str, Any]:
+    """A compression command's [finetune] table (TrainConfig keys, plus `distill` from the
+    uncompressed model), checked by TrainConfig itself before any work."""
+    from kiln.config import from_dict
+
+    if not isinstance(table, dict):
+        raise KilnError(f"{where}.{section}: needs a table")
+    bad = sorted(set(table) - set(FINETUNE_KEYS))
+    if bad:
+        raise KilnError(f"{where}.{section}: unknown key {bad[0]!r}; accepted: {', '.join(FINETUNE_KEYS)}")
+    if not isinstance(table.get("distill", False), bool):
+        raise KilnError(f"{where}.{section}: distill needs true or false")
+    from_dict(TrainConfig, {k: v for k, v in table.items() if k != "distill"} | {"model": "-"}, f"{where}.{section}")
+    return dict(table)
