@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from common import merge_result  # noqa: E402
 
-from kiln.compile.auto import AUTO, at_batch, batch_dim_size, select  # noqa: E402
+from kiln.compile.auto import AUTO, Candidate, _time, at_batch, batch_dim_size, select  # noqa: E402
 from kiln.compile.backends import Precision  # noqa: E402
 from kiln.models.spec import load  # noqa: E402
 
@@ -73,8 +73,6 @@ def zoo(models: list[str], batches: list[int], budget_s: float) -> None:
             again = [auto.chosen] + [p for p in PEERS if p != auto.chosen]
             ok = [b for b in again if auto.by_name(b).status == "ok"]
             fns = {b: auto.fns[b] for b in ok}
-            from kiln.compile.auto import _time, Candidate
-
             cands = {b: Candidate(b, "fp32") for b in ok}
             _time(fns, cands, loaded, rounds, 2, batch)
             entry = {
