@@ -13,8 +13,9 @@ import pytest
 
 from kiln.errors import KilnError
 from kiln.search.config import parse_search_config, to_toml
-from kiln.search.engine import Setup, make_space, open_study, optimize
+from kiln.search.engine import Setup, make_space, open_study, optimize, run_trial, started
 from kiln.search.pareto import front, hypervolume
+from kiln.search.report import trial_rows
 from kiln.search.run import run_search
 
 USER = textwrap.dedent('''
@@ -67,6 +68,24 @@ def in_memory(cfg, enqueue=()):
         study.enqueue_trial(params)
     optimize(Setup(cfg, space, objectives, study))
     return study
+
+
+def test_a_trial_created_past_the_budget_by_a_racing_worker_never_runs(user_file):
+    # two workers both see 2 of 3 trials and both create one: the lower number takes the last
+    # slot, the other is marked surplus without sampling, and neither the budget nor the report
+    # counts it
+    cfg = cfg_for(user_file, "single", trials=3)
+    space, objectives = make_space(cfg)
+    study = open_study(cfg, None, space)
+    setup = Setup(cfg, space, objectives, study)
+    run_trial(setup, log=lambda s: None)
+    run_trial(setup, log=lambda s: None)
+    rival = study.ask()                                   # the other worker's trial, still running
+    assert run_trial(setup, log=lambda s: None) == "FAIL"
+    surplus = study.trials[-1]
+    assert surplus.number == rival.number + 1 and surplus.user_attrs["surplus"] and not surplus.params
+    assert started(study) == 3
+    assert [r["number"] for r in trial_rows(study)] == [0, 1, 2]
 
 
 def test_failing_objective_is_marked_fail_with_its_reason_and_the_study_goes_on(user_file, tmp_path):

@@ -152,6 +152,9 @@ def hopeless(study, step: int, values: list[float], directions: list[str], cfg: 
     return beaten >= cfg.early_stop_dominators
 
 
+SURPLUS = "surplus"
+
+
 def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
     """Run one trial through Optuna's own loop (samplers such as the grid's stop the study from
     inside it); returns the trial's state name. An exception fails the trial, with its reason."""
@@ -160,8 +163,15 @@ def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
     study, cfg = setup.study, setup.cfg
     ran = []
 
+    total = budget(cfg, setup.space)
+
     def objective(trial):
         ran.append(trial.number)
+        if claimed_before(study, trial.number) >= total:
+            # another worker took the last slot between our budget check and this trial's creation:
+            # the storage numbered the trials, so the lower number wins and this one never runs
+            trial.set_user_attr(SURPLUS, True)
+            raise KilnError("surplus: the budget was already taken by other workers")
         try:
             candidate = setup.space.suggest(trial)
             earlier = _same_params(study, trial) if setup.space.deterministic else None
@@ -202,12 +212,23 @@ def _same_params(study, trial):
     return None
 
 
-def started(study) -> int:
-    """Trials that count against the budget: all but enqueued ones still WAITING to run."""
+def counted(study) -> list:
+    """Trials that count against the budget: all but enqueued ones still WAITING to run and
+    surplus ones a racing worker created past the budget."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                         TrialState.FAIL, TrialState.RUNNING)))
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                 TrialState.FAIL, TrialState.RUNNING))
+            if not t.user_attrs.get(SURPLUS)]
+
+
+def started(study) -> int:
+    return len(counted(study))
+
+
+def claimed_before(study, number: int) -> int:
+    """Counted trials numbered below `number`."""
+    return sum(t.number < number for t in counted(study))
 
 
 def budget(cfg: SearchConfig, space: Space) -> int:

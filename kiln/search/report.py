@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kiln.io import atomic_write_json, atomic_write_text
 from kiln.search.config import SearchConfig
+from kiln.search.engine import SURPLUS
 from kiln.search.objectives import Objective
 from kiln.search.pareto import front_indices, hypervolume
 
@@ -25,6 +26,8 @@ MAX_EXPORTS = 20
 def trial_rows(study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(SURPLUS):    # created past the budget by a racing worker, never run
+            continue
         rows.append({"number": t.number, "state": t.state.name, "params": t.params,
                      "values": t.values, "seconds": t.duration.total_seconds() if t.duration else None,
                      "attrs": {k: v for k, v in t.user_attrs.items() if not k.startswith("partial_")}})
