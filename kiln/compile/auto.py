@@ -4,6 +4,9 @@ their precision's tolerance against eager, time the rest side by side, keep the 
 Timing interleaves the candidates (one timed call of each per round, `rounds` rounds, a
 short call preceded by an untimed one), so a slow spell of the machine lands on all of them
 rather than on whichever ran last; latency is the median round, p90 the 90th percentile.
+When the two fastest are within RUNOFF_MARGIN of each other, the choice is too close for
+that many rounds: those two get `rounds` more interleaved rounds, and the choice is made on
+all of their rounds.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ AUTO = {
 ORDER = (Precision.FP32, Precision.BF16, Precision.INT8)
 # a call shorter than this gets one untimed call before its timed one in each round
 SHORT_CALL_S = 0.05
+# the two fastest closer than this (relative) get a runoff
+RUNOFF_MARGIN = 0.03
 
 
 def auto_candidates(precision: Precision) -> list[str]:
@@ -61,6 +66,7 @@ class Selection:
     rounds: int
     candidates: list[Candidate]
     chosen: str
+    runoff: list[str] = field(default_factory=list)
     fns: dict[str, Callable] = field(default_factory=dict, repr=False)
 
     def by_name(self, name: str) -> Candidate:
@@ -68,6 +74,7 @@ class Selection:
 
     def to_dict(self) -> dict:
         return {"batch": self.batch, "threads": self.threads, "rounds": self.rounds, "chosen": self.chosen,
+                "runoff": self.runoff,
                 "candidates": [{k: v for k, v in dataclasses.asdict(c).items() if k != "times"}
                                for c in self.candidates]}
 
@@ -125,9 +132,16 @@ def select(model: nn.Module, loaded: LoadedModel, backends: Sequence[str], preci
         reasons = "; ".join(f"{c.backend}: {c.reason}" for c in cands)
         raise KilnError(f"no backend could run {loaded.spec} within tolerance ({reasons})")
     progress(f"timing {len(fns)} candidates, {rounds} interleaved rounds")
-    _time(fns, {c.backend: c for c in cands}, loaded, rounds, warmup, batch or 1)
-    chosen = min((c for c in cands if c.status == "ok"), key=lambda c: c.latency_s)
-    return Selection(batch, torch.get_num_threads(), rounds, cands, chosen.backend, fns)
+    by_name = {c.backend: c for c in cands}
+    _time(fns, by_name, loaded, rounds, warmup, batch or 1)
+    ranked = sorted((c for c in cands if c.status == "ok"), key=lambda c: c.latency_s)
+    runoff = []
+    if len(ranked) > 1 and ranked[1].latency_s < ranked[0].latency_s * (1 + RUNOFF_MARGIN):
+        runoff = [ranked[0].backend, ranked[1].backend]
+        progress(f"runoff: {runoff[0]} and {runoff[1]} within {RUNOFF_MARGIN:.0%}, {rounds} more rounds")
+        _time({b: fns[b] for b in runoff}, by_name, loaded, rounds, 0, batch or 1)
+    chosen = min((by_name[b] for b in runoff), key=lambda c: c.latency_s) if runoff else ranked[0]
+    return Selection(batch, torch.get_num_threads(), rounds, cands, chosen.backend, runoff, fns)
 
 
 def _check(spec: BackendSpec, model, loaded, reference, precision: Precision, progress):
