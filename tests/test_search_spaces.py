@@ -84,6 +84,24 @@ def test_export_is_a_quant_config_that_resolves_to_the_chosen_bits(mlp_space, tm
         {"layers.0": 4, "layers.2": 8, "head": 4}
 
 
+def test_per_layer_formats_count_their_own_bits_and_export_as_chosen(tmp_path):
+    from kiln.config import read_toml
+    from kiln.quant.config import parse_config
+
+    space = mp_space(formats=["int8", "mxfp4", "fp8_e4m3"])
+    choice = {"layers.0": "fp8_e4m3", "layers.2": "mxfp4", "head": "int8"}
+    numel = {"layers.0": 256 * 784, "layers.2": 128 * 256, "head": 10 * 128}
+    bits = {"layers.0": 8, "layers.2": 4 + 8 / 32, "head": 8}            # MX: one 8-bit scale per 32
+    assert space.score(choice, None)["avg_bits"] == pytest.approx(
+        sum(bits[n] * k for n, k in numel.items()) / sum(numel.values()))
+    (path,) = space.export(choice, tmp_path)
+    config = parse_config(read_toml(path))
+    assert {n: type(config.resolve(n, "Linear")[1]["weight"].format).__name__ for n in numel} == \
+        {"layers.0": "MiniFloat", "layers.2": "MXFormat", "head": "IntFormat"}
+    with pytest.raises(KilnError, match="unknown format 'int77'"):
+        mp_space(formats=["int8", "int77"])
+
+
 def test_a_space_with_no_valid_point_stops_before_writing(tmp_path):
     for space in ({"kind": "mixed-precision", "source": "zoo:mlp", "include": "nothing.*"},
                   {"kind": "vit", "dim": [30], "heads": [4, 8]},

@@ -1,10 +1,13 @@
-"""Mixed precision: a weight bit width per Linear (or per group of them), scored by the task
-metric on a fixed subset and by the bits it costs.
+"""Mixed precision: a weight format and bit width per Linear (or per group of them), scored by
+the task metric on a fixed subset and by the bits it costs.
 
     [space]
     kind = "mixed-precision"
     source = "runs/figures/minilm-v3"      # spec, train run or artifact (kiln.models.artifact.load_source)
-    bits = [4, 6, 8]                       # the choices per layer
+    bits = [4, 6, 8]                       # the choices per layer (format `format`, default int)
+    formats = []                           # or: format presets per layer, instead of bits, e.g.
+                                           # ["int8", "int4", "fp8_e4m3", "mxfp4"] (avg bits counts
+                                           # each format's own bits, MX's shared scales included)
     include = ".*encoder.*"                # Linears searched (regex over FQNs); the rest at fixed_bits
     group = ""                             # "" one choice per Linear; or a regex with one group:
                                            # Linears with the same captured text share a choice
@@ -40,6 +43,7 @@ class MixedPrecisionConfig:
     samples: int = 400                # scored examples (the first N of the split)
     bits: tuple[int, ...] = (4, 6, 8)
     format: str = "int"
+    formats: tuple[str, ...] = ()
     granularity: str = "channel"
     include: str = ".*"
     fixed_bits: int = 8               # Linears outside `include` (0: left in float)
@@ -58,10 +62,26 @@ class MixedPrecisionConfig:
             (self.samples >= 1 and self.calib_batches >= 1, "samples and calib_batches must be >= 1"),
             (self.act_bits == 0 or 2 <= self.act_bits <= 16, "act_bits must be 0 (float) or 2..16"),
             (self.split in ("train", "val", "test"), "split must be train, val or test"),
+            (len(set(self.formats)) == len(self.formats), f"formats {list(self.formats)} repeats a value"),
         ]
         for ok, message in checks:
             if not ok:
                 raise KilnError(f"mixed-precision space: {message}")
+        from kiln.quant.formats import parse_format
+
+        for name in self.formats:
+            parse_format(name, "mixed-precision space: formats")
+
+    @property
+    def choices(self) -> list:
+        """What each layer (group) chooses among: bit widths of `format`, or format presets."""
+        return list(self.formats) if self.formats else list(self.bits)
+
+    def weight(self, choice) -> dict[str, Any]:
+        """The quant config's weight table for one choice."""
+        if isinstance(choice, str):
+            return {"format": choice, "granularity": self.granularity}
+        return {"format": self.format, "bits": int(choice), "granularity": self.granularity}
         for pattern in (self.include, self.group):
             try:
                 re.compile(pattern)
@@ -113,16 +133,14 @@ class QuantSpaceBase(Space):
         self.groups = layer_groups(self.linears, c.include, c.group)
         torch.manual_seed(self.ctx.seed)
 
-    def quant_table(self, bits_of: dict[str, int]) -> dict[str, Any]:
-        """The quant config (TOML table) giving each Linear its bits; `bits_of` by Linear FQN."""
+    def quant_table(self, bits_of: dict[str, int | str]) -> dict[str, Any]:
+        """The quant config (TOML table) giving each Linear its choice (bits, or a format
+        preset); `bits_of` by Linear FQN."""
         c = self.config
-
-        def weight(b):
-            return {"format": c.format, "bits": b, "granularity": c.granularity}
-
+        weight = c.weight
         table: dict[str, Any] = {"targets": ["Linear"]}
         if c.fixed_bits:
-            table["weight"] = weight(c.fixed_bits)
+            table["weight"] = {"format": c.format, "bits": c.fixed_bits, "granularity": c.granularity}
         if c.act_bits:
             table["input"] = {"format": "int", "bits": c.act_bits, "granularity": "tensor", "calib": "minmax"}
         rules = [{"match": f"fqn:{n}", "weight": weight(b)} for n, b in bits_of.items()]
@@ -181,13 +199,15 @@ class MixedPrecisionSpace(QuantSpaceBase):
 
     def suggest(self, trial) -> dict[str, int]:
         self.ensure_setup()
-        return {g: trial.suggest_categorical(g, list(self.config.bits)) for g in self.groups}
+        return {g: trial.suggest_categorical(g, self.config.choices) for g in self.groups}
 
-    def bits_of(self, choice: dict[str, int]) -> dict[str, int]:
-        return {n: int(choice[g]) for g, names in self.groups.items() for n in names}
+    def bits_of(self, choice: dict[str, int | str]) -> dict[str, int | str]:
+        """Each Linear's choice (bits or a format preset), by FQN."""
+        return {n: choice[g] if isinstance(choice[g], str) else int(choice[g])
+                for g, names in self.groups.items() for n in names}
 
-    def uniform(self, bits: int) -> dict[str, int]:
-        return {g: bits for g in self.groups}
+    def uniform(self, choice: int | str) -> dict[str, int | str]:
+        return {g: choice for g in self.groups}
 
     def score(self, choice: dict[str, int], report: Report) -> dict[str, float]:
         self.ensure_setup()
@@ -195,7 +215,7 @@ class MixedPrecisionSpace(QuantSpaceBase):
 
     def grid(self) -> dict[str, list]:
         self.ensure_setup()
-        return {g: list(self.config.bits) for g in self.groups}
+        return {g: self.config.choices for g in self.groups}
 
     def export(self, params: dict, out: Path) -> list[Path]:
         from kiln.search.config import _val
