@@ -70,21 +70,28 @@ def macs(model: torch.nn.Module, inputs: tuple, kwargs: dict | None = None) -> i
 
 
 def latency(models: dict[str, torch.nn.Module], inputs: tuple, kwargs: dict | None = None,
-            rounds: int = 30, warmup: int = 5) -> dict[str, float]:
+            rounds: int = 30, warmup: int = 5, seed: int = 0) -> dict[str, float]:
     """Median seconds per forward of each model, measured in interleaved rounds (no_grad, eval).
-    Each round starts with the next model: whichever runs right after the dense one was measured
-    ~2% slower (caches), so a fixed order would favour one of two identical pruned models."""
+    Each round runs the models in a fresh random order (seeded), and each timed call follows an
+    untimed call of the same model. A model timed right after another one reads slower (the
+    other's activations in the caches): with a fixed cyclic order the same model always follows
+    the dense one, which made one of two identical pruned models read 1-5% slower."""
+    import random
+
     kwargs = kwargs or {}
     times: dict[str, list[float]] = {name: [] for name in models}
-    names = list(models)
+    order = list(models)
+    rng = random.Random(seed)
     with torch.inference_mode():
         for m in models.values():
             m.eval()
             for _ in range(warmup):
                 m(*inputs, **kwargs)
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for name in order:
                 m = models[name]
+                m(*inputs, **kwargs)
                 t0 = time.perf_counter()
                 m(*inputs, **kwargs)
                 times[name].append(time.perf_counter() - t0)
@@ -155,22 +162,40 @@ def resnet() -> dict:
     return entry
 
 
-def resnet_latency(json_path: str) -> dict:
-    """Measure the `resnet` experiment's saved models again (latency fields only) and update its entry."""
+def resnet_latency(json_path: str, repeats: int = 5) -> dict:
+    """Measure the `resnet` experiment's saved models again (latency fields only) and update its
+    entry. kiln's and Torch-Pruning's models have the same layer shapes, so each is also timed
+    beside a deep copy of itself: the gap between a model and its own copy is the noise floor
+    that a kiln-vs-Torch-Pruning gap has to exceed to mean anything."""
+    import copy
     import json
 
     torch.set_num_threads(THREADS)
     entry = json.loads(Path(json_path).read_text())["resnet"]
     models = {"dense": load_source(str(OUT / "resnet20-dense")).model}
     models |= {name: load_source(str(OUT / f"resnet20-{name}-ft")).model for name in ("kiln", "torch_pruning")}
-    lat = latency(models, (torch.randn(64, 3, 32, 32),), rounds=60)
+    shapes = {name: [tuple(p.shape) for p in models[name].state_dict().values()] for name in ("kiln", "torch_pruning")}
+    entry["same_shapes"] = shapes["kiln"] == shapes["torch_pruning"]
+    copies = {f"{name} (copy)": copy.deepcopy(models[name]) for name in ("kiln", "torch_pruning")}
+    runs = [latency(models | copies, (torch.randn(64, 3, 32, 32),), rounds=100, seed=r) for r in range(repeats)]
+    lat = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
     entry["latency_date"] = str(date.today())
+    entry["latency_rounds"], entry["latency_repeats"] = 100, repeats
     for name in models:
         entry[name]["latency_b64_ms"] = lat[name] * 1e3
     for name in ("kiln", "torch_pruning"):
         e = entry[name]
         e["speedup"] = lat["dense"] / lat[name]
         e["speedup_over_mac_reduction"] = e["speedup"] / e["mac_reduction"]
+        e["copy_latency_b64_ms"] = lat[f"{name} (copy)"] * 1e3
+    entry["kiln_over_torch_pruning_per_repeat"] = [run["kiln"] / run["torch_pruning"] for run in runs]
+    entry["model_over_own_copy_per_repeat"] = {n: [run[n] / run[f"{n} (copy)"] for run in runs]
+                                               for n in ("kiln", "torch_pruning")}
+    entry["kiln_over_torch_pruning"] = lat["kiln"] / lat["torch_pruning"]
+    print(f"same shapes: {entry['same_shapes']}; kiln / Torch-Pruning latency per repeat "
+          f"{[round(r, 4) for r in entry['kiln_over_torch_pruning_per_repeat']]}, ratio of the medians over repeats "
+          f"{entry['kiln_over_torch_pruning']:.4f}; a model against its own copy: "
+          + ", ".join(f"{n} {[round(r, 4) for r in v]}" for n, v in entry["model_over_own_copy_per_repeat"].items()))
     _table("resnet20, 50% channels", entry, ["dense", "kiln", "torch_pruning"])
     return entry
 

@@ -49,12 +49,13 @@ def source() -> Path:
     return Path("runs/figures/minilm")
 
 
-def config(sampler: str, seed: int, trials: int, samples: int, src: Path, group: str = ""):
+def config(sampler: str, seed: int, args, src: Path, group: str = ""):
+    choices = {"formats": args.formats.split(",")} if args.formats else {"bits": [int(b) for b in args.bits.split(",")]}
     return parse_search_config({
         "study": f"mp-{sampler}-{seed}", "objectives": ["accuracy", "avg_bits"], "sampler": sampler,
-        "trials": trials, "seed": seed, "population": 10, "reference": list(REFERENCE),
-        "space": {"kind": "mixed-precision", "source": str(src), "include": r".*encoder.*", "bits": [4, 6, 8],
-                  "samples": samples, "act_bits": 8, "fixed_bits": 8, "calib_batches": 2, "batch_size": 32,
+        "trials": args.trials, "seed": seed, "population": args.population, "reference": list(REFERENCE),
+        "space": {"kind": "mixed-precision", "source": str(src), "include": args.include, **choices,
+                  "samples": args.samples, "act_bits": 8, "fixed_bits": 8, "calib_batches": 2, "batch_size": 32,
                   "group": group},
     }, "search_mp")
 
@@ -81,6 +82,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--population", type=int, default=10)
+    parser.add_argument("--include", default=r".*encoder.*", help="regex over Linear FQNs searched; the rest at int8")
+    parser.add_argument("--bits", default="4,6,8", help="int bit widths per layer")
+    parser.add_argument("--formats", default="", help="format presets per layer instead of --bits, e.g. int3,int4,fp4_e2m1")
+    parser.add_argument("--only", default="", help="run only these studies, e.g. nsga2-0,random-0 (a pilot)")
     parser.add_argument("--json", default="benchmarks/results/search_mp.json")
     parser.add_argument("--group", default="", help="share one choice among the Linears whose FQNs this "
                         "regex's group captures alike (e.g. per block and sublayer: --group block-sublayer)")
@@ -93,16 +99,18 @@ def main() -> None:
     src = source()
     t0 = time.perf_counter()
     group = GROUPS.get(args.group, args.group)
-    space, objectives = make_space(config("nsga2", 0, args.trials, args.samples, src, group))
+    space, objectives = make_space(config("nsga2", 0, args, src, group))
     space.ensure_setup()                          # one subset and one set of calibration batches for all
-    uniform = {f"int{b}": tuple(space.score(space.uniform(b), None)[k] for k in ("accuracy", "avg_bits"))
-               for b in (8, 6, 4)}
+    uniform = {f"int{b}": tuple(space.score(space.uniform(f"int{b}" if args.formats else b), None)[k]
+                                for k in ("accuracy", "avg_bits")) for b in (8, 6, 4)}
     print("uniform (val subset):", uniform, flush=True)
     studies = {}
     for sampler in ("nsga2", "random"):
         for seed in range(args.seeds):
+            if args.only and f"{sampler}-{seed}" not in args.only.split(","):
+                continue
             t = time.perf_counter()
-            points, params = run_study(space, objectives, config(sampler, seed, args.trials, args.samples, src, group))
+            points, params = run_study(space, objectives, config(sampler, seed, args, src, group))
             studies[f"{sampler}-{seed}"] = {"points": points, "params": params, "front": front(points, DIRECTIONS),
                                             "hypervolume": hypervolume(points, DIRECTIONS, REFERENCE),
                                             "hypervolume_optuna": hv_optuna(points, REFERENCE),
@@ -111,10 +119,11 @@ def main() -> None:
             print(f"{sampler} seed {seed}: hypervolume {s['hypervolume']:.5f} (optuna {s['hypervolume_optuna']:.5f}), "
                   f"front {len(s['front'])} points, {s['wall_s']:.0f} s", flush=True)
     entry = summarise(studies, uniform, args)
-    entry |= best_on_test(space, studies, uniform)
+    entry |= best_on_test(space, studies, uniform, "int8" if args.formats else 8)
     entry |= {"wall_s": time.perf_counter() - t0, "date": date.today().isoformat(), "threads": args.threads,
               "source": str(src), "trials": args.trials, "seeds": args.seeds, "samples": args.samples,
-              "space": "36 encoder Linears x int{4,6,8} weights per channel; pooler+classifier int8; inputs int8 per tensor",
+              "space": f"{len(space.groups)} Linears ({args.include}) x {space.config.choices} weights per channel; "
+                       "other Linears int8; inputs int8 per tensor", "population": args.population,
               "reference": list(REFERENCE), "studies": studies, "uniform": uniform}
     entry["group"] = group
     print_table(entry)
@@ -154,7 +163,7 @@ def summarise(studies: dict, uniform: dict, args) -> dict:
     return out
 
 
-def best_on_test(space, studies: dict, uniform: dict) -> dict:
+def best_on_test(space, studies: dict, uniform: dict, int8) -> dict:
     """The fewest-bits NSGA-II front point within one point of uniform int8 (validation subset),
     and uniform int8, both on the whole test split."""
     candidates = [p for k, s in studies.items() if k.startswith("nsga2") for p in s["front"]
@@ -167,7 +176,7 @@ def best_on_test(space, studies: dict, uniform: dict) -> dict:
 
     splits = load_dataset(space.source.dataset, seed=space.ctx.seed)
     out = {"chosen_val": chosen, "chosen_params": params}
-    for name, choice in (("chosen", params), ("uniform_int8", space.uniform(8))):
+    for name, choice in (("chosen", params), ("uniform_int8", space.uniform(int8))):
         table = space.quant_table(space.bits_of(choice))
         out[f"{name}_test_accuracy"] = space.measure(space.model, table, splits, "test")["accuracy"]
     return out
