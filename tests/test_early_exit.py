@@ -97,6 +97,22 @@ def test_each_sample_leaves_where_the_sweep_says_with_that_exits_logits(criterio
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_with_a_threshold_it_is_scored_by_its_answers_and_while_training_by_its_loss():
+    from kiln.train import tasks
+
+    backbone = cnn()
+    torch.manual_seed(3)
+    x, y = torch.randn(20, 1, 12, 12), torch.randint(0, 4, (20,))
+    model = attach(backbone, ["3", "5"], (x[:1],), {}, threshold=1.0)
+    metric = tasks.metric_for("classification", model)
+    with torch.no_grad():
+        expected = (model(x).argmax(-1) == y).float().mean().item()
+    assert metric.key == "accuracy"
+    assert tasks.evaluate(model, "classification", [(x[:8], y[:8]), (x[8:], y[8:])], metric) == pytest.approx(expected)
+    model.threshold = None                  # heads still training: the multi-exit loss picks checkpoints
+    assert tasks.metric_for("classification", model).key == "loss"
+
+
 def test_per_exit_flops_from_kiln_graph_match_flop_counter():
     backbone = cnn()
     x = torch.randn(1, 1, 12, 12)

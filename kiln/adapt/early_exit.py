@@ -155,6 +155,11 @@ class EarlyExit(nn.Module):
         state, final = self._run(args, kwargs, lambda k, z: None)
         return state["logits"] + [final]
 
+    @property
+    def metric_from_forward(self) -> bool:
+        """Scored by its answers (accuracy) once a threshold is set; by its loss while training heads."""
+        return self.threshold is not None
+
     def loss(self, x, y) -> tuple[torch.Tensor, dict]:
         outs = self.all_exits(**x) if isinstance(x, dict) else self.all_exits(x)
         losses = [F.cross_entropy(z.float(), y) for z in outs]

@@ -43,8 +43,15 @@ class Metric:
         return b is None or (a > b if self.higher_is_better else a < b)
 
 
+def scored_by_own_loss(model: nn.Module) -> bool:
+    """A model with its own `loss(x, y)` (a VAE, a diffusion model) is scored by it, unless it
+    says its forward's outputs are what to score (`metric_from_forward`, e.g. an early-exit
+    classifier once its threshold is set: it trains by its multi-exit loss, it answers by exits)."""
+    return hasattr(model, "loss") and not getattr(model, "metric_from_forward", False)
+
+
 def metric_for(task: str, model: nn.Module) -> Metric:
-    if hasattr(model, "loss"):
+    if scored_by_own_loss(model):
         return Metric("loss", higher_is_better=False)
     if task == "language-modeling":
         return Metric("perplexity", higher_is_better=False)
@@ -99,8 +106,9 @@ def evaluate(model: nn.Module, task: str, loader, metric: Metric) -> float:
     # objectives that sample (a diffusion model's timesteps) draw the same numbers every time
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        own = scored_by_own_loss(model)
         for x, y in loader:
-            _, stats = batch_loss(model, task, x, y)
+            _, stats = batch_loss(model, task, x, y) if own else logits_loss(forward(model, x), task, y)
             metric.total += stats["sum"]
             metric.count += stats["count"]
     model.train(was_training)
