@@ -1,17 +1,22 @@
 """Mixed-precision search on MiniLM fine-tuned on Rotten Tomatoes: NSGA-II against random.
 
-    flock /tmp/kiln-cpu.lock .venv/bin/python benchmarks/search_mp.py [--trials 40] [--seeds 3]
+    flock /tmp/kiln-cpu.lock .venv/bin/python benchmarks/search_mp.py [--trials 60] [--seeds 3]
         [--samples 300] [--json benchmarks/results/search_mp.json]
 
-The space: each of the 36 encoder Linears' weights at int 4, 6 or 8 bits (per output channel);
-the pooler and the classifier at int8; every Linear input at int8 per tensor (min-max,
-calibrated on 2 training batches of 32 per trial); fake quantization (kiln.quant). A trial is
-scored on the first `samples` reviews of the validation split (max_length 64): accuracy (max)
-and average weight bits over the quantized Linears (min). Hypervolume reference point:
-(accuracy 0.5, 32 bits). Both samplers get the same trial budget, 3 seeds each; NSGA-II runs a
-population of 10. Then: do the NSGA-II fronts dominate the uniform int8/int6/int4 points
-(scored the same way), and the chosen best front point (the fewest bits within one point of
-uniform int8's validation accuracy) measured on the whole test split beside uniform int8.
+The space (defaults): every one of MiniLM's 38 Linears (36 encoder, pooler, classifier) picks
+its weight format among int2, int3, int4, fp4_e2m1, int6 and int8 (per output channel scale);
+every Linear input at int8 per tensor (min-max, calibrated on 2 training batches of 32 per
+trial); fake quantization (kiln.quant). A trial is scored on the first `samples` reviews of
+the validation split (max_length 64): accuracy (max) and average weight bits over the Linears
+(min). Hypervolume reference point: (accuracy 0.5, 32 bits). Both samplers get the same trial
+budget, 3 seeds each; NSGA-II runs a population of 12. Then: do the NSGA-II fronts dominate
+the uniform int8/int6/int4 points (every Linear at that width, scored the same way), and the
+chosen best front point (the fewest bits within one point of uniform int8's validation
+accuracy) measured on the whole test split beside uniform int8.
+
+Session 3's space (`--formats '' --include '.*encoder.*' --bits 4,6,8 --population 10 --trials 40`, the
+pooler and classifier fixed at int8) had uniform int4 as its fewest-bits corner, which no
+point can dominate; its result stays in the JSON under minilm_mixed_precision_v1.
 """
 from __future__ import annotations
 
@@ -78,14 +83,14 @@ def hv_optuna(points, reference) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--population", type=int, default=10)
-    parser.add_argument("--include", default=r".*encoder.*", help="regex over Linear FQNs searched; the rest at int8")
+    parser.add_argument("--population", type=int, default=12)
+    parser.add_argument("--include", default=r".*", help="regex over Linear FQNs searched; the rest at int8")
     parser.add_argument("--bits", default="4,6,8", help="int bit widths per layer")
-    parser.add_argument("--formats", default="", help="format presets per layer instead of --bits, e.g. int3,int4,fp4_e2m1")
+    parser.add_argument("--formats", default="int2,int3,int4,fp4_e2m1,int6,int8", help="format presets per layer instead of --bits, e.g. int3,int4,fp4_e2m1")
     parser.add_argument("--only", default="", help="run only these studies, e.g. nsga2-0,random-0 (a pilot)")
     parser.add_argument("--json", default="benchmarks/results/search_mp.json")
     parser.add_argument("--group", default="", help="share one choice among the Linears whose FQNs this "
@@ -118,6 +123,10 @@ def main() -> None:
             s = studies[f"{sampler}-{seed}"]
             print(f"{sampler} seed {seed}: hypervolume {s['hypervolume']:.5f} (optuna {s['hypervolume_optuna']:.5f}), "
                   f"front {len(s['front'])} points, {s['wall_s']:.0f} s", flush=True)
+    if args.only:                                 # a pilot: the fronts, no summary, nothing merged
+        for k, st in studies.items():
+            print(k, "front:", sorted((round(a, 4), round(b, 3)) for a, b in st["front"]))
+        return
     entry = summarise(studies, uniform, args)
     entry |= best_on_test(space, studies, uniform, "int8" if args.formats else 8)
     entry |= {"wall_s": time.perf_counter() - t0, "date": date.today().isoformat(), "threads": args.threads,

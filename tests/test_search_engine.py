@@ -160,6 +160,7 @@ def test_unreachable_storage_is_one_line_exit_2_and_nothing_written(user_file, t
                             "--out", str(out), "--storage", url], capture_output=True, text=True)
         assert r.returncode == 2, r.stderr
         assert r.stderr.startswith("kiln: error: storage") and r.stderr.count("\n") == 1, r.stderr
+        assert "install" not in r.stderr        # the PostgreSQL driver ships with kiln: a refused connection
         assert not out.exists()
 
 
@@ -209,6 +210,22 @@ def test_two_workers_share_one_study_without_running_a_trial_twice(user_file, tm
     params = [tuple(sorted(r["params"].items())) for r in rows]
     assert len(set(params)) == 10                        # each worker samples with its own seed
     assert (tmp_path / "run" / "study.journal").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("KILN_TEST_POSTGRES"),
+                    reason="set KILN_TEST_POSTGRES=postgresql://USER:PASS@HOST/DB to test a PostgreSQL storage")
+def test_two_workers_share_a_postgresql_study(user_file, tmp_path):
+    import optuna
+
+    url = os.environ["KILN_TEST_POSTGRES"]
+    cfg = cfg_for(user_file, "two", trials=8, workers=2, storage=url, study=f"pytest-{os.getpid()}-{time.time_ns()}")
+    summary = run_search(cfg, tmp_path / "run", progress=False)
+    stored = optuna.load_study(study_name=cfg.study, storage=url).trials
+    counted = [t for t in stored if not t.user_attrs.get("surplus")]
+    assert summary["trials"] == 8 and sorted(t.number for t in counted) == list(range(8))
+    assert all(t.state.name == "FAIL" and not t.params for t in stored if t not in counted)
+    assert not (tmp_path / "run" / "study.db").exists() and not (tmp_path / "run" / "study.journal").exists()
 
 
 def test_cli_unknown_key_is_one_line_exit_2(tmp_path):
