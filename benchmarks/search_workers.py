@@ -9,7 +9,8 @@ grow with the study), `trials` trials. Each case starts its workers the way `kil
 --workers N` does (kiln.search.workers: one process per worker, one torch thread each, one
 journal-file storage), and is timed from launch to the last worker's exit, process start-up
 included. Checks: the study holds exactly `trials` trials, numbered 0..trials-1, all complete,
-with no parameter set run twice.
+with no parameter set run twice (a trial a worker created past the budget in a race is marked
+surplus, never runs, and is counted apart).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import merge_result  # noqa: E402
 from kiln.search.config import parse_search_config, to_toml  # noqa: E402
-from kiln.search.engine import make_space, open_study  # noqa: E402
+from kiln.search.engine import SURPLUS, make_space, open_study  # noqa: E402
 from kiln.search.storage import open_storage  # noqa: E402
 from kiln.search.workers import launch, wait  # noqa: E402
 
@@ -49,10 +50,11 @@ def one_case(workers: int, trials: int, steps: int) -> dict:
         t0 = time.perf_counter()
         wait(launch(out / "config.toml", url, workers, out), lambda: 0, lambda n: None, out)
         wall = time.perf_counter() - t0
-        trials_ = study.get_trials(deepcopy=False)
+        stored = study.get_trials(deepcopy=False)
+        trials_ = [t for t in stored if not t.user_attrs.get(SURPLUS)]   # surplus: taken past the budget, never run
         numbers = sorted(t.number for t in trials_)
         params = [tuple(sorted(t.params.items())) for t in trials_]
-        return {"workers": workers, "wall_s": wall, "trials": len(trials_),
+        return {"workers": workers, "wall_s": wall, "trials": len(trials_), "surplus": len(stored) - len(trials_),
                 "numbers_are_0_to_n": numbers == list(range(trials)),
                 "states": sorted({t.state.name for t in trials_}),
                 "distinct_params": len(set(params)),
