@@ -65,19 +65,19 @@ def test_select_keeps_the_fastest_accepted_and_says_why_others_were_not():
     ok = [c for c in sel.candidates if c.status == "ok"]
     assert {c.backend for c in ok} == {"eager", "export"}
     assert sel.chosen == min(ok, key=lambda c: c.latency_s).backend
-    assert all(len(c.times) == (10 if c.backend in sel.runoff else 5) and c.throughput == 4 / c.latency_s
+    assert all(len(c.times) == sel.rounds == (10 if sel.runoff else 5) and c.throughput == 4 / c.latency_s
                for c in ok)
 
 
-def test_a_close_call_gets_a_runoff_between_the_two_fastest(monkeypatch):
+def test_a_close_call_doubles_the_rounds_of_every_candidate(monkeypatch):
     monkeypatch.setattr(auto, "RUNOFF_MARGIN", 100.0)      # every pair is "close"
     loaded = at_batch(_tiny(), 4)
     sel = select(loaded.model, loaded, ["eager", "export", "eager:passes=1"], Precision.FP32, rounds=4)
-    ok = sorted((c for c in sel.candidates if c.status == "ok"), key=lambda c: len(c.times))
-    assert [len(c.times) for c in ok] == [4, 8, 8] and {c.backend for c in ok[1:]} == set(sel.runoff)
-    assert sel.chosen in sel.runoff and sel.to_dict()["runoff"] == sel.runoff
-    c = sel.by_name(sel.chosen)
-    assert c.latency_s == float(np.median(c.times))      # the choice stands on all its rounds
+    ok = [c for c in sel.candidates if c.status == "ok"]
+    assert [len(c.times) for c in ok] == [8, 8, 8] and sel.rounds == 8 and len(sel.runoff) == 2
+    assert sel.to_dict()["runoff"] == sel.runoff and sel.to_dict()["rounds"] == 8
+    assert all(c.latency_s == float(np.median(c.times)) for c in ok)      # on all the rounds
+    assert sel.chosen == min(ok, key=lambda c: c.latency_s).backend
     monkeypatch.setattr(auto, "RUNOFF_MARGIN", -1.0)       # never close
     assert select(loaded.model, loaded, ["eager", "export"], Precision.FP32, rounds=2).runoff == []
 

@@ -1,4 +1,5 @@
 """The search engine: failures, pruning, early stopping, grids, resume after a kill, bad input."""
+import dataclasses
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import pytest
 
 from kiln.errors import KilnError
 from kiln.search.config import parse_search_config, to_toml
-from kiln.search.engine import Setup, make_space, open_study, optimize, run_trial, started
+from kiln.search.engine import SURPLUS, Setup, make_space, open_study, optimize, run_trial, started
 from kiln.search.pareto import front, hypervolume
 from kiln.search.report import trial_rows
 from kiln.search.run import run_search
@@ -76,16 +77,51 @@ def test_a_trial_created_past_the_budget_by_a_racing_worker_never_runs(user_file
     # counts it
     cfg = cfg_for(user_file, "single", trials=3)
     space, objectives = make_space(cfg)
+    space.ensure_setup()
     study = open_study(cfg, None, space)
     setup = Setup(cfg, space, objectives, study)
-    run_trial(setup, log=lambda s: None)
-    run_trial(setup, log=lambda s: None)
+    assert [run_trial(setup, log=lambda s: None) for _ in range(2)] == ["COMPLETE", "COMPLETE"]
     rival = study.ask()                                   # the other worker's trial, still running
     assert run_trial(setup, log=lambda s: None) == "FAIL"
     surplus = study.trials[-1]
-    assert surplus.number == rival.number + 1 and surplus.user_attrs["surplus"] and not surplus.params
+    assert surplus.number == rival.number + 1 and surplus.user_attrs[SURPLUS] and not surplus.params
     assert started(study) == 3
     assert [r["number"] for r in trial_rows(study)] == [0, 1, 2]
+
+
+def _race(cfg, suggest):
+    """A study where a rival worker holds the last slot of the budget (its trial has sampled its
+    point with `suggest` and is still running) when this one runs a trial."""
+    space, objectives = make_space(cfg)
+    space.ensure_setup()
+    study = open_study(cfg, None, space)
+    setup = Setup(cfg, space, objectives, study)
+    for _ in range(cfg.trials - 1):
+        run_trial(setup, log=lambda s: None)
+    rival = study.ask()
+    suggest(rival)
+    return setup, rival
+
+
+def test_a_surplus_trial_leaves_its_grid_point_to_a_resumed_study(user_file):
+    cfg = cfg_for(user_file, "grid", sampler="grid", trials=3, space={"grid": {"x": [1, 2, 3], "y": [0, 1]}})
+    setup, rival = _race(cfg, lambda t: (t.suggest_categorical("x", [1, 2, 3]), t.suggest_categorical("y", [0, 1])))
+    assert run_trial(setup, log=lambda s: None) == "FAIL"          # surplus
+    setup.study.tell(rival, 0.0)
+    optimize(dataclasses.replace(setup, cfg=dataclasses.replace(cfg, trials=6)))
+    done = [t for t in setup.study.trials if not t.user_attrs.get(SURPLUS)]
+    assert len(done) == 6 and len({(t.params["x"], t.params["y"]) for t in done}) == 6   # every point once
+
+
+def test_a_surplus_trial_puts_the_queued_point_it_took_back_on_the_queue(user_file):
+    cfg = cfg_for(user_file, "single", trials=2)
+    setup, rival = _race(cfg, lambda t: t.suggest_float("x", 0, 1))
+    setup.study.enqueue_trial({"x": 0.25})
+    assert run_trial(setup, log=lambda s: None) == "FAIL"          # took the queued point, surplus
+    setup.study.tell(rival, 0.0)
+    optimize(dataclasses.replace(setup, cfg=dataclasses.replace(cfg, trials=3)))
+    done = [t for t in setup.study.trials if not t.user_attrs.get(SURPLUS)]
+    assert len(done) == 3 and done[-1].params == {"x": 0.25} and done[-1].state.name == "COMPLETE"
 
 
 def test_failing_objective_is_marked_fail_with_its_reason_and_the_study_goes_on(user_file, tmp_path):
@@ -222,7 +258,7 @@ def test_two_workers_share_a_postgresql_study(user_file, tmp_path):
     cfg = cfg_for(user_file, "two", trials=8, workers=2, storage=url, study=f"pytest-{os.getpid()}-{time.time_ns()}")
     summary = run_search(cfg, tmp_path / "run", progress=False)
     stored = optuna.load_study(study_name=cfg.study, storage=url).trials
-    counted = [t for t in stored if not t.user_attrs.get("surplus")]
+    counted = [t for t in stored if not t.user_attrs.get(SURPLUS)]
     assert summary["trials"] == 8 and sorted(t.number for t in counted) == list(range(8))
     assert all(t.state.name == "FAIL" and not t.params for t in stored if t not in counted)
     assert not (tmp_path / "run" / "study.db").exists() and not (tmp_path / "run" / "study.journal").exists()

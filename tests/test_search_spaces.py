@@ -18,8 +18,9 @@ torch.set_num_threads(1)
 
 
 def mp_space(**space):
+    bits = {} if "formats" in space else {"bits": [4, 8]}
     cfg = parse_search_config({"objectives": ["accuracy", "avg_bits"], "space": {
-        "kind": "mixed-precision", "source": "zoo:mlp", "samples": 64, "bits": [4, 8], "calib_batches": 1,
+        "kind": "mixed-precision", "source": "zoo:mlp", "samples": 64, **bits, "calib_batches": 1,
         "batch_size": 16, **space}})
     space, _ = make_space(cfg)
     space.ensure_setup()
@@ -100,6 +101,15 @@ def test_per_layer_formats_count_their_own_bits_and_export_as_chosen(tmp_path):
         {"layers.0": "MiniFloat", "layers.2": "MXFormat", "head": "IntFormat"}
     with pytest.raises(KilnError, match="unknown format 'int77'"):
         mp_space(formats=["int8", "int77"])
+    with pytest.raises(KilnError, match="give bits or formats, not both"):
+        mp_space(formats=["int8"], bits=[2, 8])
+
+
+@pytest.mark.parametrize("kind", ["mixed-precision", "compression"])
+def test_bad_regexes_are_config_errors(kind):
+    for key in ("include", "group"):
+        with pytest.raises(KilnError, match=f"{kind} space: bad regex '\\('|mixed-precision space: bad regex"):
+            parse_search_config({"space": {"kind": kind, "source": "zoo:mlp", key: "("}})
 
 
 def test_a_space_with_no_valid_point_stops_before_writing(tmp_path):

@@ -5,8 +5,8 @@ Timing interleaves the candidates (one timed call of each per round, `rounds` ro
 short call preceded by an untimed one), so a slow spell of the machine lands on all of them
 rather than on whichever ran last; latency is the median round, p90 the 90th percentile.
 When the two fastest are within RUNOFF_MARGIN of each other, the choice is too close for
-that many rounds: those two get `rounds` more interleaved rounds, and the choice is made on
-all of their rounds.
+that many rounds: every accepted candidate gets `rounds` more interleaved rounds (so a slow
+spell still lands on all of them), and the choice is made on all the rounds.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class Selection:
     rounds: int
     candidates: list[Candidate]
     chosen: str
-    runoff: list[str] = field(default_factory=list)
+    runoff: list[str] = field(default_factory=list)   # the close pair that doubled the rounds
     fns: dict[str, Callable] = field(default_factory=dict, repr=False)
 
     def by_name(self, name: str) -> Candidate:
@@ -135,13 +135,13 @@ def select(model: nn.Module, loaded: LoadedModel, backends: Sequence[str], preci
     by_name = {c.backend: c for c in cands}
     _time(fns, by_name, loaded, rounds, warmup, batch or 1)
     ranked = sorted((c for c in cands if c.status == "ok"), key=lambda c: c.latency_s)
-    runoff = []
+    runoff, total = [], rounds
     if len(ranked) > 1 and ranked[1].latency_s < ranked[0].latency_s * (1 + RUNOFF_MARGIN):
-        runoff = [ranked[0].backend, ranked[1].backend]
-        progress(f"runoff: {runoff[0]} and {runoff[1]} within {RUNOFF_MARGIN:.0%}, {rounds} more rounds")
-        _time({b: fns[b] for b in runoff}, by_name, loaded, rounds, 0, batch or 1)
-    chosen = min((by_name[b] for b in runoff), key=lambda c: c.latency_s) if runoff else ranked[0]
-    return Selection(batch, torch.get_num_threads(), rounds, cands, chosen.backend, runoff, fns)
+        runoff, total = [ranked[0].backend, ranked[1].backend], 2 * rounds
+        progress(f"{runoff[0]} and {runoff[1]} within {RUNOFF_MARGIN:.0%}: {rounds} more rounds of all")
+        _time(fns, by_name, loaded, rounds, 0, batch or 1)
+    chosen = min((c for c in cands if c.status == "ok"), key=lambda c: c.latency_s)
+    return Selection(batch, torch.get_num_threads(), total, cands, chosen.backend, runoff, fns)
 
 
 def _check(spec: BackendSpec, model, loaded, reference, precision: Precision, progress):

@@ -152,7 +152,7 @@ def hopeless(study, step: int, values: list[float], directions: list[str], cfg: 
     return beaten >= cfg.early_stop_dominators
 
 
-SURPLUS = "surplus"
+SURPLUS = "kiln_surplus"     # user attribute; kiln_ so a python-space objective cannot collide
 
 
 def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
@@ -171,6 +171,13 @@ def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
             # another worker took the last slot between our budget check and this trial's creation:
             # the storage numbered the trials, so the lower number wins and this one never runs
             trial.set_user_attr(SURPLUS, True)
+            # samplers that hand out fixed points (grid, QMC) mark the point as this trial's
+            # before the objective runs, and count a finished trial's point as visited: an empty
+            # search space tells them this trial visited nothing, so a resumed study still runs it
+            study._storage.set_trial_system_attr(trial._trial_id, "search_space", {})
+            fixed = study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+            if fixed:        # an enqueued point this trial took off the queue goes back on it
+                study.enqueue_trial(fixed)
             raise KilnError("surplus: the budget was already taken by other workers")
         try:
             candidate = setup.space.suggest(trial)

@@ -8,7 +8,8 @@ bits, searched together.
     sparsity = [0.0, 0.5]        # magnitude pruning, per layer (kiln.prune.unstructured)
     budgets = [1.0, 0.5]         # low-rank: factor weights as a fraction of the dense count
                                  # (kiln.lowrank.svd; 1.0 = stay dense)
-    bits = [4, 8]                # weights, per output channel (kiln.quant)
+    bits = [4, 8]                # weights, per output channel (kiln.quant); or formats =
+                                 # ["int4", "fp4_e2m1", "int8"], presets as in mixed-precision
 
 A candidate is built in that order on a copy of the float model (prune, factorise the pruned
 weight, quantize, calibrate) and scored like the mixed-precision space. `params` counts the
@@ -51,7 +52,7 @@ class CompressionSpace(QuantSpaceBase):
         for g in self.groups:
             out[f"{g}:sparsity"] = trial.suggest_categorical(f"{g}:sparsity", list(c.sparsity))
             out[f"{g}:budget"] = trial.suggest_categorical(f"{g}:budget", list(c.budgets))
-            out[f"{g}:bits"] = trial.suggest_categorical(f"{g}:bits", list(c.bits))
+            out[f"{g}:bits"] = trial.suggest_categorical(f"{g}:bits", c.choices)
         return out
 
     def compress(self, choice: dict) -> tuple[nn.Module, dict[str, int]]:
@@ -66,9 +67,10 @@ class CompressionSpace(QuantSpaceBase):
         if ratios:
             prune_unstructured(model, 0.0, scope="local", targets=[], overrides=ratios)
             make_permanent(model)
-        bits: dict[str, int] = {}
+        bits: dict[str, int | str] = {}
         for n, g in layer.items():
-            b, budget = int(choice[f"{g}:bits"]), choice[f"{g}:budget"]
+            b, budget = choice[f"{g}:bits"], choice[f"{g}:budget"]      # bits, or a format preset
+            b = b if isinstance(b, str) else int(b)
             linear = model.get_submodule(n)
             out_f, in_f = linear.weight.shape
             rank = min(rank_for_budget(in_f, out_f, budget), min(in_f, out_f)) if budget < 1 else None

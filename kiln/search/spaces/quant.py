@@ -71,6 +71,14 @@ class MixedPrecisionConfig:
 
         for name in self.formats:
             parse_format(name, "mixed-precision space: formats")
+        if self.formats and tuple(self.bits) != (4, 6, 8):
+            raise KilnError("mixed-precision space: give bits or formats, not both (formats are presets "
+                            "with their own widths, e.g. int4, fp8_e4m3)")
+        for pattern in (self.include, self.group):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise KilnError(f"mixed-precision space: bad regex {pattern!r}: {exc}") from None
 
     @property
     def choices(self) -> list:
@@ -82,11 +90,6 @@ class MixedPrecisionConfig:
         if isinstance(choice, str):
             return {"format": choice, "granularity": self.granularity}
         return {"format": self.format, "bits": int(choice), "granularity": self.granularity}
-        for pattern in (self.include, self.group):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise KilnError(f"mixed-precision space: bad regex {pattern!r}: {exc}") from None
 
 
 def layer_groups(names: list[str], include: str, group: str) -> dict[str, list[str]]:
