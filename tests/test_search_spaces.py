@@ -1,6 +1,7 @@
 """Search spaces: mixed precision against kiln.quant's own path, architectures against
 hand-counted sizes and torch.utils.flop_counter, exported configs that load back."""
 import copy
+import dataclasses
 
 import optuna
 import pytest
@@ -110,6 +111,22 @@ def test_bad_regexes_are_config_errors(kind):
     for key in ("include", "group"):
         with pytest.raises(KilnError, match=f"{kind} space: bad regex '\\('|mixed-precision space: bad regex"):
             parse_search_config({"space": {"kind": kind, "source": "zoo:mlp", key: "("}})
+
+
+def test_seed_uniform_runs_every_uniform_point_first_and_only_once(tmp_path):
+    cfg = parse_search_config({"objectives": ["accuracy", "avg_bits"], "sampler": "random", "trials": 3, "space": {
+        "kind": "mixed-precision", "source": "zoo:mlp", "samples": 32, "bits": [4, 8], "calib_batches": 1,
+        "batch_size": 16, "seed_uniform": True}})
+    run_search(cfg, tmp_path / "run", progress=False)
+    run_search(dataclasses.replace(cfg, trials=4), tmp_path / "run", progress=False)       # resumed: not again
+    import json
+
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["trials_detail"]
+    assert [r["params"] for r in rows[:2]] == [{n: b for n in ("layers.0", "layers.2", "head")} for b in (4, 8)]
+    assert rows[0]["attrs"]["avg_bits"] == 4 and rows[1]["attrs"]["avg_bits"] == 8
+    assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows)
+    with pytest.raises(KilnError, match="seed_uniform is a mixed-precision space option"):
+        parse_search_config({"space": {"kind": "compression", "source": "zoo:mlp", "seed_uniform": True}})
 
 
 def test_a_space_with_no_valid_point_stops_before_writing(tmp_path):

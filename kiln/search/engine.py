@@ -98,8 +98,10 @@ def open_study(cfg: SearchConfig, storage, space: Space, worker: int = 0):
         raise KilnError(f"study {cfg.study!r} exists with another definition: {first_line(exc)}") from None
     defining = json.dumps({k: getattr(cfg, k) for k in DEFINING}, sort_keys=True, default=list)
     stored = study.user_attrs.get("kiln_definition")
-    if stored is None:
+    if stored is None:                     # a new study: the space's starting points go first
         study.set_user_attr("kiln_definition", defining)
+        for params in space.initial_points():
+            study.enqueue_trial(params)
     elif stored != defining:
         raise KilnError(f"study {cfg.study!r} in this storage was made by a different search config "
                         "(space or objectives differ): use another --out, --storage or study name")

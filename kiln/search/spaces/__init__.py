@@ -69,6 +69,10 @@ class Space(ABC):
     def grid(self) -> dict[str, list] | None:
         return None
 
+    def initial_points(self) -> list[dict]:
+        """Parameter sets a new study runs first (enqueued, counted in the budget)."""
+        return []
+
     def export(self, params: dict, out: Path) -> list[Path]:
         return []
 

@@ -12,6 +12,8 @@ the task metric on a fixed subset and by the bits it costs.
     group = ""                             # "" one choice per Linear; or a regex with one group:
                                            # Linears with the same captured text share a choice
     act_bits = 8                           # Linear inputs, per tensor, calibrated (0: float)
+    seed_uniform = false                   # true: a new study first runs every uniform point (all
+                                           # layers at one choice), then its sampler takes over
 
 Each trial quantizes a fresh copy of the float model (fake quantization, `kiln.quant`),
 calibrates the activations on `calib_batches` training batches, and scores `samples` examples
@@ -52,6 +54,7 @@ class MixedPrecisionConfig:
     calib_batches: int = 2
     batch_size: int = 32
     eval_batch_size: int = 100
+    seed_uniform: bool = False
 
     def __post_init__(self):
         checks = [
@@ -211,6 +214,12 @@ class MixedPrecisionSpace(QuantSpaceBase):
 
     def uniform(self, choice: int | str) -> dict[str, int | str]:
         return {g: choice for g in self.groups}
+
+    def initial_points(self) -> list[dict]:
+        if not self.config.seed_uniform:
+            return []
+        self.ensure_setup()
+        return [self.uniform(c) for c in self.config.choices]
 
     def score(self, choice: dict[str, int], report: Report) -> dict[str, float]:
         self.ensure_setup()
