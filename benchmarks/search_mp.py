@@ -4,24 +4,28 @@
         [--samples 300] [--json benchmarks/results/search_mp.json]
 
 The space (defaults): every one of MiniLM's 38 Linears (36 encoder, pooler, classifier) picks
-its weight width among int2, int3, int4, int6 and int8 (per output channel scale); every
-Linear input at int8 per tensor (min-max, calibrated on 2 training batches of 32 per trial);
-fake quantization (kiln.quant). A trial is scored on the first `samples` reviews of the
-validation split (max_length 64): accuracy (max) and average weight bits over the Linears
-(min). Both samplers start from the same 5 uniform points (`seed_uniform`: every Linear at one
-width; they count in the budget), then sample: NSGA-II with a population of 10, random
-uniformly. Hypervolume reference point: (accuracy 0.5, 32 bits); same trial budget, 3 seeds
-each. Then: do the NSGA-II fronts dominate the uniform int8/int6/int4 points, and the chosen
-best front point (the fewest bits within one point of uniform int8's validation accuracy)
-measured on the whole test split beside uniform int8.
+its weight width among int3, int4, int5, int6 and int8, one scale per weight tensor (the
+course lab's per-tensor fixed point: the setting where low widths cost accuracy and layers
+differ in what they tolerate); every Linear input at int8 per tensor (min-max, calibrated on 2
+training batches of 32 per trial); fake quantization (kiln.quant). A trial is scored on the
+first `samples` reviews of the validation split (max_length 64): accuracy (max) and average
+weight bits over the Linears (min). Both samplers start from the same 5 uniform points
+(`seed_uniform`: every Linear at one width; they count in the budget), then sample: NSGA-II
+with a population of 10, random uniformly. Hypervolume reference point: (accuracy 0.5, 32
+bits); same trial budget, 3 seeds each. Then: do the NSGA-II fronts dominate the uniform
+int8/int6/int4 points, and the chosen best front point (the fewest bits within one point of
+uniform int8's validation accuracy) measured on the whole test split beside uniform int8.
 
-Earlier spaces, kept in the JSON: minilm_mixed_precision_v1 (session 3: `--formats ''
---include '.*encoder.*' --bits 4,6,8 --population 10 --trials 40 --no-seed-uniform`, pooler
-and classifier fixed at int8, so uniform int4 was the fewest-bits corner, which no point can
-dominate) and minilm_mixed_precision_v2 (session 4 pilot: `--formats
-int2,int3,int4,fp4_e2m1,int6,int8 --population 12 --trials 60 --no-seed-uniform`: nearly every
-random point has several int2 layers, and neither sampler's fronts reached uniform int8's
-accuracy in 60 trials).
+Earlier spaces, kept in the JSON:
+- minilm_mixed_precision_v1 (session 3: `--granularity channel --formats '' --include
+  '.*encoder.*' --bits 4,6,8 --population 10 --trials 40 --no-seed-uniform`; pooler and
+  classifier fixed at int8, so uniform int4 was the fewest-bits corner, which no point can
+  dominate);
+- minilm_mixed_precision_v2 (session 4 pilot, nsga2-0 and random-0 only: `--granularity
+  channel --formats int2,int3,int4,fp4_e2m1,int6,int8 --population 12 --trials 60
+  --no-seed-uniform`);
+- minilm_mixed_precision_v3 (session 4: `--granularity channel --formats int2,int3,int4,int6,int8`):
+  per channel, uniform int4 is within the subset's noise of int8, so no mix can beat it.
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ def config(sampler: str, seed: int, args, src: Path, group: str = ""):
         "trials": args.trials, "seed": seed, "population": args.population, "reference": list(REFERENCE),
         "space": {"kind": "mixed-precision", "source": str(src), "include": args.include, **choices,
                   "samples": args.samples, "act_bits": 8, "fixed_bits": 8, "calib_batches": 2, "batch_size": 32,
-                  "group": group, "seed_uniform": args.seed_uniform},
+                  "group": group, "seed_uniform": args.seed_uniform, "granularity": args.granularity},
     }, "search_mp")
 
 
@@ -94,10 +98,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--population", type=int, default=10)
     parser.add_argument("--include", default=r".*", help="regex over Linear FQNs searched; the rest at int8")
-    parser.add_argument("--bits", default="4,6,8", help="int bit widths per layer")
+    parser.add_argument("--bits", default="3,4,5,6,8", help="int bit widths per layer")
     parser.add_argument("--no-seed-uniform", dest="seed_uniform", action="store_false",
                         help="start from sampled points only, not the uniform ones")
-    parser.add_argument("--formats", default="int2,int3,int4,int6,int8", help="format presets per layer instead of --bits, e.g. int3,int4,fp4_e2m1")
+    parser.add_argument("--granularity", default="tensor", choices=("tensor", "channel"), help="weight scales")
+    parser.add_argument("--formats", default="", help="format presets per layer instead of --bits, e.g. int3,int4,fp4_e2m1")
     parser.add_argument("--only", default="", help="run only these studies, e.g. nsga2-0,random-0 (a pilot)")
     parser.add_argument("--json", default="benchmarks/results/search_mp.json")
     parser.add_argument("--group", default="", help="share one choice among the Linears whose FQNs this "
@@ -138,8 +143,9 @@ def main() -> None:
     entry |= best_on_test(space, studies, uniform, "int8" if args.formats else 8)
     entry |= {"wall_s": time.perf_counter() - t0, "date": date.today().isoformat(), "threads": args.threads,
               "source": str(src), "trials": args.trials, "seeds": args.seeds, "samples": args.samples,
-              "space": f"{len(space.groups)} Linears ({args.include}) x {space.config.choices} weights per channel; "
+              "space": f"{len(space.groups)} Linears ({args.include}) x {space.config.choices} weights per {args.granularity}; "
                        "other Linears int8; inputs int8 per tensor", "population": args.population,
+              "granularity": args.granularity,
               "reference": list(REFERENCE), "studies": studies, "uniform": uniform}
     entry["group"] = group
     entry["seed_uniform"] = args.seed_uniform
