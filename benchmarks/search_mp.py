@@ -68,6 +68,7 @@ def config(sampler: str, seed: int, args, src: Path, group: str = ""):
     return parse_search_config({
         "study": f"mp-{sampler}-{seed}", "objectives": ["accuracy", "avg_bits"], "sampler": sampler,
         "trials": args.trials, "seed": seed, "population": args.population, "reference": list(REFERENCE),
+        "mutation_prob": args.mutation_prob,
         "space": {"kind": "mixed-precision", "source": str(src), "include": args.include, **choices,
                   "samples": args.samples, "act_bits": 8, "fixed_bits": 8, "calib_batches": 2, "batch_size": 32,
                   "group": group, "seed_uniform": args.seed_uniform, "granularity": args.granularity},
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--population", type=int, default=10)
+    parser.add_argument("--mutation-prob", type=float, default=0.0, help="NSGA-II (0: optuna's 1/parameters)")
+    parser.add_argument("--name", default="", help="JSON key suffix, so a variant does not replace the figure")
     parser.add_argument("--include", default=r".*", help="regex over Linear FQNs searched; the rest at int8")
     parser.add_argument("--bits", default="3,4,5,6,8", help="int bit widths per layer")
     parser.add_argument("--no-seed-uniform", dest="seed_uniform", action="store_false",
@@ -149,12 +152,13 @@ def main() -> None:
               "reference": list(REFERENCE), "studies": studies, "uniform": uniform}
     entry["group"] = group
     entry["seed_uniform"] = args.seed_uniform
+    entry["mutation_prob"] = args.mutation_prob
     print_table(entry)
     merge_result(args.json, name(args), entry)
 
 
 def name(args) -> str:
-    return "minilm_mixed_precision" + (f"_{args.group}" if args.group else "")
+    return "minilm_mixed_precision" + (f"_{args.group}" if args.group else "") + (f"_{args.name}" if args.name else "")
 
 
 def resummarise(args) -> None:

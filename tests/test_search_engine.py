@@ -162,6 +162,18 @@ def test_grid_sampler_walks_every_point_once(user_file):
     assert sorted((t.params["x"], t.params["y"]) for t in study.trials) == [(x, y) for x in (1, 2, 3) for y in (0, 1)]
 
 
+def test_nsga2_takes_its_mutation_probability(user_file):
+    from kiln.search.engine import make_sampler
+
+    cfg = cfg_for(user_file, "two", sampler="nsga2", population=4, mutation_prob=0.25)
+    space, _ = make_space(cfg)
+    assert make_sampler(cfg, space)._child_generation_strategy._mutation_prob == 0.25
+    default = make_sampler(dataclasses.replace(cfg, mutation_prob=0.0), space)
+    assert default._child_generation_strategy._mutation_prob is None          # optuna's 1 / parameters
+    with pytest.raises(KilnError, match=r"mutation_prob must be in \[0, 1\]"):
+        cfg_for(user_file, "two", sampler="nsga2", mutation_prob=1.5)
+
+
 def test_qmc_and_tpe_and_nsga2_run(user_file):
     for sampler in ("qmc", "tpe", "nsga2"):
         study = in_memory(cfg_for(user_file, "two", sampler=sampler, objectives=["accuracy", "model_bytes"],
