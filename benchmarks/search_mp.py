@@ -138,9 +138,12 @@ def main() -> None:
             s = studies[f"{sampler}-{seed}"]
             print(f"{sampler} seed {seed}: hypervolume {s['hypervolume']:.5f} (optuna {s['hypervolume_optuna']:.5f}), "
                   f"front {len(s['front'])} points, {s['wall_s']:.0f} s", flush=True)
-    if args.only:                                 # a pilot: the fronts, no summary, nothing merged
+    if args.only:                                 # some studies only: their fronts, no summary
         for k, st in studies.items():
             print(k, "front:", sorted((round(a, 4), round(b, 3)) for a, b in st["front"]))
+        merge_result(args.json, name(args), {"only": args.only, "studies": studies, "uniform": uniform,
+                                             "mutation_prob": args.mutation_prob, "trials": args.trials,
+                                             "date": date.today().isoformat(), "wall_s": time.perf_counter() - t0})
         return
     entry = summarise(studies, uniform, args)
     entry |= best_on_test(space, studies, uniform, "int8" if args.formats else 8)
