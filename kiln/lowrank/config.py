@@ -40,7 +40,6 @@ CHOICES = ("budget", "energy", "rank")
 RULE_KEYS = ("match", "skip", *CHOICES)
 
 
-
 @dataclass(frozen=True)
 class Choice:
     """How one module's rank is chosen: by parameter budget, by energy, or fixed."""

@@ -38,7 +38,7 @@ SCOPES = ("global", "local")
 SCHEDULES = ("oneshot", "agp", "lottery")
 REWINDS = ("init", "source")
 RULE_KEYS = ("match", "skip", "ratio", "activation")
-# what fine-tuning may set; the model, data, init, teacher and run directory come from the prune run
+
 
 @dataclass(frozen=True)
 class Rule:

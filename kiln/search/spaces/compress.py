@@ -71,8 +71,7 @@ class CompressionSpace(QuantSpaceBase):
             make_permanent(model)
         bits: dict[str, int | str] = {}
         for n, g in layer.items():
-            b, budget = choice[f"{g}:bits"], choice[f"{g}:budget"]      # bits, or a format preset
-            b = b if isinstance(b, str) else int(b)
+            b, budget = self.config.choice(choice[f"{g}:bits"]), choice[f"{g}:budget"]   # bits or a format
             linear = model.get_submodule(n)
             out_f, in_f = linear.weight.shape
             rank = min(rank_for_budget(in_f, out_f, budget), min(in_f, out_f)) if budget < 1 else None

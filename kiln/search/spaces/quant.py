@@ -88,11 +88,16 @@ class MixedPrecisionConfig:
         """What each layer (group) chooses among: bit widths of `format`, or format presets."""
         return list(self.formats) if self.formats else list(self.bits)
 
-    def weight(self, choice) -> dict[str, Any]:
+    @staticmethod
+    def choice(value: Any) -> int | str:
+        """A stored parameter as a choice: a format preset name, or a bit width."""
+        return value if isinstance(value, str) else int(value)
+
+    def weight(self, choice: int | str) -> dict[str, Any]:
         """The quant config's weight table for one choice."""
         if isinstance(choice, str):
             return {"format": choice, "granularity": self.granularity}
-        return {"format": self.format, "bits": int(choice), "granularity": self.granularity}
+        return {"format": self.format, "bits": choice, "granularity": self.granularity}
 
 
 def layer_groups(names: list[str], include: str, group: str) -> dict[str, list[str]]:
@@ -143,13 +148,12 @@ class QuantSpaceBase(Space):
         """The quant config (TOML table) giving each Linear its choice (bits, or a format
         preset); `bits_of` by Linear FQN."""
         c = self.config
-        weight = c.weight
         table: dict[str, Any] = {"targets": ["Linear"]}
         if c.fixed_bits:
-            table["weight"] = {"format": c.format, "bits": c.fixed_bits, "granularity": c.granularity}
+            table["weight"] = c.weight(c.fixed_bits)
         if c.act_bits:
             table["input"] = {"format": "int", "bits": c.act_bits, "granularity": "tensor", "calib": "minmax"}
-        rules = [{"match": f"fqn:{n}", "weight": weight(b)} for n, b in bits_of.items()]
+        rules = [{"match": f"fqn:{n}", "weight": c.weight(b)} for n, b in bits_of.items()]
         if not c.fixed_bits:
             rules += [{"match": f"fqn:{n}", "skip": True} for n in self.linears if n not in bits_of]
         table["rules"] = rules
@@ -209,8 +213,7 @@ class MixedPrecisionSpace(QuantSpaceBase):
 
     def bits_of(self, choice: dict[str, int | str]) -> dict[str, int | str]:
         """Each Linear's choice (bits or a format preset), by FQN."""
-        return {n: choice[g] if isinstance(choice[g], str) else int(choice[g])
-                for g, names in self.groups.items() for n in names}
+        return {n: self.config.choice(choice[g]) for g, names in self.groups.items() for n in names}
 
     def uniform(self, choice: int | str) -> dict[str, int | str]:
         return {g: choice for g in self.groups}
