@@ -150,7 +150,8 @@ def main() -> None:
     entry |= {"wall_s": time.perf_counter() - t0, "date": date.today().isoformat(), "threads": args.threads,
               "source": str(src), "trials": args.trials, "seeds": args.seeds, "samples": args.samples,
               "space": f"{len(space.groups)} Linears ({args.include}) x {space.config.choices} weights per {args.granularity}; "
-                       "other Linears int8; inputs int8 per tensor", "population": args.population,
+                       + ("" if len(space.groups) == len(space.linears) else "other Linears int8; ")
+                       + "inputs int8 per tensor", "population": args.population,
               "granularity": args.granularity,
               "reference": list(REFERENCE), "studies": studies, "uniform": uniform}
     entry["group"] = group
