@@ -9,14 +9,22 @@ course lab's per-tensor fixed point: the setting where low widths cost accuracy 
 differ in what they tolerate); every Linear input at int8 per tensor (min-max, calibrated on 2
 training batches of 32 per trial); fake quantization (kiln.quant). A trial is scored on the
 first `samples` reviews of the validation split (max_length 64): accuracy (max) and average
-weight bits over the Linears (min). Both samplers start from the same 5 uniform points
-(`seed_uniform`: every Linear at one width; they count in the budget), then sample: NSGA-II
-with a population of 10, random uniformly. Hypervolume reference point: (accuracy 0.5, 32
-bits); same trial budget, 3 seeds each. Then: do the NSGA-II fronts dominate the uniform
-int8/int6/int4 points, and the chosen best front point (the fewest bits within one point of
-uniform int8's validation accuracy) measured on the whole test split beside uniform int8.
+weight bits over the Linears (min). Both samplers start from the same 13 points, counted in
+the budget: the 5 uniform ones (`seed_uniform`: every Linear at one width) and 8 points of the
+sensitivity path (`seed_sensitivity`, kiln.search.spaces.quant: each Linear's output KL
+divergence at each narrower width, measured once on the calibration batches; then greedy
+lowering by least distortion per bit saved, 8 points evenly spaced in average bits). Then they
+sample: NSGA-II with a population of 10 and a uniform crossover that takes each parameter from
+the other parent with probability 0.1 (`swapping_prob`; optuna's 0.5 mixes two parents evenly,
+so children land between the corners and never near them), random uniformly. Hypervolume
+reference point: (accuracy 0.5, 32 bits); same trial budget, 3 seeds each. Then: do the fronts
+dominate the uniform int8/int6/int4 points (any front point, and any sampled one, the seeded
+points aside); the chosen best front point (the fewest bits within one point of uniform int8's
+validation accuracy) and each uniform point's most accurate NSGA-II dominator, measured on the
+whole test split beside the uniform point.
 
-Earlier spaces, kept in the JSON:
+Earlier spaces and variants, kept in the JSON (each command also needs `--seed-sensitivity 0
+--swapping-prob 0.5`, the defaults they ran with):
 - minilm_mixed_precision_v1 (session 3: `--granularity channel --formats '' --include
   '.*encoder.*' --bits 4,6,8 --population 10 --trials 40 --no-seed-uniform`; pooler and
   classifier fixed at int8, so uniform int4 was the fewest-bits corner, which no point can
@@ -25,7 +33,11 @@ Earlier spaces, kept in the JSON:
   channel --formats int2,int3,int4,fp4_e2m1,int6,int8 --population 12 --trials 60
   --no-seed-uniform`);
 - minilm_mixed_precision_v3 (session 4: `--granularity channel --formats int2,int3,int4,int6,int8`):
-  per channel, uniform int4 is within the subset's noise of int8, so no mix can beat it.
+  per channel, uniform int4 is within the subset's noise of int8, so no mix can beat it;
+- minilm_mixed_precision_v4 (session 4's figure: this space, uniform seeds only, even crossover)
+  and _mut0.1 (the same with `--mutation-prob 0.1`, NSGA-II only);
+- _sens8pilot (session 5: `--seed-sensitivity 8 --swapping-prob 0.5 --only nsga2-0,random-0`)
+  and _pilot_sens8_swap01 (`--only nsga2-0`, this figure's settings).
 """
 from __future__ import annotations
 
@@ -68,10 +80,11 @@ def config(sampler: str, seed: int, args, src: Path, group: str = ""):
     return parse_search_config({
         "study": f"mp-{sampler}-{seed}", "objectives": ["accuracy", "avg_bits"], "sampler": sampler,
         "trials": args.trials, "seed": seed, "population": args.population, "reference": list(REFERENCE),
-        "mutation_prob": args.mutation_prob,
+        "mutation_prob": args.mutation_prob, "swapping_prob": args.swapping_prob,
         "space": {"kind": "mixed-precision", "source": str(src), "include": args.include, **choices,
                   "samples": args.samples, "act_bits": 8, "fixed_bits": 8, "calib_batches": 2, "batch_size": 32,
-                  "group": group, "seed_uniform": args.seed_uniform, "granularity": args.granularity},
+                  "group": group, "seed_uniform": args.seed_uniform, "granularity": args.granularity,
+                  "seed_sensitivity": args.seed_sensitivity},
     }, "search_mp")
 
 
@@ -99,11 +112,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--population", type=int, default=10)
     parser.add_argument("--mutation-prob", type=float, default=0.0, help="NSGA-II (0: optuna's 1/parameters)")
+    parser.add_argument("--swapping-prob", type=float, default=0.1,
+                        help="NSGA-II uniform crossover: chance a parameter comes from the other parent")
     parser.add_argument("--name", default="", help="JSON key suffix, so a variant does not replace the figure")
     parser.add_argument("--include", default=r".*", help="regex over Linear FQNs searched; the rest at int8")
     parser.add_argument("--bits", default="3,4,5,6,8", help="int bit widths per layer")
     parser.add_argument("--no-seed-uniform", dest="seed_uniform", action="store_false",
                         help="start from sampled points only, not the uniform ones")
+    parser.add_argument("--seed-sensitivity", type=int, default=8,
+                        help="also start from N points of the sensitivity path (both samplers)")
     parser.add_argument("--granularity", default="tensor", choices=("tensor", "channel"), help="weight scales")
     parser.add_argument("--formats", default="", help="format presets per layer instead of --bits, e.g. int3,int4,fp4_e2m1")
     parser.add_argument("--only", default="", help="run only these studies, e.g. nsga2-0,random-0 (a pilot)")
@@ -124,6 +141,11 @@ def main() -> None:
     uniform = {f"int{b}": tuple(space.score(space.uniform(f"int{b}" if args.formats else b), None)[k]
                                 for k in ("accuracy", "avg_bits")) for b in (8, 6, 4)}
     print("uniform (val subset):", uniform, flush=True)
+    t = time.perf_counter()
+    seeds = space.initial_points()                # the sensitivity path is measured once, for every study
+    sensitivity_s = time.perf_counter() - t
+    if args.seed_sensitivity:
+        print(f"{len(seeds)} starting points, the sensitivity path measured in {sensitivity_s:.0f} s", flush=True)
     studies = {}
     for sampler in ("nsga2", "random"):
         for seed in range(args.seeds):
@@ -143,9 +165,11 @@ def main() -> None:
             print(k, "front:", sorted((round(a, 4), round(b, 3)) for a, b in st["front"]))
         merge_result(args.json, name(args), {"only": args.only, "studies": studies, "uniform": uniform,
                                              "mutation_prob": args.mutation_prob, "trials": args.trials,
+                                             "seed_sensitivity": args.seed_sensitivity, "sensitivity_s": sensitivity_s,
+                                             "swapping_prob": args.swapping_prob,
                                              "date": date.today().isoformat(), "wall_s": time.perf_counter() - t0})
         return
-    entry = summarise(studies, uniform, args)
+    entry = summarise(studies, uniform, args, len(seeds))
     entry |= best_on_test(space, studies, uniform, "int8" if args.formats else 8)
     entry |= {"wall_s": time.perf_counter() - t0, "date": date.today().isoformat(), "threads": args.threads,
               "source": str(src), "trials": args.trials, "seeds": args.seeds, "samples": args.samples,
@@ -157,6 +181,9 @@ def main() -> None:
     entry["group"] = group
     entry["seed_uniform"] = args.seed_uniform
     entry["mutation_prob"] = args.mutation_prob
+    entry["seed_sensitivity"] = args.seed_sensitivity
+    entry["swapping_prob"] = args.swapping_prob
+    entry["sensitivity_s"] = sensitivity_s
     print_table(entry)
     merge_result(args.json, name(args), entry)
 
@@ -172,13 +199,16 @@ def resummarise(args) -> None:
     studies = {k: dict(v, points=[tuple(p) for p in v["points"]], front=[tuple(p) for p in v["front"]])
                for k, v in entry["studies"].items()}
     args.seeds = entry["seeds"]
-    entry |= summarise(studies, {k: tuple(v) for k, v in entry["uniform"].items()}, args)
+    seeded = entry.get("seeded_trials", 5 if entry.get("seed_uniform") else 0)
+    entry |= summarise(studies, {k: tuple(v) for k, v in entry["uniform"].items()}, args, seeded)
     print_table(entry)
     merge_result(args.json, name(args), entry)
 
 
-def summarise(studies: dict, uniform: dict, args) -> dict:
-    out = {}
+def summarise(studies: dict, uniform: dict, args, seeded: int) -> dict:
+    """Hypervolumes and domination; `seeded`: how many of each study's first trials were its
+    starting points (the rest were sampled)."""
+    out = {"seeded_trials": seeded}
     for sampler in ("nsga2", "random"):
         hvs = [studies[f"{sampler}-{s}"]["hypervolume"] for s in range(args.seeds)]
         out[f"{sampler}_hypervolume_mean"] = statistics.mean(hvs)
@@ -191,25 +221,44 @@ def summarise(studies: dict, uniform: dict, args) -> dict:
             name: [any(dominates(p, u, DIRECTIONS) for p in f) for f in fronts] for name, u in uniform.items()}
         out[f"{sampler}_front_weakly_dominates_uniform"] = {
             name: [any(p[0] >= u[0] and p[1] <= u[1] + 1e-9 for p in f) for f in fronts] for name, u in uniform.items()}
+        sampled = [[tuple(p) for p in studies[f"{sampler}-{s}"]["points"][seeded:]] for s in range(args.seeds)]
+        out[f"{sampler}_sampled_dominate_uniform"] = {
+            name: [any(dominates(p, u, DIRECTIONS) for p in ps) for ps in sampled] for name, u in uniform.items()}
     return out
 
 
 def best_on_test(space, studies: dict, uniform: dict, int8) -> dict:
-    """The fewest-bits NSGA-II front point within one point of uniform int8 (validation subset),
-    and uniform int8, both on the whole test split."""
-    candidates = [p for k, s in studies.items() if k.startswith("nsga2") for p in s["front"]
-                  if p[0] >= uniform["int8"][0] - 0.01]
-    if not candidates:
-        return {"chosen": None}
-    chosen = min(candidates, key=lambda p: (p[1], -p[0]))
-    params = next(s["params"][s["points"].index(chosen)] for s in studies.values() if chosen in s["points"])
+    """On the whole test split: the fewest-bits NSGA-II front point within one point of uniform
+    int8 (validation subset) beside uniform int8; and, for each uniform point some NSGA-II front
+    dominates on the subset, the most accurate such point (fewest bits among equals) beside it."""
     from kiln.data import load_dataset
 
     splits = load_dataset(space.source.dataset, seed=space.ctx.seed)
-    out = {"chosen_val": chosen, "chosen_params": params}
-    for name, choice in (("chosen", params), ("uniform_int8", space.uniform(int8))):
-        table = space.quant_table(space.bits_of(choice))
-        out[f"{name}_test_accuracy"] = space.measure(space.model, table, splits, "test")["accuracy"]
+    nsga = [p for k, s in studies.items() if k.startswith("nsga2") for p in s["front"]]
+
+    def params_of(point):
+        return next(s["params"][s["points"].index(point)] for s in studies.values() if point in s["points"])
+
+    def test_accuracy(choice):
+        return space.measure(space.model, space.quant_table(space.bits_of(choice)), splits, "test")["accuracy"]
+
+    out: dict = {"chosen": None}
+    candidates = [p for p in nsga if p[0] >= uniform["int8"][0] - 0.01]
+    if candidates:
+        chosen = min(candidates, key=lambda p: (p[1], -p[0]))
+        out = {"chosen_val": chosen, "chosen_params": params_of(chosen), "chosen_test_accuracy": test_accuracy(params_of(chosen)),
+               "uniform_int8_test_accuracy": test_accuracy(space.uniform(int8))}
+    out["dominators_test"] = {}
+    for name, u in uniform.items():
+        beating = [p for p in nsga if dominates(p, u, DIRECTIONS)]
+        if not beating:
+            continue
+        best = max(beating, key=lambda p: (p[0], -p[1]))
+        width = int8 if name == "int8" else (name if isinstance(int8, str) else int(name[3:]))
+        uni_test = out["uniform_int8_test_accuracy"] if name == "int8" and "uniform_int8_test_accuracy" in out \
+            else test_accuracy(space.uniform(width))
+        out["dominators_test"][name] = {"val": best, "test_accuracy": test_accuracy(params_of(best)),
+                                        "uniform_test_accuracy": uni_test}
     return out
 
 
@@ -221,7 +270,11 @@ def print_table(entry: dict) -> None:
         print(f"uniform {name}: val acc {u[0]:.4f}, {u[1]:.2f} bits; dominated by the NSGA-II front "
               f"(per seed): {entry['nsga2_front_dominates_uniform'][name]}, weakly: "
               f"{entry['nsga2_front_weakly_dominates_uniform'][name]}; by random's: "
-              f"{entry['random_front_dominates_uniform'][name]}")
+              f"{entry['random_front_dominates_uniform'][name]}; by a sampled (not seeded) NSGA-II point: "
+              f"{entry['nsga2_sampled_dominate_uniform'][name]}, random: {entry['random_sampled_dominate_uniform'][name]}")
+    for name, d in entry.get("dominators_test", {}).items():
+        print(f"uniform {name}'s most accurate NSGA-II dominator: val {d['val']}; test {d['test_accuracy']:.4f} "
+              f"vs uniform {name} {d['uniform_test_accuracy']:.4f}")
     if entry.get("chosen_val"):
         print(f"chosen front point: val {entry['chosen_val']}; test accuracy {entry['chosen_test_accuracy']:.4f} "
               f"vs uniform int8 {entry['uniform_int8_test_accuracy']:.4f}")

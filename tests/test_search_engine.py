@@ -172,6 +172,11 @@ def test_nsga2_takes_its_mutation_probability(user_file):
     assert default._child_generation_strategy._mutation_prob is None          # optuna's 1 / parameters
     with pytest.raises(KilnError, match=r"mutation_prob must be in \[0, 1\]"):
         cfg_for(user_file, "two", sampler="nsga2", mutation_prob=1.5)
+    crossover = make_sampler(dataclasses.replace(cfg, swapping_prob=0.1), space)._child_generation_strategy._crossover
+    assert crossover._swapping_prob == 0.1
+    assert make_sampler(cfg, space)._child_generation_strategy._crossover._swapping_prob == 0.5
+    with pytest.raises(KilnError, match=r"swapping_prob must be in \[0, 1\]"):
+        cfg_for(user_file, "two", sampler="nsga2", swapping_prob=-0.1)
 
 
 def test_qmc_and_tpe_and_nsga2_run(user_file):

@@ -256,3 +256,56 @@ def test_a_repeated_point_takes_the_earlier_trials_values_without_running():
     optimize(Setup(cfg, space, objectives, study))
     t = study.trials
     assert len(calls) == 2 and t[1].user_attrs["duplicate_of"] == 0 and t[1].values == t[0].values
+
+
+def test_output_distortion_is_kl_of_softmax_or_relative_mse():
+    from kiln.search.spaces.quant import output_distortion
+
+    g = torch.Generator().manual_seed(0)
+    r, q = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    p_r, p_q = r.softmax(1), q.softmax(1)
+    kl = float((p_r * (p_r.log() - p_q.log())).sum(1).mean())
+    assert output_distortion([r], [q], logits=True) == pytest.approx(kl, rel=1e-5)
+    assert output_distortion([r, r], [q, r], logits=True) == pytest.approx(kl / 2, rel=1e-5)
+    # token logits (batch, seq, vocab): per token
+    assert output_distortion([r.reshape(1, 5, 3)], [q.reshape(1, 5, 3)], logits=True) == pytest.approx(kl, rel=1e-5)
+    v, w = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    assert output_distortion([v], [w], logits=False) == pytest.approx(float(((w - v) ** 2).mean() / (v ** 2).mean()), rel=1e-5)
+
+
+def test_spaced_takes_the_first_path_point_at_or_below_each_target():
+    from kiln.search.spaces.quant import spaced
+
+    path = [(8.0, {"a": 8}), (7.0, {"a": 7}), (6.5, {"a": 6}), (4.5, {"a": 5}), (4.0, {"a": 4})]
+    # targets 6.67 and 5.33
+    assert spaced(path, 2) == [{"a": 6}, {"a": 5}]
+    # targets 7, 6 and 5: 7.0, then 4.5 twice (kept once)
+    assert spaced(path, 3) == [{"a": 7}, {"a": 5}]
+
+
+def test_sensitivity_path_walks_from_widest_to_narrowest_by_least_distortion_per_bit():
+    space = mp_space(bits=[3, 4, 8], seed_sensitivity=3, seed_uniform=True)
+    sens = space.sensitivity()
+    assert set(sens) == {"layers.0", "layers.2", "head"}
+    assert all(s[8] == 0.0 and set(s) == {3, 4, 8} for s in sens.values())
+    params = space.group_params()
+    path = space.sensitivity_path()
+    assert path[0][1] == space.uniform(8) and path[-1][1] == space.uniform(3)
+    bits = [b for b, _ in path]
+    assert all(a > b for a, b in zip(bits, bits[1:]))
+    for (_, before), (_, after) in zip(path, path[1:]):
+        assert sum(before[g] != after[g] for g in before) == 1
+    # the first step is the cheapest added distortion per weight bit saved
+    first = min(((sens[g][b] / (params[g] * (8 - b)), -params[g] * (8 - b)), g, b)
+                for g in sens for b in (3, 4))
+    assert path[1][1] == {**space.uniform(8), first[1]: first[2]}
+    # the path's average bits are the trial's measured ones (exact arithmetic over the weights)
+    for b, choice in path[:: max(1, len(path) // 3)]:
+        assert space.score(choice, None)["avg_bits"] == pytest.approx(b, abs=1e-9)
+    points = space.initial_points()
+    assert points[:3] == [space.uniform(b) for b in (3, 4, 8)]
+    assert 3 < len(points) <= 6 and all(p not in points[:3] for p in points[3:])
+    with pytest.raises(KilnError, match="seed_sensitivity is a mixed-precision space option"):
+        parse_search_config({"space": {"kind": "compression", "source": "zoo:mlp", "seed_sensitivity": 2}})
+    with pytest.raises(KilnError, match="seed_sensitivity must be >= 0"):
+        mp_space(seed_sensitivity=-1)

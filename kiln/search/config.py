@@ -85,6 +85,9 @@ class SearchConfig:
     population: int = 0              # NSGA-II population (0: optuna's default, 50)
     mutation_prob: float = 0.0       # NSGA-II: chance each parameter of a child is resampled
                                      # (0: optuna's default, 1 / number of parameters)
+    swapping_prob: float = 0.5       # NSGA-II uniform crossover: chance each parameter of a child
+                                     # comes from its other parent (0.5, optuna's default, mixes
+                                     # evenly; lower keeps children near one parent)
     startup_trials: int = 10         # TPE's random start
     early_stop: bool = True          # multi-objective: stop trials whose partial scores are hopeless
     early_stop_warmup: int = 5       # completed trials before early stopping starts
@@ -104,6 +107,7 @@ class SearchConfig:
             (self.timeout_s >= 0, "timeout_s must be >= 0"),
             (self.population == 0 or self.population >= 2, "population must be 0 (default) or >= 2"),
             (0 <= self.mutation_prob <= 1, f"mutation_prob must be in [0, 1], got {self.mutation_prob}"),
+            (0 <= self.swapping_prob <= 1, f"swapping_prob must be in [0, 1], got {self.swapping_prob}"),
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
             (not self.reference or len(self.reference) == len(self.objectives),
              f"reference has {len(self.reference)} values for {len(self.objectives)} objectives"),

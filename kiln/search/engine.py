@@ -51,7 +51,8 @@ def make_sampler(cfg: SearchConfig, space: Space, worker: int = 0):
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.startup_trials, multivariate=True)
     if cfg.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=cfg.population or 50,
-                                             mutation_prob=cfg.mutation_prob or None)
+                                             mutation_prob=cfg.mutation_prob or None,
+                                             swapping_prob=cfg.swapping_prob)
     if cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.sampler == "qmc":

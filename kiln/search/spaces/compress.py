@@ -35,8 +35,9 @@ class CompressionConfig(MixedPrecisionConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.seed_uniform:
-            raise KilnError("compression space: seed_uniform is a mixed-precision space option")
+        for key in ("seed_uniform", "seed_sensitivity"):
+            if getattr(self, key):
+                raise KilnError(f"compression space: {key} is a mixed-precision space option")
         if not self.sparsity or not all(0 <= s < 1 for s in self.sparsity):
             raise KilnError(f"compression space: sparsity needs values in [0, 1), got {list(self.sparsity)}")
         if not self.budgets or not all(0 < b <= 1 for b in self.budgets):

@@ -14,6 +14,17 @@ the task metric on a fixed subset and by the bits it costs.
     act_bits = 8                           # Linear inputs, per tensor, calibrated (0: float)
     seed_uniform = false                   # true: a new study first runs every uniform point (all
                                            # layers at one choice), then its sampler takes over
+    seed_sensitivity = 0                   # N > 0: it also first runs N points of the sensitivity
+                                           # path (below), spaced evenly in average bits
+
+The sensitivity path (`seed_sensitivity`): each layer's output distortion when it alone takes
+a narrower choice, every other layer at the widest (KL divergence of the softmax outputs from
+the float model's on the calibration batches, per example or token; for a model scored by its
+own loss, a VAE or a diffusion model, the outputs' squared error over their mean square), less the distortion with all at the widest. From all layers at
+the widest, the path then repeatedly lowers the one layer whose change costs the least added
+distortion per weight bit saved, down to all at the narrowest (a greedy allocation under the
+assumption that layer distortions add, as HAWQ-style sensitivity methods assume). Measuring it
+costs one calibrated forward pass over the calibration batches per layer and narrower choice.
 
 Each trial quantizes a fresh copy of the float model (fake quantization, `kiln.quant`),
 calibrates the activations on `calib_batches` training batches, and scores `samples` examples
@@ -55,6 +66,7 @@ class MixedPrecisionConfig:
     batch_size: int = 32
     eval_batch_size: int = 100
     seed_uniform: bool = False
+    seed_sensitivity: int = 0
 
     def __post_init__(self):
         checks = [
@@ -66,6 +78,7 @@ class MixedPrecisionConfig:
             (self.act_bits == 0 or 2 <= self.act_bits <= 16, "act_bits must be 0 (float) or 2..16"),
             (self.split in ("train", "val", "test"), "split must be train, val or test"),
             (len(set(self.formats)) == len(self.formats), f"formats {list(self.formats)} repeats a value"),
+            (self.seed_sensitivity >= 0, "seed_sensitivity must be >= 0 (points of the sensitivity path)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -92,6 +105,13 @@ class MixedPrecisionConfig:
     def choice(value: Any) -> int | str:
         """A stored parameter as a choice: a format preset name, or a bit width."""
         return value if isinstance(value, str) else int(value)
+
+    def choice_bits(self, choice: int | str) -> float:
+        """Storage bits per weight element of one choice (MX shared scales amortised)."""
+        from kiln.quant.formats import parse_format
+
+        table = {k: v for k, v in self.weight(choice).items() if k != "granularity"}
+        return parse_format(table["format"] if isinstance(choice, str) else table, "mixed-precision space").bits
 
     def weight(self, choice: int | str) -> dict[str, Any]:
         """The quant config's weight table for one choice."""
@@ -179,6 +199,44 @@ class QuantSpaceBase(Space):
                 "model_bytes": float(rep["model_bytes"])}
 
 
+def outputs(model: nn.Module, batches: list) -> list:
+    import torch
+
+    from kiln.quant.run import model_forward
+
+    with torch.no_grad():
+        return [model_forward(model, b).detach().float() for b in batches]
+
+
+def output_distortion(reference: list, quantized: list, logits: bool) -> float:
+    """How far quantized outputs are from the float ones, mean over batches: for `logits` (a
+    model scored by cross-entropy over its last dimension) the KL divergence of the softmax per
+    example or token, else the mean squared error over the reference's mean square."""
+    import torch.nn.functional as F
+
+    total = 0.0
+    for r, q in zip(reference, quantized):
+        if logits:
+            r, q = r.reshape(-1, r.shape[-1]), q.reshape(-1, q.shape[-1])
+            total += float(F.kl_div(F.log_softmax(q, 1), F.log_softmax(r, 1), log_target=True, reduction="batchmean"))
+        else:
+            total += float(((q - r) ** 2).mean() / (r ** 2).mean().clamp_min(1e-12))
+    return total / len(reference)
+
+
+def spaced(path: list[tuple[float, dict]], n: int) -> list[dict]:
+    """`n` points of a path (average bits falling from its first point to its last) at evenly
+    spaced bit targets strictly between its ends: for each, the first point at or below it."""
+    hi, lo = path[0][0], path[-1][0]
+    picked: list[dict] = []
+    for k in range(1, n + 1):
+        target = hi - k * (hi - lo) / (n + 1)
+        point = next(choice for bits, choice in path if bits <= target + 1e-9)
+        if point not in picked:
+            picked.append(point)
+    return picked
+
+
 @contextlib.contextmanager
 def frozen_weights(model: nn.Module):
     """Fake-quantize every wrapped weight once instead of on every forward (the weights do not
@@ -219,10 +277,74 @@ class MixedPrecisionSpace(QuantSpaceBase):
         return {g: choice for g in self.groups}
 
     def initial_points(self) -> list[dict]:
-        if not self.config.seed_uniform:
+        c = self.config
+        if not (c.seed_uniform or c.seed_sensitivity):
             return []
         self.ensure_setup()
-        return [self.uniform(c) for c in self.config.choices]
+        points = [self.uniform(ch) for ch in c.choices] if c.seed_uniform else []
+        if c.seed_sensitivity:
+            if getattr(self, "path", None) is None:     # once per process: studies sharing the space reuse it
+                self.path = self.sensitivity_path()
+            points += [p for p in spaced(self.path, c.seed_sensitivity) if p not in points]
+        return points
+
+    def group_params(self) -> dict[str, int]:
+        modules = dict(self.model.named_modules())
+        return {g: sum(modules[n].weight.numel() for n in names) for g, names in self.groups.items()}
+
+    def sensitivity(self) -> dict[str, dict]:
+        """Per group and narrower choice: the added output distortion when that group alone takes
+        it, every other group at the widest choice (see the module docstring)."""
+        import sys
+        import time
+
+        c = self.config
+        widest = max(c.choices, key=c.choice_bits)
+        reference = outputs(self.model, self.batches)
+        base = self.distortion(self.uniform(widest), reference)
+        todo = [(g, ch) for g in self.groups for ch in c.choices if c.choice_bits(ch) < c.choice_bits(widest)]
+        out: dict[str, dict] = {g: {widest: 0.0} for g in self.groups}
+        t0 = time.perf_counter()
+        for i, (g, ch) in enumerate(todo, 1):
+            out[g][ch] = self.distortion({**self.uniform(widest), g: ch}, reference) - base
+            if i % 25 == 0 or i == len(todo):
+                print(f"sensitivity: {i}/{len(todo)} layer choices measured, {time.perf_counter() - t0:.0f} s",
+                      file=sys.stderr, flush=True)
+        return out
+
+    def distortion(self, choice: dict, reference: list) -> float:
+        from kiln.quant.apply import calibrate, quantize
+        from kiln.quant.config import parse_config
+        from kiln.quant.run import model_forward
+        from kiln.train.tasks import scored_by_own_loss
+
+        qmodel = quantize(copy.deepcopy(self.model), parse_config(self.quant_table(self.bits_of(choice)), "sensitivity"))
+        with frozen_weights(qmodel):
+            calibrate(qmodel, self.batches, model_forward)
+            return output_distortion(reference, outputs(qmodel, self.batches), not scored_by_own_loss(self.model))
+
+    def sensitivity_path(self) -> list[tuple[float, dict]]:
+        """(average bits over the searched layers, choice) from all at the widest choice to all at
+        the narrowest, each step lowering the group with the least added distortion per bit saved."""
+        c = self.config
+        sens = self.sensitivity()
+        params = self.group_params()
+        total = sum(params.values())
+        current = self.uniform(max(c.choices, key=c.choice_bits))
+
+        def avg(choice):
+            return sum(params[g] * c.choice_bits(ch) for g, ch in choice.items()) / total
+
+        path = [(avg(current), dict(current))]
+        while True:
+            steps = [((sens[g][ch] - sens[g][current[g]]) / (params[g] * (c.choice_bits(current[g]) - c.choice_bits(ch))),
+                      -params[g] * (c.choice_bits(current[g]) - c.choice_bits(ch)), g, ch)
+                     for g in self.groups for ch in c.choices if c.choice_bits(ch) < c.choice_bits(current[g])]
+            if not steps:
+                return path
+            _, _, g, ch = min(steps, key=lambda s: s[:2])
+            current[g] = ch
+            path.append((avg(current), dict(current)))
 
     def score(self, choice: dict[str, int], report: Report) -> dict[str, float]:
         self.ensure_setup()
