@@ -305,3 +305,19 @@ def test_resuming_with_another_worker_count_keeps_the_study(user_file, tmp_path)
     run_search(cfg_for(user_file, "two", trials=3, workers=2), tmp_path / "run", progress=False)
     summary = run_search(cfg_for(user_file, "two", trials=5, workers=1), tmp_path / "run", progress=False)
     assert summary["trials"] == 5 and not (tmp_path / "run" / "study.db").exists()
+
+
+def test_enqueued_starting_points_join_nsga2_generations_and_become_parents(user_file):
+    # Optuna's NSGA-II gives a trial a generation when it samples it; an all-enqueued trial is
+    # never sampled, so without kiln's join it belonged to no generation and was never a parent
+    from optuna.samplers import NSGAIISampler
+
+    cfg = cfg_for(user_file, "two", sampler="nsga2", population=4, objectives=["accuracy", "model_bytes"], trials=12)
+    seeds = [{"x": x, "y": y} for x, y in ((0.5, 0), (0.9, 1), (0.1, 2), (0.2, 4), (0.7, 1))]
+    study = in_memory(cfg, enqueue=seeds)
+    key = NSGAIISampler._get_generation_key()
+    generations = [t.system_attrs.get(key) for t in study.trials]
+    assert generations[:5] == [0, 0, 0, 0, 1] and None not in generations
+    assert [t.params for t in study.trials[:5]] == seeds
+    parents = study.sampler.get_parent_population(study, 1)
+    assert {t.number for t in parents} == {0, 1, 2, 3}          # generation 0 was the starting points

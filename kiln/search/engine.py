@@ -159,6 +159,17 @@ def hopeless(study, step: int, values: list[float], directions: list[str], cfg: 
 SURPLUS = "kiln_surplus"     # user attribute; kiln_ so a python-space objective cannot collide
 
 
+def join_generation(study, trial) -> None:
+    """Put a trial in its genetic sampler's current generation. Optuna's NSGA-II and NSGA-III
+    do it when they sample a trial's first parameter; a trial whose parameters were all
+    enqueued (a space's starting points) is never sampled, so it would belong to no generation
+    and never be a parent: its point would be run and then ignored by the evolution."""
+    from optuna.samplers import BaseGASampler
+
+    if isinstance(study.sampler, BaseGASampler):
+        study.sampler.get_trial_generation(study, study._storage.get_trial(trial._trial_id))
+
+
 def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
     """Run one trial through Optuna's own loop (samplers such as the grid's stop the study from
     inside it); returns the trial's state name. An exception fails the trial, with its reason."""
@@ -183,6 +194,7 @@ def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
             if fixed:        # an enqueued point this trial took off the queue goes back on it
                 study.enqueue_trial(fixed)
             raise KilnError("surplus: the budget was already taken by other workers")
+        join_generation(study, trial)
         try:
             candidate = setup.space.suggest(trial)
             earlier = _same_params(study, trial) if setup.space.deterministic else None
