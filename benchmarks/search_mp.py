@@ -170,7 +170,7 @@ def main() -> None:
                                              "date": date.today().isoformat(), "wall_s": time.perf_counter() - t0})
         return
     entry = summarise(studies, uniform, args, len(seeds))
-    entry |= best_on_test(space, studies, uniform, "int8" if args.formats else 8)
+    entry |= best_on_test(space, studies, uniform, "int8" if args.formats else 8, len(seeds))
     entry |= {"wall_s": time.perf_counter() - t0, "date": date.today().isoformat(), "threads": args.threads,
               "source": str(src), "trials": args.trials, "seeds": args.seeds, "samples": args.samples,
               "space": f"{len(space.groups)} Linears ({args.include}) x {space.config.choices} weights per {args.granularity}; "
@@ -199,7 +199,9 @@ def resummarise(args) -> None:
     studies = {k: dict(v, points=[tuple(p) for p in v["points"]], front=[tuple(p) for p in v["front"]])
                for k, v in entry["studies"].items()}
     args.seeds = entry["seeds"]
-    seeded = entry.get("seeded_trials", 5 if entry.get("seed_uniform") else 0)
+    # entries from before seeded_trials was kept: the uniform points only (pass the run's --bits/--formats)
+    choices = len((args.formats or args.bits).split(","))
+    seeded = entry.get("seeded_trials", choices if entry.get("seed_uniform") else 0)
     entry |= summarise(studies, {k: tuple(v) for k, v in entry["uniform"].items()}, args, seeded)
     print_table(entry)
     merge_result(args.json, name(args), entry)
@@ -221,16 +223,24 @@ def summarise(studies: dict, uniform: dict, args, seeded: int) -> dict:
             name: [any(dominates(p, u, DIRECTIONS) for p in f) for f in fronts] for name, u in uniform.items()}
         out[f"{sampler}_front_weakly_dominates_uniform"] = {
             name: [any(p[0] >= u[0] and p[1] <= u[1] + 1e-9 for p in f) for f in fronts] for name, u in uniform.items()}
-        sampled = [[tuple(p) for p in studies[f"{sampler}-{s}"]["points"][seeded:]] for s in range(args.seeds)]
+        sampled = [sampled_points(studies[f"{sampler}-{s}"], seeded) for s in range(args.seeds)]
         out[f"{sampler}_sampled_dominate_uniform"] = {
             name: [any(dominates(p, u, DIRECTIONS) for p in ps) for ps in sampled] for name, u in uniform.items()}
     return out
 
 
-def best_on_test(space, studies: dict, uniform: dict, int8) -> dict:
+def sampled_points(study: dict, seeded: int) -> list[tuple]:
+    """A study's points after its `seeded` starting points, less those whose parameters repeat a
+    starting point (a child identical to a seeded parent is answered with the parent's values)."""
+    seeds = study["params"][:seeded]
+    return [tuple(p) for p, params in zip(study["points"][seeded:], study["params"][seeded:]) if params not in seeds]
+
+
+def best_on_test(space, studies: dict, uniform: dict, int8, seeded: int) -> dict:
     """On the whole test split: the fewest-bits NSGA-II front point within one point of uniform
     int8 (validation subset) beside uniform int8; and, for each uniform point some NSGA-II front
-    dominates on the subset, the most accurate such point (fewest bits among equals) beside it."""
+    dominates on the subset, the most accurate such point (fewest bits among equals) beside it,
+    taken among the sampled points where one dominates (`seeded` says which point it was)."""
     from kiln.data import load_dataset
 
     splits = load_dataset(space.source.dataset, seed=space.ctx.seed)
@@ -249,15 +259,17 @@ def best_on_test(space, studies: dict, uniform: dict, int8) -> dict:
         out = {"chosen_val": chosen, "chosen_params": params_of(chosen), "chosen_test_accuracy": test_accuracy(params_of(chosen)),
                "uniform_int8_test_accuracy": test_accuracy(space.uniform(int8))}
     out["dominators_test"] = {}
+    sampled = [p for k, st in studies.items() if k.startswith("nsga2") for p in sampled_points(st, seeded)]
     for name, u in uniform.items():
-        beating = [p for p in nsga if dominates(p, u, DIRECTIONS)]
+        beating = [p for p in sampled if dominates(p, u, DIRECTIONS)] or [p for p in nsga if dominates(p, u, DIRECTIONS)]
         if not beating:
             continue
         best = max(beating, key=lambda p: (p[0], -p[1]))
         width = int8 if name == "int8" else (name if isinstance(int8, str) else int(name[3:]))
         uni_test = out["uniform_int8_test_accuracy"] if name == "int8" and "uniform_int8_test_accuracy" in out \
             else test_accuracy(space.uniform(width))
-        out["dominators_test"][name] = {"val": best, "test_accuracy": test_accuracy(params_of(best)),
+        out["dominators_test"][name] = {"val": best, "seeded": best not in sampled,
+                                        "test_accuracy": test_accuracy(params_of(best)),
                                         "uniform_test_accuracy": uni_test}
     return out
 

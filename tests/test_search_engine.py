@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 
 from kiln.errors import KilnError
@@ -174,6 +175,8 @@ def test_nsga2_takes_its_mutation_probability(user_file):
         cfg_for(user_file, "two", sampler="nsga2", mutation_prob=1.5)
     crossover = make_sampler(dataclasses.replace(cfg, swapping_prob=0.1), space)._child_generation_strategy._crossover
     assert crossover._swapping_prob == 0.1
+    # categorical parameters (the mixed-precision space's) use the strategy's own probability
+    assert make_sampler(dataclasses.replace(cfg, swapping_prob=0.1), space)._child_generation_strategy._swapping_prob == 0.1
     assert make_sampler(cfg, space)._child_generation_strategy._crossover._swapping_prob == 0.5
     with pytest.raises(KilnError, match=r"swapping_prob must be in \[0, 1\]"):
         cfg_for(user_file, "two", sampler="nsga2", swapping_prob=-0.1)
@@ -321,3 +324,20 @@ def test_enqueued_starting_points_join_nsga2_generations_and_become_parents(user
     assert [t.params for t in study.trials[:5]] == seeds
     parents = study.sampler.get_parent_population(study, 1)
     assert {t.number for t in parents} == {0, 1, 2, 3}          # generation 0 was the starting points
+
+
+def test_starting_points_interrupted_while_being_measured_are_enqueued_on_the_next_open(user_file):
+    cfg = cfg_for(user_file, "two")
+    space, _ = make_space(cfg)
+    storage = optuna.storages.InMemoryStorage()
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    space.initial_points = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        open_study(cfg, storage, space)
+    space.initial_points = lambda: [{"x": 0.5, "y": 1}]
+    study = open_study(cfg, storage, space)
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [{"x": 0.5, "y": 1}]

@@ -309,3 +309,36 @@ def test_sensitivity_path_walks_from_widest_to_narrowest_by_least_distortion_per
         parse_search_config({"space": {"kind": "compression", "source": "zoo:mlp", "seed_sensitivity": 2}})
     with pytest.raises(KilnError, match="seed_sensitivity must be >= 0"):
         mp_space(seed_sensitivity=-1)
+
+
+def test_choice_bits_count_each_formats_own_bits():
+    cfg = mp_space(formats=["int8", "fp8_e4m3", "mxfp4", "int4", "fp4_e2m1"]).config
+    assert [cfg.choice_bits(c) for c in cfg.choices] == [8.0, 8.0, 4.25, 4.0, 4.0]
+    assert mp_space().config.choice_bits(4) == 4.0
+
+
+def test_seed_sensitivity_points_run_first_and_a_resume_does_not_measure_again(tmp_path, monkeypatch):
+    from kiln.search.spaces.quant import MixedPrecisionSpace
+
+    cfg = parse_search_config({"objectives": ["accuracy", "avg_bits"], "sampler": "nsga2", "population": 2,
+                               "trials": 4, "space": {
+        "kind": "mixed-precision", "source": "zoo:mlp", "samples": 32, "bits": [3, 4, 8], "calib_batches": 1,
+        "batch_size": 16, "seed_sensitivity": 2}})
+    calls = []
+    path = MixedPrecisionSpace.sensitivity_path
+    monkeypatch.setattr(MixedPrecisionSpace, "sensitivity_path", lambda self: calls.append(1) or path(self))
+    run_search(cfg, tmp_path / "run", progress=False)
+    space, _ = make_space(cfg)
+    space.ensure_setup()
+    from kiln.search.spaces.quant import spaced
+
+    seeds = spaced(path(space), 2)
+    import json
+
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["trials_detail"]
+    assert [r["params"] for r in rows[:len(seeds)]] == seeds and calls == [1]
+    run_search(dataclasses.replace(cfg, trials=6), tmp_path / "run", progress=False)       # resumed
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["trials_detail"]
+    assert calls == [1] and len(rows) == 6
+    study = optuna.load_study(study_name=cfg.study, storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert [t.number for t in study.trials if "fixed_params" in t.system_attrs] == list(range(len(seeds)))

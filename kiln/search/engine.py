@@ -101,8 +101,9 @@ def open_study(cfg: SearchConfig, storage, space: Space, worker: int = 0):
     defining = json.dumps({k: getattr(cfg, k) for k in DEFINING}, sort_keys=True, default=list)
     stored = study.user_attrs.get("kiln_definition")
     if stored is None:                     # a new study: the space's starting points go first
+        points = space.initial_points()    # (may take minutes: an interruption leaves no half-made study)
         study.set_user_attr("kiln_definition", defining)
-        for params in space.initial_points():
+        for params in points:
             study.enqueue_trial(params)
     elif stored != defining:
         raise KilnError(f"study {cfg.study!r} in this storage was made by a different search config "

@@ -14,17 +14,20 @@ the task metric on a fixed subset and by the bits it costs.
     act_bits = 8                           # Linear inputs, per tensor, calibrated (0: float)
     seed_uniform = false                   # true: a new study first runs every uniform point (all
                                            # layers at one choice), then its sampler takes over
-    seed_sensitivity = 0                   # N > 0: it also first runs N points of the sensitivity
-                                           # path (below), spaced evenly in average bits
+    seed_sensitivity = 0                   # N > 0: it also first runs up to N points of the
+                                           # sensitivity path (below), spaced evenly in average bits
 
 The sensitivity path (`seed_sensitivity`): each layer's output distortion when it alone takes
 a narrower choice, every other layer at the widest (KL divergence of the softmax outputs from
 the float model's on the calibration batches, per example or token; for a model scored by its
-own loss, a VAE or a diffusion model, the outputs' squared error over their mean square), less the distortion with all at the widest. From all layers at
-the widest, the path then repeatedly lowers the one layer whose change costs the least added
-distortion per weight bit saved, down to all at the narrowest (a greedy allocation under the
-assumption that layer distortions add, as HAWQ-style sensitivity methods assume). Measuring it
-costs one calibrated forward pass over the calibration batches per layer and narrower choice.
+own loss, such as a VAE, the outputs' squared error over their mean square), less the
+distortion with all at the widest. From all layers at the widest, the path then repeatedly
+lowers the one layer whose change costs the least added distortion per weight bit saved, down
+to all at the narrowest (a greedy allocation under the assumption that layer distortions add,
+as HAWQ-style sensitivity methods assume). Choices of equal width (int4 and fp4_e2m1) are
+not traded for each other: the path only ever lowers bits. Measuring it costs one quantized,
+calibrated and scored copy of the model per layer and narrower choice, plus one at the widest.
+Points that repeat a uniform one (or each other) are run once.
 
 Each trial quantizes a fresh copy of the float model (fake quantization, `kiln.quant`),
 calibrates the activations on `calib_batches` training batches, and scores `samples` examples
@@ -299,10 +302,11 @@ class MixedPrecisionSpace(QuantSpaceBase):
         import time
 
         c = self.config
-        widest = max(c.choices, key=c.choice_bits)
+        bits = {ch: c.choice_bits(ch) for ch in c.choices}
+        widest = max(c.choices, key=bits.__getitem__)
         reference = outputs(self.model, self.batches)
         base = self.distortion(self.uniform(widest), reference)
-        todo = [(g, ch) for g in self.groups for ch in c.choices if c.choice_bits(ch) < c.choice_bits(widest)]
+        todo = [(g, ch) for g in self.groups for ch in c.choices if bits[ch] < bits[widest]]
         out: dict[str, dict] = {g: {widest: 0.0} for g in self.groups}
         t0 = time.perf_counter()
         for i, (g, ch) in enumerate(todo, 1):
@@ -330,16 +334,17 @@ class MixedPrecisionSpace(QuantSpaceBase):
         sens = self.sensitivity()
         params = self.group_params()
         total = sum(params.values())
-        current = self.uniform(max(c.choices, key=c.choice_bits))
+        bits = {ch: c.choice_bits(ch) for ch in c.choices}
+        current = self.uniform(max(c.choices, key=bits.__getitem__))
 
         def avg(choice):
-            return sum(params[g] * c.choice_bits(ch) for g, ch in choice.items()) / total
+            return sum(params[g] * bits[ch] for g, ch in choice.items()) / total
 
         path = [(avg(current), dict(current))]
         while True:
-            steps = [((sens[g][ch] - sens[g][current[g]]) / (params[g] * (c.choice_bits(current[g]) - c.choice_bits(ch))),
-                      -params[g] * (c.choice_bits(current[g]) - c.choice_bits(ch)), g, ch)
-                     for g in self.groups for ch in c.choices if c.choice_bits(ch) < c.choice_bits(current[g])]
+            steps = [((sens[g][ch] - sens[g][current[g]]) / (params[g] * (bits[current[g]] - bits[ch])),
+                      -params[g] * (bits[current[g]] - bits[ch]), g, ch)
+                     for g in self.groups for ch in c.choices if bits[ch] < bits[current[g]]]
             if not steps:
                 return path
             _, _, g, ch = min(steps, key=lambda s: s[:2])
