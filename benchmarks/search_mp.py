@@ -37,7 +37,12 @@ Earlier spaces and variants, kept in the JSON (each command also needs `--seed-s
 - minilm_mixed_precision_v4 (session 4's figure: this space, uniform seeds only, even crossover)
   and _mut0.1 (the same with `--mutation-prob 0.1`, NSGA-II only);
 - _sens8pilot (session 5: `--seed-sensitivity 8 --swapping-prob 0.5 --only nsga2-0,random-0`)
-  and _pilot_sens8_swap01 (`--only nsga2-0`, this figure's settings).
+  and _pilot_sens8_swap01 (`--only nsga2-0`, this figure's settings), both, and _unjoined (this
+  figure's settings), run before the seeded points joined NSGA-II's generations;
+- _t120 (`--trials 120`) and _t120p20 (`--only nsga2-0,nsga2-1,nsga2-2 --trials 120 --population
+  20`; its random studies are _t120's, as the random sampler does not read the population), the
+  setting whose fronts dominate int8, int6 and int4 in every seed; `--dominators-on-test` with
+  the same flags measures each seed's dominators on the test split.
 """
 from __future__ import annotations
 
@@ -129,9 +134,14 @@ def main() -> None:
                         "regex's group captures alike (e.g. per block and sublayer: --group block-sublayer)")
     parser.add_argument("--summarise-only", action="store_true",
                         help="recompute the summary from the studies stored in --json (no trials run)")
+    parser.add_argument("--dominators-on-test", action="store_true",
+                        help="for the studies stored under this --name: each NSGA-II seed's most accurate sampled "
+                        "dominator of uniform int8 and int4, on the whole test split beside the uniform point")
     args = parser.parse_args()
     if args.summarise_only:
         return resummarise(args)
+    if args.dominators_on_test:
+        return dominators_per_seed(args)
     torch.set_num_threads(args.threads)
     src = source()
     t0 = time.perf_counter()
@@ -272,6 +282,40 @@ def best_on_test(space, studies: dict, uniform: dict, int8, seeded: int) -> dict
                                         "test_accuracy": test_accuracy(params_of(best)),
                                         "uniform_test_accuracy": uni_test}
     return out
+
+
+def dominators_per_seed(args) -> None:
+    """Per NSGA-II study of a stored entry (an --only run included): its most accurate sampled
+    point (seeds and copies of them aside) dominating uniform int8 / int4 on the validation
+    subset, measured on the whole test split; stored in the entry as dominators_test_per_seed."""
+    import json
+
+    from kiln.data import load_dataset
+
+    torch.set_num_threads(args.threads)
+    entry = json.loads(Path(args.json).read_text())[name(args)]
+    seeded = entry.get("seeded_trials", 13)
+    space, _ = make_space(config("nsga2", 0, args, source(), GROUPS.get(args.group, args.group)))
+    space.ensure_setup()
+    splits = load_dataset(space.source.dataset, seed=space.ctx.seed)
+
+    def test_accuracy(choice):
+        return space.measure(space.model, space.quant_table(space.bits_of(choice)), splits, "test")["accuracy"]
+
+    out = {"uniform_test": {f"int{b}": test_accuracy(space.uniform(b)) for b in (8, 4)}, "seeded_trials": seeded}
+    for key, st in sorted(entry["studies"].items()):
+        if not key.startswith("nsga2"):
+            continue
+        seeds = st["params"][:seeded]
+        sampled = [(tuple(p), q) for p, q in zip(st["points"][seeded:], st["params"][seeded:]) if q not in seeds]
+        for uni in ("int8", "int4"):
+            beating = [x for x in sampled if dominates(x[0], tuple(entry["uniform"][uni]), DIRECTIONS)]
+            if beating:
+                point, params = max(beating, key=lambda x: (x[0][0], -x[0][1]))
+                out[f"{key}_{uni}"] = {"val": point, "test_accuracy": test_accuracy(params)}
+                print(f"{key}: uniform {uni}'s most accurate sampled dominator {point}: test "
+                      f"{out[f'{key}_{uni}']['test_accuracy']:.4f} vs {out['uniform_test'][uni]:.4f}", flush=True)
+    merge_result(args.json, name(args), dict(entry, dominators_test_per_seed=out))
 
 
 def print_table(entry: dict) -> None:
