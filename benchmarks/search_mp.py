@@ -23,6 +23,9 @@ points aside); the chosen best front point (the fewest bits within one point of 
 validation accuracy) and each uniform point's most accurate NSGA-II dominator, measured on the
 whole test split beside the uniform point.
 
+Every trial's point and parameters go to runs/benchmarks/search_mp_trials.json (out of git;
+--summarise-only and --dominators-on-test read them); --json keeps fronts and summaries.
+
 Earlier spaces and variants, kept in the JSON (each command also needs `--seed-sensitivity 0
 --swapping-prob 0.5`, the defaults they ran with):
 - minilm_mixed_precision_v1 (session 3: `--granularity channel --formats '' --include
@@ -64,6 +67,9 @@ from kiln.search.engine import Setup, make_space, open_study, optimize  # noqa: 
 from kiln.search.pareto import dominates, front, hypervolume  # noqa: E402
 
 RUN = Path("runs/figures/minilm-v3")
+# every study's trial points and parameters: regenerable, megabytes, so kept out of git; the
+# --json file keeps each study's front and figures
+TRIALS = Path("runs/benchmarks/search_mp_trials.json")
 REFERENCE = (0.5, 32.0)
 # per block and sublayer: attention (q, k, v, output), intermediate, output: 18 choices, not 36
 GROUPS = {"block-sublayer": r".*layer\.(\d+\.(?:attention|intermediate|output))\..*"}
@@ -173,7 +179,7 @@ def main() -> None:
     if args.only:                                 # some studies only: their fronts, no summary
         for k, st in studies.items():
             print(k, "front:", sorted((round(a, 4), round(b, 3)) for a, b in st["front"]))
-        merge_result(args.json, name(args), {"only": args.only, "studies": studies, "uniform": uniform,
+        save(args, {"only": args.only, "studies": studies, "uniform": uniform,
                                              "mutation_prob": args.mutation_prob, "trials": args.trials,
                                              "seed_sensitivity": args.seed_sensitivity, "sensitivity_s": sensitivity_s,
                                              "swapping_prob": args.swapping_prob,
@@ -195,7 +201,31 @@ def main() -> None:
     entry["swapping_prob"] = args.swapping_prob
     entry["sensitivity_s"] = sensitivity_s
     print_table(entry)
-    merge_result(args.json, name(args), entry)
+    save(args, entry)
+
+
+def save(args, entry: dict) -> None:
+    """The entry to --json without the studies' trial points and parameters, those to TRIALS."""
+    TRIALS.parent.mkdir(parents=True, exist_ok=True)
+    studies = entry["studies"]
+    merge_result(str(TRIALS), name(args), {k: {"points": s["points"], "params": s["params"]} for k, s in studies.items()})
+    merge_result(args.json, name(args), dict(entry, studies={
+        k: {key: v for key, v in s.items() if key not in ("points", "params")} for k, s in studies.items()}))
+
+
+def load(args) -> dict:
+    """An entry of --json with its studies' trial points and parameters from TRIALS."""
+    import json
+
+    entry = json.loads(Path(args.json).read_text())[name(args)]
+    trials = json.loads(TRIALS.read_text()).get(name(args)) if TRIALS.is_file() else None
+    if trials is None:
+        print(f"error: {TRIALS} has no trials of {name(args)}: run that study first (they are not kept in git)",
+              file=sys.stderr)
+        sys.exit(2)
+    for k, s in entry["studies"].items():
+        s |= trials[k]
+    return entry
 
 
 def name(args) -> str:
@@ -203,9 +233,7 @@ def name(args) -> str:
 
 
 def resummarise(args) -> None:
-    import json
-
-    entry = json.loads(Path(args.json).read_text())[name(args)]
+    entry = load(args)
     studies = {k: dict(v, points=[tuple(p) for p in v["points"]], front=[tuple(p) for p in v["front"]])
                for k, v in entry["studies"].items()}
     args.seeds = entry["seeds"]
@@ -214,7 +242,7 @@ def resummarise(args) -> None:
     seeded = entry.get("seeded_trials", choices if entry.get("seed_uniform") else 0)
     entry |= summarise(studies, {k: tuple(v) for k, v in entry["uniform"].items()}, args, seeded)
     print_table(entry)
-    merge_result(args.json, name(args), entry)
+    save(args, entry)
 
 
 def summarise(studies: dict, uniform: dict, args, seeded: int) -> dict:
@@ -246,21 +274,30 @@ def sampled_points(study: dict, seeded: int) -> list[tuple]:
     return [tuple(p) for p, params in zip(study["points"][seeded:], study["params"][seeded:]) if params not in seeds]
 
 
+def test_scorer(space):
+    """Accuracy of a choice on the whole test split."""
+    from kiln.data import load_dataset
+
+    splits = load_dataset(space.source.dataset, seed=space.ctx.seed)
+    return lambda choice: space.measure(space.model, space.quant_table(space.bits_of(choice)), splits, "test")["accuracy"]
+
+
+def most_accurate_dominator(points: list, uniform_point) -> tuple | None:
+    """The most accurate of `points` (fewest bits among equals) dominating `uniform_point`."""
+    beating = [p for p in points if dominates(p, uniform_point, DIRECTIONS)]
+    return max(beating, key=lambda p: (p[0], -p[1])) if beating else None
+
+
 def best_on_test(space, studies: dict, uniform: dict, int8, seeded: int) -> dict:
     """On the whole test split: the fewest-bits NSGA-II front point within one point of uniform
     int8 (validation subset) beside uniform int8; and, for each uniform point some NSGA-II front
     dominates on the subset, the most accurate such point (fewest bits among equals) beside it,
     taken among the sampled points where one dominates (`seeded` says which point it was)."""
-    from kiln.data import load_dataset
-
-    splits = load_dataset(space.source.dataset, seed=space.ctx.seed)
+    test_accuracy = test_scorer(space)
     nsga = [p for k, s in studies.items() if k.startswith("nsga2") for p in s["front"]]
 
     def params_of(point):
         return next(s["params"][s["points"].index(point)] for s in studies.values() if point in s["points"])
-
-    def test_accuracy(choice):
-        return space.measure(space.model, space.quant_table(space.bits_of(choice)), splits, "test")["accuracy"]
 
     out: dict = {"chosen": None}
     candidates = [p for p in nsga if p[0] >= uniform["int8"][0] - 0.01]
@@ -271,10 +308,9 @@ def best_on_test(space, studies: dict, uniform: dict, int8, seeded: int) -> dict
     out["dominators_test"] = {}
     sampled = [p for k, st in studies.items() if k.startswith("nsga2") for p in sampled_points(st, seeded)]
     for name, u in uniform.items():
-        beating = [p for p in sampled if dominates(p, u, DIRECTIONS)] or [p for p in nsga if dominates(p, u, DIRECTIONS)]
-        if not beating:
+        best = most_accurate_dominator(sampled, u) or most_accurate_dominator(nsga, u)
+        if best is None:
             continue
-        best = max(beating, key=lambda p: (p[0], -p[1]))
         width = int8 if name == "int8" else (name if isinstance(int8, str) else int(name[3:]))
         uni_test = out["uniform_int8_test_accuracy"] if name == "int8" and "uniform_int8_test_accuracy" in out \
             else test_accuracy(space.uniform(width))
@@ -288,34 +324,26 @@ def dominators_per_seed(args) -> None:
     """Per NSGA-II study of a stored entry (an --only run included): its most accurate sampled
     point (seeds and copies of them aside) dominating uniform int8 / int4 on the validation
     subset, measured on the whole test split; stored in the entry as dominators_test_per_seed."""
-    import json
-
-    from kiln.data import load_dataset
-
     torch.set_num_threads(args.threads)
-    entry = json.loads(Path(args.json).read_text())[name(args)]
+    entry = load(args)
     seeded = entry.get("seeded_trials", 13)
     space, _ = make_space(config("nsga2", 0, args, source(), GROUPS.get(args.group, args.group)))
     space.ensure_setup()
-    splits = load_dataset(space.source.dataset, seed=space.ctx.seed)
-
-    def test_accuracy(choice):
-        return space.measure(space.model, space.quant_table(space.bits_of(choice)), splits, "test")["accuracy"]
+    test_accuracy = test_scorer(space)
 
     out = {"uniform_test": {f"int{b}": test_accuracy(space.uniform(b)) for b in (8, 4)}, "seeded_trials": seeded}
     for key, st in sorted(entry["studies"].items()):
         if not key.startswith("nsga2"):
             continue
-        seeds = st["params"][:seeded]
-        sampled = [(tuple(p), q) for p, q in zip(st["points"][seeded:], st["params"][seeded:]) if q not in seeds]
+        sampled = sampled_points(st, seeded)
         for uni in ("int8", "int4"):
-            beating = [x for x in sampled if dominates(x[0], tuple(entry["uniform"][uni]), DIRECTIONS)]
-            if beating:
-                point, params = max(beating, key=lambda x: (x[0][0], -x[0][1]))
+            point = most_accurate_dominator(sampled, tuple(entry["uniform"][uni]))
+            if point is not None:
+                params = st["params"][seeded:][[tuple(p) for p in st["points"][seeded:]].index(point)]
                 out[f"{key}_{uni}"] = {"val": point, "test_accuracy": test_accuracy(params)}
                 print(f"{key}: uniform {uni}'s most accurate sampled dominator {point}: test "
                       f"{out[f'{key}_{uni}']['test_accuracy']:.4f} vs {out['uniform_test'][uni]:.4f}", flush=True)
-    merge_result(args.json, name(args), dict(entry, dominators_test_per_seed=out))
+    save(args, dict(entry, dominators_test_per_seed=out))
 
 
 def print_table(entry: dict) -> None:
