@@ -130,7 +130,7 @@ def resnet() -> dict:
         entry["dense_train"] = train(DENSE, dense_dir)
     dense = load_source(str(dense_dir)).model
     example = (torch.randn(1, 3, 32, 32),)
-    res = prune_structured(dense, example, 0.5, "l1", ignore=("fc",))
+    res = prune_structured(dense, example, 0.5, "magnitude", ignore=("fc",))
     import copy
 
     tp_model = torch_pruning(copy.deepcopy(dense), example[0], 0.5)
@@ -249,7 +249,7 @@ def minilm() -> dict:
                  " and move runs/figures/minilm to runs/figures/minilm-v3")
     src = load_source(str(MINILM_RUN))
     dense, kwargs = src.model, src.example_kwargs
-    res = prune_transformer(dense, (), heads=1 / 3, ffn=0.5, importance="l1", example_kwargs=kwargs)
+    res = prune_transformer(dense, (), heads=1 / 3, ffn=0.5, criterion="magnitude", example_kwargs=kwargs)
     art = OUT / "minilm-heads-ffn"
     if art.exists():
         shutil.rmtree(art)

@@ -6,6 +6,7 @@ is an error naming the key and the type it needs.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import tomllib
 import types
@@ -30,6 +31,12 @@ def _coerce(cls, name: str, value: Any, hint: Any) -> Any:
             return value
         if t in (str, bool) and isinstance(value, t):
             return value
+        if isinstance(t, type) and issubclass(t, enum.Enum):
+            try:
+                return t(value)
+            except ValueError:
+                accepted = ", ".join(str(m.value) for m in t)
+                raise KilnError(f"{cls.__name__}: key {name!r} is {value!r}; accepted: {accepted}") from None
     wanted = " or ".join(getattr(t, "__name__", str(t)) for t in options)
     raise KilnError(f"{cls.__name__}: key {name!r} needs {wanted}, got {value!r}")
 

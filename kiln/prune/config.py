@@ -2,7 +2,8 @@
 
     # p.toml
     method = "unstructured"        # unstructured | nm | structured
-    criterion = "magnitude"        # magnitude | random | snip | movement (structured: its importances)
+    criterion = "magnitude"        # magnitude | random | snip | movement (kiln.prune.criteria)
+    reduction = "sum"              # structured: a unit's score is the sum (magnitude: L1) or l2 norm of its scores
     scope = "global"               # global | local (unstructured)
     ratio = 0.9                    # fraction of weights (structured: channels) removed, in [0, 1)
     n = 2                          # nm: N kept in every group of M
@@ -30,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from kiln.config import from_dict
 from kiln.errors import KilnError
+from kiln.prune.criteria import CRITERIA, Reduction
 from kiln.rules import Match, least_specific_first
 from kiln.train.config import finetune_table
 
@@ -61,6 +63,7 @@ class Plan:
 class PruneConfig:
     method: str = "unstructured"
     criterion: str = "magnitude"
+    reduction: Reduction = Reduction.SUM   # structured: how a unit's element scores become one score
     scope: str = "global"
     ratio: float = 0.5
     n: int = 2
@@ -101,19 +104,7 @@ class PruneConfig:
         for ok, message in checks:
             if not ok:
                 raise KilnError(f"prune config: {message}")
-        if self.method == "structured":
-            from kiln.prune.importance import IMPORTANCE
-
-            IMPORTANCE.get(self.importance)
-        else:
-            from kiln.prune.unstructured import CRITERIA
-
-            CRITERIA.get(self.criterion)
-
-    @property
-    def importance(self) -> str:
-        """Structured pruning's importance: "magnitude" means a channel's L1 norm."""
-        return "l1" if self.criterion == "magnitude" else self.criterion
+        CRITERIA.get(self.criterion)
 
     def plan(self, model: nn.Module) -> Plan:
         """Resolve targets and rules against a model; a rule that matches nothing is an error."""
@@ -196,6 +187,7 @@ def parse_config(table: dict[str, Any], where: str = "prune config") -> PruneCon
 def to_table(cfg: PruneConfig) -> dict[str, Any]:
     """The TOML/JSON table parse_config reads back to an equal config."""
     table = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("rules", "finetune", "targets")}
+    table["reduction"] = cfg.reduction.value
     table["targets"] = list(cfg.targets)
     table["rules"] = [{"match": str(r.match), "skip": r.skip} | ({"ratio": r.ratio} if r.ratio is not None else {})
                       | ({"activation": r.activation} if r.activation is not None else {}) for r in cfg.rules]

@@ -22,7 +22,8 @@ from torch import nn
 
 from kiln.errors import KilnError
 from kiln.prune.config import Plan, PruneConfig, to_table
-from kiln.prune.unstructured import ScoreContext, gradients, make_permanent, sparsify_activations
+from kiln.prune.criteria import ScoreContext, needs_gradients
+from kiln.prune.unstructured import gradients, make_permanent, sparsify_activations
 
 
 def prune_run(src: str, cfg: PruneConfig, out: str | Path, dataset: str | None = None, evaluate: bool = True,
@@ -67,11 +68,7 @@ def prune_run(src: str, cfg: PruneConfig, out: str | Path, dataset: str | None =
 
 
 def _needs_data(cfg: PruneConfig) -> bool:
-    if cfg.method == "structured":
-        from kiln.prune.importance import NEEDS_GRADIENTS
-
-        return cfg.finetune is not None or cfg.importance in NEEDS_GRADIENTS
-    return cfg.finetune is not None or cfg.criterion in ("snip", "movement")
+    return cfg.finetune is not None or needs_gradients(cfg.criterion)
 
 
 def _splits(dataset: str):
@@ -102,7 +99,7 @@ def _batches(splits, cfg: PruneConfig) -> list:
 
 def _context(model: nn.Module, cfg: PruneConfig, plan: Plan, splits) -> ScoreContext:
     ctx = ScoreContext(seed=cfg.seed)
-    if cfg.criterion in ("snip", "movement"):
+    if cfg.method != "structured" and needs_gradients(cfg.criterion):
         from kiln.train import tasks
 
         loss = lambda m, x, y: tasks.batch_loss(m, splits.task, x, y)[0]   # noqa: E731
@@ -153,11 +150,10 @@ def _nm(model: nn.Module, cfg: PruneConfig, plan: Plan, ctx: ScoreContext):
 def _structured(model: nn.Module, cfg: PruneConfig, plan: Plan, source, splits):
     """Channels, heads and neurons removed (kiln.prune.structured); the report lists each layer's
     shapes before and after, and pinned groups (coupling it could not resolve) as skipped."""
-    from kiln.prune.importance import NEEDS_GRADIENTS
     from kiln.prune.structured import prune_structured
 
-    batches = _batches(splits, cfg) if cfg.importance in NEEDS_GRADIENTS else None
-    result = prune_structured(model, source.example_inputs, cfg.ratio, importance=cfg.importance,
+    batches = _batches(splits, cfg) if needs_gradients(cfg.criterion) else None
+    result = prune_structured(model, source.example_inputs, cfg.ratio, cfg.criterion, cfg.reduction, seed=cfg.seed,
                               targets=dict(plan.overrides) or None, ignore=tuple(plan.skipped), batches=batches,
                               round_to=cfg.round_to, example_kwargs=source.example_kwargs)
     report = result.report
