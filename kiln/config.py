@@ -24,7 +24,7 @@ def _options(hint: Any) -> tuple:
     return typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
 
 
-def _coerce(cls, name: str, value: Any, hint: Any) -> Any:
+def _coerce(where: str, name: str, value: Any, hint: Any) -> Any:
     """`value` as the type `hint` names: scalars, enums (by value), nested config dataclasses (from
     tables), tuples and lists (from arrays) and dicts, recursively; anything else is a KilnError."""
     options = _options(hint)
@@ -40,28 +40,39 @@ def _coerce(cls, name: str, value: Any, hint: Any) -> Any:
             return value
         if t is Any:
             return value
+        if isinstance(t, type) and hasattr(t, "from_config"):   # a value type written as one string, e.g. rules.Match
+            return t.from_config(value, f"{where}.{name}")
         if isinstance(t, type) and issubclass(t, enum.Enum):
             try:
                 return t(value)
             except ValueError:
                 accepted = ", ".join(str(m.value) for m in t)
-                raise KilnError(f"{cls.__name__}: key {name!r} is {value!r}; accepted: {accepted}") from None
+                raise KilnError(f"{where}: key {name!r} is {value!r}; accepted: {accepted}") from None
         if dataclasses.is_dataclass(t) and isinstance(value, dict):
-            return from_dict(t, value, f"{cls.__name__}.{name}")
+            return from_dict(t, value, f"{where}.{name}")
         if origin in (tuple, list) and isinstance(value, (list, tuple)):
             items = (args[:1] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args) or (Any,)
             if origin is tuple and len(items) != 1 and len(items) != len(value):
-                raise KilnError(f"{cls.__name__}: key {name!r} needs {len(items)} items, got {len(value)}")
+                raise KilnError(f"{where}: key {name!r} needs {len(items)} items, got {len(value)}")
             hints = items * len(value) if len(items) == 1 else items
-            out = [_coerce(cls, f"{name}[{i}]", v, h) for i, (v, h) in enumerate(zip(value, hints))]
+            out = [_coerce(where, f"{name}[{i}]", v, h) for i, (v, h) in enumerate(zip(value, hints))]
             return tuple(out) if origin is tuple else out
         if origin is dict and isinstance(value, dict):
             kh, vh = args or (Any, Any)
-            return {_coerce(cls, name, k, kh): _coerce(cls, f"{name}.{k}", v, vh) for k, v in value.items()}
+            return {_coerce(where, name, k, kh): _coerce(where, f"{name}.{k}", v, vh) for k, v in value.items()}
         if origin is typing.Literal and value in args:
             return value
-    wanted = " or ".join(getattr(t, "__name__", str(t)) for t in options)
-    raise KilnError(f"{cls.__name__}: key {name!r} needs {wanted}, got {value!r}")
+    wanted = " or ".join(_type_name(t) for t in options if t is not type(None))
+    raise KilnError(f"{where}: key {name!r} needs {wanted}, got {value!r}")
+
+
+def _type_name(t: Any) -> str:
+    origin = typing.get_origin(t) or t
+    if origin in (tuple, list):
+        return "a list"
+    if origin is dict or dataclasses.is_dataclass(t):
+        return "a table"
+    return getattr(t, "__name__", str(t))
 
 
 def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
@@ -79,7 +90,7 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
     if unknown:
         raise KilnError(f"{where}: unknown key {unknown[0]!r}; accepted: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
-    values = {k: _coerce(cls, k, v, hints[k]) for k, v in data.items()}
+    values = {k: _coerce(where, k, v, hints[k]) for k, v in data.items()}
     try:
         return cls(**values)
     except TypeError as exc:
@@ -108,6 +119,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
+    if hasattr(value, "to_config"):
+        return value.to_config()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
                 if getattr(value, f.name) is not None}
