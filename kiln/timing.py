@@ -170,7 +170,10 @@ class Measurement:
         """'' for a clean measurement, else one line saying what to distrust."""
         parts = []
         if self.contended:
-            parts.append(f"contended (p90 >= {CONTENDED_RATIO:g}x min, or two modes): {', '.join(self.contended)}")
+            names = self.contended
+            listed = ", ".join(names) if len(names) <= 3 else f"{len(names)} of {len(self.timings)}: " + \
+                ", ".join(names[:3]) + ", ..."
+            parts.append(f"contended (p90 >= {CONTENDED_RATIO:g}x min, or two modes): {listed}")
         if self.busy:
             parts.append(f"machine busy: other processes took {self.others_cpu:.0%} of {self.cpus} CPUs")
         return "; ".join(parts) + (" even after measuring again" if parts and self.remeasured else "")
