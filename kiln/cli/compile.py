@@ -21,12 +21,15 @@ def print_candidates(report: dict) -> None:
         ok = c["status"] == "ok"
         mark = " *" if c["backend"] == report["chosen"] else ""
         table.add_row(
-            c["backend"] + mark, c["status"], seconds(c["latency_s"]) if ok else "-",
+            c["backend"] + mark, c["status"], seconds(c["latency_s"]) + (" contended" if c.get("contended") else "")
+            if ok else "-",
             seconds(c["p90_s"]) if ok else "-", f"{c['throughput']:.1f}" if ok else "-",
             f"{eager / c['latency_s']:.2f}x" if ok and eager else "-",
             "-" if c["error"] is None else f"{c['error']:.1e}",
             f"{c['roofline_fraction']:.0%}" if c.get("roofline_fraction") else "-", c["reason"])
     console.print(table)
+    if report.get("timing_note"):
+        console.print(f"[yellow]timing: {report['timing_note']}[/yellow]")
     roof = report.get("roofline", {})
     if roof.get("roofline_s"):
         console.print(f"roofline on {roof['hardware']}: {seconds(roof['roofline_s'])} ({roof['bound']}-bound, "
