@@ -157,10 +157,7 @@ class Measurement:
 
     @property
     def busy(self) -> bool:
-        """Other processes left fewer free cores than this measurement had threads."""
-        if self.others_cpu is None:
-            return False
-        return self.cpus * (1 - self.others_cpu) < self.threads - BUSY_SLACK_CORES
+        return is_busy(self.others_cpu, self.cpus, self.threads)
 
     @property
     def contended(self) -> tuple[str, ...]:
@@ -182,6 +179,20 @@ class Measurement:
         return {"timings": {k: t.to_dict() for k, t in self.timings.items()}, "rounds": self.rounds,
                 "remeasured": self.remeasured, "runoff": list(self.runoff), "others_cpu": self.others_cpu,
                 "cpus": self.cpus, "busy": self.busy, "note": self.note()}
+
+
+def is_busy(others_cpu: float | None, cpus: int, threads: int) -> bool:
+    """Other processes left fewer free cores than there were threads measuring."""
+    return others_cpu is not None and cpus * (1 - others_cpu) < threads - BUSY_SLACK_CORES
+
+
+def others_share(before, after, wall_s: float, cpus: int) -> float | None:
+    """The share of the machine's CPU time that other processes took between two cpu_counters()
+    readings `wall_s` apart; None when a reading is missing or the window too short to resolve."""
+    if before is None or after is None or wall_s < MIN_LOAD_WINDOW_S:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return min(max(others / (wall_s * cpus), 0.0), 1.0)
 
 
 def cpu_counters() -> tuple[float, float] | None:
@@ -247,10 +258,7 @@ def _try(calls, config: TimingConfig, clock: Clock, load: LoadProbe,
     before, t0 = load(), clock()
     _rounds(calls, config, clock, samples, warm)
     after, wall = load(), clock() - t0
-    if before is None or after is None or wall < MIN_LOAD_WINDOW_S:
-        return samples, None
-    others = (after[0] - before[0]) - (after[1] - before[1])
-    return samples, min(max(others / (wall * (os.cpu_count() or 1)), 0.0), 1.0)
+    return samples, others_share(before, after, wall, os.cpu_count() or 1)
 
 
 def _judged(attempt, threads: int) -> Measurement:
@@ -274,7 +282,8 @@ def best_of(fn: Callable[[], object], *, min_calls: int = 5, patience: int = 5, 
             budget_s: float = 10.0, clock: Clock = time.perf_counter) -> tuple[Timing, bool]:
     """The fastest a call gets, for a peak (a maximum, not a typical figure): call it (after one
     warm-up) until `patience` calls in a row come no faster than the best so far by more than
-    `tolerance` (relative), or `budget_s` of calls are spent. (samples, whether it settled)."""
+    `tolerance` (relative) while the samples are not contended (a busy machine may yet give a
+    quiet slice), or until `budget_s` of calls are spent. (samples, whether it settled)."""
     fn()
     times: list[float] = []
     since_best, start = 0, clock()
@@ -285,7 +294,7 @@ def best_of(fn: Callable[[], object], *, min_calls: int = 5, patience: int = 5, 
         improved = not times or t < min(times) * (1 - tolerance)
         times.append(t)
         since_best = 0 if improved else since_best + 1
-        if len(times) >= min_calls and since_best >= patience:
+        if len(times) >= min_calls and since_best >= patience and not is_contended(times):
             return Timing("best_of", tuple(times), torch.get_num_threads()), True
         if clock() - start >= budget_s:
             return Timing("best_of", tuple(times), torch.get_num_threads()), False

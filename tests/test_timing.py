@@ -131,6 +131,10 @@ def test_best_of_stops_when_the_best_stops_improving():
     falling = [1.0 / (i + 1) for i in range(1000)]             # always improving: the budget stops it
     t, settled = best_of(clock.call("mm", falling), patience=4, budget_s=1.0, clock=clock)
     assert not settled and sum(t.samples) >= 1.0 and sum(t.samples[:-1]) < 1.0
+    clock = FakeClock()
+    busy = [0.1, 0.1, 0.5, 0.5, 0.5]                           # flat best, but 3 in 5 calls contended
+    t, settled = best_of(clock.call("mm", busy), min_calls=3, patience=4, budget_s=5.0, clock=clock)
+    assert not settled and t.contended and clock.t >= 5.0  # kept trying for a quiet slice until the bound
 
 
 def test_format_timing_prints_the_figure_with_its_spread():

@@ -17,7 +17,11 @@ def _hardware(name: str):
         from kiln.hardware.calibrate import calibrate
 
         with err_console.status("no 'local' profile yet: calibrating this machine (once)"):
-            save_profile(calibrate("local"))
+            cal = calibrate("local")
+        for line in cal.warnings():
+            err_console.print(f"[yellow]calibration: busy machine? {line}; re-run `kiln hardware calibrate` "
+                              f"when it is quiet[/yellow]")
+        save_profile(cal.profile)
     return load_profile(name)
 
 
