@@ -105,3 +105,41 @@ def test_user_toml_profile_and_its_errors(tmp_path):
         load_profile("nope")
     with pytest.raises(KilnError, match="does not exist"):
         load_profile(str(tmp_path / "missing.toml"))
+
+
+def test_each_precision_is_judged_against_its_own_peak():
+    from torch import nn
+
+    from kiln.analysis.cost import AnnotateCost
+    from kiln.analysis.roofline import by_precision, roofline
+    from kiln.graph.capture import capture
+    from kiln.graph.passes import PassManager
+    from kiln.models.loaded import LoadedModel
+
+    hw = HardwareProfile("toy", "", "accelerator", {"fp32": 100.0, "bf16": 400.0, "int8": 800.0}, 1e9)
+    graph = capture(LoadedModel("t", nn.Linear(64, 64, bias=False), (torch.randn(256, 64),)))
+    PassManager([AnnotateCost()]).run(graph)
+    linear = next(n for n in graph.ops if n.op == "linear")
+    flops, nbytes = 2 * 256 * 64 * 64, linear.cost.bytes
+    assert roofline(graph, hw)[1].latency_s == pytest.approx(max(flops / 100, nbytes / 1e9))
+    # bf16: its own peak and half the bytes; int8: its own peak and a quarter of them
+    assert roofline(graph, hw, "bfloat16")[1].latency_s == pytest.approx(max(flops / 400, nbytes / 2 / 1e9))
+    per = by_precision(graph, hw)
+    assert per["latency_s"] == pytest.approx({"fp32": flops / 100, "bf16": flops / 400, "int8": flops / 800})
+    assert per["fallback"] == []
+    assert by_precision(graph, HardwareProfile("f", "", "cpu", {"fp32": 100.0}, 1e9))["fallback"] == ["bf16", "int8"]
+
+
+def test_compile_fractions_use_each_candidates_precision_and_say_when_above_100_percent():
+    from kiln.compile.run import attach_roofline
+    from kiln.hardware.profiles import ABOVE_PEAK
+
+    roof = {"flops": 1e9, "roofline_s": 0.010, "roofline_s_by_precision": {"fp32": 0.010, "bf16": 0.002}}
+    report = {"candidates": [{"precision": "fp32", "latency_s": 0.020}, {"precision": "bf16", "latency_s": 0.004}]}
+    attach_roofline(report, roof)
+    fp32, bf16 = report["candidates"]
+    assert fp32["roofline_fraction"] == pytest.approx(0.5) and bf16["roofline_fraction"] == pytest.approx(0.5)
+    assert "note" not in report["roofline"]       # against fp32's peak, bf16 would read 250%
+    fast = {"candidates": [{"precision": "fp32", "latency_s": 0.005}]}
+    attach_roofline(fast, dict(roof))
+    assert fast["candidates"][0]["roofline_fraction"] == pytest.approx(2.0) and fast["roofline"]["note"] == ABOVE_PEAK

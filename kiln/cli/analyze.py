@@ -90,8 +90,10 @@ def _over_peak(rows) -> bool:
     return any(r["measured_s"] and r["roofline_s"] > r["measured_s"] for r in rows)
 
 
-OVER_PEAK = ("[yellow]!: above 100%: this profile's peaks are below what this run achieved; "
-             "re-measure them with `kiln hardware calibrate --force`[/yellow]")
+def _over_peak_note() -> str:
+    from kiln.hardware.profiles import ABOVE_PEAK
+
+    return f"[yellow]!: {ABOVE_PEAK}[/yellow]"
 
 
 def _print(a, depth: int, top: int) -> None:
@@ -127,7 +129,7 @@ def _print(a, depth: int, top: int) -> None:
     _rollup_table("per op type", "op", a.by_op(), flops, m, here)
     _top_table(a, top, here)
     if m and here and _over_peak(a.rows()):   # a roll-up above 100% has an op above 100% in it
-        console.print(OVER_PEAK)
+        console.print(_over_peak_note())
 
 
 def _rollup_table(title, key, rows, flops, m, here, with_params=False) -> None:

@@ -38,7 +38,8 @@ def print_result(r: dict) -> None:
     roof = r.get("roofline", {})
     if roof.get("roofline_s"):
         table.add_row(f"roofline per call ({roof['hardware']})", seconds(roof["roofline_s"]))
-        table.add_row("achieved fraction of roofline", f"{r['roofline_fraction']:.1%}")
+        table.add_row("achieved fraction of roofline", f"{r['roofline_fraction']:.1%}"
+                      + ("!" if r["roofline_fraction"] > 1 else ""))
     console.print(table)
     if not r["valid"]:
         reason = r.get("early_stopping_result") or r.get("result_invalid_reason") or ""

@@ -26,11 +26,14 @@ def print_candidates(report: dict) -> None:
             seconds(c["p90_s"]) if ok else "-", f"{c['throughput']:.1f}" if ok else "-",
             f"{eager / c['latency_s']:.2f}x" if ok and eager else "-",
             "-" if c["error"] is None else f"{c['error']:.1e}",
-            f"{c['roofline_fraction']:.0%}" if c.get("roofline_fraction") else "-", c["reason"])
+            f"{c['roofline_fraction']:.0%}" + ("!" if c["roofline_fraction"] > 1 else "") if c.get("roofline_fraction")
+            else "-", c["reason"])
     console.print(table)
     if report.get("timing_note"):
         console.print(f"[yellow]timing: {report['timing_note']}[/yellow]")
     roof = report.get("roofline", {})
+    if roof.get("note"):
+        console.print(f"[yellow]!: {roof['note']}[/yellow]")
     if roof.get("roofline_s"):
         console.print(f"roofline on {roof['hardware']}: {seconds(roof['roofline_s'])} ({roof['bound']}-bound, "
                       f"{roof['flops'] / 1e9:.3g} GFLOP per call); chosen: {report['chosen']}")
@@ -51,11 +54,12 @@ def compile(
     """Build every candidate backend, reject those that leave their tolerance against eager,
     time the rest side by side and keep the fastest."""
     from kiln.cli.analyze import _hardware
-    from kiln.compile.run import compile_run
+    from kiln.compile.run import candidates, compile_run, parse_precision
     from kiln.io import atomic_write_json, check_writable
 
     if json_path:
         check_writable(json_path)
+    candidates(backend, parse_precision(precision))   # a bad name fails before a first-run calibration
     profile = _hardware(hardware)
     with err_console.status(f"compiling {src}") as status:
         report, _ = compile_run(src, backend, batch, precision, rounds, out, profile,

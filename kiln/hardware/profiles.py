@@ -79,6 +79,17 @@ class HardwareProfile:
         return "\n".join(lines) + "\n"
 
 
+# what must stand beside a measured figure that beats its roofline bound
+ABOVE_PEAK = ("above 100%: the hardware profile's peaks are below what this run achieved; "
+              "re-measure them with `kiln hardware calibrate --force`")
+
+
+def fraction_note(fraction: float | None) -> str:
+    """'' for a measured fraction of a roofline bound up to 100%; above it, the sentence that
+    must stand beside it."""
+    return ABOVE_PEAK if fraction is not None and fraction > 1 else ""
+
+
 def figures(p: HardwareProfile) -> dict[str, float]:
     """Every peak and the bandwidth, by key."""
     return p.peak_flops | {"memory_bandwidth": p.memory_bandwidth}
