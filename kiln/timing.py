@@ -116,13 +116,17 @@ class TimingConfig:
     than short_call_s gets one untimed call before its timed one in every round (caches and
     thread pools come back from the previous candidate); remeasure: measure once more when the
     first try is contended; runoff_margin > 0: when the two fastest medians are closer than
-    this (relative), every candidate gets `rounds` more rounds and the choice stands on all."""
+    this (relative), every candidate gets `rounds` more rounds and the choice stands on all;
+    rotate: round r starts at the r-th candidate (A B C, B C A, C A B), because a call timed
+    right after another model's reads slower (its activations in the caches): in a fixed order
+    one of two identical pruned models, always after the dense one, read 1-5% slower."""
 
     rounds: int = 20
     warmup: int = 3
     short_call_s: float = 0.05
     remeasure: bool = True
     runoff_margin: float = 0.0
+    rotate: bool = True
 
     def __post_init__(self):
         if self.rounds < 1 or self.warmup < 0 or self.short_call_s < 0 or self.runoff_margin < 0:
@@ -241,8 +245,12 @@ def measure(calls: Mapping[str, Callable[[], object]], config: TimingConfig = Ti
 def _rounds(calls: Mapping[str, Callable[[], object]], config: TimingConfig, clock: Clock,
             samples: dict[str, list[float]], last: dict[str, list[float]]) -> None:
     """`rounds` interleaved rounds appended to `samples`; `last` holds each call's previous time."""
-    for _ in range(config.rounds):
-        for name, fn in calls.items():
+    names = list(calls)
+    done = len(samples[names[0]])        # a runoff goes on with the rotation where it stopped
+    for r in range(done, done + config.rounds):
+        shift = r % len(names) if config.rotate else 0
+        for name in names[shift:] + names[:shift]:
+            fn = calls[name]
             previous = samples[name] or last[name]
             if previous and previous[-1] < config.short_call_s:
                 fn()

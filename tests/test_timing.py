@@ -45,14 +45,16 @@ def test_percentile_matches_numpy():
 
 
 def test_rounds_interleave_the_candidates_after_a_warm_up():
-    # 0.1 s calls are long: no untimed calls between the timed ones
-    m, clock = timed({"a": [0.1], "b": [0.2], "c": [0.3]}, TimingConfig(rounds=3, warmup=2, short_call_s=0.05))
-    assert clock.log == ["a", "b", "c"] * 2 + ["a", "b", "c"] * 3
-    assert [m[k].n for k in "abc"] == [3, 3, 3] and m.rounds == 3
+    # 0.1 s calls are long: no untimed calls between the timed ones; each round starts one further
+    m, clock = timed({"a": [0.1], "b": [0.2], "c": [0.3]}, TimingConfig(rounds=4, warmup=2, short_call_s=0.05))
+    assert clock.log == ["a", "b", "c"] * 2 + list("abc" "bca" "cab" "abc")
+    assert [m[k].n for k in "abc"] == [4, 4, 4] and m.rounds == 4
+    m, clock = timed({"a": [0.1], "b": [0.2]}, TimingConfig(rounds=3, warmup=0, rotate=False))
+    assert clock.log == list("ababab")                  # a graph pass keeps its order
 
 
 def test_a_short_call_gets_an_untimed_call_before_each_timed_one():
-    m, clock = timed({"a": [0.01], "b": [0.2]}, TimingConfig(rounds=3, warmup=1, short_call_s=0.05))
+    m, clock = timed({"a": [0.01], "b": [0.2]}, TimingConfig(rounds=3, warmup=1, short_call_s=0.05, rotate=False))
     assert clock.log == ["a", "b"] + ["a", "a", "b"] * 3
     assert m["a"].samples == pytest.approx((0.01,) * 3)      # the untimed calls are not in the samples
 

@@ -69,7 +69,7 @@ def measure(graph: Graph, loaded: LoadedModel, repeats: int = 5, warmup: int = 2
                              EAGER: loaded.run}
     # one round: every op in graph order, then the graph module, then eager; no untimed call
     # between ops, as in a real run, and the whole figures interleaved with the per-op ones
-    m = timing.measure(calls, timing.TimingConfig(rounds=repeats, warmup=warmup, short_call_s=0.0))
+    m = timing.measure(calls, timing.TimingConfig(rounds=repeats, warmup=warmup, short_call_s=0.0, rotate=False))
     per_node = {k: m[k].median for k in collect.calls}
     return MeasuredRecord(per_node, sum(per_node.values()), sum(m[k].min for k in collect.calls), m[EAGER].median, m[GRAPH].median, m.threads, m.rounds,
                           m[EAGER].to_dict(), m[GRAPH].to_dict(), sum(k in collect.calls for k in m.contended),
