@@ -41,6 +41,7 @@ from kiln.models.spec import load  # noqa: E402
 from kiln.models.zoo.transformers import tokenize  # noqa: E402
 from kiln.data.text import minilm_tokenizer  # noqa: E402
 from kiln.quant.lowp import LowpConfig, int8_weights, to_fp32, to_int8  # noqa: E402
+from kiln.timing import TimingConfig, format_timing, measure  # noqa: E402
 
 BATCH, SEQ, THREADS = 32, 128, 2
 CALIBRATION = 128          # train-split reviews for SmoothQuant's activation statistics
@@ -90,19 +91,14 @@ def build(model, example, calibration) -> dict[str, tuple[torch.nn.Module, float
 
 
 def time_rounds(built, example, repeats: int) -> dict[str, list[float]]:
-    names = list(built)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.no_grad():
-        for n in names:   # warm-up: caches, allocator, oneDNN primitive creation
-            for _ in range(2):
-                built[n][0](**example)
-        for r in range(repeats):
-            for n in names[r % len(names):] + names[:r % len(names)]:
-                t0 = time.perf_counter()
-                built[n][0](**example)
-                times[n].append(time.perf_counter() - t0)
-            log(f"round {r + 1}/{repeats}: " + ", ".join(f"{n.split(' (')[0]} {times[n][-1] * 1e3:.0f} ms" for n in names))
-    return times
+    """Every method in kiln.timing's interleaved rounds (warm-up: caches, allocator, oneDNN
+    primitive creation); each method's seconds per batch."""
+    m = measure({n: (lambda f=f: f(**example)) for n, (f, _) in built.items()}, TimingConfig(rounds=repeats, warmup=2))
+    for n in built:
+        log(f"{n}: {format_timing(m[n])}")
+    if m.note():
+        log(f"timing: {m.note()}")
+    return {n: list(m[n].samples) for n in built}
 
 
 def main() -> None:
