@@ -200,7 +200,8 @@ def others_share(before, after, wall_s: float, cpus: int) -> float | None:
 
 
 def cpu_counters() -> tuple[float, float] | None:
-    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process); None
+    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process and its
+    finished children: a timed subprocess or compile worker is not "another process"); None
     where /proc/stat is missing (not Linux)."""
     try:
         with open("/proc/stat") as f:
@@ -210,7 +211,8 @@ def cpu_counters() -> tuple[float, float] | None:
     # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
     ticks = [int(v) for v in fields[1:9]]
     busy = sum(ticks) - ticks[3] - ticks[4]
-    return busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system + own.children_user + own.children_system
 
 
 def measure(calls: Mapping[str, Callable[[], object]], config: TimingConfig = TimingConfig(), *,

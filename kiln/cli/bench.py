@@ -41,6 +41,8 @@ def print_result(r: dict) -> None:
         table.add_row("achieved fraction of roofline", f"{r['roofline_fraction']:.1%}"
                       + ("!" if r["roofline_fraction"] > 1 else ""))
     console.print(table)
+    if roof.get("note"):
+        console.print(f"[yellow]!: {roof['note']}[/yellow]")
     if not r["valid"]:
         reason = r.get("early_stopping_result") or r.get("result_invalid_reason") or ""
         console.print(f"[yellow]invalid under {r['scenario']}'s rules:[/yellow] {' '.join(reason.split())}")
