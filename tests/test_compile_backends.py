@@ -58,10 +58,10 @@ def test_each_backend_matches_eager(name):
 
 def test_select_keeps_the_fastest_accepted_and_says_why_others_were_not():
     loaded = at_batch(_tiny(), 4)
-    sel = select(loaded.model, loaded, ["eager", "export", "test-doubled", "torchao-int8"], Precision.FP32, rounds=5)
+    sel = select(loaded.model, loaded, ["eager", "export", "test-doubled", "torchao"], Precision.FP32, rounds=5)
     by = {c.backend: c for c in sel.candidates}
     assert by["test-doubled"].status == "rejected" and "differ from eager by 1.00e+00" in by["test-doubled"].reason
-    assert by["torchao-int8"].status == "rejected" and "int8 is below the allowed precision" in by["torchao-int8"].reason
+    assert by["torchao"].status == "rejected" and "int8 is below the allowed precision" in by["torchao"].reason
     ok = [c for c in sel.candidates if c.status == "ok"]
     assert {c.backend for c in ok} == {"eager", "export"}
     assert sel.chosen == min(ok, key=lambda c: c.latency_s).backend
@@ -121,7 +121,7 @@ def test_cli_bad_backend_is_one_line_and_writes_nothing(tmp_path):
                         "--out", str(tmp_path / "c")], capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1
-    assert lines[0] == "kiln: error: unknown backend 'tvm'; known: eager, export, inductor, onnxruntime, torchao-int8"
+    assert lines[0] == "kiln: error: unknown backend 'tvm'; known: eager, export, inductor, onnxruntime, torch.ao, torchao"
     assert not (tmp_path / "c").exists()
 
 

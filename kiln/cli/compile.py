@@ -31,6 +31,8 @@ def print_candidates(report: dict) -> None:
     console.print(table)
     if report.get("timing_note"):
         console.print(f"[yellow]timing: {report['timing_note']}[/yellow]")
+    if "quantized" in report:
+        console.print(report["quantized"]["line"], highlight=False, soft_wrap=True)
     roof = report.get("roofline", {})
     if roof.get("note"):
         console.print(f"[yellow]!: {roof['note']}[/yellow]")
@@ -43,7 +45,7 @@ def print_candidates(report: dict) -> None:
 def compile(
     src: str = typer.Argument(..., help="A model spec, a run directory or an artifact directory."),
     backend: str = typer.Option("auto", help="auto, or backends joined by '+', each NAME[:key=value,...]: "
-                                             "eager, export, inductor, onnxruntime, torchao-int8."),
+                                             "eager, export, inductor, onnxruntime, torchao, torch.ao."),
     batch: int = typer.Option(1, min=1, help="Batch size to compile and measure at."),
     precision: str = typer.Option("fp32", help="Lowest precision a candidate may compute in: fp32, bf16, int8."),
     rounds: int = typer.Option(20, min=1, help="Interleaved timing rounds."),

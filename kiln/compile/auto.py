@@ -29,7 +29,7 @@ AUTO = {
     Precision.FP32: ("eager", "export", "eager:passes=1", "inductor", "inductor:freezing=1",
                      "inductor:freezing=1,passes=1", "onnxruntime", "onnxruntime:level=basic"),
     Precision.BF16: ("eager:dtype=bf16", "inductor:dtype=bf16,freezing=1"),
-    Precision.INT8: ("torchao-int8",),
+    Precision.INT8: ("torchao",),
 }
 ORDER = (Precision.FP32, Precision.BF16, Precision.INT8)
 # a call shorter than this gets one untimed call before its timed one in each round

@@ -18,7 +18,8 @@ import torch
 
 from kiln.analysis.roofline import by_precision
 from kiln.compile.auto import Selection, at_batch, auto_candidates, select
-from kiln.compile.backends import Precision, build, parse_backend
+from kiln.compile.backends import BACKENDS, Precision, build, parse_backend
+from kiln.compile.int8 import is_fake_quantized, plan_int8
 from kiln.errors import KilnError
 from kiln.hardware.profiles import fraction_note
 from kiln.models.loaded import LoadedModel
@@ -93,11 +94,25 @@ def compile_run(src: str, backend: str = "auto", batch: int = 1, precision: str 
     source, loaded = source_inputs(src, batch)
     sel = select(source.model, loaded, names, prec, rounds=rounds, progress=progress)
     report = {"src": src, "spec": source.spec, "precision": prec.value, **sel.to_dict()}
+    if is_fake_quantized(source.model):
+        report["quantized"] = quantized_layers(source.model, names, prec)
     progress("roofline")
     attach_roofline(report, roofline_of(loaded, hardware))
     if out is not None:
         _write(out, report, sel, source, loaded)
     return report, sel
+
+
+def quantized_layers(model, names: list[str], precision: Precision) -> dict:
+    """For a kiln-quantized model: which layers the int8 candidates among `names` run on real
+    int8 kernels and which stay fake-quantized (every layer, when no candidate is int8)."""
+    plan = plan_int8(model)
+    int8 = [n for n in names if precision is Precision.INT8 and BACKENDS.get(parse_backend(n).name).lowers_quantized]
+    if not int8:
+        line = (f"fake quantization in every candidate (no candidate lowers it; --precision int8 "
+                f"runs {len(plan.int8)} of its layers on real int8 kernels)")
+        return {"int8_backends": [], "line": line, **plan.to_dict()}
+    return {"int8_backends": int8, "line": f"{', '.join(int8)}: {plan.describe()}", **plan.to_dict()}
 
 
 def _write(out: Path, report: dict, sel: Selection, source, loaded: LoadedModel) -> None:
