@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
 
 C = TypeVar("C")
 
@@ -36,6 +36,8 @@ def _coerce(cls, name: str, value: Any, hint: Any) -> Any:
 
 def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
     """Build a config dataclass from a dict; unknown keys and wrong types are KilnErrors."""
+    if not isinstance(data, dict):
+        raise KilnError(f"{where}: expected a table of {cls.__name__} keys, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -44,8 +46,8 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
     values = {k: _coerce(cls, k, v, hints[k]) for k, v in data.items()}
     try:
         return cls(**values)
-    except TypeError as exc:
-        raise KilnError(f"{where}: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:   # a config's own checks beyond types
+        raise KilnError(f"{where}: {first_line(exc)}") from None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -54,9 +56,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise KilnError(f"config file {path} does not exist")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise KilnError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise KilnError(f"config file {path} is not UTF-8 text (byte {exc.start}): TOML files are UTF-8") from None
+    except OSError as exc:
+        raise KilnError(f"cannot read config file {path}: {exc.strerror}") from None
 
 
 def load_toml(cls: type[C], path: str | Path) -> C:

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, count, progress, seconds, user_errors, validate, write_json
+from kiln.cli.common import check_fits, console, count, progress, seconds, user_errors, validate, write_json
 
 
 def _parse(scenario: str, mode: str):
@@ -87,6 +87,7 @@ def bench(
                            "--target-latency-ms": target_latency_ms, "--expected-qps": expected_qps,
                            "--min-queries": min_queries},
              out_dirs=[log_dir], json_path=json_path)
+    check_fits(src, dataset)
     sc, md = _parse(scenario, mode)
     config = BenchConfig(sc, md, batch, samples_per_query, target_qps, target_latency_ms, expected_qps,
                          0.0, min_duration, min_queries, max_samples)

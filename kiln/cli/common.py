@@ -109,22 +109,48 @@ def validate(*, positive: Mapping[str, float | None] | None = None,
     for path in new_dirs:
         if path is not None:
             check_new_dir(path)
-    for path in [*out_dirs, _kiln_home()]:
+    for path in out_dirs:
         if path is not None:
-            _check_dir(path)
+            _check_dir(path, str(path))
+    if os.environ.get("KILN_HOME"):   # where user hardware profiles live
+        _check_dir(Path(os.environ["KILN_HOME"]), f"KILN_HOME={os.environ['KILN_HOME']}")
 
 
-def _kiln_home() -> Path | None:
-    home = os.environ.get("KILN_HOME")
-    return Path(home) if home else None
+def check_fits(src: str, dataset: str | None = None, teacher: str | None = None) -> None:
+    """Refuse, before anything loads, a dataset or a teacher made for another task than the
+    model's. Decided from registered metadata where the model is a zoo spec; for other sources
+    the capability finds out when it runs."""
+    from kiln.data import parse_spec
+
+    task = _zoo_task(src)
+    if task is None:
+        return
+    if dataset:
+        entry, _ = parse_spec(dataset)   # an unknown dataset or option fails here too
+        if entry.task != task and (task, entry.task) != ("sentence-embedding", "classification"):
+            raise KilnError(f"dataset {dataset} is for {entry.task} but {src} does {task}; "
+                            f"give a {task} dataset (`kiln datasets`)")
+    other = _zoo_task(teacher) if teacher else None
+    if other is not None and other != task:
+        raise KilnError(f"teacher {teacher} does {other} but the student {src} does {task}: "
+                        f"a teacher must do the student's task")
 
 
-def _check_dir(path: Path) -> None:
+def _zoo_task(spec: str) -> str | None:
+    if not spec.startswith("zoo:"):
+        return None
+    from kiln.models.zoo import ZOO, entries
+
+    entries()   # registers the families
+    return ZOO.get(spec[4:].partition("?")[0]).task
+
+
+def _check_dir(path: Path, name: str) -> None:
     """A directory kiln writes into: absent (made on demand) or a directory, under a writable one."""
     if path.exists() and not path.is_dir():
-        raise KilnError(f"{path} is a file, not a directory: give a directory path")
+        raise KilnError(f"{name} is a file, not a directory: give a directory path")
     if path.is_dir() and not os.access(path, os.W_OK):
-        raise KilnError(f"cannot write into {path}: not a writable directory")
+        raise KilnError(f"cannot write into {name}: not a writable directory")
     if not path.exists():
         check_writable(path)
 
@@ -139,18 +165,19 @@ def write_json(path: Path, data) -> None:
 
 
 @contextlib.contextmanager
-def progress(label: str, every_s: float = 10.0) -> Iterator[Callable[..., None]]:
+def progress(label: str, every_s: float = 10.0, after_s: float = 2.0) -> Iterator[Callable[..., None]]:
     """Show that a long step goes on. On a terminal, a spinner on stderr; otherwise (CI logs,
-    pipes, nohup) plain stderr lines `kiln: LABEL: MESSAGE (12 s elapsed, ETA 30 s)`, printed
-    when the message changes and every `every_s` seconds while it doesn't, so a log never goes
-    quiet. Yields `update(message, fraction=None, expected_s=None)`: `fraction` of the whole
-    step done extrapolates the ETA from the time so far; `expected_s`, a phase's known length
-    (a timed run), gives it directly."""
+    pipes, nohup) plain stderr lines `kiln: LABEL: MESSAGE (12 s elapsed, ETA 30 s)`, from
+    `after_s` on (a quick step, or a bad input refused at once, stays silent), then when the
+    message changes and every `every_s` seconds while it doesn't, so a log never goes quiet.
+    Yields `update(message, fraction=None, expected_s=None)`: `fraction` of the whole step
+    done extrapolates the ETA from the time so far; `expected_s`, a phase's known length (a
+    timed run), gives it directly."""
     if err_console.is_terminal:
         with err_console.status(label) as status:
             yield lambda message, fraction=None, expected_s=None: status.update(f"{label}: {message}")
         return
-    lines = _ProgressLines(label, every_s)
+    lines = _ProgressLines(label, every_s, after_s)
     try:
         yield lines.update
     finally:
@@ -158,13 +185,12 @@ def progress(label: str, every_s: float = 10.0) -> Iterator[Callable[..., None]]
 
 
 class _ProgressLines:
-    def __init__(self, label: str, every_s: float):
+    def __init__(self, label: str, every_s: float, after_s: float):
         import threading
 
-        self.label, self.every_s, self.start = label, every_s, time.monotonic()
+        self.label, self.every_s, self.after_s, self.start = label, every_s, after_s, time.monotonic()
         self.message, self.eta_at = "started", None
         self.lock, self.done = threading.Lock(), threading.Event()
-        self._print()
         self.ticker = threading.Thread(target=self._tick, daemon=True)
         self.ticker.start()
 
@@ -179,12 +205,14 @@ class _ProgressLines:
                 self.eta_at = now + expected_s
             elif changed:
                 self.eta_at = None
-        if changed:
+        if changed and now - self.start >= self.after_s:
             self._print()
 
     def _tick(self) -> None:
-        while not self.done.wait(self.every_s):
+        wait = self.after_s
+        while not self.done.wait(wait):
             self._print()
+            wait = self.every_s
 
     def _print(self) -> None:
         now = time.monotonic()
