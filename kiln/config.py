@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
 
 C = TypeVar("C")
 
@@ -93,8 +93,8 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
     values = {k: _coerce(where, k, v, hints[k]) for k, v in data.items()}
     try:
         return cls(**values)
-    except TypeError as exc:
-        raise KilnError(f"{where}: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:   # a config's own checks beyond types
+        raise KilnError(f"{where}: {first_line(exc)}") from None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -103,9 +103,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise KilnError(f"config file {path} does not exist")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise KilnError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise KilnError(f"config file {path} is not UTF-8 text (byte {exc.start}): TOML files are UTF-8") from None
+    except OSError as exc:
+        raise KilnError(f"cannot read config file {path}: {exc.strerror}") from None
 
 
 def load_toml(cls: type[C], path: str | Path) -> C:

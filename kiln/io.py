@@ -16,10 +16,15 @@ def check_writable(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise KilnError(f"output path {path} is a directory")
+    _check_ancestor(path)
+    return path
+
+
+def _check_ancestor(path: Path) -> None:
+    """The nearest existing ancestor of `path` must be a directory we may write into."""
     parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise KilnError(f"cannot write {path}: {parent} is not a writable directory")
-    return path
 
 
 def publish(tmp: str, path: Path) -> None:
@@ -50,7 +55,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, data) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+    return atomic_write_text(path, json_text(data))
+
+
+def json_text(data) -> str:
+    """kiln's JSON: indented, enums as their values, tuples and sets as lists."""
+    return json.dumps(data, indent=2, default=_jsonable) + "\n"
 
 
 def _jsonable(obj):
@@ -64,8 +74,11 @@ def _jsonable(obj):
 def check_new_dir(out: str | Path) -> Path:
     """An output directory must not exist yet, or be empty: runs are never overwritten."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise KilnError(f"output directory {out} is an existing file: give a new directory path")
+    if out.exists() and any(out.iterdir()):
         raise KilnError(f"output directory {out} already exists and is not empty")
+    _check_ancestor(out)   # checked before the work, not when the run is written
     return out
 
 

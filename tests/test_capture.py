@@ -78,6 +78,23 @@ def test_capture_failure_names_the_construct():
     assert "if x.sum() > 0" in message   # the user's own line, not a torch frame
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_failed_capture_keeps_torch_s_graph_dump_for_verbose(capsys, verbose):
+    import logging
+
+    kiln_log = logging.getLogger("kiln")
+    level = kiln_log.level
+    kiln_log.setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    try:
+        with pytest.raises(KilnError):
+            capture(LoadedModel("py:mine.py:f", DataDependent(), (torch.randn(3),)))
+    finally:
+        kiln_log.setLevel(level)
+    err = capsys.readouterr().err
+    # torch prints the partially traced graph (its `def forward(`) before raising
+    assert ("def forward(" in err) is verbose
+
+
 def test_capture_of_200_layer_mlp():
     model = nn.Sequential(*[m for _ in range(200) for m in (nn.Linear(64, 64), nn.ReLU())])
     graph = capture(LoadedModel("t", model, (torch.randn(2, 64),)))

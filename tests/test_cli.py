@@ -87,3 +87,44 @@ def test_unwritable_output_fails_before_any_work(tmp_path):
     result = runner.invoke(app, ["analyze", "zoo:mlp", "--json", str(tmp_path)])
     assert result.exit_code == 2 and "is a directory" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _eager_accuracy(spec: str, dataset: str, n: int) -> float:
+    import torch
+
+    from kiln.data import load_dataset
+    from kiln.models.spec import load
+
+    test = load_dataset(dataset).test
+    model = load(spec).model.eval()
+    xs, ys = zip(*(test[i] for i in range(n)))
+    with torch.no_grad():
+        pred = model(torch.stack(xs)).argmax(-1)
+    return (pred == torch.as_tensor(ys)).float().mean().item()
+
+
+def test_bench_accuracy_mode_reports_the_eager_accuracy_and_keeps_the_json(tmp_path):
+    """README's `--mode accuracy` crashed after the run (no roofline fraction); the oracle is
+    the eager model's accuracy on the same test samples."""
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "zoo:mlp", "--mode", "accuracy", "--max-samples", "64", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["accuracy_samples"] == 64 and "roofline_fraction" not in data
+    assert data["accuracy"] == pytest.approx(_eager_accuracy("zoo:mlp", "mnist", 64))
+    assert "accuracy mode is not timed" in result.stdout
+
+
+def test_bench_server_prints_counts_as_integers_and_json_to_stdout(tmp_path):
+    """README's `--scenario Server` crashed the same way; `--json -` puts the JSON alone on
+    stdout (the table goes to stderr) and a query count prints as the integer LoadGen counted."""
+    result = runner.invoke(app, ["bench", "zoo:mlp", "--scenario", "Server", "--target-qps", "200",
+                                 "--min-duration", "0.5", "--max-samples", "32", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["scenario"] == "Server" and "roofline_fraction" not in data
+    queries = int(data["result_query_count"])
+    assert queries == data["result_query_count"] > 0
+    assert f"{queries:,}" in result.stderr and f"{queries:,}.0" not in result.stderr
+    assert "Server latencies include queueing" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -123,3 +123,17 @@ def test_deterministic_and_cache_off():
     for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(x, y), name
     assert torch.equal(a.example_kwargs["input_ids"], b.example_kwargs["input_ids"])
+
+
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", "-1"), ("hidden_size", "0"),
+                                        ("num_attention_heads", "0"), ("vision_config__image_size", "-32"),
+                                        ("depths", "1,0")])
+def test_sizes_and_counts_below_one_are_refused_by_name(key, value):
+    model_type = "clip" if key.startswith("vision") else "swin" if key == "depths" else "llama"
+    message = _error(model_type, **{key: value})
+    assert f"{key.replace('__', '.')}={value}" in message and "positive integer" in message
+
+
+def test_fields_where_zero_or_minus_one_mean_something_still_accept_them():
+    # pad_token_id 0 is BERT's own; a size check must not catch ids
+    assert _load("bert", pad_token_id=0).model.config.pad_token_id == 0

@@ -12,7 +12,7 @@ from kiln.analysis.cost import AnnotateCost
 from kiln.analysis.oracle import flop_counter_flops
 from kiln.data.base import TASKS
 from kiln.graph.capture import capture
-from kiln.models.zoo import entries, load_zoo
+from kiln.models.zoo import ZOO, entries, load_zoo
 
 NAMES = [e.name for e in entries()]
 
@@ -41,8 +41,12 @@ def test_zoo_model_captures_equal_to_eager_with_flop_counter_flops(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_zoo_builders_are_seeded(name):
+def test_zoo_builders_are_seeded_and_leave_the_global_rng_alone(name):
+    torch.manual_seed(1234)
+    state = torch.random.get_rng_state()
     a, b = load_zoo(name), load_zoo(name)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert sum(p.numel() for p in a.model.parameters()) == ZOO.get(name).params   # what `kiln models` lists
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
     for xa, xb in zip([*a.example_inputs, *a.example_kwargs.values()], [*b.example_inputs, *b.example_kwargs.values()]):

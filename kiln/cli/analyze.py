@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, seconds, si, user_errors
+from kiln.cli.common import console, err_console, progress, seconds, si, user_errors, validate, write_json
 
 
 def _hardware(name: str):
@@ -16,8 +16,8 @@ def _hardware(name: str):
     if name == "local" and "local" not in available():
         from kiln.hardware.calibrate import calibrate
 
-        with err_console.status("no 'local' profile yet: calibrating this machine (once)"):
-            cal = calibrate("local")
+        with progress("no 'local' profile yet: calibrating this machine (once)") as update:
+            cal = calibrate("local", progress=update)
         for line in cal.warnings():
             err_console.print(f"[yellow]calibration: busy machine? {line}; re-run `kiln hardware calibrate` "
                               f"when it is quiet[/yellow]")
@@ -40,25 +40,23 @@ def analyze(
     """Shapes, parameters, FLOPs, bytes, memory, roofline and measured per-op time of a model."""
     from kiln.errors import KilnError
 
+    validate(outputs=[svg], json_path=json_path)
     if color_by not in ("bound", "cost"):
         raise KilnError(f"--color-by {color_by!r}: expected bound or cost")
     from kiln.analysis.report import analyze as run_analysis
-    from kiln.models.inputs import check_runs, with_input_shapes
+    from kiln.models.inputs import check_runs, parse_shape, with_input_shapes
     from kiln.models.spec import load
 
-    from kiln.io import check_writable
-
-    for path in (json_path, svg):
-        if path:
-            check_writable(path)
-    with err_console.status(f"loading {spec}") as status:
+    for item in input_shape or []:   # malformed shapes fail before the model loads
+        parse_shape(item.rpartition("=")[2])
+    with progress(f"loading {spec}"):
         loaded = load(spec)
         loaded = with_input_shapes(loaded, list(input_shape or []))
         if not input_shape:
             check_runs(loaded)
     hw = _hardware(hardware)
-    with err_console.status(f"analysing {spec}") as status:
-        result = run_analysis(loaded, hw, measure_time=measure, progress=lambda s: status.update(f"{s} {spec}"))
+    with progress(f"analysing {spec}") as update:
+        result = run_analysis(loaded, hw, measure_time=measure, progress=update)
     outputs = {}
     if json_path:
         outputs[json_path] = ("json", result.to_json(depth))
@@ -71,11 +69,15 @@ def analyze(
 
 
 def _write(outputs: dict) -> None:
-    from kiln.io import atomic_write_json, atomic_write_text
+    from kiln.io import atomic_write_text
 
     for path, (kind, data) in outputs.items():
-        (atomic_write_json if kind == "json" else atomic_write_text)(path, data)
-        console.print(f"wrote {path}")
+        if kind == "json":
+            write_json(path, data)
+        else:
+            atomic_write_text(path, data)
+        if str(path) != "-":
+            console.print(f"wrote {path}")
 
 
 def _eff(roof: float, measured: float | None) -> str:
@@ -162,4 +164,4 @@ def _top_table(a, top: int, here: bool) -> None:
                   _eff(r["roofline_s"], r["measured_s"]) if here else "-")
     console.print(t)
     if not here and m:
-        console.print(f"[dim]efficiency is shown when the roofline is this machine's (--hardware local)[/dim]")
+        console.print("[dim]efficiency is shown when the roofline is this machine's (--hardware local)[/dim]")

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, seconds, user_errors
+from kiln.cli.common import check_fits, console, count, progress, seconds, user_errors, validate, write_json
 
 
 def _parse(scenario: str, mode: str):
@@ -22,8 +22,10 @@ def _parse(scenario: str, mode: str):
 
 
 def print_result(r: dict) -> None:
+    accuracy_run = r["mode"] == "accuracy"   # LoadGen's validity rules are about performance runs
+    verdict = "" if accuracy_run else f": {'VALID' if r['valid'] else 'INVALID'}"
     table = Table(title=f"MLPerf LoadGen {r['scenario']} ({r['mode']}), {r['backend']}, "
-                        f"model batch {r['model_batch']}: {'VALID' if r['valid'] else 'INVALID'}")
+                        f"model batch {r['model_batch']}{verdict}")
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, label in (("result_samples_per_second", "samples/s"), ("result_completed_samples_per_sec", "completed samples/s"),
@@ -32,20 +34,31 @@ def print_result(r: dict) -> None:
                        ("result_99.00_percentile_latency_ns", "p99 latency"), ("result_query_count", "queries")):
         if key in r:
             v = r[key]
-            table.add_row(label, seconds(v / 1e9) if key.endswith("_ns") else f"{v:,.1f}")
+            table.add_row(label, seconds(v / 1e9) if key.endswith("_ns") else count(v) if key.endswith("_count")
+                          else f"{v:,.1f}")
     if "accuracy" in r:
         table.add_row(f"accuracy ({r['accuracy_samples']} samples)", f"{r['accuracy']:.4f}")
     roof = r.get("roofline", {})
     if roof.get("roofline_s"):
         table.add_row(f"roofline per call ({roof['hardware']})", seconds(roof["roofline_s"]))
-        table.add_row("achieved fraction of roofline", f"{r['roofline_fraction']:.1%}"
-                      + ("!" if r["roofline_fraction"] > 1 else ""))
+        fraction = r.get("roofline_fraction")
+        table.add_row("achieved fraction of roofline", f"{fraction:.1%}" + ("!" if fraction > 1 else "")
+                      if fraction is not None else _no_fraction(r))
     console.print(table)
     if roof.get("note"):
         console.print(f"[yellow]!: {roof['note']}[/yellow]")
-    if not r["valid"]:
+    if not r["valid"] and not accuracy_run:
         reason = r.get("early_stopping_result") or r.get("result_invalid_reason") or ""
         console.print(f"[yellow]invalid under {r['scenario']}'s rules:[/yellow] {' '.join(reason.split())}")
+
+
+def _no_fraction(r: dict) -> str:
+    """Why a run has no time per model call to hold against the roofline."""
+    if r["mode"] == "accuracy":
+        return "- (accuracy mode is not timed)"
+    if r["scenario"] == "Server":
+        return "- (Server latencies include queueing)"
+    return "- (no time per call)"
 
 
 @user_errors
@@ -71,18 +84,21 @@ def bench(
     roofline bound of this machine."""
     from kiln.cli.analyze import _hardware
     from kiln.hardware.bench import bench_run
-    from kiln.hardware.loadgen import BenchConfig
-    from kiln.io import atomic_write_json, check_writable
-
-    if json_path:
-        check_writable(json_path)
+    from kiln.hardware.loadgen import BenchConfig, Mode
+    validate(positive={"--max-samples": max_samples, "--min-duration": min_duration},
+             non_negative={"--batch": batch, "--samples-per-query": samples_per_query, "--target-qps": target_qps,
+                           "--target-latency-ms": target_latency_ms, "--expected-qps": expected_qps,
+                           "--min-queries": min_queries},
+             out_dirs=[log_dir], json_path=json_path)
+    check_fits(src, dataset)
     sc, md = _parse(scenario, mode)
     config = BenchConfig(sc, md, batch, samples_per_query, target_qps, target_latency_ms, expected_qps,
                          0.0, min_duration, min_queries, max_samples)
     profile = _hardware(hardware)
-    with err_console.status(f"LoadGen {sc.value} on {src}") as status:
+    timed = config.min_duration_s if md is Mode.PERFORMANCE else None
+    with progress(f"LoadGen {sc.value} on {src}") as update:
         result = bench_run(src, config, backend or None, dataset, profile, log_dir,
-                           progress=lambda s: status.update(s))
+                           progress=lambda s: update(s, expected_s=timed if s.startswith("LoadGen") else None))
+    if json_path:   # first: the result is kept whatever the table does
+        write_json(json_path, result)
     print_result(result)
-    if json_path:
-        atomic_write_json(json_path, result)

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, si, user_errors
+from kiln.cli.common import console, err_console, si, check_fits, user_errors, validate, write_json
 
 
 def print_report(report: dict) -> None:
@@ -49,13 +49,11 @@ def early_exit(
     """Attach exit heads at chosen blocks, train them, and sweep the exit threshold: accuracy
     against exact average FLOPs per sample, and measured latency before and after."""
     from kiln.adapt.run import early_exit_run
-    from kiln.io import atomic_write_json, check_new_dir, check_writable
 
-    check_new_dir(out)
-    if json_path:
-        check_writable(json_path)
+    validate(new_dirs=[out], json_path=json_path)
+    check_fits(src, dataset)
     result = early_exit_run(src, config, out, dataset, log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     print_report(result["report"])
     console.print(f"artifact: {out}")
     if json_path:
-        atomic_write_json(json_path, {"metrics": result["metrics"], "report": result["report"]})
+        write_json(json_path, {"metrics": result["metrics"], "report": result["report"]})

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, si, user_errors
+from kiln.cli.common import console, err_console, si, check_fits, user_errors, validate, write_json
 
 
 def print_report(report: dict, metrics: dict) -> None:
@@ -49,14 +49,12 @@ def lowrank(
 ) -> None:
     """Factorise a model's Linear (SVD) and Conv2d (Tucker-2) layers; report ranks, parameters,
     FLOPs and measured latency before and after."""
-    from kiln.io import atomic_write_json, check_new_dir, check_writable
     from kiln.lowrank.run import lowrank_run
 
-    check_new_dir(out)
-    if json_path:
-        check_writable(json_path)
+    validate(new_dirs=[out], json_path=json_path)
+    check_fits(src, dataset)
     result = lowrank_run(src, config, out, dataset, evaluate, log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     print_report(result["report"], result["metrics"])
     console.print(f"artifact: {out}")
     if json_path:
-        atomic_write_json(json_path, {"metrics": result["metrics"], "report": result["report"]})
+        write_json(json_path, {"metrics": result["metrics"], "report": result["report"]})

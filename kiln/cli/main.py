@@ -1,14 +1,26 @@
 """The `kiln` command."""
 from __future__ import annotations
 
+import logging
+
 import typer
 
 from kiln.cli import analyze, bench, compile, early_exit, hardware, lowrank, models, nas, prune, quantize, search, train
+from kiln.cli.common import KilnGroup
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=KilnGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="kiln: see how a PyTorch model maps onto hardware, and make it smaller and faster.",
 )
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                          help="Also print torch's own diagnostics (graph dumps, shape warnings).")) -> None:
+    # the `kiln` logger's level is how deeper layers (graph capture) learn about --verbose
+    logging.getLogger("kiln").setLevel(logging.DEBUG if verbose else logging.NOTSET)
+
+
 app.command("models")(models.models)
 app.command("analyze")(analyze.analyze)
 app.command("train")(train.train)

@@ -7,27 +7,20 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, si, user_errors
-from kiln.io import atomic_write_json
+from kiln.cli.common import console, si, user_errors, validate, write_json
 
 
 @user_errors
 def models(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the list as JSON here."),
-    params: bool = typer.Option(True, help="Build each model to count its parameters."),
 ) -> None:
-    """List the zoo models."""
-    from kiln.models.zoo import entries, load_zoo
+    """List the zoo models (from their registered metadata: nothing is built)."""
+    from kiln.models.zoo import entries
 
-    rows = []
-    for e in entries():
-        n_params = None
-        if params:
-            model = load_zoo(e.name).model
-            n_params = sum(p.numel() for p in model.parameters())
-        rows.append({"name": e.name, "spec": f"zoo:{e.name}", "family": e.family, "task": e.task,
-                     "dataset": e.dataset, "default_input": e.default_input, "params": n_params,
-                     "description": e.description})
+    validate(json_path=json_path)
+    rows = [{"name": e.name, "spec": f"zoo:{e.name}", "family": e.family, "task": e.task, "dataset": e.dataset,
+             "default_input": e.default_input, "params": e.params, "description": e.description}
+            for e in entries()]
     table = Table(title="kiln zoo")
     for col in ("spec", "family", "task", "params", "dataset", "default input"):
         table.add_column(col, justify="right" if col == "params" else "left")
@@ -36,4 +29,4 @@ def models(
     console.print(table)
     console.print("Other specs: hf:PATH (local HF directory), hf-config:MODEL_TYPE[?key=value&...], py:FILE.py:FACTORY")
     if json_path:
-        atomic_write_json(json_path, {"models": rows})
+        write_json(json_path, {"models": rows})

@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, si, user_errors
-from kiln.io import atomic_write_json
+from kiln.cli.common import console, err_console, si, check_fits, user_errors, validate, write_json
 
 QUICK = ("method", "criterion", "scope", "ratio", "schedule", "seed", "keep_masks")
 
@@ -84,11 +83,11 @@ def prune(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write metrics and report here."),
 ) -> None:
     """Prune a model and report per-layer sparsity, parameters, FLOPs and latency before and after."""
-    from kiln.io import check_writable
     from kiln.prune.run import prune_run
 
-    if json_path:
-        check_writable(json_path)
+    validate(positive={"--epochs": epochs, "--lr": lr}, non_negative={"--max-steps": max_steps},
+             new_dirs=[out], json_path=json_path)
+    check_fits(src, dataset)
     local = dict(locals())
     cfg = _config(config, {k: local[k] for k in QUICK}, nm,
                   {"epochs": epochs, "lr": lr, "max_steps": max_steps, "distill": distill})
@@ -96,4 +95,4 @@ def prune(
     print_report(result["report"], result["metrics"])
     console.print(f"run: {out}")
     if json_path:
-        atomic_write_json(json_path, result)
+        write_json(json_path, result)

@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, user_errors
-from kiln.io import atomic_write_json
+from kiln.cli.common import console, err_console, check_fits, user_errors, validate, write_json
 
 
 def _db(v) -> str:
@@ -48,15 +47,15 @@ def quantize(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write metrics and report here."),
 ) -> None:
     """Quantize a model: wrap the configured modules, calibrate, report SQNR per layer."""
-    from kiln.io import check_writable
     from kiln.quant.run import quantize_run
 
-    if json_path:
-        check_writable(json_path)
+    validate(positive={"--calib-batches": calib_batches, "--batch-size": batch_size}, new_dirs=[out],
+             json_path=json_path)
+    check_fits(src, calib_dataset)
     result = quantize_run(src, config, out, calib_dataset, calib_batches, batch_size, seed, evaluate,
                           log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     print_report(result["report"], result["metrics"])
     if out:
         console.print(f"run: {out}")
     if json_path:
-        atomic_write_json(json_path, {"metrics": result["metrics"], "report": result["report"]})
+        write_json(json_path, {"metrics": result["metrics"], "report": result["report"]})

@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, user_errors
-from kiln.io import atomic_write_json
+from kiln.cli.common import check_fits, console, user_errors, validate, write_json
 
 OVERRIDES = ("dataset", "epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "schedule",
              "warmup_fraction", "grad_clip", "bf16", "label_smoothing", "max_steps", "threads", "init", "quant",
@@ -63,10 +62,16 @@ def train(
     """Train a model on a dataset, with validation each epoch and best/last checkpoints."""
     from kiln.train.trainer import fit
 
+    validate(positive={"--nproc": nproc, "--nnodes": nnodes}, non_negative={"--node-rank": node_rank},
+             new_dirs=[None if resume else out], json_path=json_path)
     if resume and out and (out / "config.toml").is_file() and not config:
         config = out / "config.toml"
     local = dict(locals())
     cfg = _config(spec, config, out, {k: local[k] for k in OVERRIDES})
+    # what TrainConfig leaves open, from flags and --config alike
+    validate(non_negative={"threads": cfg.threads}, positive={"eval_batch_size": cfg.eval_batch_size},
+             new_dirs=[None if resume or not cfg.out else Path(cfg.out)], json_path=json_path)
+    check_fits(cfg.model, cfg.dataset, cfg.teacher)
     if nproc > 1 or nnodes > 1:
         from kiln.train.distributed import launch
 
@@ -83,7 +88,7 @@ def train(
     if cfg.out:
         console.print(f"run: {cfg.out}")
     if json_path:
-        atomic_write_json(json_path, metrics)
+        write_json(json_path, metrics)
 
 
 @user_errors
@@ -95,6 +100,7 @@ def evaluate(
 
     from kiln.train.trainer import evaluate_run
 
+    validate(json_path=json_path)
     result = evaluate_run(run_dir)
     key = result["metric"]
     try:
@@ -108,7 +114,7 @@ def evaluate(
     console.print(f"{result['model']} on {result['dataset']} (test): {key} {result[key]:.6f}"
                   + (f"  recorded {recorded:.6f}  {'reproduced' if result['reproduced'] else 'DIFFERS'}" if recorded is not None else ""))
     if json_path:
-        atomic_write_json(json_path, result)
+        write_json(json_path, result)
 
 
 @user_errors
@@ -116,6 +122,7 @@ def datasets(json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
     """List the datasets (real offline data where it exists)."""
     from kiln.data import dataset_entries
 
+    validate(json_path=json_path)
     rows = [{"name": e.name, "task": e.task, "description": e.description, "source": e.source,
              "options": e.options} for e in dataset_entries()]
     table = Table(title="kiln datasets")
@@ -125,4 +132,4 @@ def datasets(json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
         table.add_row(r["name"], r["task"], ", ".join(f"{k}={v}" for k, v in r["options"].items()), r["source"])
     console.print(table)
     if json_path:
-        atomic_write_json(json_path, {"datasets": rows})
+        write_json(json_path, {"datasets": rows})

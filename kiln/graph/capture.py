@@ -6,6 +6,9 @@ of the user's (non-torch) code it came from.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import traceback
 
@@ -38,7 +41,7 @@ def capture(loaded: LoadedModel, dynamic_batch: bool = False) -> Graph:
         # export specialises a size-1 dim to the constant 1: trace at batch 2 instead
         args, kwargs = _at_least_batch_2(args), {k: _at_least_batch_2(v) for k, v in kwargs.items()}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_torch():
             program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many types; all are the model's construct
         raise KilnError(
@@ -46,6 +49,24 @@ def capture(loaded: LoadedModel, dynamic_batch: bool = False) -> Graph:
             f"{first_line(exc)}{_user_frame(exc)}"
         ) from None
     return Graph(program, name=loaded.spec)
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch.export prints the partial graph (hundreds of lines for a transformer) to stderr
+    and logs symbolic-shape warnings before it raises; the one-line KilnError says what failed.
+    Kept for `kiln --verbose` (the `kiln` logger at DEBUG)."""
+    if logging.getLogger("kiln").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        torch_log.setLevel(level)
 
 
 def _at_least_batch_2(x):

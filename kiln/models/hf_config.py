@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -196,6 +197,7 @@ def load_hf_config(model_type: str, query: dict[str, str], spec: str) -> LoadedM
     recipe = SUPPORTED.get(model_type)
     if recipe is None:
         raise KilnError(f"{spec}: unknown model type {model_type!r} for hf-config; supported: {_names()}")
+    _check_sizes(query, spec)   # before transformers is imported (seconds): a bad size fails at once
     cls = _config_class(model_type, spec)
     kwargs = _config_kwargs(cls, recipe, query, spec)
     try:
@@ -334,6 +336,21 @@ def _suggest(name: str, known: dict) -> str:
     own = [k for k in known if k not in common and not k.startswith("_") and k not in close][:8]
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return f"{hint}valid keys include {', '.join(own)}, ..."
+
+
+# Config fields that are sizes or counts (layers, heads, widths): torch fails deep inside the
+# build, or builds an empty model, when one is 0 or negative. Token ids, dropout, epsilons and
+# window lengths (where -1 or 0 can mean "off") do not match.
+_SIZE = re.compile(r"(^num_|^n_|_size$|_layers$|_heads$|_dim$|_dims$|_channels$|^d_model$|^d_ff$|^d_kv$"
+                   r"|_ffn_dim$|^depths$|^max_position_embeddings$)")
+
+
+def _check_sizes(query: dict[str, str], spec: str) -> None:
+    for key, text in query.items():
+        values = [_scalar(part.strip()) for part in text.split(",")]
+        if _SIZE.search(key.rpartition(".")[2]) and any(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v < 1 for v in values):
+            raise KilnError(f"{spec}: {key}={text}: a size or count, it must be a positive integer")
 
 
 def _parse(key: str, text: str, default: Any, spec: str) -> Any:

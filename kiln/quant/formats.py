@@ -199,10 +199,14 @@ def parse_format(spec: str | dict[str, Any], where: str = "format") -> Format:
             raise KilnError(f"{where}: unknown format {spec!r}; presets: {', '.join(known)}; "
                             f"families: {', '.join(FORMATS.names())}")
         spec = PRESETS[spec]
+    if not isinstance(spec, dict):
+        raise KilnError(f"{where}: expected a format name or a table, got {spec!r}")
     table = dict(spec)
     if "format" not in table:
         raise KilnError(f"{where}: missing key 'format'; families: {', '.join(FORMATS.names())}")
     name = table.pop("format")
+    if not isinstance(name, str):
+        raise KilnError(f"{where}: format must be a name, got {name!r}; families: {', '.join(FORMATS.names())}")
     if name in PRESETS:                      # a preset with overrides: {format = "mxfp4", block = 16}
         table = {**{k: v for k, v in PRESETS[name].items() if k != "format"}, **table}
         name = PRESETS[name]["format"]

@@ -5,6 +5,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from kiln.models.loaded import LoadedModel
 from kiln.registry import Registry
 
@@ -12,6 +14,7 @@ from kiln.registry import Registry
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
+    params: int           # parameter count, so `kiln models` lists without building (test_zoo checks it)
     family: str
     task: str
     dataset: str          # the default dataset it is trained/evaluated on
@@ -24,11 +27,11 @@ ZOO: Registry[ZooEntry] = Registry("zoo model")
 _FAMILY_MODULES = ("mlp", "cnn", "imagenet", "cnn3d", "transformers", "gpt", "vit", "gnn", "vae", "diffusion")
 
 
-def register(name: str, family: str, task: str, dataset: str, default_input: str, description: str):
+def register(name: str, params: int, family: str, task: str, dataset: str, default_input: str, description: str):
     """Decorator for a zero-argument builder returning a LoadedModel."""
 
     def deco(build: Callable[[], LoadedModel]) -> Callable[[], LoadedModel]:
-        ZOO.register(name)(ZooEntry(name, family, task, dataset, default_input, description, build))
+        ZOO.register(name)(ZooEntry(name, params, family, task, dataset, default_input, description, build))
         return build
 
     return deco
@@ -51,9 +54,11 @@ def load_zoo(name: str) -> LoadedModel:
     name, _, query = name.partition("?")
     entry = ZOO.get(name)
     classes = _classes(name, entry, query)
-    loaded = entry.build()
-    if classes is not None:
-        _new_head(loaded.model, classes)
+    # builders seed torch for fixed weights: in a fork, so the caller's RNG state is untouched
+    with torch.random.fork_rng(devices=[]):
+        loaded = entry.build()
+        if classes is not None:
+            _new_head(loaded.model, classes)
     loaded.spec, loaded.family, loaded.task = f"zoo:{name}" + (f"?{query}" if query else ""), entry.family, entry.task
     loaded.description = loaded.description or entry.description
     return loaded
@@ -76,7 +81,6 @@ def _classes(name: str, entry: ZooEntry, query: str) -> int | None:
 
 def _new_head(model, classes: int) -> None:
     """Replace the last nn.Linear (the classifier head) with a fresh classes-way one."""
-    import torch
     from torch import nn
 
     name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]

@@ -73,14 +73,14 @@ class CifarResNet(nn.Module):
         return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
 
 
-@register("cnn", family="cnn", task="classification", dataset="mnist",
+@register("cnn", params=96_554, family="cnn", task="classification", dataset="mnist",
           default_input="1x1x28x28 float32", description="MNIST CNN: 2x(conv-BN-ReLU x2, max-pool), dropout, linear")
 def cnn() -> LoadedModel:
     torch.manual_seed(0)
     return LoadedModel("zoo:cnn", MnistCNN().eval(), (torch.randn(1, 1, 28, 28),))
 
 
-@register("resnet20", family="cnn", task="classification", dataset="mnist?size=32&channels=3",
+@register("resnet20", params=272_474, family="cnn", task="classification", dataset="mnist?size=32&channels=3",
           default_input="1x3x32x32 float32", description="CIFAR ResNet-20 (He et al. 2016), 0.27 M params")
 def resnet20() -> LoadedModel:
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ class C3D(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3, 4)))
 
 
-@register("c3d", family="cnn3d", task="classification", dataset="moving-mnist",
+@register("c3d", params=181_146, family="cnn3d", task="classification", dataset="moving-mnist",
           default_input="1x1x16x64x64 float32 (B, C, T, H, W)",
           description="small C3D (Tran et al. 2015): four 3x3x3 conv-BN-ReLU stages, 16-64 wide")
 def c3d() -> LoadedModel:

@@ -125,7 +125,7 @@ class DDPM(nn.Module):
         return x.clamp(-1, 1)
 
 
-@register("ddpm", family="diffusion", task="generation", dataset=GENERATION_DATASET,
+@register("ddpm", params=410_721, family="diffusion", task="generation", dataset=GENERATION_DATASET,
           default_input="x_t 1x1x28x28 float32, t (1,) int64",
           description="DDPM (Ho et al. 2020), two-level UNet 32/64 wide, linear betas, T=1000")
 def ddpm() -> LoadedModel:

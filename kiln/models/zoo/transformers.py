@@ -60,7 +60,7 @@ def tokenize(tokenizer, texts: list[str], max_length: int = 128) -> dict[str, to
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-@register("minilm", family="transformer", task="sentence-embedding", dataset="rotten-tomatoes",
+@register("minilm", params=22_713_216, family="transformer", task="sentence-embedding", dataset="rotten-tomatoes",
           default_input="input_ids/attention_mask/token_type_ids 1x128 int64",
           description="all-MiniLM-L6-v2, real pretrained weights (BERT, 6 layers, hidden 384)")
 def minilm() -> LoadedModel:
@@ -88,7 +88,7 @@ class SentenceClassifier(nn.Module):
         return self.head(self.dropout(self.embed(input_ids, attention_mask, token_type_ids)))
 
 
-@register("minilm_cls", family="transformer", task="classification", dataset="rotten-tomatoes?max_length=64",
+@register("minilm_cls", params=22_713_986, family="transformer", task="classification", dataset="rotten-tomatoes?max_length=64",
           default_input="input_ids/attention_mask/token_type_ids 1x64 int64",
           description="all-MiniLM-L6-v2 (real pretrained), mean pooling, linear head for 2 classes")
 def minilm_cls() -> LoadedModel:

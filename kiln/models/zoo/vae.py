@@ -77,7 +77,7 @@ class ConvVAE(nn.Module):
         return torch.sigmoid(self.decoder(z)) * 2 - 1
 
 
-@register("vae", family="vae", task="generation", dataset=GENERATION_DATASET,
+@register("vae", params=220_385, family="vae", task="generation", dataset=GENERATION_DATASET,
           default_input="1x1x28x28 float32 in [-1, 1]",
           description="convolutional VAE (Kingma & Welling 2014), 16-d latent, Bernoulli likelihood")
 def vae() -> LoadedModel:

@@ -32,7 +32,7 @@ class ViT(nn.Module):
         return self.head(self.norm(self.blocks(tokens))[:, 0])
 
 
-@register("vit_tiny", family="vision-transformer", task="classification", dataset="mnist",
+@register("vit_tiny", params=205_962, family="vision-transformer", task="classification", dataset="mnist",
           default_input="1x1x28x28 float32",
           description="tiny ViT for 28x28 digits: 4x4 patches (49 tokens + class token), dim 64, depth 6, 4 heads")
 def vit_tiny() -> LoadedModel:
