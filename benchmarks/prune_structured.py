@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import merge_result  # noqa: E402
-from kiln.models.artifact import load_source, save_artifact  # noqa: E402
+from kiln.runs.artifact import load_source, save_artifact  # noqa: E402
 from kiln.prune.structured import prune_structured, prune_transformer  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
 from kiln.train.trainer import fit  # noqa: E402
@@ -235,7 +235,7 @@ def _test_metric(run: Path) -> float:
     """The test metric of a train run (its metrics.json) or of an artifact (evaluated now)."""
     import json
 
-    from kiln.models.artifact import is_artifact
+    from kiln.runs.artifact import is_artifact
     from kiln.train.trainer import evaluate_run
 
     m = evaluate_run(run) if is_artifact(run) else json.loads((run / "metrics.json").read_text())

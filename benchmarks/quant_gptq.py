@@ -30,7 +30,7 @@ from kiln.quant.config import GPTQConfig  # noqa: E402
 from kiln.quant.gptq import gptq, rtn  # noqa: E402
 from kiln.quant.smoothquant import fake_quant_linears, smooth  # noqa: E402
 from kiln.train import tasks  # noqa: E402
-from kiln.train.checkpoint import load_weights  # noqa: E402
+from kiln.runs.weights import load_weights  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
 from kiln.train.trainer import _loader, build  # noqa: E402
 

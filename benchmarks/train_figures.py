@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import merge_result  # noqa: E402
 from kiln.data import load_dataset  # noqa: E402
 from kiln.models.spec import load  # noqa: E402
-from kiln.train.checkpoint import load_weights  # noqa: E402
+from kiln.runs.weights import load_weights  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
 from kiln.train.trainer import fit  # noqa: E402
 

@@ -210,7 +210,7 @@ def test_bad_blocks_are_errors_naming_them():
 
 def test_cli_trains_heads_sweeps_and_reloads(tmp_path):
     from kiln.cli.main import app
-    from kiln.models.artifact import load_artifact
+    from kiln.runs.artifact import load_artifact
 
     cfg = tmp_path / "e.toml"
     cfg.write_text('exits = ["features.2", "features.6"]\nsweep_points = 5\nlatency_samples = 3\nlatency_repeats = 1\n'
