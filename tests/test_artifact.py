@@ -247,3 +247,43 @@ def test_save_source_appends_the_commands_record(tmp_path):
     out = save_source(tmp_path / "a", src, model, record)
     assert read_artifact(out).transforms == (record,) and read_artifact(out).dataset == "mnist"
     assert isinstance(load_artifact(out).model.fc, nn.Module)
+
+
+def test_every_commands_run_is_measured_again_exactly_by_eval(tmp_path):
+    """prune (fine-tuned), lowrank and quantize write one metrics schema; `kiln eval` reloads
+    each run and measures the value its command stored, exactly."""
+    from kiln.lowrank.run import lowrank_run
+    from kiln.prune.config import parse_config as prune_config
+    from kiln.prune.run import prune_run
+    from kiln.quant.config import parse_config as quant_config
+    from kiln.quant.run import quantize_run
+    from kiln.train.evaluation import evaluate_run
+
+    prune_run("zoo:mlp", prune_config({"ratio": 0.5, "finetune": {"epochs": 1, "max_steps": 2, "batch_size": 32}}),
+              tmp_path / "p", progress=False)
+    cfg = tmp_path / "l.toml"
+    cfg.write_text('energy = 0.9\n[[rules]]\nmatch = "fqn:head"\nrank = 4\n')
+    lowrank_run(str(tmp_path / "p"), cfg, tmp_path / "l")
+    quantize_run(str(tmp_path / "l"), quant_config({"weight": "int8"}), tmp_path / "q", calib_batches=2, batch_size=16)
+    for run, keys in (("p", {"before", "after", "after_finetune"}), ("l", {"before", "after"}), ("q", {"before", "after"})):
+        stored = json.loads((tmp_path / run / "metrics.json").read_text())
+        assert stored["metric"] == "accuracy" and stored["split"] == "test"
+        assert keys <= set(stored) and ("after_finetune" in stored) == (run == "p")
+        result = evaluate_run(tmp_path / run)
+        assert result["reproduced"] and result["value"] == (stored.get("after_finetune") or stored["after"])
+
+
+def test_qat_with_a_quant_config_records_the_table_and_reloads(tmp_path):
+    from kiln.train.config import TrainConfig
+    from kiln.train.evaluation import evaluate_run
+    from kiln.train.trainer import fit
+
+    q = tmp_path / "q.toml"
+    q.write_text('weight = "int8"\ninput = "int8"\n')
+    metrics = fit(TrainConfig(model="zoo:mlp", dataset="mnist", quant=str(q), out=str(tmp_path / "qat"), epochs=1,
+                              max_steps=3, batch_size=32, calib_batches=2), progress=False)
+    q.write_text("this file may change or vanish: the run keeps the table\n")
+    meta = read_artifact(tmp_path / "qat")
+    assert [t.to_json() for t in meta.transforms] == [
+        {"kind": "quant", "version": 1, "config": {"quant": {"weight": "int8", "input": "int8"}, "smoothed": []}}]
+    assert evaluate_run(tmp_path / "qat")["value"] == metrics["after"]
