@@ -32,7 +32,8 @@ from kiln.quant.smoothquant import fake_quant_linears, smooth  # noqa: E402
 from kiln.train import tasks  # noqa: E402
 from kiln.runs.weights import load_weights  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
-from kiln.train.trainer import _loader, build  # noqa: E402
+from kiln.train.evaluation import evaluate_model  # noqa: E402
+from kiln.train.trainer import build  # noqa: E402
 
 # (label, method, format, group_size, act_order); group 0 = one scale per output row
 WEIGHT_ONLY = [
@@ -58,9 +59,7 @@ def calibration(train, n: int, batch: int = 32, seed: int = 0) -> list[torch.Ten
 
 
 def perplexities(model, setup, cfg) -> dict[str, float]:
-    return {split: tasks.evaluate(model, setup.task, _loader(getattr(setup.splits, split), cfg, task=setup.task),
-                                  tasks.metric_for(setup.task, model))
-            for split in ("val", "test")}
+    return {split: evaluate_model(model, setup.splits, split, cfg.eval_batch_size)[1] for split in ("val", "test")}
 
 
 def weight_only(base, setup, cfg, calib, method, fmt, group, act_order) -> tuple[dict, float, dict]:
@@ -100,13 +99,13 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/quant_gptq.json")
     args = parser.parse_args()
     run = Path(args.run)
-    if not (run / "config.toml").is_file() or not (run / "best.safetensors").is_file():
+    if not (run / "config.toml").is_file() or not (run / "model.safetensors").is_file():
         print(f"{run} holds no trained GPT; train it first: .venv/bin/python benchmarks/train_figures.py gpt",
               file=sys.stderr)
         sys.exit(2)
     cfg = load_toml(TrainConfig, run / "config.toml")
     setup = build(cfg)
-    load_weights(setup.model, run / "best.safetensors")
+    load_weights(setup.model, run / "model.safetensors")
     base = setup.model.eval()
     calib = calibration(setup.splits.train, args.calib, seed=cfg.seed)
 
