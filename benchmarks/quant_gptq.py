@@ -4,7 +4,7 @@
                                              [--json benchmarks/results/quant_gptq.json]
 
 The run directory is benchmarks/train_figures.py's `gpt` run; the model, data and perplexity
-are rebuilt with the trainer's own functions (build, the eval loaders, tasks.evaluate). Every
+are rebuilt with the trainer's own functions (build, evaluate_model). Every
 method quantizes the weights of the 16 block Linears in place (fake quantization, fp32 compute);
 the head is tied to the token embedding and stays fp32, as in the GPTQ paper. GPTQ calibrates
 on `--calib` random training sequences. Also W8A8 (int8 weights per row, int8 activations per
@@ -29,7 +29,6 @@ from kiln.config import load_toml  # noqa: E402
 from kiln.quant.config import GPTQConfig  # noqa: E402
 from kiln.quant.gptq import gptq, rtn  # noqa: E402
 from kiln.quant.smoothquant import fake_quant_linears, smooth  # noqa: E402
-from kiln.train import tasks  # noqa: E402
 from kiln.runs.weights import load_weights  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
 from kiln.train.evaluation import evaluate_model  # noqa: E402
