@@ -185,6 +185,13 @@ def test_runs_of_the_earlier_release_load_or_name_the_command_that_redoes_them(t
     (train / "config.toml").write_text('model = "zoo:cnn"\n')
     with pytest.raises(KilnError, match=rf"earlier kiln.*`kiln train --config {train}/config.toml --out NEW_DIR`"):
         load_source(str(train))
+    from typer.testing import CliRunner
+
+    from kiln.cli.main import app
+
+    for legacy in (quant, train):    # the command line says it in one line, exit 2
+        result = CliRunner().invoke(app, ["eval", str(legacy)])
+        assert result.exit_code == 2 and result.output.count("\n") == 1 and "NEW_DIR" in result.output
     # the first artifact format (flat records, no "format") loads
     old = tmp_path / "old"
     old.mkdir()

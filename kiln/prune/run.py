@@ -30,6 +30,7 @@ from kiln.prune.unstructured import gradients, make_permanent, sparsify_activati
 from kiln.runs.artifact import load_source, require_float, save_source
 from kiln.runs.metrics import metric_record
 from kiln.runs.transforms import TransformRecord
+from kiln.train import tasks
 from kiln.train.evaluation import evaluate_model, labelled_batches, source_splits
 from kiln.train.finetune import finetune
 
@@ -84,8 +85,6 @@ def _needs_data(cfg: PruneConfig) -> bool:
 def _context(model: nn.Module, cfg: PruneConfig, plan: Plan, splits) -> ScoreContext:
     ctx = ScoreContext(seed=cfg.seed)
     if cfg.method != "structured" and needs_gradients(cfg.criterion):
-        from kiln.train import tasks
-
         loss = lambda m, x, y: tasks.batch_loss(m, splits.task, x, y)[0]   # noqa: E731
         batches = labelled_batches(splits, cfg.batches, cfg.batch_size, cfg.seed)
         ctx.grads = gradients(model, [*plan.targets, *plan.overrides], batches, loss)

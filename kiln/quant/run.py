@@ -18,8 +18,10 @@ from torch import nn
 
 from kiln.config import read_toml
 from kiln.errors import KilnError
+from kiln.io import check_new_dir
 from kiln.quant.apply import KIND, calibrate, quant_record, quantize, report
 from kiln.quant.config import QuantConfig, parse_config
+from kiln.quant.modules import QuantOp
 from kiln.runs.artifact import load_source, save_source
 from kiln.runs.metrics import metric_record
 from kiln.train.config import TrainConfig
@@ -55,8 +57,6 @@ def prepare(model: nn.Module, config: QuantConfig, batches: list,
 def _adopt_gptq_scales(model: nn.Module, scales: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
     """GPTQ chose each group's scale; the weight quantizer keeps it, so the GPTQ'd weights sit
     exactly on its grid and re-quantizing them changes nothing."""
-    from kiln.quant.modules import QuantOp
-
     for name, m in model.named_modules():
         if isinstance(m, QuantOp) and name in scales and m.weight_q is not None:
             m.weight_q._store(*scales[name])
@@ -78,8 +78,6 @@ def quantize_run(src: str, config: QuantConfig, out: Path | None, dataset: str |
                  log: Callable[[str], None] = lambda s: None, fp32_metric: float | None = None) -> dict:
     """The whole command: load, quantize, calibrate, measure, write the run directory.
     `fp32_metric`, when the caller already measured the float model, skips measuring it again."""
-    from kiln.io import check_new_dir
-
     if out is not None:
         check_new_dir(out)
     if calib_batches < 1:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
 from kiln.runs.artifact import METRICS_FILE, load_artifact
 from kiln.runs.metrics import final
 from kiln.train import tasks
@@ -64,8 +64,6 @@ def calibration_batches(splits, n: int, batch_size: int, seed: int) -> list:
 
 def check_batches(model: nn.Module, batches: list, where: str) -> None:
     """One batch through the model: data of the wrong shape fails here, not mid-way."""
-    from kiln.errors import first_line
-
     try:
         with torch.no_grad():
             tasks.forward(model, batches[0])

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from kiln.config import to_dict, to_toml
+from kiln.config import load_toml, to_dict, to_toml
 from kiln.errors import KilnError, first_line
+from kiln.models.spec import load
 from kiln.io import StagedDir, atomic_write_json, atomic_write_text
 from kiln.registry import Registry
 from kiln.runs.artifact import WEIGHTS_FILE, default_dataset, read_artifact, rebuild, write_meta
@@ -78,8 +79,6 @@ def build(cfg: TrainConfig, resume_dir: Path | None = None) -> Setup:
 def _initial_model(cfg: TrainConfig) -> tuple[nn.Module, list]:
     """The spec's model, or `init`'s: a run directory's architecture and weights (pruned,
     factorised, quantized: any kiln run), or a safetensors file of the spec's weights."""
-    from kiln.models.spec import load
-
     init = Path(cfg.init) if cfg.init else None
     if init is not None and init.is_dir():
         meta = read_artifact(init)
@@ -341,8 +340,6 @@ RESUMABLE_CHANGES = ("epochs", "max_steps", "threads", "out")
 def _check_resumable(cfg: TrainConfig, out: Path | None) -> None:
     """A resumed run continues exactly only if nothing but its length changes; checked before
     anything is loaded or written."""
-    from kiln.config import load_toml
-
     if out is None or not (out / "state.pt").is_file():
         raise KilnError(f"nothing to resume in {out}: no state.pt (the run never finished an epoch)")
     read_artifact(out)   # a run of an earlier kiln is named here, with the command that redoes it
