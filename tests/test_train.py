@@ -135,6 +135,15 @@ def test_resume_refuses_changes_that_break_exact_continuation(spec, tmp_path):
     assert "epochs = 2" in (run / "config.toml").read_text()
 
 
+def test_a_run_remembers_its_split_seed_so_eval_measures_the_same_test_split(spec, tmp_path):
+    from kiln.runs.artifact import read_artifact
+
+    run = tmp_path / "run"
+    metrics = fit(cfg(spec, run, epochs=1, seed=3), progress=False)
+    assert read_artifact(run).data_seed == 3
+    assert evaluate_run(run)["value"] == metrics["after"]
+
+
 def test_a_failed_resume_leaves_the_run_byte_identical(spec, tmp_path):
     run = tmp_path / "run"
     fit(cfg(spec, run, epochs=1), progress=False)
