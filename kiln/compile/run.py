@@ -46,7 +46,7 @@ def candidates(backend: str, precision: Precision) -> list[str]:
 
 def source_inputs(src: str, batch: int, dataset: str | None = None):
     """(Source, LoadedModel at `batch` running the source's model)."""
-    from kiln.models.artifact import load_source
+    from kiln.runs.artifact import load_source
 
     source = load_source(src, dataset)
     loaded = dataclasses.replace(source.loaded, model=source.model)

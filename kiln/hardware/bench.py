@@ -25,7 +25,7 @@ def prepare(src: str, batch: int, backend: str | None, dataset: str | None, max_
     """(callable, label, precision, samples, LoadedModel at a real batch) for a compile dir or a source."""
     from kiln.compile.backends import build, parse_backend, precision_of
     from kiln.compile.run import is_compiled, load_compiled
-    from kiln.models.artifact import load_source
+    from kiln.runs.artifact import load_source
 
     compiled = is_compiled(Path(src))
     if compiled and backend:

@@ -33,6 +33,7 @@ from torch import nn
 from kiln.errors import KilnError
 from kiln.quant.config import GPTQConfig
 from kiln.quant.formats import Format, IntFormat, parse_format
+from kiln.train.tasks import forward
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -178,11 +179,8 @@ class LayerReport:
     seconds: float
 
 
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """A batch of inputs (a tensor or a dict of them) through the model: kiln's trainer call."""
-    from kiln.train.tasks import forward
-
-    return forward(model, batch)
+# a batch of inputs (a tensor or a dict of them) through the model: kiln's one call
+default_forward = forward
 
 
 def shared_weights(model: nn.Module) -> dict[str, str]:

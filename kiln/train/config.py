@@ -30,7 +30,7 @@ class TrainConfig:
     max_steps: int = 0           # stop after this many optimizer steps (0 = no limit)
     eval_batch_size: int = 256
     threads: int = 0             # torch threads per process (0 = torch's default)
-    init: str = ""               # start from this run directory's best weights (fine-tuning, QAT)
+    init: str = ""               # start from this kiln run's model (any command's; a quantized one: QAT) or a .safetensors
     quant: str = ""              # quantization-aware training with this quant config (TOML)
     calib_batches: int = 8       # QAT: batches that set the activation scales before training
     teacher: str = ""            # distil from this model (spec, run or artifact directory)

@@ -46,7 +46,6 @@ def launch(cfg: TrainConfig, nproc: int, resume: bool = False, nnodes: int = 1, 
 
 
 def rank_main(config: str, resume: bool) -> None:
-    import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
