@@ -48,3 +48,22 @@ def test_per_op_times_add_up_to_the_graph_modules_time(one_thread):
     loaded = load("zoo:resnet20")
     record = measure(capture(loaded), loaded, repeats=5, warmup=2)
     assert 0.4 < record.ops_min_s / record.graph["min_s"] < 1.5
+
+
+def test_analyze_never_prints_above_100_percent_without_saying_why(one_thread):
+    """Oracle: a profile whose fp32 peak (1 MFLOP/s) no CPU is that slow at, so every conv's
+    roofline bound (14.5 s for a 14.5 MFLOP conv) is above its measured time."""
+    from typer.testing import CliRunner
+
+    from kiln.cli.main import app
+    from kiln.hardware.profiles import ABOVE_PEAK, HardwareProfile, save_profile
+
+    save_profile(HardwareProfile("local", "slow", "cpu", {"fp32": 1e6}, 1e12,
+                                 sources={"fp32": "measured by `kiln hardware calibrate` (test)"}))
+    result = CliRunner().invoke(app, ["analyze", "zoo:cnn", "--top", "3"], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "%!" in result.output and " ".join(ABOVE_PEAK.split()) in " ".join(result.output.split())
+    save_profile(HardwareProfile("local", "fast", "cpu", {"fp32": 1e18}, 1e18,
+                                 sources={"fp32": "measured by `kiln hardware calibrate` (test)"}))
+    quiet = CliRunner().invoke(app, ["analyze", "zoo:cnn", "--top", "3"], terminal_width=300)
+    assert quiet.exit_code == 0 and "%!" not in quiet.output and "above 100%" not in quiet.output
