@@ -67,3 +67,27 @@ def test_analyze_never_prints_above_100_percent_without_saying_why(one_thread):
                                  sources={"fp32": "measured by `kiln hardware calibrate` (test)"}))
     quiet = CliRunner().invoke(app, ["analyze", "zoo:cnn", "--top", "3"], terminal_width=300)
     assert quiet.exit_code == 0 and "%!" not in quiet.output and "above 100%" not in quiet.output
+
+
+class InPlace(nn.Module):
+    def forward(self, x):
+        y = x.clone()
+        y.add_(1.0)          # an in-place op on an intermediate, as GNN scatter_add_ does
+        return y * 3.0
+
+
+def test_timing_an_in_place_op_leaves_what_later_ops_see_unchanged():
+    from kiln.analysis.measure import _Collect
+    from kiln.timing import TimingConfig
+    from kiln.timing import measure as time_calls
+
+    loaded = LoadedModel("t", InPlace(), (torch.randn(4, 4),))
+    x = loaded.example_inputs[0].clone()
+    graph = capture(loaded)
+    assert any(n.op == "add_" for n in graph.ops)
+    collect = _Collect(graph.program.graph_module)
+    collect.run(*loaded.example_inputs)
+    time_calls(collect.calls, TimingConfig(rounds=5, warmup=2))     # add_ ran 7 more times
+    mul = next(n.name for n in graph.ops if n.op == "mul")
+    assert torch.equal(collect.calls[mul](), (x + 1.0) * 3.0)           # oracle: eager arithmetic
+    assert torch.equal(loaded.example_inputs[0], x)
