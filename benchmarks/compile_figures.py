@@ -98,8 +98,8 @@ def loadgen(batch: int, duration: float) -> None:
     """LoadGen Offline vs a raw loop (throughput) and SingleStream vs a raw loop (p90), same
     backend (eager and the best of inductor/ORT), same batches, interleaved pairs."""
     from kiln.compile.backends import build, parse_backend
-    from kiln.hardware.bench import real_inputs
-    from kiln.hardware.loadgen import BenchConfig, Scenario, dataset_samples, raw_loop, run_loadgen
+    from kiln.bench.run import real_inputs
+    from kiln.bench.loadgen import BenchConfig, Scenario, dataset_samples, raw_loop, run_loadgen
     from kiln.runs.artifact import load_source
 
     out = {"date": str(date.today()), "threads": torch.get_num_threads(), "min_duration_s": duration}
