@@ -41,6 +41,8 @@ from kiln.compile.runtime import Example, Frozen, OrtModule, fresh_frame, onnx_b
 from kiln.errors import KilnError, first_line
 from kiln.models.loaded import LoadedModel
 from kiln.registry import Registry
+from kiln.compile import default_passes, optimize
+from kiln.graph.capture import capture
 
 
 class Precision(enum.Enum):
@@ -143,8 +145,6 @@ def optimised_module(model: nn.Module, loaded: LoadedModel) -> nn.Module:
     """kiln's default graph passes on the captured model, as a runnable module."""
     import dataclasses
 
-    from kiln.compile import default_passes, optimize
-    from kiln.graph.capture import capture
 
     graph = capture(dataclasses.replace(loaded, model=model))
     has_conv2d = any(n.op in ("conv2d", "convolution") and len(n.shape) == 4 for n in graph.ops)

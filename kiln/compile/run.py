@@ -23,6 +23,10 @@ from kiln.compile.int8 import is_fake_quantized, plan_int8
 from kiln.errors import KilnError
 from kiln.hardware.profiles import fraction_note
 from kiln.models.loaded import LoadedModel
+from kiln.analysis.report import analyze
+from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
+from kiln.io import check_new_dir
+from kiln.runs.artifact import load_source
 
 COMPILE_FILE = "compile.json"
 
@@ -46,7 +50,6 @@ def candidates(backend: str, precision: Precision) -> list[str]:
 
 def source_inputs(src: str, batch: int, dataset: str | None = None):
     """(Source, LoadedModel at `batch` running the source's model)."""
-    from kiln.runs.artifact import load_source
 
     source = load_source(src, dataset)
     loaded = dataclasses.replace(source.loaded, model=source.model)
@@ -56,7 +59,6 @@ def source_inputs(src: str, batch: int, dataset: str | None = None):
 def roofline_of(loaded: LoadedModel, profile) -> dict:
     """FLOPs and bytes of one call at this batch and the roofline latency on `profile`
     (a HardwareProfile; None: no roofline), also at each precision against its own peak."""
-    from kiln.analysis.report import analyze
 
     if profile is None:
         return {"note": "no hardware profile"}
@@ -88,7 +90,6 @@ def compile_run(src: str, backend: str = "auto", batch: int = 1, precision: str 
     if rounds < 1:
         raise KilnError(f"rounds must be >= 1, got {rounds}")
     if out is not None:
-        from kiln.io import check_new_dir
 
         check_new_dir(out)
     source, loaded = source_inputs(src, batch)
@@ -116,7 +117,6 @@ def quantized_layers(model, names: list[str], precision: Precision) -> dict:
 
 
 def _write(out: Path, report: dict, sel: Selection, source, loaded: LoadedModel) -> None:
-    from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
 
     chosen = parse_backend(sel.chosen)
     meta = {"src": report["src"], "spec": report["spec"], "backend": sel.chosen, "batch": report["batch"],

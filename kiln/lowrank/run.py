@@ -24,6 +24,7 @@ from kiln.runs.transforms import TransformRecord
 from kiln.train.evaluation import evaluate_model, source_splits
 from kiln.timing import TimingConfig, measure
 from kiln.train.finetune import finetune
+from kiln.analysis.flops import sdpa_custom_mapping
 
 Log = Callable[[str], None]
 
@@ -38,7 +39,6 @@ def batched(inputs: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict]:
 
 
 def model_flops(model: nn.Module, inputs: tuple, kwargs: dict) -> int:
-    from kiln.analysis.flops import sdpa_custom_mapping
 
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=sdpa_custom_mapping()) as counter:
         model(*inputs, **kwargs)

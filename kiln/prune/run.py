@@ -32,6 +32,15 @@ from kiln.train import tasks
 from kiln.train.evaluation import evaluate_model, labelled_batches, source_splits
 from kiln.timing import TimingConfig, measure
 from kiln.train.finetune import finetune
+from kiln.analysis.oracle import flop_counter_flops
+from kiln.models.spec import load
+from kiln.prune.nm import check_nm, groupable, prune_nm
+from kiln.prune.schedule import AGP
+from kiln.prune.schedule import lottery_ratio, rewind
+from kiln.prune.structured import prune_structured
+from kiln.prune.unstructured import PRUNABLE
+from kiln.prune.unstructured import prune_unstructured
+from kiln.prune.unstructured import sparsity_report
 
 
 def prune_run(src: str, cfg: PruneConfig, out: str | Path, dataset: str | None = None, evaluate: bool = True,
@@ -104,7 +113,6 @@ def _prune(model: nn.Module, cfg: PruneConfig, plan: Plan, source, splits, ratio
     if cfg.method == "nm":
         result = _nm(model, cfg, plan, ctx)
     else:
-        from kiln.prune.unstructured import prune_unstructured
 
         if cfg.schedule != "oneshot":   # AGP's ramp starts here; lottery rounds prune from dense
             ratio = cfg.agp_initial if cfg.schedule == "agp" else 0.0
@@ -117,7 +125,6 @@ def _prune(model: nn.Module, cfg: PruneConfig, plan: Plan, source, splits, ratio
 def _nm(model: nn.Module, cfg: PruneConfig, plan: Plan, ctx: ScoreContext):
     """N:M on the planned modules; one that cannot be grouped is skipped (and reported) unless
     a rule names it exactly, which makes it an error."""
-    from kiln.prune.nm import check_nm, groupable, prune_nm
 
     check_nm(cfg.n, cfg.m)
     named = {r.match.pattern for r in cfg.rules if r.match.kind == "fqn" and not r.skip}
@@ -138,7 +145,6 @@ def _nm(model: nn.Module, cfg: PruneConfig, plan: Plan, ctx: ScoreContext):
 def _structured(model: nn.Module, cfg: PruneConfig, plan: Plan, source, splits):
     """Channels, heads and neurons removed (kiln.prune.structured); the report lists each layer's
     shapes before and after, and pinned groups (coupling it could not resolve) as skipped."""
-    from kiln.prune.structured import prune_structured
 
     batches = labelled_batches(splits, cfg.batches, cfg.batch_size, cfg.seed) if needs_gradients(cfg.criterion) else None
     result = prune_structured(model, source.example_inputs, cfg.ratio, cfg.criterion, cfg.reduction, seed=cfg.seed,
@@ -156,13 +162,11 @@ def _structured(model: nn.Module, cfg: PruneConfig, plan: Plan, source, splits):
 
 def _finetune(model: nn.Module, cfg: PruneConfig, plan: Plan, source, record: dict, layers: list, progress: bool):
     """One fine-tune (one-shot, AGP) or R prune-rewind-retrain rounds (lottery)."""
-    from kiln.prune.unstructured import sparsity_report
 
     if cfg.schedule == "lottery":
         return _lottery(model, cfg, plan, source, progress)
     hooks = []
     if cfg.schedule == "agp":
-        from kiln.prune.schedule import AGP
 
         hooks.append(AGP(list(plan.targets), cfg.ratio, cfg.criterion, cfg.scope, cfg.agp_initial, cfg.agp_end,
                          cfg.agp_every, dict(plan.overrides), ScoreContext(seed=cfg.seed)))
@@ -180,8 +184,6 @@ def _fit(model: nn.Module, cfg: PruneConfig, source, record: dict, progress: boo
 
 
 def _lottery(model: nn.Module, cfg: PruneConfig, plan: Plan, source, progress: bool):
-    from kiln.prune.schedule import lottery_ratio, rewind
-    from kiln.prune.unstructured import prune_unstructured
 
     snapshot = _rewind_point(cfg, source)
     rounds = []
@@ -205,7 +207,6 @@ def _rewind_point(cfg: PruneConfig, source) -> dict[str, torch.Tensor]:
     if source.transforms:
         raise KilnError(f"rewind = \"init\": {source.src} was already transformed; its init is not the spec's "
                         f"(use rewind = \"source\")")
-    from kiln.models.spec import load
 
     torch.manual_seed(0)   # the trainer's seed for a user factory; zoo builders fix their own
     return {k: v.detach().clone() for k, v in load(source.spec).model.state_dict().items()}
@@ -240,7 +241,6 @@ def storage(model: nn.Module) -> dict:
 def profile(model: nn.Module, loaded) -> dict:
     """Parameters (all and non-zero), FLOPs (torch.utils.flop_counter, dense kernels) and FLOPs
     if zero weights were skipped, on the example inputs."""
-    from kiln.analysis.oracle import flop_counter_flops
 
     plain = make_permanent(copy.deepcopy(model)).eval()
     run = replace(loaded, model=plain)
@@ -267,7 +267,6 @@ def time_side_by_side(dense: nn.Module, pruned: nn.Module, loaded, before: dict,
 
 def _zero_weight_flops(model: nn.Module, loaded) -> int:
     """FLOPs of multiply-adds by zero weights in Linear/Conv layers: 2 * outputs * fan-in * zero fraction."""
-    from kiln.prune.unstructured import PRUNABLE
 
     total, handles = [0], []
 

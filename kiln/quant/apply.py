@@ -14,6 +14,7 @@ from kiln.quant.modules import HF_ATTENTION, OPS, QuantAttention, QuantOp, regis
 from kiln.quant.quantizer import Quantizer
 from kiln.quant.smoothquant import SmoothedLinear
 from kiln.runs.transforms import TransformRecord, register_transform
+from kiln.models.zoo.layers import SelfAttention
 
 KIND = "quant"
 
@@ -21,7 +22,6 @@ KIND = "quant"
 def _is_attention(module: nn.Module) -> bool:
     """kiln's zoo attention, or a transformers attention module (it calls the attention
     function registry with itself as the first argument and carries `scaling`)."""
-    from kiln.models.zoo.layers import SelfAttention
 
     if isinstance(module, SelfAttention):
         return True

@@ -34,6 +34,7 @@ from kiln.errors import KilnError
 from kiln.quant.config import GPTQConfig
 from kiln.quant.formats import Format, IntFormat, parse_format
 from kiln.train.tasks import forward
+from kiln.quant.quantizer import Granularity
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -331,7 +332,6 @@ def gptq_for_config(model: nn.Module, qconfig, batches: list, forward: Forward =
     that the weight quantizer can adopt GPTQ's scales and leave the weights as they are.
     The groups are the weight quantizer's (its granularity and group_size); config.group_size
     is not used here. Returns (report, Linear name -> (scales, zero points) as rows x groups)."""
-    from kiln.quant.quantizer import Granularity
 
     config: GPTQConfig = qconfig.gptq
     plan, skipped = {}, {}

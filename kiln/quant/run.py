@@ -28,6 +28,8 @@ from kiln.train.config import TrainConfig
 from kiln.train.evaluation import calibration_batches, check_batches, evaluate_model, source_splits
 from kiln.train.tasks import forward as model_forward
 from kiln.train.trainer import PREPARES
+from kiln.quant.gptq import gptq_for_config
+from kiln.quant.smoothquant import Unfoldable, smooth
 
 
 def prepare(model: nn.Module, config: QuantConfig, batches: list,
@@ -36,7 +38,6 @@ def prepare(model: nn.Module, config: QuantConfig, batches: list,
     calibrate the activation quantizers on `batches`. Returns what the algorithms reported."""
     done: dict = {}
     if config.smoothquant is not None:
-        from kiln.quant.smoothquant import Unfoldable, smooth
 
         # fold into LayerNorms where the graph allows; where a norm's output also feeds a
         # residual add (post-LN BERT) the Linears after it scale their own input
@@ -44,7 +45,6 @@ def prepare(model: nn.Module, config: QuantConfig, batches: list,
                                      unfoldable=Unfoldable.SCALE_NORM_INPUT)
     gptq_scales = None
     if config.gptq is not None:
-        from kiln.quant.gptq import gptq_for_config
 
         done["gptq"], gptq_scales = gptq_for_config(model, config, batches, forward)
     quantize(model, config)

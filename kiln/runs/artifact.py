@@ -28,6 +28,7 @@ from kiln.models.loaded import LoadedModel
 from kiln.models.spec import load
 from kiln.runs.transforms import TransformRecord
 from kiln.runs.weights import load_weights, save_weights
+from kiln.models.zoo import ZOO, _load_families
 
 FORMAT = 1
 ARTIFACT_FILE = "artifact.json"
@@ -72,7 +73,6 @@ class ArtifactMeta:
 def default_dataset(spec: str) -> str:
     """The dataset a zoo model is meant for; other specs name theirs with --dataset."""
     if spec.startswith("zoo:"):
-        from kiln.models.zoo import ZOO, _load_families
 
         _load_families()
         return ZOO.get(spec[4:].partition("?")[0]).dataset

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.config import from_dict
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "linear", "onecycle")
@@ -66,7 +67,6 @@ FINETUNE_KEYS = ("epochs", "lr", "batch_size", "seed", "optimizer", "weight_deca
 def finetune_table(table: Any, where: str, section: str = "finetune") -> dict[str, Any]:
     """A compression command's [finetune] table (TrainConfig keys, plus `distill` from the
     uncompressed model), checked by TrainConfig itself before any work."""
-    from kiln.config import from_dict
 
     if not isinstance(table, dict):
         raise KilnError(f"{where}.{section}: needs a table")

@@ -13,6 +13,7 @@ from kiln.errors import KilnError, first_line
 from kiln.runs.artifact import METRICS_FILE, load_artifact
 from kiln.runs.metrics import final
 from kiln.train import tasks
+from kiln.data import load_dataset
 
 
 def _whole(samples):
@@ -29,7 +30,6 @@ def eval_loader(ds, task: str, batch_size: int = 256) -> DataLoader:
 
 def source_splits(source):
     """The dataset split a source was made and measured on (kiln.runs.artifact.Source)."""
-    from kiln.data import load_dataset
 
     if not source.dataset:
         raise KilnError(f"{source.src} has no dataset: pass --dataset (see `kiln datasets`)")

@@ -35,6 +35,7 @@ from kiln.train import distill, tasks
 from kiln.train.checkpoint import load_state, save_state
 from kiln.train.config import TrainConfig
 from kiln.train.evaluation import eval_loader
+from kiln.data import load_dataset
 
 # A preparation turns the model into what a config key asks to train (`quant`: quantization-
 # aware training) and returns its transform record; the capability that owns the key registers
@@ -58,7 +59,6 @@ def build(cfg: TrainConfig, resume_dir: Path | None = None) -> Setup:
     fresh run takes `init`'s architecture and weights and runs the preparations its config asks
     for (QAT calibrates its scales); a resumed one rebuilds its own architecture (its weights
     come from its state)."""
-    from kiln.data import load_dataset
 
     if resume_dir is not None:
         meta = read_artifact(resume_dir)
