@@ -143,9 +143,10 @@ def test_a_calibrated_quantizer_is_a_constant_in_the_exported_graph():
     assert all(q.calibrated for q in fresh.modules() if hasattr(q, "calibrated") and hasattr(q, "ready"))
 
 
-def test_static_w8a8_lowers_to_exactly_the_fake_quantized_model():
+@pytest.mark.parametrize("weight_scales", ["channel", "tensor"])
+def test_static_w8a8_lowers_to_exactly_the_fake_quantized_model(weight_scales):
     pytest.importorskip("torchao")
-    model = quantized(mlp(), W8A8)
+    model = quantized(mlp(), {**W8A8, "weight": {**W8A8["weight"], "granularity": weight_scales}})
     x = torch.randn(8, 5, 64) * 4          # well beyond the calibrated range: kiln's grid saturates at -127
     low = lower_int8(copy.deepcopy(model), Example((x,)))
     assert set(int8_weights(low)) == {"0.1.weight", "2.1.weight", "4.1.weight"}

@@ -123,7 +123,7 @@ def _int8_linear(linear: nn.Linear, act_per_token: bool, qdata: torch.Tensor | N
         block = [1, weight.shape[1]] if w_scale.numel() > 1 else list(weight.shape)
         tensor = Int8Tensor(qdata, w_scale.reshape(-1, 1).float(), block, weight.dtype, act_quant_scale=act_scale,
                             act_quant_kwargs=act)
-    out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     out.weight = nn.Parameter(tensor, requires_grad=False)
     if linear.bias is not None:
         out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
