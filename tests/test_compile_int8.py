@@ -200,7 +200,8 @@ def test_other_formats_stay_fake_quantized_and_say_why():
     model = quantized(mlp(), table)
     plan = plan_int8(model)
     assert plan.int8 == ("4",)
-    assert dict(plan.fake) == {"0": "weight int8 group: no int8 kernel", "2": "weight mxfp4_e2m1 channel: no int8 kernel"}
+    assert dict(plan.fake) == {"0": "weight int8 group: no int8 kernel",
+                               "2": "weight mxfp4_e2m1 channel: no int8 kernel"}
     assert plan.describe() == ("real int8 kernels: 4; fake quantization: 0 (weight int8 group: no int8 kernel); "
                                "2 (weight mxfp4_e2m1 channel: no int8 kernel)")
     only_fake = quantized(mlp(), {"weight": "mxfp4", "input": "int8"})

@@ -31,7 +31,7 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn

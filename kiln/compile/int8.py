@@ -156,7 +156,9 @@ def _lowered(op, rank: int) -> nn.Module:
     pre = getattr(op.module, "inv_scale", None)
     low = None if x.scale is None else x.qmin * x.scale.item()
     linear = _int8_linear(op.module, x.granularity.value == "token", qdata, w.scale, act_scale)
-    parts = [linear] if pre is None and low is None else [_IntoRange(None if pre is None else pre.detach(), low), linear]
+    parts = [linear]
+    if pre is not None or low is not None:
+        parts.insert(0, _IntoRange(None if pre is None else pre.detach(), low))
     # an output quantizer stays as it was: fake quantization of the int8 kernel's result
     parts += [op.output_q] if op.output_q is not None else []
     return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
