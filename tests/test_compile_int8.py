@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kiln.compile.backends import build, parse_backend
-from kiln.compile.int8 import build_torchao, int8_weights, lower_int8, plan_int8
+from kiln.compile.int8 import ORT_QDQ, build_torchao, int8_weights, lower_int8, plan_int8
 from kiln.compile.runtime import Example
 from kiln.compile.verify import relative_error
 from kiln.errors import KilnError
@@ -217,6 +217,34 @@ def test_layer_names_fold_their_indices():
                               "enc.layer.0.attn (x)"
 
 
+def test_ort_qdq_runs_kiln_scales_on_integer_matmuls(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+    import onnxruntime as ort
+
+    model, x = quantized(mlp(), W8A8), torch.randn(8, 64) * 4
+    q = build(parse_backend("onnxruntime:dtype=int8"), model, loaded(model, x))
+    assert sorted(int8_weights(q).values()) == [(64, 128), (128, 32), (128, 128)]   # kiln's integers, (in, out)
+    with torch.no_grad():
+        assert relative_error(q(x), model(x)) < 1e-5
+    # what ONNX Runtime makes of the QDQ pairs: integer matmuls, no float MatMul left
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(q.onnx_bytes, opts, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(q.disabled_optimizers))   # the session q runs
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 3 and "MatMul" not in ops
+
+
+def test_ort_qdq_leaves_per_token_inputs_fake_quantized():
+    model = quantized(mlp(), {**W8A8, "rules": [{"match": "fqn:2", "input": {"format": "int", "bits": 8,
+                                                                            "granularity": "token"}}]})
+    plan = plan_int8(model, ORT_QDQ)
+    assert plan.int8 == ("0", "4") and dict(plan.fake) == {"2": "input int8 token dynamic: no int8 kernel"}
+    assert plan_int8(model).int8 == ("0", "2", "4")           # torchao's kernels take per-token scales
+
+
 def test_peers_with_their_own_scales_refuse_a_quantized_model():
     model, x = quantized(mlp(), W8A8), torch.randn(4, 64)
     with pytest.raises(KilnError, match="^torch.ao: runs its own dynamic quantization, not kiln's"):
@@ -255,8 +283,8 @@ def test_quantize_then_compile_int8_then_reload(tmp_path):
     quantize_run("zoo:mlp", config, tmp_path / "q", calib_batches=2, evaluate=False)
     report, sel = compile_run(str(tmp_path / "q"), "eager+torchao", batch=4, precision="int8", rounds=2,
                               out=tmp_path / "c")
-    assert report["quantized"]["int8"] == ["layers.0", "layers.2", "head"] and report["quantized"]["fake"] == []
-    assert report["quantized"]["line"] == "torchao: real int8 kernels: layers.* (x2), head; fake quantization: none"
+    assert report["quantized"]["backends"] == {"torchao": {"int8": ["layers.0", "layers.2", "head"], "fake": []}}
+    assert report["quantized"]["lines"] == ["torchao: real int8 kernels: layers.* (x2), head; fake quantization: none"]
     assert sel.by_name("torchao").status == "ok" and sel.by_name("torchao").error < 1e-5
     fn, inputs, meta, source = load_compiled(tmp_path / "c")
     if meta["backend"] == "torchao":

@@ -27,8 +27,8 @@ def print_candidates(report: dict) -> None:
             "-" if c["error"] is None else f"{c['error']:.1e}",
             f"{c['roofline_fraction']:.0%}" if c.get("roofline_fraction") else "-", c["reason"])
     console.print(table)
-    if "quantized" in report:
-        console.print(report["quantized"]["line"], highlight=False, soft_wrap=True)
+    for line in report.get("quantized", {}).get("lines", []):
+        console.print(line, highlight=False, soft_wrap=True)
     roof = report.get("roofline", {})
     if roof.get("roofline_s"):
         console.print(f"roofline on {roof['hardware']}: {seconds(roof['roofline_s'])} ({roof['bound']}-bound, "
