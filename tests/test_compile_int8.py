@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kiln.compile.backends import build, parse_backend
-from kiln.compile.int8 import ORT_QDQ, build_torchao, int8_weights, lower_int8, plan_int8
+from kiln.compile.int8 import ORT_QDQ, TORCHAO, build_torchao, int8_weights, lower_int8, plan_int8
 from kiln.compile.runtime import Example
 from kiln.compile.verify import relative_error
 from kiln.errors import KilnError
@@ -180,15 +180,16 @@ def test_per_token_inputs_agree_within_one_rounding_step():
     assert (diff <= bound).all() and diff.max() > 0
 
 
-def test_smoothquant_input_scale_comes_along():
+@pytest.mark.parametrize("target", [TORCHAO, ORT_QDQ], ids=lambda t: t.name)
+def test_smoothquant_input_scale_comes_along(target):
     pytest.importorskip("torchao")
     from kiln.quant.smoothquant import SmoothedLinear
 
     model = mlp()
     model[2] = SmoothedLinear(model[2], torch.linspace(0.5, 2.0, 128))
     model = quantized(model, W8A8)
-    x = torch.randn(8, 5, 64)
-    low = lower_int8(copy.deepcopy(model), Example((x,)))
+    x = torch.randn(8, 5, 64) * 4
+    low = lower_int8(copy.deepcopy(model), Example((x,)), target)     # QDQ runs in torch as well
     with torch.no_grad():
         assert relative_error(low(x), model(x)) < 1e-5
 
