@@ -13,8 +13,8 @@ ONNX has no symmetric per-token quantization). One lowering, two sources of scal
 - a float model: every nn.Linear gets int8 weights per output channel and int8 activations
   per token, both scaled from the tensors (torchao's Int8DynamicActivationInt8WeightConfig).
 
-For torchao, both build torchao's Int8Tensor weights and compile with inductor's freezing (`Frozen`).
-Freezing is what makes it fast: it turns the weights into constants, so inductor's pattern
+For torchao, both build torchao's Int8Tensor weights and compile with inductor's freezing
+(`Frozen`). Freezing is what makes it fast: it turns the weights into constants, so inductor's pattern
 `_int_mm -> * x_scale -> * w_scale` becomes oneDNN's `qlinear_pointwise` on a prepacked
 weight (VNNI int8 dot products here), with the activation's quantization fused into the
 kernel before it. Without freezing inductor calls plain `aten._int_mm`.
@@ -163,12 +163,17 @@ class _IntoRange(nn.Module):
         return x if self.low is None else x.clamp(min=self.low)
 
 
+def _weight_integers(op) -> torch.Tensor:
+    """The integers kiln's weight quantizer rounds `op`'s weight to, as int8."""
+    w = op.weight_q.integer_grid()
+    return torch.clamp(torch.round(op.module.weight.detach() / w.scale), w.qmin, w.qmax).to(torch.int8)
+
+
 def _lowered(op, rank: int) -> nn.Module:
     """kiln's quantized Linear `op` on an int8 kernel, with kiln's integers and scales; `rank`
     is the number of dims of its input (a calibrated activation scale is shaped like it)."""
     w, x = op.weight_q.integer_grid(), op.input_q.integer_grid()
-    weight = op.module.weight.detach()
-    qdata = torch.clamp(torch.round(weight / w.scale), w.qmin, w.qmax).to(torch.int8)
+    qdata = _weight_integers(op)
     act_scale = None if x.scale is None else x.scale.reshape((1,) * rank).float()
     pre = getattr(op.module, "inv_scale", None)
     low = None if x.scale is None else x.qmin * x.scale.item()
@@ -205,7 +210,7 @@ def lower_int8(model: nn.Module, example: Example, target: Int8Target = TORCHAO)
         plan = plan_int8(model, target)
         if not plan.int8:
             raise KilnError(f"no quantized layer has a format an int8 kernel runs ({plan.describe()})")
-        ranks = _input_ranks(model, list(plan.int8), example)
+        ranks = _input_ranks(model, list(plan.int8), example) if target is TORCHAO else {}
         for name in plan.int8:
             op = plan.layers[name]
             _replace(model, name, _lowered(op, ranks.get(name, 2)) if target is TORCHAO else _qdq(op))
@@ -234,8 +239,7 @@ class QDQLinear(nn.Module):
         weight = op.module.weight.detach()
         # stored (in, out): the graph is then matmul(DQ(x), DQ(w)) + bias, which ONNX Runtime
         # fuses; F.linear on a 2-D input exports as Gemm, which it leaves in float
-        qweight = torch.clamp(torch.round(weight / w.scale), w.qmin, w.qmax).to(torch.int8)
-        self.register_buffer("qweight", qweight.t().contiguous())
+        self.register_buffer("qweight", _weight_integers(op).t().contiguous())
         self.register_buffer("w_scale", w.scale.reshape(-1).expand(weight.shape[0]).float().contiguous())
         self.register_buffer("w_zero", torch.zeros(weight.shape[0], dtype=torch.int64))
         self.register_buffer("bias", None if op.module.bias is None else op.module.bias.detach().clone())
