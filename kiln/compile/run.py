@@ -105,15 +105,21 @@ def compile_run(src: str, backend: str = "auto", batch: int = 1, precision: str 
 
 
 def quantized_layers(model, names: list[str], precision: Precision) -> dict:
-    """For a kiln-quantized model: which layers the int8 candidates among `names` run on real
-    int8 kernels and which stay fake-quantized (every layer, when no candidate is int8)."""
-    plan = plan_int8(model)
-    int8 = [n for n in names if precision is Precision.INT8 and BACKENDS.get(parse_backend(n).name).lowers_quantized]
-    if not int8:
+    """For a kiln-quantized model: for each int8 candidate among `names` that lowers it, which
+    layers run on real int8 kernels and which stay fake-quantized; one line each."""
+    lowering = {}
+    for name in names:
+        spec = parse_backend(name)
+        target = BACKENDS.get(spec.name).lowers(spec.opts())
+        if precision is Precision.INT8 and target is not None:
+            lowering[name] = plan_int8(model, target)
+    if not lowering:
+        n = len(plan_int8(model).int8)
         line = (f"fake quantization in every candidate (no candidate lowers it; --precision int8 "
-                f"runs {len(plan.int8)} of its layers on real int8 kernels)")
-        return {"int8_backends": [], "line": line, **plan.to_dict()}
-    return {"int8_backends": int8, "line": f"{', '.join(int8)}: {plan.describe()}", **plan.to_dict()}
+                f"runs {n} of its layers on real int8 kernels)")
+        return {"lines": [line], "backends": {}}
+    return {"lines": [f"{name}: {plan.describe()}" for name, plan in lowering.items()],
+            "backends": {name: plan.to_dict() for name, plan in lowering.items()}}
 
 
 def _write(out: Path, report: dict, sel: Selection, source, loaded: LoadedModel) -> None:
