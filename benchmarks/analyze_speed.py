@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import date
 
 import torch
@@ -28,34 +27,30 @@ from common import report  # noqa: E402
 
 from kiln.graph.capture import capture  # noqa: E402
 from kiln.models.loaded import LoadedModel  # noqa: E402
+from kiln.timing import TimingConfig, measure  # noqa: E402
 
 KILN = os.path.join(os.path.dirname(sys.executable), "kiln")
 
 
+# whole commands and captures, as a user meets them: no warm-up, no untimed calls between
+ONCE_EACH = dict(warmup=0, short_call_s=0.0)
+
+
 def end_to_end(spec: str, repeats: int) -> list[float]:
     subprocess.run([KILN, "hardware"], check=True, capture_output=True)
-    times = []
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            subprocess.run([KILN, "analyze", spec, "--json", f"{tmp}/a.json"], check=True, capture_output=True)
-            times.append(time.perf_counter() - t0)
-    return times
+        run = lambda: subprocess.run([KILN, "analyze", spec, "--json", f"{tmp}/a.json"], check=True,  # noqa: E731
+                                     capture_output=True)
+        return list(measure({"analyze": run}, TimingConfig(rounds=repeats, **ONCE_EACH))["analyze"].samples)
 
 
 def deep_mlp_capture(repeats: int) -> tuple[list[float], list[float]]:
     model = nn.Sequential(*[m for _ in range(200) for m in (nn.Linear(64, 64), nn.ReLU())]).eval()
     x = torch.randn(8, 64)
-    kiln_t, raw_t = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            torch.export.export(model, (x,), strict=False)
-        raw_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        capture(LoadedModel("mlp200", model, (x,)))
-        kiln_t.append(time.perf_counter() - t0)
-    return kiln_t, raw_t
+    m = measure({"torch.export": lambda: torch.export.export(model, (x,), strict=False),
+                 "kiln capture": lambda: capture(LoadedModel("mlp200", model, (x,)))},
+                TimingConfig(rounds=repeats, **ONCE_EACH))
+    return list(m["kiln capture"].samples), list(m["torch.export"].samples)
 
 
 def main() -> None:

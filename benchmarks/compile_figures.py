@@ -34,9 +34,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from common import merge_result  # noqa: E402
 
-from kiln.compile.auto import AUTO, Candidate, _time, at_batch, batch_dim_size, select  # noqa: E402
+from kiln.compile.auto import AUTO, at_batch, batch_dim_size, call, select  # noqa: E402
 from kiln.compile.backends import Precision  # noqa: E402
 from kiln.models.spec import load  # noqa: E402
+from kiln.timing import TimingConfig, format_timing, measure  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "compile_figures.json")
 PEERS = ("eager", "inductor", "onnxruntime")     # eager, torch.compile default, ORT default
@@ -47,11 +48,8 @@ CNNS = ("cnn", "resnet20", "mobilenet_v2", "efficientnet_lite0", "c3d")
 
 def _rounds(model, loaded, budget_s: float, lo: int = 5, hi: int = 20) -> int:
     """As many interleaved rounds as fit the budget at eager speed, within [lo, hi]."""
-    with torch.no_grad():
-        model(*loaded.example_inputs, **loaded.example_kwargs)
-        t0 = time.perf_counter()
-        model(*loaded.example_inputs, **loaded.example_kwargs)
-    per_call = time.perf_counter() - t0
+    once = TimingConfig(rounds=1, warmup=1, short_call_s=0.0, remeasure=False)
+    per_call = measure({"eager": lambda: model(*loaded.example_inputs, **loaded.example_kwargs)}, once)["eager"].median
     return max(lo, min(hi, int(budget_s / (per_call * len(AUTO[Precision.FP32]) + 1e-9))))
 
 
@@ -73,23 +71,26 @@ def zoo(models: list[str], batches: list[int], budget_s: float) -> None:
             again = [auto.chosen] + [p for p in PEERS if p != auto.chosen]
             ok = [b for b in again if auto.by_name(b).status == "ok"]
             fns = {b: auto.fns[b] for b in ok}
-            cands = {b: Candidate(b, "fp32") for b in ok}
-            _time(fns, cands, loaded, rounds, 2, batch)
+            again_m = measure({b: (lambda fn=fn: call(fn, loaded)) for b, fn in fns.items()},
+                              TimingConfig(rounds=rounds, warmup=2))
             entry = {
                 "model": f"zoo:{name}", "batch": batch, "threads": torch.get_num_threads(), "rounds": rounds,
                 "chosen": auto.chosen, "select_s": select_s,
                 "candidates": auto.to_dict()["candidates"],
-                "retimed": {b: {"latency_s": c.latency_s, "p90_s": c.p90_s} for b, c in cands.items()},
+                "retimed": {b: {"latency_s": again_m[b].median, "p90_s": again_m[b].p90, "timing": again_m[b].to_dict()}
+                            for b in ok},
+                "retimed_note": again_m.note(),
                 "peer_status": {p: auto.by_name(p).status + (": " + auto.by_name(p).reason if auto.by_name(p).reason else "")
                                 for p in PEERS},
                 "date": str(date.today()),
             }
-            auto_s = cands[auto.chosen].latency_s
-            peers = {p: cands[p].latency_s for p in PEERS if p in cands}   # auto's choice may be one of them
+            auto_s = again_m[auto.chosen].median
+            peers = {p: again_m[p].median for p in PEERS if p in fns}   # auto's choice may be one of them
             entry["auto_vs_best_peer"] = min(peers.values()) / auto_s
             merge_result(RESULTS, f"zoo:{name}@{batch}", entry)
-            print(f"   chosen {auto.chosen}: {auto_s * 1e3:.3f} ms; "
-                  + ", ".join(f"{p} {v * 1e3:.3f} ms" for p, v in peers.items() if p != auto.chosen), flush=True)
+            print(f"   chosen {auto.chosen}: {format_timing(again_m[auto.chosen])}; "
+                  + ", ".join(f"{p} {format_timing(again_m[p])}" for p in peers if p != auto.chosen)
+                  + (f"; timing: {again_m.note()}" if again_m.note() else ""), flush=True)
             del auto, fns
 
 
@@ -131,16 +132,16 @@ def peak(rounds: int) -> None:
     """MiniLM (zoo:minilm, the sentence encoder) at 32 x 128 tokens: FLOPs counted by kiln's
     analysis, every fp32 candidate timed, beside the fp32 matmul peak measured in this run."""
     from kiln.analysis.report import analyze
-    from kiln.hardware.calibrate import matmul_flops
+    from kiln.hardware.calibrate import matmul_peak
     from kiln.hardware.profiles import load_profile
 
     base = load("zoo:minilm")
     loaded = at_batch(base, 32)
     flops = analyze(loaded, load_profile("a100"), measure_time=False).flops
-    peak_before = matmul_flops(2048, torch.float32, 10)
+    peak_before = matmul_peak(2048, torch.float32, budget_s=10.0).value
     sel = select(base.model, loaded, list(AUTO[Precision.FP32]), Precision.FP32, rounds=rounds,
                  progress=lambda s: print("  ", s, flush=True))
-    peak_after = matmul_flops(2048, torch.float32, 10)
+    peak_after = matmul_peak(2048, torch.float32, budget_s=10.0).value
     peak_flops = max(peak_before, peak_after)
     best = sel.by_name(sel.chosen)
     entry = {"model": "zoo:minilm", "shape": "32 x 128", "flops": flops, "peak_fp32_flops": peak_flops,

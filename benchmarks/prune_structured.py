@@ -38,6 +38,7 @@ from kiln.models.artifact import load_source, save_artifact  # noqa: E402
 from kiln.prune.structured import prune_structured, prune_transformer  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
 from kiln.train.trainer import fit  # noqa: E402
+from kiln.timing import TimingConfig, measure  # noqa: E402
 
 OUT = Path("runs/prune")
 THREADS = 2
@@ -70,32 +71,17 @@ def macs(model: torch.nn.Module, inputs: tuple, kwargs: dict | None = None) -> i
 
 
 def latency(models: dict[str, torch.nn.Module], inputs: tuple, kwargs: dict | None = None,
-            rounds: int = 30, warmup: int = 5, seed: int = 0) -> dict[str, float]:
-    """Median seconds per forward of each model, measured in interleaved rounds (no_grad, eval).
-    Each round runs the models in a fresh random order (seeded), and each timed call follows an
-    untimed call of the same model. A model timed right after another one reads slower (the
-    other's activations in the caches): with a fixed cyclic order the same model always follows
-    the dense one, which made one of two identical pruned models read 1-5% slower."""
-    import random
-
+            rounds: int = 30, warmup: int = 5) -> dict[str, float]:
+    """Median seconds per forward of each model, in kiln.timing's interleaved rounds (eval,
+    no_grad; each round starts one model further, each short timed call follows an untimed one)."""
     kwargs = kwargs or {}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    order = list(models)
-    rng = random.Random(seed)
-    with torch.inference_mode():
-        for m in models.values():
-            m.eval()
-            for _ in range(warmup):
-                m(*inputs, **kwargs)
-        for _ in range(rounds):
-            rng.shuffle(order)
-            for name in order:
-                m = models[name]
-                m(*inputs, **kwargs)
-                t0 = time.perf_counter()
-                m(*inputs, **kwargs)
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    for m in models.values():
+        m.eval()
+    m = measure({name: (lambda m=m: m(*inputs, **kwargs)) for name, m in models.items()},
+                TimingConfig(rounds=rounds, warmup=warmup))
+    if m.note():
+        print(f"timing: {m.note()}", flush=True)
+    return {name: m[name].median for name in models}
 
 
 def artifact_from_shapes(pruned: torch.nn.Module, fresh: torch.nn.Module) -> dict:
@@ -130,7 +116,7 @@ def resnet() -> dict:
         entry["dense_train"] = train(DENSE, dense_dir)
     dense = load_source(str(dense_dir)).model
     example = (torch.randn(1, 3, 32, 32),)
-    res = prune_structured(dense, example, 0.5, "l1", ignore=("fc",))
+    res = prune_structured(dense, example, 0.5, "magnitude", ignore=("fc",))
     import copy
 
     tp_model = torch_pruning(copy.deepcopy(dense), example[0], 0.5)
@@ -177,7 +163,7 @@ def resnet_latency(json_path: str, repeats: int = 5) -> dict:
     shapes = {name: [tuple(p.shape) for p in models[name].state_dict().values()] for name in ("kiln", "torch_pruning")}
     entry["same_shapes"] = shapes["kiln"] == shapes["torch_pruning"]
     copies = {f"{name} (copy)": copy.deepcopy(models[name]) for name in ("kiln", "torch_pruning")}
-    runs = [latency(models | copies, (torch.randn(64, 3, 32, 32),), rounds=100, seed=r) for r in range(repeats)]
+    runs = [latency(models | copies, (torch.randn(64, 3, 32, 32),), rounds=100) for _ in range(repeats)]
     lat = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
     entry["latency_date"] = str(date.today())
     entry["latency_rounds"], entry["latency_repeats"] = 100, repeats
@@ -249,7 +235,7 @@ def minilm() -> dict:
                  " and move runs/figures/minilm to runs/figures/minilm-v3")
     src = load_source(str(MINILM_RUN))
     dense, kwargs = src.model, src.example_kwargs
-    res = prune_transformer(dense, (), heads=1 / 3, ffn=0.5, importance="l1", example_kwargs=kwargs)
+    res = prune_transformer(dense, (), heads=1 / 3, ffn=0.5, criterion="magnitude", example_kwargs=kwargs)
     art = OUT / "minilm-heads-ffn"
     if art.exists():
         shutil.rmtree(art)

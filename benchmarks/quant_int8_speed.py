@@ -1,5 +1,6 @@
 """Real int8 inference of the pretrained MiniLM sentence encoder on this CPU: kiln's path
-(SmoothQuant, torchao W8A8, inductor with freezing) against fp32 and the int8 peers, side by side.
+(`kiln quantize` with SmoothQuant and W8A8, then `kiln compile --backend torchao`) against fp32
+and the int8 peers, side by side.
 
     TORCHINDUCTOR_COMPILE_THREADS=1 flock /tmp/kiln-cpu.lock \
         .venv/bin/python benchmarks/quant_int8_speed.py [--json PATH] [--repeats 15]
@@ -11,11 +12,15 @@ then each round times every method once (in a rotating order, so a noisy neighbo
 alike) and a method's figure is the median over rounds. Accuracy: cosine similarity of each
 method's sentence embeddings to fp32 eager on the first 1,000 test-split reviews.
 
-kiln's path is `to_int8(model, LowpConfig("torchao", smoothquant_alpha=0.5), calibration=...)`
-with 128 train-split reviews for calibration; "int8 torchao + compile" is the same without
-SmoothQuant. The peers as kiln.quant.lowp builds them: torch.ao's quantize_dynamic (its
-default qconfig), ONNX Runtime's quantize_dynamic with per-channel weights on the dynamo
-export (explicit attention, which ONNX Runtime runs faster than exported SDPA).
+kiln's path is the CLI's, in one process: kiln.quant's `prepare` with
+configs/quant/minilm-w8a8-smooth.toml (SmoothQuant alpha 0.5, int8 weights per channel, int8
+activations per tensor) calibrated on 128 train-split reviews, then the compile backend
+`torchao` (kiln.compile.int8), which runs those Linears on oneDNN int8 kernels with kiln's own
+integers and scales. "int8 torchao + compile" is backend `torchao` on the float model (its own
+scales: weights per channel, activations per token). The peers as kiln.compile's backends
+build them: `torch.ao` (quantize_dynamic, its default qconfig) and `onnxruntime:dtype=int8`
+(ONNX Runtime's quantize_dynamic with per-channel weights on the dynamo export, explicit
+attention, which ONNX Runtime runs faster than exported SDPA).
 """
 from __future__ import annotations
 
@@ -40,20 +45,27 @@ from kiln.data import load_dataset  # noqa: E402
 from kiln.models.spec import load  # noqa: E402
 from kiln.models.zoo.transformers import tokenize  # noqa: E402
 from kiln.data.text import minilm_tokenizer  # noqa: E402
-from kiln.quant.lowp import LowpConfig, int8_weights, to_fp32, to_int8  # noqa: E402
+from kiln.compile.backends import build as build_backend, parse_backend  # noqa: E402
+from kiln.compile.int8 import int8_weights  # noqa: E402
+from kiln.config import read_toml  # noqa: E402
+from kiln.models.loaded import LoadedModel  # noqa: E402
+from kiln.quant.config import parse_config  # noqa: E402
+from kiln.quant.run import prepare  # noqa: E402
+from kiln.timing import TimingConfig, format_timing, measure  # noqa: E402
 
 BATCH, SEQ, THREADS = 32, 128, 2
-CALIBRATION = 128          # train-split reviews for SmoothQuant's activation statistics
-KILN = "int8 torchao + SmoothQuant + compile (kiln)"
-# name -> (precision, LowpConfig); fp32 rows name a runtime of to_fp32
+CALIBRATION = 128          # train-split reviews for the quantizers' and SmoothQuant's statistics
+KILN_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "quant", "minilm-w8a8-smooth.toml")
+KILN = "int8 kiln quantize + compile torchao (kiln)"
+# name -> (kiln quant config or None, compile backend)
 METHODS = {
-    "fp32 eager": ("fp32", "eager"),
-    "fp32 torch.compile": ("fp32", "inductor"),
-    KILN: ("int8", LowpConfig("torchao", THREADS, smoothquant_alpha=0.5)),
-    "int8 torchao + compile": ("int8", LowpConfig("torchao", THREADS)),
-    "int8 torch.ao quantize_dynamic": ("int8", LowpConfig("torch.ao", THREADS)),
-    "fp32 onnxruntime": ("fp32", "ort"),
-    "int8 onnxruntime quantize_dynamic": ("int8", LowpConfig("ort", THREADS)),
+    "fp32 eager": (None, "eager"),
+    "fp32 torch.compile": (None, "inductor:freezing=1"),
+    KILN: (KILN_CONFIG, "torchao"),
+    "int8 torchao + compile": (None, "torchao"),
+    "int8 torch.ao quantize_dynamic": (None, "torch.ao"),
+    "fp32 onnxruntime": (None, f"onnxruntime:threads={THREADS}"),
+    "int8 onnxruntime quantize_dynamic": (None, f"onnxruntime:dtype=int8,threads={THREADS}"),
 }
 
 
@@ -76,33 +88,35 @@ def embed(fn, parts) -> torch.Tensor:
         return torch.cat([fn(**b)[:n] for n, b in parts])
 
 
+def kiln_quantized(model, config_path: str, calibration) -> torch.nn.Module:
+    """What `kiln quantize` makes of the model: SmoothQuant, quantizers, calibrated."""
+    import copy
+
+    quantized = copy.deepcopy(model)
+    prepare(quantized, parse_config(read_toml(config_path), config_path), calibration, forward=lambda m, b: m(**b))
+    return quantized.eval()
+
+
 def build(model, example, calibration) -> dict[str, tuple[torch.nn.Module, float]]:
     built = {}
-    for name, (precision, how) in METHODS.items():
+    for name, (config, backend) in METHODS.items():
         log(f"building {name} ...")
         t0 = time.perf_counter()
-        if precision == "fp32":
-            m = to_fp32(model, how, example_kwargs=example, threads=THREADS)
-        else:
-            m = to_int8(model, how, example_kwargs=example, calibration=calibration)
+        source = model if config is None else kiln_quantized(model, config, calibration)
+        m = build_backend(parse_backend(backend), source, LoadedModel("zoo:minilm", source, (), example))
         built[name] = (m, time.perf_counter() - t0)
     return built
 
 
 def time_rounds(built, example, repeats: int) -> dict[str, list[float]]:
-    names = list(built)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.no_grad():
-        for n in names:   # warm-up: caches, allocator, oneDNN primitive creation
-            for _ in range(2):
-                built[n][0](**example)
-        for r in range(repeats):
-            for n in names[r % len(names):] + names[:r % len(names)]:
-                t0 = time.perf_counter()
-                built[n][0](**example)
-                times[n].append(time.perf_counter() - t0)
-            log(f"round {r + 1}/{repeats}: " + ", ".join(f"{n.split(' (')[0]} {times[n][-1] * 1e3:.0f} ms" for n in names))
-    return times
+    """Every method in kiln.timing's interleaved rounds (warm-up: caches, allocator, oneDNN
+    primitive creation); each method's seconds per batch."""
+    m = measure({n: (lambda f=f: f(**example)) for n, (f, _) in built.items()}, TimingConfig(rounds=repeats, warmup=2))
+    for n in built:
+        log(f"{n}: {format_timing(m[n])}")
+    if m.note():
+        log(f"timing: {m.note()}")
+    return {n: list(m[n].samples) for n in built}
 
 
 def main() -> None:
@@ -136,7 +150,7 @@ def main() -> None:
             "sentences_per_s": round(BATCH / med, 2), "ms_per_batch": round(med * 1e3, 1),
             "ratio_vs_fp32_eager": round(BATCH / med / base, 3),
             "cosine_mean": round(cos[n].mean().item(), 5), "cosine_min": round(cos[n].min().item(), 5),
-            "int8_weights": len(int8_weights(m)), "build_s": round(build_s, 1),
+            "int8_weights": len(int8_weights(m)) if isinstance(m, torch.nn.Module) else 0, "build_s": round(build_s, 1),
             "runs_ms": [round(t * 1e3, 1) for t in times[n]],
         }
     k = methods[KILN]
@@ -146,7 +160,9 @@ def main() -> None:
         "onnxruntime": onnxruntime.__version__, "threads": THREADS, "batch": BATCH, "seq_len": SEQ,
         "model": "zoo:minilm (all-MiniLM-L6-v2, real weights)",
         "data": (f"rotten-tomatoes test split: throughput on its first {BATCH}, cosine on its first "
-                 f"{len(texts)}; SmoothQuant calibrated on the first {CALIBRATION} of the train split"),
+                 f"{len(texts)}; kiln's quantizers and SmoothQuant calibrated on the first {CALIBRATION} of "
+                 "the train split"),
+        "kiln_config": "configs/quant/minilm-w8a8-smooth.toml",
         "repeats": args.repeats, "methods": methods,
         "targets": {
             "kiln_ge_2x_fp32_eager": k["ratio_vs_fp32_eager"] >= 2.0,

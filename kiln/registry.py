@@ -1,6 +1,12 @@
-"""One registry per kind of plug-in (models, hardware profiles, FLOP formulas, ...)."""
+"""One registry per kind of plug-in (models, hardware profiles, FLOP formulas, ...).
+
+A registry names the modules that fill it (`plugins`) and imports them itself the first time
+it is asked for its contents, so importing kiln stays light and no caller keeps a list of
+modules to import by hand.
+"""
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Generic, Iterator, TypeVar
 
 from kiln.errors import KilnError
@@ -11,9 +17,24 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Name -> object, filled by a decorator; an unknown name is a KilnError listing the names."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, plugins: tuple[str, ...] = ()):
         self.kind = kind
+        self.plugins = plugins
         self._items: dict[str, T] = {}
+        self._loaded = not plugins
+
+    def load(self) -> None:
+        """Import the plug-in modules (once). A module whose optional dependency is missing is
+        skipped; its names then stay unknown."""
+        if self._loaded:
+            return
+        self._loaded = True
+        for name in self.plugins:
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as exc:
+                if exc.name is None or name == exc.name or name.startswith(exc.name + "."):
+                    raise   # the plug-in module itself is missing: a mistake in `plugins`
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -25,6 +46,8 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        if name not in self._items:
+            self.load()
         try:
             return self._items[name]
         except KeyError:
@@ -33,10 +56,13 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        self.load()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        if name not in self._items:
+            self.load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        return iter(self.names())

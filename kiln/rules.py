@@ -26,8 +26,11 @@ class Match:
     def __str__(self) -> str:
         return f"{self.kind}:{self.pattern}"
 
+    def to_config(self) -> str:
+        return str(self)
+
     @classmethod
-    def parse(cls, match: object, where: str) -> "Match":
+    def from_config(cls, match: object, where: str) -> "Match":
         """'fqn:NAME', 're:REGEX' or 'type:TYPE'; anything else is a one-line KilnError."""
         if not isinstance(match, str) or ":" not in match or match.split(":", 1)[0] not in KINDS:
             raise KilnError(f"{where}: match needs 'fqn:NAME', 're:REGEX' or 'type:TYPE', got {match!r}")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.prune.criteria import CRITERIA, Reduction, ScoreContext
 from kiln.prune.deps import Group
 from kiln.prune.importance import group_scores
 from kiln.prune.structured import dependency_groups, prune_structured, prune_transformer, restore
@@ -117,30 +118,48 @@ def test_param_count_is_exact_arithmetic():
 
 
 def test_restore_rebuilds_the_pruned_model():
-    res = prune_structured(_net(), X, 0.5, "l2", round_to=2)
+    res = prune_structured(_net(), X, 0.5, "magnitude", Reduction.L2, round_to=2)
     fresh = restore(Net().eval(), res.record)
     fresh.load_state_dict(res.model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh(*X), res.model(*X))
 
 
-def test_l1_and_taylor_scores_match_hand_computation():
+def test_magnitude_sum_is_l1_norm_l2_is_l2_norm_and_snip_sum_is_taylor():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
     (group,) = [g for g in dependency_groups(mlp, (x,)) if not g.pinned]
     w1, b1, w2 = mlp[0].weight, mlp[0].bias, mlp[2].weight
-    parts = [w1.abs().sum(1), b1.abs(), w2.abs().sum(0)]
-    expected = sum(p / p.mean() for p in parts) / 3
-    torch.testing.assert_close(group_scores(group, "l1", dict(mlp.named_parameters())), expected.detach())
+    params = dict(mlp.named_parameters())
+
+    def mean_normalised(parts):
+        return (sum(p / p.mean() for p in parts) / 3).detach()
+
+    l1 = [w1.abs().sum(1), b1.abs(), w2.abs().sum(0)]
+    torch.testing.assert_close(group_scores(group, "magnitude", params), mean_normalised(l1))
+    l2 = [w1.pow(2).sum(1).sqrt(), b1.abs(), w2.pow(2).sum(0).sqrt()]
+    torch.testing.assert_close(group_scores(group, "magnitude", params, reduction=Reduction.L2), mean_normalised(l2))
     nn.functional.cross_entropy(mlp(x), y).backward()
-    parts = [(w1 * w1.grad).abs().sum(1), (b1 * b1.grad).abs(), (w2 * w2.grad).abs().sum(0)]
-    expected = sum(p / p.mean() for p in parts) / 3
-    grads = {n: p.grad for n, p in mlp.named_parameters()}
-    torch.testing.assert_close(group_scores(group, "taylor", dict(mlp.named_parameters()), grads), expected.detach())
+    taylor = [(w1 * w1.grad).abs().sum(1), (b1 * b1.grad).abs(), (w2 * w2.grad).abs().sum(0)]
+    ctx = ScoreContext(grads={n: p.grad for n, p in mlp.named_parameters()})
+    torch.testing.assert_close(group_scores(group, "snip", params, ctx), mean_normalised(taylor))
     mlp.zero_grad()
-    res = prune_structured(mlp, (x,), 0.5, "taylor", batches=[(x, y)])
+    res = prune_structured(mlp, (x,), 0.5, "snip", batches=[(x, y)])
     assert res.model[0].out_features == 3 and res.model[2].in_features == 3
+
+
+@pytest.mark.parametrize("criterion", CRITERIA.names())
+def test_every_criterion_prunes_structured_to_the_ratio_and_the_model_runs(criterion):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    res = prune_structured(mlp, (x,), 0.5, criterion, batches=[(x, y)])
+    assert res.model[0].out_features == 4 and res.model[2].in_features == 4
+    kept_rows = [i for i in range(8) if any(torch.equal(mlp[0].weight[i], r) for r in res.model[0].weight)]
+    with torch.no_grad():   # oracle: the dense model with the dropped units' outputs zeroed
+        h = torch.relu(mlp[0](x))[:, kept_rows]
+        torch.testing.assert_close(res.model(x), h @ mlp[2].weight[:, kept_rows].T + mlp[2].bias)
 
 
 class Cumsum(nn.Module):
@@ -160,9 +179,9 @@ def test_bad_input_is_a_kiln_error():
     for ratio in (1.0, -0.1):
         with pytest.raises(KilnError, match="ratio must be in"):
             prune_structured(_net(), X, ratio)
-    with pytest.raises(KilnError, match="taylor importance needs batches"):
-        prune_structured(_net(), X, 0.5, "taylor")
-    with pytest.raises(KilnError, match="unknown structured importance 'l3'"):
+    with pytest.raises(KilnError, match="criterion snip needs batches"):
+        prune_structured(_net(), X, 0.5, "snip")
+    with pytest.raises(KilnError, match="unknown pruning criterion 'l3'"):
         prune_structured(_net(), X, 0.5, "l3")
 
 

@@ -18,14 +18,13 @@
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.config import from_dict
 from kiln.errors import KilnError
+from kiln.train.config import finetune_table
 
-SCALARS = ("criterion", "threshold", "max_drop", "select", "head_pool", "head_hidden", "freeze_backbone", "sweep_points",
-           "latency_samples", "latency_repeats", "seed")
 
 
 @dataclass(frozen=True)
@@ -74,23 +73,10 @@ class EarlyExitConfig:
 
 def parse_config(table: dict[str, Any], where: str = "early-exit config") -> EarlyExitConfig:
     """An EarlyExitConfig from a TOML table; unknown keys and bad values are one-line KilnErrors."""
-    from kiln.lowrank.config import scalar_fields
-    from kiln.train.config import finetune_table
-
-    fields = [f.name for f in dataclasses.fields(EarlyExitConfig)]
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise KilnError(f"{where}: unknown key {unknown[0]!r}; accepted: {', '.join(fields)}")
-    data = dict(table)
-    exits, weights, train = data.pop("exits", None), data.pop("weights", []), data.pop("train", {})
-    if not isinstance(exits, list) or not all(isinstance(e, str) for e in exits):
-        raise KilnError(f"{where}: exits needs a list of block FQNs, got {exits!r}")
-    if not isinstance(weights, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
-        raise KilnError(f"{where}: weights needs a list of numbers, got {weights!r}")
-    train = finetune_table(train, where, "train") if train else {}
+    if not isinstance(table, dict) or "exits" not in table:
+        raise KilnError(f"{where}: exits needs a list of block FQNs")
+    cfg = from_dict(EarlyExitConfig, table, where)
+    train = finetune_table(cfg.train, where, "train") if cfg.train else {}
     if train.get("distill"):
         raise KilnError(f"{where}.train: distill does not apply: the exits train on their own loss")
-
-    rest = scalar_fields(EarlyExitConfig, SCALARS, data, where)
-    return EarlyExitConfig(tuple(exits), weights=tuple(float(w) for w in weights), train=train,
-                           **rest)
+    return cfg

@@ -13,6 +13,7 @@ from kiln.adapt.config import EarlyExitConfig, parse_config
 from kiln.adapt.early_exit import CRITERIA, EarlyExit, heads_for, probe
 from kiln.adapt.restore import record_of
 from kiln.adapt.sweep import ExitFlops, Point, choose, exit_flops, exits_taken, point, thresholds
+from kiln.timing import TimingConfig, measure
 
 Log = Callable[[str], None]
 
@@ -120,10 +121,10 @@ def _report(model: EarlyExit, cfg: EarlyExitConfig, flops: ExitFlops, test, grid
 
 
 def latency(model: EarlyExit, split, cfg: EarlyExitConfig, test) -> dict:
-    """Mean seconds per sample over the first test samples one at a time (batch 1), the backbone
-    alone and with early exit, interleaved; and the share of samples whose exit matches the sweep's (batched) choice."""
-    from kiln.lowrank.run import side_by_side
-
+    """Seconds per sample over the first test samples one at a time (batch 1), the backbone
+    alone and with early exit, interleaved in one kiln.timing call (a single figure taken in
+    one process read 2.00x where a fresh process read 1.06x); and the share of samples whose
+    exit matches the sweep's (batched) choice."""
     samples = [x for (x, _), _ in zip(DataLoader(split, batch_size=1), range(cfg.latency_samples))]
     model.eval()
     taken = []
@@ -134,9 +135,12 @@ def latency(model: EarlyExit, split, cfg: EarlyExitConfig, test) -> dict:
             _call(model, x)
             taken.append(int(model.last_exits[0]))
 
-    dense, fast = side_by_side([lambda: [_call(model.backbone, x) for x in samples], early], cfg.latency_repeats, warmup=1)
+    m = measure({"dense": lambda: [_call(model.backbone, x) for x in samples], "early_exit": early},
+                TimingConfig(rounds=cfg.latency_repeats, warmup=1))
+    dense, fast = m["dense"].per(len(samples)), m["early_exit"].per(len(samples))
     logits = test[0][:, :len(samples)]
     expected = exits_taken(model.criterion.score(logits[:-1]).T, model.criterion, model.threshold).tolist()
-    return {"batch": 1, "samples": len(samples), "threads": torch.get_num_threads(), "repeats": cfg.latency_repeats,
-            "dense_s": dense / len(samples), "early_exit_s": fast / len(samples), "speedup": dense / fast,
+    return {"batch": 1, "samples": len(samples), "threads": m.threads, "repeats": m.rounds,
+            "dense_s": dense.median, "early_exit_s": fast.median, "speedup": m.speedup("dense", "early_exit"),
+            "dense": dense.to_dict(), "early_exit": fast.to_dict(), "timing_note": m.note(),
             "exit_agreement": sum(a == b for a, b in zip(taken, expected)) / len(samples)}

@@ -102,7 +102,9 @@ class Analysis:
                 "fallback_dtypes": list(self.roofline.fallback_dtypes),
             },
             "measured": None if m is None else {
-                "ops_s": m.ops_s, "eager_s": m.eager_s, "threads": m.threads, "repeats": m.repeats,
+                "ops_s": m.ops_s, "eager_s": m.eager_s, "graph_s": m.graph_s, "threads": m.threads,
+                "repeats": m.repeats, "eager": m.eager, "graph": m.graph, "contended_ops": m.contended_ops,
+                "note": m.note,
             },
             "timings_s": self.timings,
         }

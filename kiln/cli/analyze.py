@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, progress, seconds, si, user_errors, validate, write_json
+from kiln.cli.common import console, err_console, progress, seconds, si, user_errors, validate, write_json
 
 
 def _hardware(name: str):
@@ -17,7 +17,11 @@ def _hardware(name: str):
         from kiln.hardware.calibrate import calibrate
 
         with progress("no 'local' profile yet: calibrating this machine (once)") as update:
-            save_profile(calibrate("local", progress=update))
+            cal = calibrate("local", progress=update)
+        for line in cal.warnings():
+            err_console.print(f"[yellow]calibration: busy machine? {line}; re-run `kiln hardware calibrate` "
+                              f"when it is quiet[/yellow]")
+        save_profile(cal.profile)
     return load_profile(name)
 
 
@@ -30,7 +34,7 @@ def analyze(
     svg: Optional[Path] = typer.Option(None, help="Write the graph drawing (SVG) here."),
     color_by: str = typer.Option("bound", help="SVG colouring: bound or cost."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full analysis as JSON here."),
-    measure: bool = typer.Option(True, help="Measure per-op time on this CPU with torch.profiler."),
+    measure: bool = typer.Option(True, help="Measure per-op and whole-model time on this CPU (kiln.timing)."),
     top: int = typer.Option(12, min=0, help="How many of the costliest ops to list."),
 ) -> None:
     """Shapes, parameters, FLOPs, bytes, memory, roofline and measured per-op time of a model."""
@@ -77,7 +81,21 @@ def _write(outputs: dict) -> None:
 
 
 def _eff(roof: float, measured: float | None) -> str:
-    return f"{100 * roof / measured:.0f}%" if measured and roof else "-"
+    """roofline / measured; above 100% the profile's peaks are below what this run achieved,
+    and the mark sends the reader to the note under the table."""
+    if not (measured and roof):
+        return "-"
+    return f"{100 * roof / measured:.0f}%" + ("!" if roof > measured else "")
+
+
+def _over_peak(rows) -> bool:
+    return any(r["measured_s"] and r["roofline_s"] > r["measured_s"] for r in rows)
+
+
+def _over_peak_note() -> str:
+    from kiln.hardware.profiles import ABOVE_PEAK
+
+    return f"[yellow]!: {ABOVE_PEAK}[/yellow]"
 
 
 def _print(a, depth: int, top: int) -> None:
@@ -98,14 +116,22 @@ def _print(a, depth: int, top: int) -> None:
     ):
         s.add_row(k, v)
     if m:
-        s.add_row("measured here", f"eager {seconds(m.eager_s)}; graph ops {seconds(m.ops_s)} "
-                                   f"({m.threads} threads; eager median, ops mean of {m.repeats})")
+        from kiln.timing import format_timing
+
+        s.add_row("measured here", f"eager {format_timing(m.eager)}; graph {format_timing(m.graph)} "
+                                   f"({m.threads} threads, medians of {m.repeats} interleaved rounds)")
+        s.add_row("per-op sum", f"{seconds(m.ops_s)}, {m.ops_share:.0%} of the graph's time (each op timed on its "
+                                f"own arguments; {m.contended_ops} of {len(m.per_node_s)} ops contended)")
+        if m.note:
+            s.add_row("note", m.note)
     if a.roofline.fallback_dtypes:
         s.add_row("note", f"{hw.name} has no figure for {', '.join(a.roofline.fallback_dtypes)}: costed at its {hw.fallback} peak")
     console.print(s)
     _rollup_table(f"per module (depth {depth})", "module", a.by_module(depth), flops, m, here, with_params=True)
     _rollup_table("per op type", "op", a.by_op(), flops, m, here)
     _top_table(a, top, here)
+    if m and here and _over_peak(a.rows()):   # a roll-up above 100% has an op above 100% in it
+        console.print(_over_peak_note())
 
 
 def _rollup_table(title, key, rows, flops, m, here, with_params=False) -> None:

@@ -21,13 +21,21 @@ def print_candidates(report: dict) -> None:
         ok = c["status"] == "ok"
         mark = " *" if c["backend"] == report["chosen"] else ""
         table.add_row(
-            c["backend"] + mark, c["status"], seconds(c["latency_s"]) if ok else "-",
+            c["backend"] + mark, c["status"], seconds(c["latency_s"]) + (" contended" if c.get("contended") else "")
+            if ok else "-",
             seconds(c["p90_s"]) if ok else "-", f"{c['throughput']:.1f}" if ok else "-",
             f"{eager / c['latency_s']:.2f}x" if ok and eager else "-",
             "-" if c["error"] is None else f"{c['error']:.1e}",
-            f"{c['roofline_fraction']:.0%}" if c.get("roofline_fraction") else "-", c["reason"])
+            f"{c['roofline_fraction']:.0%}" + ("!" if c["roofline_fraction"] > 1 else "") if c.get("roofline_fraction")
+            else "-", c["reason"])
     console.print(table)
+    if report.get("timing_note"):
+        console.print(f"[yellow]timing: {report['timing_note']}[/yellow]")
+    if "quantized" in report:
+        console.print(report["quantized"]["line"], highlight=False, soft_wrap=True)
     roof = report.get("roofline", {})
+    if roof.get("note"):
+        console.print(f"[yellow]!: {roof['note']}[/yellow]")
     if roof.get("roofline_s"):
         console.print(f"roofline on {roof['hardware']}: {seconds(roof['roofline_s'])} ({roof['bound']}-bound, "
                       f"{roof['flops'] / 1e9:.3g} GFLOP per call); chosen: {report['chosen']}")
@@ -37,7 +45,7 @@ def print_candidates(report: dict) -> None:
 def compile(
     src: str = typer.Argument(..., help="A model spec, a run directory or an artifact directory."),
     backend: str = typer.Option("auto", help="auto, or backends joined by '+', each NAME[:key=value,...]: "
-                                             "eager, export, inductor, onnxruntime, torchao-int8."),
+                                             "eager, export, inductor, onnxruntime, torchao, torch.ao."),
     batch: int = typer.Option(1, min=1, help="Batch size to compile and measure at."),
     precision: str = typer.Option("fp32", help="Lowest precision a candidate may compute in: fp32, bf16, int8."),
     rounds: int = typer.Option(20, min=1, help="Interleaved timing rounds."),
@@ -48,11 +56,12 @@ def compile(
     """Build every candidate backend, reject those that leave their tolerance against eager,
     time the rest side by side and keep the fastest."""
     from kiln.cli.analyze import _hardware
-    from kiln.compile.run import compile_run
+    from kiln.compile.run import candidates, compile_run, parse_precision
     from kiln.io import atomic_write_json, check_writable
 
     if json_path:
         check_writable(json_path)
+    candidates(backend, parse_precision(precision))   # a bad name fails before a first-run calibration
     profile = _hardware(hardware)
     with err_console.status(f"compiling {src}") as status:
         report, _ = compile_run(src, backend, batch, precision, rounds, out, profile,

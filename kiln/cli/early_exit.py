@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, seconds, si, check_fits, user_errors, validate, write_json
+from kiln.cli.common import check_fits, console, err_console, si, user_errors, validate, write_json
 
 
 def print_report(report: dict) -> None:
@@ -25,13 +25,17 @@ def print_report(report: dict) -> None:
         curve.add_row(f"{p['threshold']:.4g}{mark}", f"{p['accuracy']:.4f}", si(p["avg_flops"]), f"{p['flops_saved']:.1%}",
                       " ".join(f"{f:.2f}" for f in p["exit_fractions"]))
     console.print(curve)
+    from kiln.timing import format_timing   # (torch: kept out of the CLI's start-up)
+
     c, d, lat = report["chosen"], report["dense"], report["latency"]
     console.print(f"threshold {report['threshold']:.4g} ({report['threshold_from']}): accuracy {c['accuracy']:.4f} vs "
                   f"{d['accuracy']:.4f} dense, {si(c['avg_flops'])} vs {si(d['flops'])} FLOPs per sample "
                   f"({c['flops_saved']:.1%} fewer)")
-    console.print(f"latency per sample at batch 1 ({lat['threads']} threads, {lat['samples']} samples, median of "
-                  f"{lat['repeats']}): dense {seconds(lat['dense_s'])}, early exit {seconds(lat['early_exit_s'])} "
-                  f"({lat['speedup']:.2f}x)")
+    console.print(f"latency per sample at batch 1 ({lat['threads']} threads, {lat['samples']} samples, interleaved, "
+                  f"median of {lat['repeats']}): dense {format_timing(lat['dense'])}, early exit "
+                  f"{format_timing(lat['early_exit'])} ({lat['speedup']:.2f}x)")
+    if lat["timing_note"]:
+        console.print(f"[yellow]timing: {lat['timing_note']}[/yellow]")
 
 
 @user_errors

@@ -28,14 +28,14 @@ def list_profiles(
     """List hardware profiles (built-in and yours)."""
     if ctx.invoked_subcommand:
         return
-    from kiln.hardware.profiles import available, load_profile, user_dir
+    from kiln.hardware.profiles import available, load_profile, peak_unit, user_dir
 
     profiles = [load_profile(name) for name in available()]
     table = Table(title="hardware profiles")
     for col in ("name", "kind", "fp32", "bf16", "int8", "bandwidth", "ridge (FLOP/B)", "description"):
         table.add_column(col)
     for p in profiles:
-        table.add_row(p.name, p.kind, *(si(p.peak_flops.get(k), "FLOP/s") if k in p.peak_flops else "-"
+        table.add_row(p.name, p.kind, *(si(p.peak_flops.get(k), peak_unit(k)) if k in p.peak_flops else "-"
                                          for k in ("fp32", "bf16", "int8")),
                       si(p.memory_bandwidth, "B/s"), f"{p.ridge():.1f}", p.description)
     console.print(table)
@@ -59,19 +59,39 @@ def calibrate(
     name: str = typer.Option("local", help="Name to save the profile under."),
     size: int = typer.Option(2048, min=64, help="Matrix size of the matmul benchmark."),
     copy_mib: int = typer.Option(512, min=8, help="MiB copied for the bandwidth benchmark."),
-    repeats: int = typer.Option(5, min=1),
+    budget: float = typer.Option(5.0, min=0.1, help="Seconds at most per figure; each stops sooner once its best stops improving."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a saved profile even where it has higher peaks."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the profile as JSON here."),
 ) -> None:
-    """Measure this machine's peak matmul FLOP/s and memory bandwidth and save a profile."""
+    """Measure this machine's peak matmul FLOP/s (OP/s for int8) and memory bandwidth and save a
+    profile; a peak is the fastest call, measured until it stops improving."""
     from kiln.hardware.calibrate import calibrate as measure
-    from kiln.hardware.profiles import save_profile
+    from kiln.hardware.profiles import higher_in, load_profile, peak_unit, save_profile, user_dir
+    from kiln.io import check_writable
 
-    with err_console.status("calibrating") as status:
-        profile = measure(name, size, copy_mib, repeats, progress=lambda s: status.update(f"calibrating: {s}"))
-    path = save_profile(profile)
-    for key, value in profile.peak_flops.items():
-        console.print(f"{key:>5} matmul peak: {si(value, 'FLOP/s')}")
-    console.print(f"memory bandwidth: {si(profile.memory_bandwidth, 'B/s')}   ridge: {profile.ridge():.1f} FLOP/B")
-    console.print(f"saved {path}")
     if json_path:
-        atomic_write_json(json_path, _as_dict(profile))
+        check_writable(json_path)
+    with err_console.status("calibrating") as status:
+        cal = measure(name, size, copy_mib, budget, progress=lambda s: status.update(f"calibrating: {s}"))
+    profile = cal.profile
+
+    def unit(key: str) -> str:
+        return "B/s" if key == "memory_bandwidth" else peak_unit(key)
+
+    for key, peak in cal.peaks.items():
+        label = "memory bandwidth" if key == "memory_bandwidth" else f"{key:>5} matmul peak"
+        console.print(f"{label}: {si(peak.value, unit(key))} (median call {si(peak.typical, unit(key))}; {peak.describe()})")
+    console.print(f"ridge: {profile.ridge():.1f} FLOP/B")
+    for line in cal.warnings():
+        console.print(f"[yellow]busy machine? {line}[/yellow]")
+    saved = user_dir() / f"{name}.toml"
+    higher = higher_in(load_profile(str(saved)), profile) if saved.is_file() and not force else {}
+    if higher:
+        # not an error: the machine keeps its better measurement (and `make demo` goes on)
+        worse = ", ".join(f"{k} {si(old, unit(k))} > {si(new, unit(k))}" for k, (old, new) in higher.items())
+        console.print(f"[yellow]kept {saved}: it has higher peaks than this run ({worse}); a peak is a maximum, "
+                      f"so this run was likely the busier one; --force overwrites it[/yellow]")
+    else:
+        console.print(f"saved {save_profile(profile)}")
+    if json_path:
+        atomic_write_json(json_path, _as_dict(profile) | {"warnings": cal.warnings(), "saved": not higher})

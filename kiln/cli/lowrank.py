@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, seconds, si, check_fits, user_errors, validate, write_json
+from kiln.cli.common import check_fits, console, err_console, si, user_errors, validate, write_json
 
 
 def print_report(report: dict, metrics: dict) -> None:
@@ -23,9 +23,13 @@ def print_report(report: dict, metrics: dict) -> None:
     console.print(f"parameters {report['params_before']:,} -> {report['params_after']:,} "
                   f"({report['params_after'] / report['params_before']:.1%}); FLOPs {si(report['flops_before'])} -> "
                   f"{si(report['flops_after'])} per sample")
+    from kiln.timing import format_timing   # (torch: kept out of the CLI's start-up)
+
     lat = report["latency"]
-    console.print(f"latency at batch {lat['batch']} ({lat['threads']} threads, median of {lat['repeats']}): dense "
-                  f"{seconds(lat['dense_s'])}, low-rank {seconds(lat['lowrank_s'])} ({lat['speedup']:.2f}x)")
+    console.print(f"latency at batch {lat['batch']} ({lat['threads']} threads, interleaved, median of {lat['repeats']}): "
+                  f"dense {format_timing(lat['dense'])}, low-rank {format_timing(lat['lowrank'])} ({lat['speedup']:.2f}x)")
+    if lat["timing_note"]:
+        console.print(f"[yellow]timing: {lat['timing_note']}[/yellow]")
     if "metric" in metrics:
         key = metrics["metric"]
         line = f"test {key}: dense {metrics['dense_' + key]:.4f}  factorised {metrics['factorized_' + key]:.4f}"

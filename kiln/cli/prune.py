@@ -44,11 +44,15 @@ def print_report(report: dict, metrics: dict) -> None:
     console.print(table)
     for s in report["skipped"]:
         console.print(f"skipped {s['module']}: {s['reason']}")
+    from kiln.timing import format_timing   # (torch: kept out of the CLI's start-up)
+
     b, a = report["before"], report["after"]
     console.print(f"params {si(b['params'])} -> {si(a['params'])} (non-zero {si(b['nonzero_params'])} -> "
                   f"{si(a['nonzero_params'])}); FLOPs {si(b['flops'])} -> {si(a['flops'])} (skipping zero weights: "
-                  f"{si(a['effective_flops'])}); latency {b['latency_s'] * 1e3:.3f} -> {a['latency_s'] * 1e3:.3f} ms "
-                  f"(median of {a['latency_repeats']}, {a['threads']} threads)")
+                  f"{si(a['effective_flops'])}); latency {format_timing(b['latency'])} -> {format_timing(a['latency'])} "
+                  f"(interleaved, median of {a['latency_repeats']}, {a['threads']} threads)")
+    if a["timing_note"]:
+        console.print(f"[yellow]timing: {a['timing_note']}[/yellow]")
     if "metric" in metrics:
         key = metrics["metric"]
         line = f"test {key}: dense {metrics.get('dense_' + key, float('nan')):.4f}"

@@ -1,17 +1,15 @@
 """Choosing a backend by measurement: build every candidate, reject those whose outputs leave
 their precision's tolerance against eager, time the rest side by side, keep the fastest.
 
-Timing interleaves the candidates (one timed call of each per round, `rounds` rounds, a
-short call preceded by an untimed one), so a slow spell of the machine lands on all of them
-rather than on whichever ran last; latency is the median round, p90 the 90th percentile.
-When the two fastest are within RUNOFF_MARGIN of each other, the choice is too close for
-that many rounds: every accepted candidate gets `rounds` more interleaved rounds (so a slow
+Timing goes through kiln.timing: interleaved rounds (a short call preceded by an untimed one),
+latency the median round, p90 the 90th percentile, a contended measurement measured again or
+flagged. When the two fastest are within RUNOFF_MARGIN of each other, the choice is too close
+for that many rounds: every accepted candidate gets `rounds` more interleaved rounds (so a slow
 spell still lands on all of them), and the choice is made on all the rounds.
 """
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -24,13 +22,14 @@ from kiln.compile.backends import (TOLERANCE, BackendSpec, Precision, build, mis
 from kiln.compile.verify import relative_error
 from kiln.errors import KilnError
 from kiln.models.loaded import LoadedModel
+from kiln.timing import Measurement, TimingConfig, measure
 
 # what `--backend auto` tries, by the lowest precision the user allows
 AUTO = {
     Precision.FP32: ("eager", "export", "eager:passes=1", "inductor", "inductor:freezing=1",
                      "inductor:freezing=1,passes=1", "onnxruntime", "onnxruntime:level=basic"),
     Precision.BF16: ("eager:dtype=bf16", "inductor:dtype=bf16,freezing=1"),
-    Precision.INT8: ("torchao-int8",),
+    Precision.INT8: ("torchao",),
 }
 ORDER = (Precision.FP32, Precision.BF16, Precision.INT8)
 # a call shorter than this gets one untimed call before its timed one in each round
@@ -54,7 +53,9 @@ class Candidate:
     tolerance: float | None = None
     build_s: float | None = None
     latency_s: float | None = None     # median over rounds
+    min_s: float | None = None
     p90_s: float | None = None
+    contended: bool = False            # still contended after measuring again (kiln.timing)
     throughput: float | None = None    # samples/s
     times: list[float] = field(default_factory=list, repr=False)
 
@@ -68,13 +69,14 @@ class Selection:
     chosen: str
     runoff: list[str] = field(default_factory=list)   # the close pair that doubled the rounds
     fns: dict[str, Callable] = field(default_factory=dict, repr=False)
+    note: str = ""                     # what to distrust in the timing ('' when clean)
 
     def by_name(self, name: str) -> Candidate:
         return next(c for c in self.candidates if c.backend == name)
 
     def to_dict(self) -> dict:
         return {"batch": self.batch, "threads": self.threads, "rounds": self.rounds, "chosen": self.chosen,
-                "runoff": self.runoff,
+                "runoff": self.runoff, "timing_note": self.note,
                 "candidates": [{k: v for k, v in dataclasses.asdict(c).items() if k != "times"}
                                for c in self.candidates]}
 
@@ -132,16 +134,10 @@ def select(model: nn.Module, loaded: LoadedModel, backends: Sequence[str], preci
         reasons = "; ".join(f"{c.backend}: {c.reason}" for c in cands)
         raise KilnError(f"no backend could run {loaded.spec} within tolerance ({reasons})")
     progress(f"timing {len(fns)} candidates, {rounds} interleaved rounds")
-    by_name = {c.backend: c for c in cands}
-    _time(fns, by_name, loaded, rounds, warmup, batch or 1)
-    ranked = sorted((c for c in cands if c.status == "ok"), key=lambda c: c.latency_s)
-    runoff, total = [], rounds
-    if len(ranked) > 1 and ranked[1].latency_s < ranked[0].latency_s * (1 + RUNOFF_MARGIN):
-        runoff, total = [ranked[0].backend, ranked[1].backend], 2 * rounds
-        progress(f"{runoff[0]} and {runoff[1]} within {RUNOFF_MARGIN:.0%}: {rounds} more rounds of all")
-        _time(fns, by_name, loaded, rounds, 0, batch or 1)
-    chosen = min((c for c in cands if c.status == "ok"), key=lambda c: c.latency_s)
-    return Selection(batch, torch.get_num_threads(), total, cands, chosen.backend, runoff, fns)
+    m = measure({name: (lambda fn=fn: call(fn, loaded)) for name, fn in fns.items()},
+                TimingConfig(rounds=rounds, warmup=warmup, short_call_s=SHORT_CALL_S, runoff_margin=RUNOFF_MARGIN))
+    _record(m, {c.backend: c for c in cands}, batch or 1)
+    return Selection(batch, m.threads, m.rounds, cands, m.fastest(), list(m.runoff), fns, m.note())
 
 
 def _check(spec: BackendSpec, model, loaded, reference, precision: Precision, progress):
@@ -170,30 +166,8 @@ def _check(spec: BackendSpec, model, loaded, reference, precision: Precision, pr
     return cand, fn
 
 
-def _time(fns: dict[str, Callable], cands: dict[str, Candidate], loaded, rounds: int, warmup: int,
-          batch: int) -> None:
-    for fn in fns.values():
-        for _ in range(warmup):
-            call(fn, loaded)
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            c = cands[name]
-            if not c.times or c.times[-1] < SHORT_CALL_S:
-                call(fn, loaded)     # untimed: caches and thread pools back from the previous candidate
-            t0 = time.perf_counter()
-            call(fn, loaded)
-            c.times.append(time.perf_counter() - t0)
-    for name in fns:
+def _record(m: Measurement, cands: dict[str, Candidate], batch: int) -> None:
+    for name, t in m.timings.items():
         c = cands[name]
-        c.latency_s = statistics.median(c.times)
-        c.p90_s = percentile(c.times, 90)
-        c.throughput = batch / c.latency_s
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile by linear interpolation between closest ranks (numpy's default)."""
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+        c.times, c.latency_s, c.min_s, c.p90_s, c.contended = list(t.samples), t.median, t.min, t.p90, t.contended
+        c.throughput = batch / t.median

@@ -10,9 +10,15 @@ optimised graph to the backend instead of the model. One registry (`BACKENDS`) h
 - inductor: torch.compile; `mode` (default, max-autotune-no-cudagraphs), `freezing=1`
   (weights become constants: oneDNN prepacking, constant folding), `dtype=bf16`.
 - onnxruntime: ONNX export (dynamo) and an InferenceSession; `level` (basic, extended, all:
-  ORT's default) and `threads` (intra-op; default torch's thread count).
-- torchao-int8: int8 weights and per-token dynamic int8 activations on every Linear, compiled
-  with freezing into oneDNN int8 kernels (kiln.quant.lowp).
+  ORT's default), `threads` (intra-op; default torch's thread count) and `dtype=int8`
+  (ONNX Runtime's quantize_dynamic: its own int8 scales; not for a kiln-quantized model).
+- torchao: real int8 Linears compiled with freezing into oneDNN int8 kernels
+  (kiln.compile.int8): a kiln-quantized model's integer layers with kiln's own scales, or every
+  Linear of a float model with per-channel weights and per-token activations.
+- torch.ao: torch.ao's quantize_dynamic (qint8 Linears, eager), the classic int8 peer.
+
+For a kiln-quantized (fake-quantized) model, "eager" is the fake-quantized model, and every
+backend is checked against it.
 
 Each has a precision, and so a tolerance against eager (`TOLERANCE`): a candidate whose
 outputs are further from eager's is rejected with its error in the report.
@@ -30,9 +36,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from kiln.compile.int8 import build_torch_ao, build_torchao, is_fake_quantized
+from kiln.compile.runtime import Example, Frozen, OrtModule, fresh_frame, onnx_bytes
 from kiln.errors import KilnError, first_line
 from kiln.models.loaded import LoadedModel
-from kiln.quant.lowp import Example, Frozen, OrtModule, explicit_attention, export_onnx, fresh_frame
 from kiln.registry import Registry
 
 
@@ -70,6 +77,7 @@ class Backend:
     precision: Callable[[dict], Precision] = lambda o: Precision.BF16 if o.get("dtype") == "bf16" else Precision.FP32
     requires: str = ""                           # the Python package it needs
     doc: str = ""
+    lowers_quantized: bool = False               # runs a kiln-quantized model's integer layers on int8 kernels
 
 
 BACKENDS: Registry[Backend] = Registry("backend")
@@ -205,29 +213,27 @@ def _ort_build(model: nn.Module, example: Example, opts: dict) -> Callable:
     levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    explicit_attention(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        names = export_onnx(model, example, path)
-        with open(path, "rb") as f:
-            onnx_bytes = f.read()
+    int8 = opts.get("dtype") == "int8"
+    if int8 and is_fake_quantized(model):
+        raise KilnError("dtype=int8 runs ONNX Runtime's own dynamic quantization, not kiln's: "
+                        "use backend torchao for a quantized model")
+    data, names = onnx_bytes(model, example, int8)
     threads = int(opts.get("threads", torch.get_num_threads()))
-    return OrtModule(onnx_bytes, names, threads, level=levels[opts.get("level", "all")])
+    return OrtModule(data, names, threads, level=levels[opts.get("level", "all")])
+
+
+def _int8_if(opts: dict) -> Precision:
+    return Precision.INT8 if opts.get("dtype") == "int8" else Precision.FP32
 
 
 BACKENDS.register("onnxruntime")(Backend(
-    build=_ort_build, options={"level": ("basic", "extended", "all"), "threads": ("*",)},
-    requires="onnxruntime", doc="ONNX export + ONNX Runtime"))
+    build=_ort_build, options={"level": ("basic", "extended", "all"), "threads": ("*",), "dtype": ("fp32", "int8")},
+    precision=_int8_if, requires="onnxruntime", doc="ONNX export + ONNX Runtime"))
 
+BACKENDS.register("torchao")(Backend(
+    build=build_torchao, options={}, precision=lambda o: Precision.INT8, requires="torchao",
+    doc="real int8 Linears (torchao Int8Tensor, inductor freezing, oneDNN)", lowers_quantized=True))
 
-def _torchao_build(model: nn.Module, example: Example, opts: dict) -> Callable:
-    from kiln.quant.lowp import to_int8
-
-    if not any(isinstance(m, nn.Linear) for m in model.modules()):
-        raise KilnError("the model has no nn.Linear to run in int8")
-    return to_int8(model, "torchao", example.args, example.kwargs)
-
-
-BACKENDS.register("torchao-int8")(Backend(
-    build=_torchao_build, options={}, precision=lambda o: Precision.INT8, requires="torchao",
-    doc="int8 Linears (torchao, oneDNN)"))
+BACKENDS.register("torch.ao")(Backend(
+    build=build_torch_ao, options={}, precision=lambda o: Precision.INT8,
+    doc="torch.ao quantize_dynamic (qint8 Linears, eager)"))

@@ -16,9 +16,12 @@ from typing import Callable
 
 import torch
 
+from kiln.analysis.roofline import by_precision
 from kiln.compile.auto import Selection, at_batch, auto_candidates, select
-from kiln.compile.backends import Precision, build, parse_backend
+from kiln.compile.backends import BACKENDS, Precision, build, parse_backend
+from kiln.compile.int8 import is_fake_quantized, plan_int8
 from kiln.errors import KilnError
+from kiln.hardware.profiles import fraction_note
 from kiln.models.loaded import LoadedModel
 
 COMPILE_FILE = "compile.json"
@@ -52,22 +55,28 @@ def source_inputs(src: str, batch: int, dataset: str | None = None):
 
 def roofline_of(loaded: LoadedModel, profile) -> dict:
     """FLOPs and bytes of one call at this batch and the roofline latency on `profile`
-    (a HardwareProfile; None: no roofline)."""
+    (a HardwareProfile; None: no roofline), also at each precision against its own peak."""
     from kiln.analysis.report import analyze
 
     if profile is None:
         return {"note": "no hardware profile"}
     a = analyze(loaded, profile, measure_time=False)
+    per = by_precision(a.graph, profile)
     return {"hardware": profile.name, "flops": a.flops, "bytes": a.cost.bytes, "roofline_s": a.roofline.latency_s,
-            "bound": a.roofline.bound.value, "peak_fp32_flops": profile.peak_flops.get("fp32")}
+            "bound": a.roofline.bound.value, "peak_flops": dict(profile.peak_flops),
+            "roofline_s_by_precision": per["latency_s"], "precisions_at_fallback_peak": per["fallback"]}
 
 
 def attach_roofline(report: dict, roof: dict) -> None:
-    """Each measured candidate's achieved FLOP/s and fraction of the roofline bound."""
+    """Each measured candidate's achieved FLOP/s and fraction of the roofline bound at its own
+    precision (a bf16 candidate against the bf16 peak); above 100%, the note that says why."""
     for c in report["candidates"]:
-        if c.get("latency_s") and roof.get("roofline_s"):
+        bound = roof.get("roofline_s_by_precision", {}).get(c["precision"], roof.get("roofline_s"))
+        if c.get("latency_s") and bound:
             c["achieved_flops"] = roof["flops"] / c["latency_s"]
-            c["roofline_fraction"] = roof["roofline_s"] / c["latency_s"]
+            c["roofline_fraction"] = bound / c["latency_s"]
+            if fraction_note(c["roofline_fraction"]):
+                roof["note"] = fraction_note(c["roofline_fraction"])
     report["roofline"] = roof
 
 
@@ -85,11 +94,25 @@ def compile_run(src: str, backend: str = "auto", batch: int = 1, precision: str 
     source, loaded = source_inputs(src, batch)
     sel = select(source.model, loaded, names, prec, rounds=rounds, progress=progress)
     report = {"src": src, "spec": source.spec, "precision": prec.value, **sel.to_dict()}
+    if is_fake_quantized(source.model):
+        report["quantized"] = quantized_layers(source.model, names, prec)
     progress("roofline")
     attach_roofline(report, roofline_of(loaded, hardware))
     if out is not None:
         _write(out, report, sel, source, loaded)
     return report, sel
+
+
+def quantized_layers(model, names: list[str], precision: Precision) -> dict:
+    """For a kiln-quantized model: which layers the int8 candidates among `names` run on real
+    int8 kernels and which stay fake-quantized (every layer, when no candidate is int8)."""
+    plan = plan_int8(model)
+    int8 = [n for n in names if precision is Precision.INT8 and BACKENDS.get(parse_backend(n).name).lowers_quantized]
+    if not int8:
+        line = (f"fake quantization in every candidate (no candidate lowers it; --precision int8 "
+                f"runs {len(plan.int8)} of its layers on real int8 kernels)")
+        return {"int8_backends": [], "line": line, **plan.to_dict()}
+    return {"int8_backends": int8, "line": f"{', '.join(int8)}: {plan.describe()}", **plan.to_dict()}
 
 
 def _write(out: Path, report: dict, sel: Selection, source, loaded: LoadedModel) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from kiln.errors import KilnError, first_line
+from kiln.hardware.profiles import fraction_note
 from kiln.hardware.loadgen import BenchConfig, Samples, Scenario, call_model, dataset_samples, run_loadgen
 
 
@@ -21,8 +22,8 @@ def real_inputs(source, samples: Samples, batch: int):
 
 def prepare(src: str, batch: int, backend: str | None, dataset: str | None, max_samples: int,
             progress: Callable[[str], None] = lambda s: None):
-    """(callable, label, samples, LoadedModel at a real batch) for a compile dir or a source."""
-    from kiln.compile.backends import build, parse_backend
+    """(callable, label, precision, samples, LoadedModel at a real batch) for a compile dir or a source."""
+    from kiln.compile.backends import build, parse_backend, precision_of
     from kiln.compile.run import is_compiled, load_compiled
     from kiln.models.artifact import load_source
 
@@ -49,16 +50,16 @@ def prepare(src: str, batch: int, backend: str | None, dataset: str | None, max_
     progress("building the backend")
     if compiled:
         fn, loaded, meta, _ = load_compiled(src, inputs=lambda s: real_inputs(s, samples, batch))
-        return fn, meta["backend"], samples, loaded
+        return fn, meta["backend"], precision_of(parse_backend(meta["backend"])).value, samples, loaded
     spec = parse_backend(backend or "eager")
-    return build(spec, source.model, loaded), spec.label, samples, loaded
+    return build(spec, source.model, loaded), spec.label, precision_of(spec).value, samples, loaded
 
 
 def bench_run(src: str, config: BenchConfig, backend: str | None = None, dataset: str | None = None,
               profile=None, log_dir: Path | None = None, progress: Callable[[str], None] = lambda s: None) -> dict:
     from kiln.compile.run import roofline_of
 
-    fn, label, samples, loaded = prepare(src, config.model_batch, backend, dataset, config.max_samples, progress)
+    fn, label, precision, samples, loaded = prepare(src, config.model_batch, backend, dataset, config.max_samples, progress)
     progress(f"LoadGen {config.scenario.value}, {config.mode.value}")
     result = run_loadgen(fn, samples, config, log_dir)
     result.update(scenario=config.scenario.value, mode=config.mode.value, backend=label, src=src,
@@ -66,10 +67,15 @@ def bench_run(src: str, config: BenchConfig, backend: str | None = None, dataset
     roof = roofline_of(loaded, profile)
     result["roofline"] = roof
     per_call = _per_call_s(result, config)
-    if roof.get("roofline_s") and per_call:
+    # judged against the backend's own precision's peak (a bf16 backend against bf16's)
+    bound = roof.get("roofline_s_by_precision", {}).get(precision, roof.get("roofline_s"))
+    if bound and per_call:
         result["per_call_s"] = per_call
-        result["roofline_fraction"] = roof["roofline_s"] / per_call
+        result["roofline_fraction"] = bound / per_call
+        if fraction_note(result["roofline_fraction"]):
+            roof["note"] = fraction_note(result["roofline_fraction"])
     return result
+
 
 
 def _per_call_s(result: dict, config: BenchConfig) -> float | None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from kiln.errors import KilnError
+from kiln.timing import TimingConfig, measure, percentile
 
 
 class Scenario(enum.Enum):
@@ -254,15 +255,11 @@ def run_loadgen(fn: Callable, samples: Samples, config: BenchConfig, log_dir: Pa
 def _calibrate(fn: Callable, samples: Samples, batch: int, calls: int = 3) -> float:
     """Warm the backend up at the run's batch (compiled backends compile here, not under the
     clock) and return seconds per call, LoadGen's expected latency or QPS when none is given."""
-    import time
-
     idx = list(range(min(batch, len(samples.inputs))))
     x = samples.batch(idx, pad_to=batch)
-    call_model(fn, x)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        call_model(fn, x)
-    return (time.perf_counter() - t0) / calls
+    # a hint for LoadGen, not a figure: no re-measure, no untimed calls between the timed ones
+    config = TimingConfig(rounds=calls, warmup=1, short_call_s=0.0, remeasure=False)
+    return measure({"model": lambda: call_model(fn, x)}, config)["model"].median
 
 
 def parse_detail(path: Path) -> dict:
@@ -296,25 +293,20 @@ def accuracy_from_log(path: Path, labels: list) -> dict:
 
 
 def raw_loop(fn: Callable, samples: Samples, batch: int, seconds: float = 10.0, min_calls: int = 20) -> dict:
-    """The same model calls LoadGen would make, in a plain timed Python loop: batches of
-    `batch` consecutive samples (padded like the SUT's); samples/s and per-call latency
-    percentiles. The reference a harness's overhead is judged against."""
-    import statistics
-    import time
-
-    from kiln.compile.auto import percentile
-
+    """The same model calls LoadGen would make, in a plain timed Python loop (kiln.timing):
+    batches of `batch` consecutive samples (padded like the SUT's), as many calls as fill
+    `seconds` (at least `min_calls`); samples/s and per-call latency percentiles. The reference
+    a harness's overhead is judged against."""
     n = len(samples.inputs)
     batches = [samples.batch(list(range(i, min(i + batch, n))), pad_to=batch) for i in range(0, n, batch)]
-    call_model(fn, batches[0])
-    times, done, start = [], 0, time.perf_counter()
-    while len(times) < min_calls or time.perf_counter() - start < seconds:
-        x = batches[len(times) % len(batches)]
-        t0 = time.perf_counter()
-        predictions(call_model(fn, x))
-        times.append(time.perf_counter() - t0)
-        done += batch
-    total = sum(times)
-    return {"samples_per_second": done / total, "calls": len(times), "mean_latency_s": statistics.mean(times),
-            "p50_latency_s": percentile(times, 50), "p90_latency_s": percentile(times, 90),
-            "p99_latency_s": percentile(times, 99)}
+    turn = iter(range(1 << 62))
+    per_call = _calibrate(fn, samples, batch)
+    rounds = max(min_calls, int(seconds / max(per_call, 1e-9)))
+    # LoadGen's calls come back to back: no untimed call between the timed ones
+    m = measure({"raw": lambda: predictions(call_model(fn, batches[next(turn) % len(batches)]))},
+                TimingConfig(rounds=rounds, warmup=0, short_call_s=0.0))
+    t = m["raw"]
+    times = t.samples
+    return {"samples_per_second": batch * len(times) / sum(times), "calls": len(times),
+            "mean_latency_s": sum(times) / len(times), "p50_latency_s": t.median, "p90_latency_s": t.p90,
+            "p99_latency_s": percentile(times, 99), "timing": t.to_dict(), "timing_note": m.note()}

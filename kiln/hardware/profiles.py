@@ -19,6 +19,12 @@ DTYPE_KEYS = {
     "int8": "int8", "uint8": "int8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8",
 }
 KINDS = ("cpu", "gpu", "tpu", "fpga", "accelerator")
+INTEGER_KEYS = ("int8", "int4")
+
+
+def peak_unit(key: str) -> str:
+    """Integer peaks count operations, not floating-point ones: TOP/s, not TFLOP/s."""
+    return "OP/s" if key in INTEGER_KEYS else "FLOP/s"
 
 
 def user_dir() -> Path:
@@ -71,6 +77,29 @@ class HardwareProfile:
         lines += [f"{k} = {v:.6g}" for k, v in self.peak_flops.items()]
         lines += ["", "[sources]"] + [f'{k} = "{v}"' for k, v in self.sources.items()]
         return "\n".join(lines) + "\n"
+
+
+# what must stand beside a measured figure that beats its roofline bound
+ABOVE_PEAK = ("above 100%: the hardware profile's peaks are below what this run achieved; "
+              "re-measure them with `kiln hardware calibrate --force`")
+
+
+def fraction_note(fraction: float | None) -> str:
+    """'' for a measured fraction of a roofline bound up to 100%; above it, the sentence that
+    must stand beside it."""
+    return ABOVE_PEAK if fraction is not None and fraction > 1 else ""
+
+
+def figures(p: HardwareProfile) -> dict[str, float]:
+    """Every peak and the bandwidth, by key."""
+    return p.peak_flops | {"memory_bandwidth": p.memory_bandwidth}
+
+
+def higher_in(old: HardwareProfile, new: HardwareProfile, tolerance: float = 0.02) -> dict[str, tuple[float, float]]:
+    """The figures `old` has above `new` by more than `tolerance` (relative): key -> (old, new).
+    A peak is a maximum, so a profile with a higher figure is the better measurement of it."""
+    a, b = figures(old), figures(new)
+    return {k: (a[k], b[k]) for k in a if k in b and a[k] > b[k] * (1 + tolerance)}
 
 
 _FIELDS = {"name", "description", "kind", "peak_flops", "memory_bandwidth", "fallback", "sources"}

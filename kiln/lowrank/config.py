@@ -23,28 +23,25 @@ pattern matches no module is an error.
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from kiln.config import from_dict
+from kiln.config import from_dict, to_dict
 from kiln.errors import KilnError
 from kiln.rules import Match, least_specific_first
 from kiln.train.config import finetune_table
 
 SUPPORTED = ("Linear", "Conv2d")
 CHOICES = ("budget", "energy", "rank")
-RULE_KEYS = ("match", "skip", *CHOICES)
 
 
 @dataclass(frozen=True)
 class Choice:
     """How one module's rank is chosen: by parameter budget, by energy, or fixed."""
     kind: str      # one of CHOICES
-    value: float
+    value: int | float   # an int stays an int (a rank)
 
     def __post_init__(self):
         check_choice(self.kind, self.value, "low-rank config")
@@ -120,66 +117,44 @@ class LowRankConfig:
         return Plan(chosen, skipped)
 
 
-def _one_choice(table: dict, where: str, required: bool) -> Choice | None:
+def _one_choice(table: dict, where: str, required: bool) -> dict:
+    """The table with its one rank key (budget, energy or rank) folded into `choice`."""
     given = [k for k in CHOICES if k in table]
     if len(given) > 1:
         raise KilnError(f"{where}: set only one of {', '.join(CHOICES)}, got {', '.join(given)}")
-    if not given:
-        if required:
-            raise KilnError(f"{where}: set one of {', '.join(CHOICES)} (how each module's rank is chosen)")
-        return None
-    check_choice(given[0], table[given[0]], where)
-    return Choice(given[0], table[given[0]])
-
-
-def _rule(r: Any, where: str) -> Rule:
-    if not isinstance(r, dict):
-        raise KilnError(f"{where}: needs a table")
-    bad = sorted(set(r) - set(RULE_KEYS))
-    if bad:
-        raise KilnError(f"{where}: unknown key {bad[0]!r}; accepted: {', '.join(RULE_KEYS)}")
-    return Rule(Match.parse(r.get("match"), where), bool(r.get("skip", False)), _one_choice(r, where, required=False))
-
-
-def scalar_fields(cls: type, names: tuple[str, ...], data: dict[str, Any], where: str) -> dict[str, Any]:
-    """The scalar keys of a config class, type-checked by kiln.config.from_dict (the structured
-    ones -- rules, tables, lists -- are parsed by hand)."""
-    hints = typing.get_type_hints(cls)
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    scalars = dataclasses.make_dataclass(cls.__name__, [(n, hints[n], dataclasses.field(default=defaults[n]))
-                                                        for n in names], frozen=True)
-    return dataclasses.asdict(from_dict(scalars, data, where))
+    if not given and required:
+        raise KilnError(f"{where}: set one of {', '.join(CHOICES)} (how each module's rank is chosen)")
+    rest = {k: v for k, v in table.items() if k not in CHOICES}
+    if given:
+        check_choice(given[0], table[given[0]], where)
+        rest["choice"] = {"kind": given[0], "value": table[given[0]]}
+    return rest
 
 
 def parse_config(table: dict[str, Any], where: str = "low-rank config") -> LowRankConfig:
     """A LowRankConfig from a TOML table; unknown keys and bad values are one-line KilnErrors."""
-    scalars = ("latency_batch", "latency_repeats", "seed")
-    accepted = (*CHOICES, "targets", "rules", "finetune", *scalars)
-    unknown = sorted(set(table) - set(accepted))
-    if unknown:
-        raise KilnError(f"{where}: unknown key {unknown[0]!r}; accepted: {', '.join(accepted)}")
-    targets = table.get("targets", list(SUPPORTED))
-    if not isinstance(targets, list) or not all(isinstance(x, str) for x in targets):
-        raise KilnError(f"{where}: targets needs a list of module type names, got {targets!r}")
-    rules = table.get("rules", [])
-    if not isinstance(rules, list):
+    if not isinstance(table, dict):
+        raise KilnError(f"{where}: needs a table")
+    if "choice" in table:
+        raise KilnError(f"{where}: unknown key 'choice'; set one of {', '.join(CHOICES)}")
+    data = _one_choice(table, where, required=True)
+    rules = data.get("rules", [])
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
         raise KilnError(f"{where}: rules needs a list of tables ([[rules]])")
-    finetune = table.get("finetune")
+    data["rules"] = [_one_choice(r, f"{where}.rules[{i}]", required=False) for i, r in enumerate(rules)]
+    cfg = from_dict(LowRankConfig, data, where)
+    if cfg.finetune is not None:
+        finetune_table(cfg.finetune, where)
+    return cfg
 
-    rest = scalar_fields(LowRankConfig, scalars, {k: table[k] for k in scalars if k in table}, where)
-    return LowRankConfig(_one_choice(table, where, required=True), tuple(targets),
-                         tuple(_rule(r, f"{where}.rules[{i}]") for i, r in enumerate(rules)),
-                         None if finetune is None else finetune_table(finetune, where),
-                         **rest)
+
+def _flat(table: dict[str, Any]) -> dict[str, Any]:
+    choice = table.pop("choice", None)
+    return table | ({choice["kind"]: choice["value"]} if choice else {})
 
 
 def to_table(cfg: LowRankConfig) -> dict[str, Any]:
     """The TOML/JSON table parse_config reads back to an equal config."""
-    table: dict[str, Any] = {cfg.choice.kind: cfg.choice.value, "targets": list(cfg.targets),
-                             "latency_batch": cfg.latency_batch, "latency_repeats": cfg.latency_repeats,
-                             "seed": cfg.seed}
-    table["rules"] = [{"match": str(r.match), "skip": r.skip} | ({r.choice.kind: r.choice.value} if r.choice else {})
-                      for r in cfg.rules]
-    if cfg.finetune is not None:
-        table["finetune"] = dict(cfg.finetune)
+    table = _flat(to_dict(cfg))
+    table["rules"] = [_flat(r) for r in table.get("rules", [])]
     return table

@@ -5,12 +5,10 @@ and measured latency of the dense and factorised models side by side.
 from __future__ import annotations
 
 import copy
-import statistics
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kiln.errors import KilnError
 from kiln.lowrank.apply import Decision, factorize, module_flops, module_inputs
 from kiln.lowrank.config import LowRankConfig, parse_config, to_table
+from kiln.timing import TimingConfig, measure
 
 Log = Callable[[str], None]
 
@@ -30,20 +29,6 @@ def batched(inputs: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict]:
             return x.repeat(batch, *([1] * (x.dim() - 1)))
         return x
     return tuple(rep(x) for x in inputs), {k: rep(v) for k, v in kwargs.items()}
-
-
-def side_by_side(calls: Sequence[Callable[[], object]], repeats: int, warmup: int = 3) -> list[float]:
-    """Median wall seconds of each call, measured interleaved (a, b, a, b, ...) so that any
-    drift of the machine touches all of them alike."""
-    times: list[list[float]] = [[] for _ in calls]
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            for k, call in enumerate(calls):
-                t0 = time.perf_counter()
-                call()
-                if i >= warmup:
-                    times[k].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def model_flops(model: nn.Module, inputs: tuple, kwargs: dict) -> int:
@@ -121,10 +106,13 @@ def _report(dense, model, decisions, inputs, kwargs, config: LowRankConfig) -> d
 
 
 def latency(dense: nn.Module, low: nn.Module, inputs: tuple, kwargs: dict, config: LowRankConfig) -> dict:
+    """Dense and factorised models timed interleaved in one kiln.timing call."""
     x, kw = batched(inputs, kwargs, config.latency_batch)
-    d, lr = side_by_side([lambda: dense(*x, **kw), lambda: low(*x, **kw)], config.latency_repeats)
-    return {"batch": config.latency_batch, "threads": torch.get_num_threads(), "repeats": config.latency_repeats,
-            "dense_s": d, "lowrank_s": lr, "speedup": d / lr}
+    m = measure({"dense": lambda: dense(*x, **kw), "lowrank": lambda: low(*x, **kw)},
+                TimingConfig(rounds=config.latency_repeats))
+    return {"batch": config.latency_batch, "threads": m.threads, "repeats": m.rounds,
+            "dense_s": m["dense"].median, "lowrank_s": m["lowrank"].median, "speedup": m.speedup("dense", "lowrank"),
+            "dense": m["dense"].to_dict(), "lowrank": m["lowrank"].to_dict(), "timing_note": m.note()}
 
 
 def finetune(model: nn.Module, source, transforms: list[dict], table: dict, out: Path, log: Log) -> dict:

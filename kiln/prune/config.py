@@ -2,7 +2,8 @@
 
     # p.toml
     method = "unstructured"        # unstructured | nm | structured
-    criterion = "magnitude"        # magnitude | random | snip | movement (structured: its importances)
+    criterion = "magnitude"        # magnitude | random | snip | movement (kiln.prune.criteria)
+    reduction = "sum"              # structured: a unit's score is the sum (magnitude: L1) or l2 norm of its scores
     scope = "global"               # global | local (unstructured)
     ratio = 0.9                    # fraction of weights (structured: channels) removed, in [0, 1)
     n = 2                          # nm: N kept in every group of M
@@ -28,8 +29,9 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kiln.config import from_dict
+from kiln.config import from_dict, to_dict
 from kiln.errors import KilnError
+from kiln.prune.criteria import CRITERIA, Reduction
 from kiln.rules import Match, least_specific_first
 from kiln.train.config import finetune_table
 
@@ -37,7 +39,6 @@ METHODS = ("unstructured", "nm", "structured")
 SCOPES = ("global", "local")
 SCHEDULES = ("oneshot", "agp", "lottery")
 REWINDS = ("init", "source")
-RULE_KEYS = ("match", "skip", "ratio", "activation")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class Rule:
     skip: bool = False
     ratio: float | None = None
     activation: float | None = None
+
+    def __post_init__(self):
+        for key in ("ratio", "activation"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < 1:
+                raise KilnError(f"prune config rule {self.match}: {key} {value!r} is outside [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class Plan:
 class PruneConfig:
     method: str = "unstructured"
     criterion: str = "magnitude"
+    reduction: Reduction = Reduction.SUM   # structured: how a unit's element scores become one score
     scope: str = "global"
     ratio: float = 0.5
     n: int = 2
@@ -101,19 +109,7 @@ class PruneConfig:
         for ok, message in checks:
             if not ok:
                 raise KilnError(f"prune config: {message}")
-        if self.method == "structured":
-            from kiln.prune.importance import IMPORTANCE
-
-            IMPORTANCE.get(self.importance)
-        else:
-            from kiln.prune.unstructured import CRITERIA
-
-            CRITERIA.get(self.criterion)
-
-    @property
-    def importance(self) -> str:
-        """Structured pruning's importance: "magnitude" means a channel's L1 norm."""
-        return "l1" if self.criterion == "magnitude" else self.criterion
+        CRITERIA.get(self.criterion)
 
     def plan(self, model: nn.Module) -> Plan:
         """Resolve targets and rules against a model; a rule that matches nothing is an error."""
@@ -156,49 +152,14 @@ def type_name(module: nn.Module) -> str:
     return cls.__name__
 
 
-def _rule(r: Any, where: str) -> Rule:
-    if not isinstance(r, dict):
-        raise KilnError(f"{where}: needs a table")
-    bad = sorted(set(r) - set(RULE_KEYS))
-    if bad:
-        raise KilnError(f"{where}: unknown key {bad[0]!r}; accepted: {', '.join(RULE_KEYS)}")
-    match = Match.parse(r.get("match"), where)
-    for key in ("ratio", "activation"):
-        value = r.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
-            raise KilnError(f"{where}: {key} {value!r} is outside [0, 1)")
-    return Rule(match, bool(r.get("skip", False)), r.get("ratio"), r.get("activation"))
-
-
 def parse_config(table: dict[str, Any], where: str = "prune config") -> PruneConfig:
     """A PruneConfig from a TOML table; unknown keys and bad values are one-line KilnErrors."""
-    fields = {f.name for f in dataclasses.fields(PruneConfig)}
-    unknown = sorted(set(table) - fields)
-    if unknown:
-        raise KilnError(f"{where}: unknown key {unknown[0]!r}; accepted: {', '.join(sorted(fields))}")
-    data = dict(table)
-    rules = data.pop("rules", [])
-    if not isinstance(rules, list):
-        raise KilnError(f"{where}: rules needs a list of tables ([[rules]])")
-    finetune = data.pop("finetune", None)
-    targets = data.pop("targets", list(PruneConfig.targets))
-    if not isinstance(targets, list) or not all(isinstance(x, str) for x in targets):
-        raise KilnError(f"{where}: targets needs a list of module type names, got {targets!r}")
-    schedule = data.pop("schedule", PruneConfig.schedule)
-    if not isinstance(schedule, str):
-        raise KilnError(f"{where}: key 'schedule' needs str, got {schedule!r}")
-    cfg = from_dict(PruneConfig, data, where)   # scalars, type-checked; oneshot until the rest is known
-    return dataclasses.replace(cfg, schedule=schedule, targets=tuple(targets),
-                               rules=tuple(_rule(r, f"{where}.rules[{i}]") for i, r in enumerate(rules)),
-                               finetune=None if finetune is None else finetune_table(finetune, where))
+    cfg = from_dict(PruneConfig, table, where)
+    if cfg.finetune is not None:
+        finetune_table(cfg.finetune, where)
+    return cfg
 
 
 def to_table(cfg: PruneConfig) -> dict[str, Any]:
     """The TOML/JSON table parse_config reads back to an equal config."""
-    table = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("rules", "finetune", "targets")}
-    table["targets"] = list(cfg.targets)
-    table["rules"] = [{"match": str(r.match), "skip": r.skip} | ({"ratio": r.ratio} if r.ratio is not None else {})
-                      | ({"activation": r.activation} if r.activation is not None else {}) for r in cfg.rules]
-    if cfg.finetune is not None:
-        table["finetune"] = dict(cfg.finetune)
-    return table
+    return to_dict(cfg)

@@ -17,7 +17,8 @@ from torch import nn
 
 from kiln.errors import KilnError
 from kiln.models.artifact import register_transform
-from kiln.prune.unstructured import (PruneResult, ScoreContext, default_targets, check_target, restore_masks, scores,
+from kiln.prune.criteria import ScoreContext
+from kiln.prune.unstructured import (PruneResult, default_targets, check_target, restore_masks, scores,
                                      set_mask, sparsity_report)
 
 KIND = "prune-nm"

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kiln.prune.unstructured import ScoreContext, mask_of, prune_unstructured, raw_weight
+from kiln.prune.criteria import ScoreContext
+from kiln.prune.unstructured import mask_of, prune_unstructured, raw_weight
 
 
 def agp_ratio(step: int, steps: int, initial: float, final: float) -> float:

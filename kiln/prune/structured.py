@@ -23,7 +23,8 @@ from torch import nn
 from kiln.errors import KilnError, first_line
 from kiln.models.artifact import register_transform
 from kiln.prune.deps import Group, find_groups
-from kiln.prune.importance import NEEDS_GRADIENTS, default_loss, gradients, group_scores
+from kiln.prune.criteria import Reduction, ScoreContext, needs_gradients
+from kiln.prune.importance import default_loss, gradients, group_scores
 
 KIND = "prune-structured"
 Keeps = dict[str, dict[int, torch.Tensor]]   # parameter FQN -> dim -> indices kept
@@ -124,31 +125,33 @@ def is_ffn(group: Group) -> bool:
 
 # -- the engine --------------------------------------------------------------------------------
 
-def prune_structured(model: nn.Module, example_inputs: tuple, ratio: float, importance: str = "l1", *,
-                     targets: dict[str, float] | None = None, ignore: tuple[str, ...] = (),
-                     batches: list | None = None, round_to: int = 1, example_kwargs: dict | None = None,
-                     heads: float | None = None, ffn: float | None = None) -> StructuredResult:
+def prune_structured(model: nn.Module, example_inputs: tuple, ratio: float, criterion: str = "magnitude",
+                     reduction: Reduction = Reduction.SUM, *, targets: dict[str, float] | None = None,
+                     ignore: tuple[str, ...] = (), batches: list | None = None, round_to: int = 1,
+                     example_kwargs: dict | None = None, heads: float | None = None, ffn: float | None = None,
+                     seed: int = 0) -> StructuredResult:
     """Remove `ratio` of the units of every prunable group (a copy of `model`; the original is untouched).
 
     targets: per-module ratios (exact FQN first, then regex searched in the FQN) of a group's
     producers; ignore: producers (FQN or regex) whose groups stay whole; heads / ffn: ratios for
-    attention-head groups and feed-forward hidden groups; batches: (x, y) for taylor importance;
-    round_to: keep a multiple of this many units per group.
+    attention-head groups and feed-forward hidden groups; criterion and reduction: how a unit is
+    scored (kiln.prune.criteria); batches: (x, y) for criteria that need gradients (snip, movement);
+    round_to: keep a multiple of this many units per group; seed: the random criterion's.
     """
     plan = Plan(ratio, dict(targets or {}), tuple(ignore), heads, ffn, round_to)
-    if importance in NEEDS_GRADIENTS and not batches:
-        raise KilnError(f"{importance} importance needs batches of (x, y) to take gradients on")
+    if needs_gradients(criterion) and not batches:
+        raise KilnError(f"criterion {criterion} needs batches of (x, y) to take gradients on")
     model = copy.deepcopy(model)
     groups = dependency_groups(model, example_inputs, example_kwargs)
     plan.check_targets(groups)
     params = dict(model.named_parameters())
-    grads = gradients(model, batches, default_loss) if importance in NEEDS_GRADIENTS else None
+    ctx = ScoreContext(grads=gradients(model, batches, default_loss) if needs_gradients(criterion) else {}, seed=seed)
     decisions: list[Decision] = []
     for group in groups:
         r = plan.ratio_of(group)
         keep_n = plan.keep_count(group.units, r)
         if keep_n < group.units:
-            order = torch.argsort(group_scores(group, importance, params, grads), descending=True, stable=True)
+            order = torch.argsort(group_scores(group, criterion, params, ctx, reduction), descending=True, stable=True)
             decisions.append(Decision(group, torch.sort(order[keep_n:]).values, r, plan.targeted(group)))
     before, n_before = _shapes(model), _count(model)
     run = (example_inputs, example_kwargs or {})
@@ -223,9 +226,9 @@ def _runnable(model: nn.Module, decisions: list[Decision], run) -> tuple[list[De
 
 
 def prune_transformer(model: nn.Module, example_inputs: tuple = (), *, heads: float = 0.0, ffn: float = 0.0,
-                      importance: str = "l1", example_kwargs: dict | None = None, **kw: Any) -> StructuredResult:
+                      criterion: str = "magnitude", example_kwargs: dict | None = None, **kw: Any) -> StructuredResult:
     """Remove `heads` of every attention layer's heads and `ffn` of every feed-forward layer's neurons."""
-    return prune_structured(model, example_inputs, 0.0, importance, heads=heads, ffn=ffn,
+    return prune_structured(model, example_inputs, 0.0, criterion, heads=heads, ffn=ffn,
                             example_kwargs=example_kwargs, **kw)
 
 

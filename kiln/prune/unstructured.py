@@ -5,18 +5,15 @@ pruned weights stay exactly zero while the survivors train, the mask saves and r
 weights (`parametrizations.weight.original`, `...0.mask`), and `make_permanent` folds it into a
 plain weight (do that before torch.export or torch.compile).
 
-Criteria score each weight; the lowest-scoring `round(ratio * n)` weights are pruned, counted
-per layer (local scope) or over every target together (global scope):
-  magnitude  |w|
-  random     uniform noise from a seeded generator (the course's baseline)
-  snip       |w * dL/dw| over a few batches (Lee et al. 2019, "SNIP")
-  movement   -w * dL/dw accumulated over fine-tuning steps (Sanh et al. 2020, "Movement Pruning")
+A criterion (kiln.prune.criteria: magnitude, random, snip, movement) scores each weight; the
+lowest-scoring `round(ratio * n)` weights are pruned, counted per layer (local scope) or over
+every target together (global scope).
 Weights already pruned score -inf, so repeated pruning (AGP, lottery rounds) only adds zeros.
 Activation sparsity zeroes the smallest-magnitude outputs of a module per sample (a forward hook).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -25,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from kiln.errors import KilnError
 from kiln.models.artifact import register_transform
-from kiln.registry import Registry
+from kiln.prune.criteria import CRITERIA, ScoreContext
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 KIND = "prune-unstructured"
@@ -81,51 +78,7 @@ def check_target(model: nn.Module, fqn: str) -> nn.Module:
     return module
 
 
-# -- criteria ---------------------------------------------------------------------------------
-
-@dataclass
-class ScoreContext:
-    """What a criterion may need besides the weight: gradients over batches, movement sums, a seed."""
-    grads: dict[str, torch.Tensor] = field(default_factory=dict)      # fqn -> sum of dL/dw
-    movement: dict[str, torch.Tensor] = field(default_factory=dict)   # fqn -> sum of -w * dL/dw
-    seed: int = 0
-
-    def generator(self, fqn: str) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + sum(map(ord, fqn)))
-
-
-Criterion = Callable[[torch.Tensor, str, ScoreContext], torch.Tensor]
-CRITERIA: Registry[Criterion] = Registry("pruning criterion")
-NEEDS_GRADIENTS = ("snip", "movement")
-
-
-@CRITERIA.register("magnitude")
-def _magnitude(w: torch.Tensor, fqn: str, ctx: ScoreContext) -> torch.Tensor:
-    return w.abs()
-
-
-@CRITERIA.register("random")
-def _random(w: torch.Tensor, fqn: str, ctx: ScoreContext) -> torch.Tensor:
-    return torch.rand(w.shape, generator=ctx.generator(fqn))
-
-
-def _grad(ctx: ScoreContext, fqn: str, name: str) -> torch.Tensor:
-    if fqn not in ctx.grads:
-        raise KilnError(f"module {fqn!r}: criterion {name} needs gradients from data batches, and none were given")
-    return ctx.grads[fqn]
-
-
-@CRITERIA.register("snip")
-def _snip(w: torch.Tensor, fqn: str, ctx: ScoreContext) -> torch.Tensor:
-    return (w * _grad(ctx, fqn, "snip")).abs()
-
-
-@CRITERIA.register("movement")
-def _movement(w: torch.Tensor, fqn: str, ctx: ScoreContext) -> torch.Tensor:
-    if fqn in ctx.movement:
-        return ctx.movement[fqn]
-    return -(w * _grad(ctx, fqn, "movement"))   # one step's worth of movement
-
+# -- scores -----------------------------------------------------------------------------------
 
 def gradients(model: nn.Module, targets: Iterable[str], batches, loss: Callable) -> dict[str, torch.Tensor]:
     """Sum of dL/dw of each target's (effective) weight over `batches` of (x, y); weights unchanged."""

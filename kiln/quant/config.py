@@ -114,7 +114,7 @@ def parse_config(table: dict[str, Any], where: str = "quant config") -> QuantCon
         bad = sorted(set(r) - set(RULE_KEYS))
         if bad:
             raise KilnError(f"{rw}: unknown key {bad[0]!r}; accepted: {', '.join(RULE_KEYS)}")
-        match = Match.parse(r.get("match"), rw)
+        match = Match.from_config(r.get("match"), rw)
         if match.kind == "type" and match.pattern not in known_types:
             raise KilnError(f"{rw}: unknown type {match.pattern!r}; supported: {', '.join(known_types)}")
         rules.append(Rule(match, bool(r.get("skip", False)), _specs(r, rw)))

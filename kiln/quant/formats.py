@@ -25,7 +25,9 @@ from kiln.config import from_dict
 from kiln.errors import KilnError
 from kiln.registry import Registry
 
-FORMATS: Registry[type["Format"]] = Registry("number format")
+# the other families register themselves (and their presets) when their module is imported
+FORMATS: Registry[type["Format"]] = Registry("number format", ("kiln.quant.block", "kiln.quant.logbin",
+                                                              "kiln.quant.minifloat"))
 PRESETS: dict[str, dict[str, Any]] = {}
 
 
@@ -187,15 +189,10 @@ for _b in range(2, 17):
     preset(f"uint{_b}", format="int", bits=_b, signed=False)
 
 
-def _load_families() -> None:
-    """The other format families register themselves on import."""
-    from kiln.quant import block, logbin, minifloat  # noqa: F401
-
-
 def parse_format(spec: str | dict[str, Any], where: str = "format") -> Format:
     """A Format from a preset name or a table {format = NAME, ...fields}; `bits` is the field
     name users write for every family (stored as `bits_` where the dataclass needs a property)."""
-    _load_families()
+    FORMATS.load()   # presets of the other families too
     if isinstance(spec, str):
         if spec not in PRESETS:
             known = sorted(PRESETS, key=lambda n: (n.rstrip("0123456789"), len(n), n))

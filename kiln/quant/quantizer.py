@@ -106,6 +106,20 @@ class QSpec:
         return self.dynamic or self.granularity is Granularity.TOKEN
 
 
+@dataclass(frozen=True)
+class IntGrid:
+    """A quantizer's values as an integer kernel sees them: clamp(round(x / scale), qmin, qmax)
+    times scale, symmetric (no zero point). `scale` is None where it is computed from each
+    tensor as it arrives (dynamic, per token); otherwise it is the calibrated scale, shaped to
+    broadcast against the tensor (per channel: (out, 1) for a Linear's weight)."""
+
+    bits: int
+    qmin: int
+    qmax: int
+    granularity: Granularity
+    scale: torch.Tensor | None
+
+
 def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     """x in the forward pass, its gradient times g in the backward (LSQ's gradient scaling)."""
     return (x - x * g).detach() + x * g
@@ -135,7 +149,11 @@ class Quantizer(nn.Module):
                 self.register_buffer("scale", init)
             asym = isinstance(spec.format, IntFormat) and not spec.format.symmetric
             self.register_buffer("zero_point", torch.zeros_like(init) if asym else None)
+            # saved with the scales, so a reloaded quantizer knows it was calibrated; forward
+            # reads the Python mirror `calibrated` instead: a branch on a tensor would be a
+            # data-dependent guard in torch.export and a graph break in torch.compile
             self.register_buffer("ready", torch.tensor(False))
+        self.calibrated = False
 
     # -- shapes --------------------------------------------------------------------------------
     def _scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -252,6 +270,12 @@ class Quantizer(nn.Module):
             if zp is not None:
                 self.zero_point = zp.reshape(self.scale.shape).clone()
             self.ready.fill_(True)
+        self.calibrated = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        ready = getattr(self, "ready", None)
+        self.calibrated = ready is not None and bool(ready)
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float()
@@ -286,6 +310,20 @@ class Quantizer(nn.Module):
         self._store(scale, zp)
         self._stats, self._lo, self._hi = [], None, None
 
+    def integer_grid(self) -> IntGrid | None:
+        """The integer grid this quantizer rounds onto, for lowering it to integer kernels;
+        None for other formats, asymmetric or unsigned integers, and uncalibrated scales."""
+        fmt = self.spec.format
+        if not isinstance(fmt, IntFormat) or not fmt.signed or not fmt.symmetric:
+            return None
+        if self.spec.runtime_scale:
+            scale = None
+        elif self.calibrated:
+            scale = self.scale.detach()
+        else:
+            return None
+        return IntGrid(fmt.bits_, int(fmt.qmin), int(fmt.qmax), self.spec.granularity, scale)
+
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.spec.format
@@ -299,7 +337,7 @@ class Quantizer(nn.Module):
         if self.spec.runtime_scale or (self.role == "weight" and self.training and not self.spec.learnable):
             scale, zp = self._fit(xs.detach()) if self.role == "weight" else self._scale_from_range(*self._minmax(xs.detach()))
         else:
-            if not bool(self.ready):
+            if not self.calibrated:
                 raise KilnError(f"{self.where}: {self.role} quantizer is not calibrated: run calibration batches first")
             scale, zp = self.scale, self.zero_point
             if self.spec.learnable:
@@ -327,4 +365,4 @@ class Quantizer(nn.Module):
             (" dynamic" if self.spec.runtime_scale else "") + (" lsq" if self.spec.learnable else "")
 
 
-__all__ = ["QSpec", "Quantizer", "Granularity", "Calib", "QUANTIZER_KEYS"]
+__all__ = ["QSpec", "Quantizer", "IntGrid", "Granularity", "Calib", "QUANTIZER_KEYS"]

@@ -6,15 +6,13 @@ keeps the values of the objectives its config names, in that order. The cost mea
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from kiln.errors import KilnError
 from kiln.registry import Registry
+from kiln.timing import TimingConfig, measure
 
 Scores = dict[str, float]
 
@@ -80,22 +78,16 @@ def count_flops(model: nn.Module, inputs: tuple) -> int:
     return flop_counter_flops(LoadedModel("search-candidate", model, tuple(inputs)))
 
 
-@torch.no_grad()
 def measured_latency_ms(model: nn.Module, inputs: tuple, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of `repeats` eager forwards (after `warmup`), in milliseconds."""
+    """Median wall time of `repeats` eager forwards (after `warmup`), in milliseconds (kiln.timing:
+    measured again when contended)."""
     was_training = model.training
     model.eval()
     try:
-        for _ in range(warmup):
-            model(*inputs)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(*inputs)
-            times.append(time.perf_counter() - t0)
+        m = measure({"model": lambda: model(*inputs)}, TimingConfig(rounds=repeats, warmup=warmup))
     finally:
         model.train(was_training)
-    return 1e3 * statistics.median(times)
+    return 1e3 * m["model"].median
 
 
 def roofline_ms(model: nn.Module, inputs: tuple, hardware: str) -> float:
