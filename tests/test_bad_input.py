@@ -54,6 +54,8 @@ CASES = [
     ("analyze", ["analyze", "hf-config:llama?num_hidden_layers=-1", "--no-measure"], "num_hidden_layers"),
     ("analyze", ["analyze", "hf-config:bert?hidden_size=0", "--no-measure"], "hidden_size"),
     ("analyze", ["analyze", "py:capture_fails.py:make", "--no-measure"], "cannot capture"),
+    ("analyze", ["analyze", "zoo:mlp", "--hardware", "FILE"], "FILE"),
+    ("analyze", ["analyze", "zoo:mlp", "--input-shape", "4xabc"], "4xabc"),
     ("analyze", ["analyze", "zoo:mlp", "--no-measure", "KILN_HOME=FILE"], "KILN_HOME"),
     ("train", ["train", "zoo:mlp", "--threads", "-2", "--out", "NEW"], "threads"),
     ("train", ["train", "zoo:mlp", "--batch-size", "-4", "--out", "NEW"], "batch"),
@@ -69,6 +71,9 @@ CASES = [
     ("train", ["train", "zoo:mlp", "--out", "NEW", "--json", "DIR"], "DIR"),
     ("train", ["train", "zoo:mlp", "--dataset", "nope", "--out", "NEW"], "nope"),
     ("train", ["train", "--config", "missing.toml", "--out", "NEW"], "missing.toml"),
+    ("train", ["train", "zoo:mlp", "--optimizer", "adagrad", "--out", "NEW"], "optimizer"),
+    ("train", ["train", "zoo:mlp", "--resume", "--out", "NEW"], "NEW"),
+    ("train", ["train", "zoo:mlp", "--init", "NEW", "--out", "run"], "NEW"),
     ("train", ["train", "zoo:mlp", "--teacher", "zoo:gpt", "--max-steps", "1", "--out", "NEW"], "teacher"),
     ("train", ["train", "zoo:minilm_cls", "--dataset", "rotten-tomatoes?path=tiny.csv", "--max-steps", "1",
                "--out", "NEW"], "rows"),
@@ -77,7 +82,9 @@ CASES = [
     ("eval", ["eval", "NEW"], "NEW"),
     ("eval", ["eval", "FILE"], "FILE"),
     ("eval", ["eval", "DIR"], "DIR"),
+    ("eval", ["eval", "NEW", "--json", "DIR"], "DIR"),
     ("quantize", ["quantize", "zoo:mlp", "--config", "missing.toml"], "missing.toml"),
+    ("quantize", ["quantize", "zoo:mlp", "--config", "FILE"], "FILE"),
     ("quantize", ["quantize", "zoo:mlp", "--config", Q8, "--calib-batches", "0", "--no-eval"], "--calib-batches"),
     ("quantize", ["quantize", "zoo:mlp", "--config", Q8, "--batch-size", "-4", "--no-eval"], "--batch-size"),
     ("quantize", ["quantize", "zoo:mlp", "--config", Q8, "--out", "FILE", "--no-eval"], "FILE"),
@@ -95,6 +102,8 @@ CASES = [
     ("bench", ["bench", "zoo:mlp", "--scenario", "Nope"], "Nope"),
     ("bench", ["bench", "zoo:mlp", "--scenario", "Server", "--target-qps", "-5"], "--target-qps"),
     ("bench", ["bench", "zoo:mlp", "--dataset", "karate"], "karate"),
+    ("bench", ["bench", "zoo:mlp", "--backend", "nope"], "nope"),
+    ("bench", ["bench", "NEW"], "NEW"),
     ("prune", ["prune", "zoo:mlp", "--out", "FILE", "--no-eval"], "FILE"),
     ("prune", ["prune", "zoo:mlp", "--out", "NEW", "--ratio", "1.5", "--no-eval"], "ratio"),
     ("prune", ["prune", "zoo:mlp", "--out", "NEW", "--epochs", "-1", "--no-eval"], "epochs"),
@@ -102,6 +111,8 @@ CASES = [
     ("prune", ["prune", "zoo:mlp", "--out", "NEW", "--nm", "5:4", "--no-eval"], "5:4"),
     ("prune", ["prune", "zoo:mlp", "--out", "NEW", "--dataset", "rt-lm"], "rt-lm"),
     ("prune", ["prune", "zoo:mlp", "--out", "NEW", "--json", "DIR", "--no-eval"], "DIR"),
+    ("prune", ["prune", "zoo:mlp", "--out", "NEW", "--method", "bogus", "--no-eval"], "method"),
+    ("prune", ["prune", "zoo:mlp", "--out", "NEW", "--config", "FILE", "--no-eval"], "FILE"),
     ("lowrank", ["lowrank", "zoo:cnn", "--config", "missing.toml", "--out", "NEW"], "missing.toml"),
     ("lowrank", ["lowrank", "zoo:cnn", "--config", LR, "--out", "FILE"], "FILE"),
     ("lowrank", ["lowrank", "zoo:cnn", "--config", LR, "--out", "NEW", "--json", "DIR"], "DIR"),
@@ -112,6 +123,7 @@ CASES = [
     ("hardware", ["hardware", "show", "nope"], "nope"),
     ("hardware", ["hardware", "calibrate", "--size", "10"], "--size"),
     ("hardware", ["hardware", "--json", "DIR"], "DIR"),
+    ("hardware", ["hardware", "calibrate", "--json", "DIR"], "DIR"),
     ("search", ["search", "--config", "missing.toml", "--out", "NEW"], "missing.toml"),
     ("search", ["search", "--config", SEARCH, "--out", "FILE"], "FILE"),
     ("search", ["search", "--config", SEARCH, "--out", "NEW", "--workers", "0"], "workers"),
@@ -145,7 +157,7 @@ def judge(code: int, stderr: str, written: set[str], message: str) -> str:
     """'' when the bar is met, else what failed."""
     lines = stderr.strip().splitlines()
     if "Traceback" in stderr:
-        return "traceback"
+        return f"traceback ({lines[-1] if lines else ''})"
     if code != 2:
         return f"exit {code}"
     if len(lines) != 1 or not lines[0].startswith("kiln: error:"):
@@ -294,14 +306,15 @@ def test_read_toml_turns_any_text_into_a_table_or_a_kiln_error(tmp_path):
     check()
 
 
-def main(kiln: str, timeout_s: float = 180.0) -> None:
-    """Run CASES through the executable `kiln` (PYTHONPATH as given) and print the table."""
+def main(kiln: str, only: str = "", timeout_s: float = 180.0) -> None:
+    """Run CASES (those whose argv contains one of the '|'-separated `only`) through the executable `kiln` (PYTHONPATH
+    as given) and print the table."""
     import tempfile
 
     passed, total = Counter(), Counter()
     home = Path(tempfile.mkdtemp()) / "home"
     shutil.copytree(Path(os.environ.get("KILN_HOME", Path.home() / ".kiln")) / "hardware", home / "hardware")
-    for command, argv, message in CASES:
+    for command, argv, message in [c for c in CASES if any(o in " ".join(c[1]) for o in only.split("|"))]:
         with tempfile.TemporaryDirectory() as d:
             where = Path(d)
             make_fixtures(where, REPO)
@@ -324,4 +337,4 @@ def main(kiln: str, timeout_s: float = 180.0) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

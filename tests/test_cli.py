@@ -128,3 +128,40 @@ def test_bench_server_prints_counts_as_integers_and_json_to_stdout(tmp_path):
     assert f"{queries:,}" in result.stderr and f"{queries:,}.0" not in result.stderr
     assert "Server latencies include queueing" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["models"], ["datasets"], ["analyze", "zoo:mlp", "--no-measure"]])
+def test_json_dash_is_standard_output_with_the_same_content_as_a_file(tmp_path, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    to_file = runner.invoke(app, [*argv, "--json", "out.json"])
+    to_stdout = runner.invoke(app, [*argv, "--json", "-"])
+    assert to_file.exit_code == to_stdout.exit_code == 0, to_stdout.output
+    same = [{k: v for k, v in json.loads(text).items() if k != "timings_s"}   # wall times differ
+            for text in (to_stdout.stdout, (tmp_path / "out.json").read_text())]
+    assert same[0] == same[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]   # no file named '-'
+    assert to_stdout.stderr.strip() and to_file.stdout.strip()   # the tables went to stderr instead
+
+
+def test_progress_off_a_terminal_prints_plain_lines_with_elapsed_time_and_eta(capsys, monkeypatch):
+    from kiln.cli import common
+
+    now = [100.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: now[0])
+    assert not common.err_console.is_terminal   # pytest captures stderr
+    with common.progress("bench", every_s=3600, after_s=2) as update:
+        now[0] = 103.0
+        update("LoadGen", expected_s=30)     # a timed phase: its length is the ETA
+        now[0] = 110.0
+        update("scoring", fraction=0.5)      # half done after 10 s: 10 s to go
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["kiln: bench: LoadGen (3 s elapsed, ETA 30 s)",
+                          "kiln: bench: scoring (10 s elapsed, ETA 10 s)"]
+
+
+def test_progress_stays_silent_for_a_quick_step(capsys, monkeypatch):
+    from kiln.cli import common
+
+    with common.progress("loading", after_s=60) as update:
+        update("model")
+    assert capsys.readouterr().err == ""

@@ -108,3 +108,58 @@ class AutocastRegion(nn.Module):
 def test_flops_inside_an_autocast_region_are_counted():
     x = r(8, 8)
     assert kiln_flops(AutocastRegion(), (x,)) == 2 * 8 * 8 * 8 == oracle(AutocastRegion(), (x,))
+
+
+# torch.cond between a wide and a narrow path (the branches differ in FLOPs), as a user's
+# py: factory: dynamo, which traces the branches, skips functions of pytest-rewritten modules
+BRANCHY = """
+import torch
+from torch import nn
+
+
+class Branchy(nn.Module):
+    def __init__(self, nested, use_cond):
+        super().__init__()
+        self.wide, self.narrow, self.head = nn.Linear(8, 64), nn.Linear(8, 64), nn.Linear(64, 4)
+        self.nested, self.use_cond = nested, use_cond
+
+    def forward(self, x):
+        def wide(x):
+            h = self.wide(x).relu()
+            if self.nested:   # a cond inside a branch
+                h = torch.cond(h.sum() > 0, lambda h: h @ torch.ones(64, 64), lambda h: h.clone(), (h,))
+            return h @ torch.ones(64, 64)
+
+        if not self.use_cond:   # the same model with Python's `if`: eager runs one branch
+            return self.head(wide(x) if x.sum() > 0 else self.narrow(x))
+        return self.head(torch.cond(x.sum() > 0, wide, lambda x: self.narrow(x), (x,)))
+
+
+def make(sign=1.0, nested=False, use_cond=True):
+    return Branchy(nested, use_cond), (sign * torch.rand(2, 8),)   # the input's sign picks the branch
+"""
+
+
+def _branchy(tmp_path, factory: str):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "branchy.py").write_text(BRANCHY + f"\n\ndef f():\n    return {factory}\n")
+    return load(f"py:{tmp_path / 'branchy.py'}:f")
+
+
+def test_cond_counts_the_branch_the_example_input_takes_like_flop_counter(tmp_path):
+    """The oracle is flop_counter on the same model with Python's `if` in place of torch.cond:
+    under FlopCounterMode an eager torch.cond runs neither branch alone (torch 2.13: its
+    counts and output match no branch, and dynamo refuses to trace torch.cond afterwards)."""
+    for sign in (1.0, -1.0):
+        record = AnnotateCost()(capture(_branchy(tmp_path / str(sign), f"make({sign})"))).record
+        plain = _branchy(tmp_path / f"plain{sign}", f"make({sign}, use_cond=False)")
+        with FlopCounterMode(display=False) as counter:
+            plain.model(*plain.example_inputs)
+        assert record.flops == counter.get_total_flops() > 0
+        assert record.uncounted_ops == ()
+        assert record.branches == (f"cond: the {'true' if sign > 0 else 'false'} branch, taken by the example input",)
+
+
+def test_a_higher_order_op_that_cannot_be_counted_is_listed_never_free(tmp_path):
+    record = AnnotateCost()(capture(_branchy(tmp_path, "make(1.0, nested=True)"))).record
+    assert "cond" in record.uncounted_ops   # a cond inside a branch: its branch is unknown

@@ -76,9 +76,26 @@ def factory_file(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["plain", "with_kwargs", "attribute"])
-def test_py_factory_shapes(factory_file, name):
+def test_py_spec_is_what_the_factory_returns(factory_file, name):
+    """The oracle is the factory itself, called again from the same RNG state: the same
+    weights, the same example inputs (positional and keyword) and so the same output."""
+    import importlib.util
+
+    torch.manual_seed(0)
     loaded = load(f"py:{factory_file}:{name}")
-    assert isinstance(loaded.run(), torch.Tensor)
+    mod_spec = importlib.util.spec_from_file_location("factory_oracle", factory_file)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    made = getattr(module, name)()
+    model, args, kwargs = (made, made.example_inputs, {}) if isinstance(made, torch.nn.Module) else (*made, {})[:3]
+    assert loaded.model.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    assert len(loaded.example_inputs) == len(args) and loaded.example_kwargs.keys() == kwargs.keys()
+    for got, want in zip([*loaded.example_inputs, *loaded.example_kwargs.values()], [*args, *kwargs.values()]):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(loaded.run(), model(*args, **kwargs), rtol=0, atol=0)
 
 
 def test_bad_specs_are_one_line_errors(factory_file, tmp_path):

@@ -42,8 +42,8 @@ def print_result(r: dict) -> None:
     if roof.get("roofline_s"):
         table.add_row(f"roofline per call ({roof['hardware']})", seconds(roof["roofline_s"]))
         fraction = r.get("roofline_fraction")
-        table.add_row("achieved fraction of roofline", f"{fraction:.1%}" + ("!" if fraction > 1 else "")
-                      if fraction is not None else _no_fraction(r))
+        table.add_row("achieved fraction of roofline", _no_fraction(r) if fraction is None
+                      else f"{fraction:.1%}" + ("!" if fraction > 1 else ""))
     console.print(table)
     if roof.get("note"):
         console.print(f"[yellow]!: {roof['note']}[/yellow]")

@@ -189,7 +189,7 @@ class _ProgressLines:
         import threading
 
         self.label, self.every_s, self.after_s, self.start = label, every_s, after_s, time.monotonic()
-        self.message, self.eta_at = "started", None
+        self.message, self.eta_at, self.printed_at = "started", None, None
         self.lock, self.done = threading.Lock(), threading.Event()
         self.ticker = threading.Thread(target=self._tick, daemon=True)
         self.ticker.start()
@@ -206,19 +206,21 @@ class _ProgressLines:
             elif changed:
                 self.eta_at = None
         if changed and now - self.start >= self.after_s:
-            self._print()
+            self._print(now)
 
     def _tick(self) -> None:
-        wait = self.after_s
-        while not self.done.wait(wait):
-            self._print()
-            wait = self.every_s
+        # polls once a second: prints once the step has run after_s, then every every_s of silence
+        while not self.done.wait(1.0):
+            now = time.monotonic()
+            last = self.printed_at
+            if now - self.start >= self.after_s and (last is None or now - last >= self.every_s):
+                self._print(now)
 
-    def _print(self) -> None:
-        now = time.monotonic()
+    def _print(self, now: float) -> None:
         with self.lock:
             eta = f", ETA {_duration(self.eta_at - now)}" if self.eta_at and self.eta_at > now else ""
             line = f"kiln: {self.label}: {self.message} ({_duration(now - self.start)} elapsed{eta})"
+            self.printed_at = now
         print(line, file=sys.stderr, flush=True)
 
     def stop(self) -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, si, check_fits, user_errors, validate, write_json
+from kiln.cli.common import check_fits, console, err_console, si, user_errors, validate, write_json
 
 
 def print_report(report: dict, metrics: dict) -> None:
