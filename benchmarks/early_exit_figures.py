@@ -29,7 +29,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import merge_result  # noqa: E402
 from lowrank_figures import ensure_dense  # noqa: E402
+from kiln.adapt.config import parse_config  # noqa: E402
 from kiln.adapt.run import early_exit_run  # noqa: E402
+from kiln.config import read_toml  # noqa: E402
 
 EXPERIMENTS = {
     "minilm": ("runs/figures/minilm-v3", "configs/early_exit/minilm.toml", "runs/figures/minilm-early-exit"),
@@ -70,7 +72,7 @@ def experiment(name: str) -> dict:
     if Path(out).exists():
         shutil.rmtree(out)          # this script's own run directory from an earlier run
     t0 = time.perf_counter()
-    rep = early_exit_run(src, Path(config), Path(out), log=lambda s: print(s, file=sys.stderr))["report"]
+    rep = early_exit_run(src, parse_config(read_toml(config), config), Path(out), log=lambda s: print(s, file=sys.stderr))["report"]
     png = FIGURES / f"early_exit_{name}.png"
     plot(name, rep, png)
     dense, c = rep["dense"], rep["chosen"]

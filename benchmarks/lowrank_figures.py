@@ -25,7 +25,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import merge_result  # noqa: E402
+from kiln.lowrank.config import parse_config  # noqa: E402
 from kiln.lowrank.run import lowrank_run  # noqa: E402
+from kiln.config import read_toml  # noqa: E402
 
 EXPERIMENTS = {
     "minilm": ("runs/figures/minilm-v3", "configs/lowrank/minilm_half.toml", "runs/figures/minilm-lowrank"),
@@ -53,7 +55,7 @@ def experiment(name: str) -> dict:
     if Path(out).exists():
         shutil.rmtree(out)          # this script's own run directory from an earlier run
     t0 = time.perf_counter()
-    result = lowrank_run(src, Path(config), Path(out), log=lambda s: print(s, file=sys.stderr))
+    result = lowrank_run(src, parse_config(read_toml(config), config), Path(out), log=lambda s: print(s, file=sys.stderr))
     rep, m = result["report"], result["metrics"]
     key, lat = m["metric"], rep["latency"]
     entry = {

@@ -231,10 +231,10 @@ def test_a_chain_keeps_every_transform_in_order(tmp_path):
     from kiln.quant.run import quantize_run
 
     prune_run("zoo:cnn", prune_config({"ratio": 0.5}), tmp_path / "p", evaluate=False, progress=False)
-    cfg = tmp_path / "l.toml"
-    cfg.write_text('energy = 0.9\n[[rules]]\nmatch = "fqn:fc"\nrank = 3\n')
+    from kiln.lowrank.config import parse_config as lowrank_config
     from kiln.lowrank.run import lowrank_run
 
+    cfg = lowrank_config({"energy": 0.9, "rules": [{"match": "fqn:fc", "rank": 3}]})
     lowrank_run(str(tmp_path / "p"), cfg, tmp_path / "l", evaluate=False)
     res = quantize_run(str(tmp_path / "l"), quant_config({"weight": "int8", "input": "int8"}), tmp_path / "q",
                        calib_batches=2, batch_size=16, evaluate=False)
@@ -259,6 +259,7 @@ def test_save_source_appends_the_commands_record(tmp_path):
 def test_every_commands_run_is_measured_again_exactly_by_eval(tmp_path):
     """prune (fine-tuned), lowrank and quantize write one metrics schema; `kiln eval` reloads
     each run and measures the value its command stored, exactly."""
+    from kiln.lowrank.config import parse_config as lowrank_config
     from kiln.lowrank.run import lowrank_run
     from kiln.prune.config import parse_config as prune_config
     from kiln.prune.run import prune_run
@@ -268,8 +269,7 @@ def test_every_commands_run_is_measured_again_exactly_by_eval(tmp_path):
 
     prune_run("zoo:mlp", prune_config({"ratio": 0.5, "finetune": {"epochs": 1, "max_steps": 2, "batch_size": 32}}),
               tmp_path / "p", progress=False)
-    cfg = tmp_path / "l.toml"
-    cfg.write_text('energy = 0.9\n[[rules]]\nmatch = "fqn:head"\nrank = 4\n')
+    cfg = lowrank_config({"energy": 0.9, "rules": [{"match": "fqn:head", "rank": 4}]})
     lowrank_run(str(tmp_path / "p"), cfg, tmp_path / "l")
     quantize_run(str(tmp_path / "l"), quant_config({"weight": "int8"}), tmp_path / "q", calib_batches=2, batch_size=16)
     for run, keys in (("p", {"before", "after", "after_finetune"}), ("l", {"before", "after"}), ("q", {"before", "after"})):

@@ -101,9 +101,9 @@ def test_at_batch_grows_batched_inputs_and_refuses_graphs():
 
 
 def test_compile_run_writes_the_choice_and_reloads_it(tmp_path):
-    from kiln.compile.run import compile_run, load_compiled
+    from kiln.compile.run import CompileConfig, compile_run, load_compiled
 
-    report, sel = compile_run("zoo:mlp", "eager+onnxruntime", batch=4, rounds=3, out=tmp_path / "c")
+    report, sel = compile_run("zoo:mlp", CompileConfig("eager+onnxruntime", batch=4, rounds=3), out=tmp_path / "c")
     meta = json.loads((tmp_path / "c" / "compile.json").read_text())
     assert meta["backend"] == sel.chosen and meta["batch"] == 4
     assert {c["backend"] for c in report["candidates"]} == {"eager", "onnxruntime"}
@@ -169,9 +169,9 @@ def test_loadgen_accuracy_mode_equals_direct_evaluation():
 
 
 def test_bench_cli_on_a_compile_dir(tmp_path):
-    from kiln.compile.run import compile_run
+    from kiln.compile.run import CompileConfig, compile_run
 
-    compile_run("zoo:mlp", "eager", batch=1, rounds=2, out=tmp_path / "c")
+    compile_run("zoo:mlp", CompileConfig("eager", batch=1, rounds=2), out=tmp_path / "c")
     r = subprocess.run([sys.executable, "-m", "kiln.cli.main", "bench", str(tmp_path / "c"), "--scenario", "SingleStream",
                         "--min-duration", "0.3", "--hardware", "a100", "--json", str(tmp_path / "b.json")],
                        capture_output=True, text=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from kiln.compile.backends import build, parse_backend
+from kiln.compile.backends import Precision, build, parse_backend
 from kiln.compile.int8 import ORT_QDQ, TORCHAO, build_torchao, int8_weights, lower_int8, plan_int8
 from kiln.compile.runtime import Example
 from kiln.compile.verify import relative_error
@@ -275,15 +275,14 @@ def test_quantize_then_compile_int8_then_reload(tmp_path):
     """The CLI's chain on zoo:mlp: kiln quantize, compile --precision int8, load_compiled (what
     kiln bench runs): torchao runs every layer on int8 kernels, as the fake-quantized model."""
     pytest.importorskip("torchao")
-    from kiln.compile.run import compile_run, load_compiled
+    from kiln.compile.run import CompileConfig, compile_run, load_compiled
     from kiln.quant.run import quantize_run
 
-    config = tmp_path / "w8a8.toml"
-    config.write_text('weight = { format = "int", bits = 8, granularity = "channel" }\n'
-                      'input = { format = "int", bits = 8, granularity = "tensor" }\n')
-    quantize_run("zoo:mlp", config, tmp_path / "q", calib_batches=2, evaluate=False)
-    report, sel = compile_run(str(tmp_path / "q"), "eager+torchao", batch=4, precision="int8", rounds=2,
-                              out=tmp_path / "c")
+    w8a8 = parse_config({"weight": {"format": "int", "bits": 8, "granularity": "channel"},
+                         "input": {"format": "int", "bits": 8, "granularity": "tensor"}})
+    quantize_run("zoo:mlp", w8a8, tmp_path / "q", calib_batches=2, evaluate=False)
+    config = CompileConfig("eager+torchao", batch=4, precision=Precision.INT8, rounds=2)
+    report, sel = compile_run(str(tmp_path / "q"), config, out=tmp_path / "c")
     assert report["quantized"]["backends"] == {"torchao": {"int8": ["layers.0", "layers.2", "head"], "fake": []}}
     assert report["quantized"]["lines"] == ["torchao: real int8 kernels: layers.* (x2), head; fake quantization: none"]
     assert sel.by_name("torchao").status == "ok" and sel.by_name("torchao").error < 1e-5

@@ -9,11 +9,10 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from kiln.adapt.config import EarlyExitConfig, parse_config
+from kiln.adapt.config import EarlyExitConfig
 from kiln.adapt.early_exit import EarlyExit, heads_for, probe
 from kiln.adapt.restore import record_of
 from kiln.adapt.sweep import ExitFlops, Point, choose, exit_flops, exits_taken, point, thresholds
-from kiln.config import read_toml
 from kiln.errors import KilnError
 from kiln.io import check_new_dir
 from kiln.runs.artifact import load_source, require_float, save_source
@@ -52,10 +51,9 @@ def curve(logits, labels, model: EarlyExit, grid: list[float], per_exit) -> list
     return [point(logits, labels, scores, model.criterion, t, per_exit) for t in grid]
 
 
-def early_exit_run(src: str, config_path: Path, out: Path, dataset: str | None = None, log: Log = lambda s: None) -> dict:
+def early_exit_run(src: str, cfg: EarlyExitConfig, out: Path, dataset: str | None = None, log: Log = lambda s: None) -> dict:
     """The whole command: probe, attach, train the heads, sweep, time, write the artifact."""
     check_new_dir(out)
-    cfg = parse_config(read_toml(config_path), str(config_path))
     source = require_float(load_source(src, dataset), "early-exit")
     if not source.dataset:
         raise KilnError(f"{src} has no default dataset: pass --dataset (see `kiln datasets`)")

@@ -56,15 +56,18 @@ def compile(
     """Build every candidate backend, reject those that leave their tolerance against eager,
     time the rest side by side and keep the fastest."""
     from kiln.cli.analyze import _hardware
-    from kiln.compile.run import candidates, compile_run, parse_precision
+    from kiln.compile.run import CompileConfig, compile_run
+    from kiln.config import from_dict
     from kiln.io import atomic_write_json, check_writable
 
     if json_path:
         check_writable(json_path)
-    candidates(backend, parse_precision(precision))   # a bad name fails before a first-run calibration
+    # parsed (bad names fail) before a first-run calibration of the hardware profile
+    config = from_dict(CompileConfig, {"backend": backend, "batch": batch, "precision": precision, "rounds": rounds},
+                       "compile options")
     profile = _hardware(hardware)
     with err_console.status(f"compiling {src}") as status:
-        report, _ = compile_run(src, backend, batch, precision, rounds, out, profile,
+        report, _ = compile_run(src, config, out, profile,
                                 progress=lambda s: status.update(f"{s}"))
     print_candidates(report)
     if json_path:

@@ -48,11 +48,13 @@ def early_exit(
 ) -> None:
     """Attach exit heads at chosen blocks, train them, and sweep the exit threshold: accuracy
     against exact average FLOPs per sample, and measured latency before and after."""
+    from kiln.adapt.config import parse_config
     from kiln.adapt.run import early_exit_run
+    from kiln.config import read_toml
 
     validate(new_dirs=[out], json_path=json_path)
     check_fits(src, dataset)
-    result = early_exit_run(src, config, out, dataset, log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    result = early_exit_run(src, parse_config(read_toml(config), str(config)), out, dataset, log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     print_report(result["report"])
     console.print(f"artifact: {out}")
     if json_path:

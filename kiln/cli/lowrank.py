@@ -48,11 +48,13 @@ def lowrank(
 ) -> None:
     """Factorise a model's Linear (SVD) and Conv2d (Tucker-2) layers; report ranks, parameters,
     FLOPs and measured latency before and after."""
+    from kiln.lowrank.config import parse_config
     from kiln.lowrank.run import lowrank_run
+    from kiln.config import read_toml
 
     validate(new_dirs=[out], json_path=json_path)
     check_fits(src, dataset)
-    result = lowrank_run(src, config, out, dataset, evaluate, log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    result = lowrank_run(src, parse_config(read_toml(config), str(config)), out, dataset, evaluate, log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     print_report(result["report"], result["metrics"])
     console.print(f"artifact: {out}")
     if json_path:

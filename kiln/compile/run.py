@@ -31,11 +31,20 @@ from kiln.runs.artifact import load_source
 COMPILE_FILE = "compile.json"
 
 
-def parse_precision(text: str) -> Precision:
-    try:
-        return Precision(text)
-    except ValueError:
-        raise KilnError(f"unknown precision {text!r}; known: {', '.join(p.value for p in Precision)}") from None
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    """What `kiln compile` measures: the candidate backends, the batch, the lowest precision a
+    candidate may compute in, and the interleaved timing rounds."""
+
+    backend: str = "auto"          # auto, or backends joined by '+', each NAME[:key=value,...]
+    batch: int = 1
+    precision: Precision = Precision.FP32
+    rounds: int = 20
+
+    def __post_init__(self):
+        if self.batch < 1 or self.rounds < 1:
+            raise KilnError(f"compile config: batch and rounds must be >= 1, got {self.batch} and {self.rounds}")
+        candidates(self.backend, self.precision)   # unknown names and options fail before any work
 
 
 def candidates(backend: str, precision: Precision) -> list[str]:
@@ -82,18 +91,16 @@ def attach_roofline(report: dict, roof: dict) -> None:
     report["roofline"] = roof
 
 
-def compile_run(src: str, backend: str = "auto", batch: int = 1, precision: str = "fp32", rounds: int = 20,
-                out: Path | None = None, hardware=None,
+def compile_run(src: str, config: CompileConfig = CompileConfig(), out: Path | None = None, hardware=None,
                 progress: Callable[[str], None] = lambda s: None) -> tuple[dict, Selection]:
-    prec = parse_precision(precision)
-    names = candidates(backend, prec)
-    if rounds < 1:
-        raise KilnError(f"rounds must be >= 1, got {rounds}")
+    """Measure the config's candidates on `src` and keep the fastest; `hardware` (a
+    HardwareProfile or None) gives the roofline bound; `out` (optional) the directory to write."""
+    prec = config.precision
+    names = candidates(config.backend, prec)
     if out is not None:
-
         check_new_dir(out)
-    source, loaded = source_inputs(src, batch)
-    sel = select(source.model, loaded, names, prec, rounds=rounds, progress=progress)
+    source, loaded = source_inputs(src, config.batch)
+    sel = select(source.model, loaded, names, prec, rounds=config.rounds, progress=progress)
     report = {"src": src, "spec": source.spec, "precision": prec.value, **sel.to_dict()}
     if is_fake_quantized(source.model):
         report["quantized"] = quantized_layers(source.model, names, prec)

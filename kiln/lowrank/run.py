@@ -13,11 +13,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kiln.config import read_toml
 from kiln.errors import KilnError
 from kiln.io import check_new_dir
 from kiln.lowrank.apply import Decision, factorize, module_flops, module_inputs
-from kiln.lowrank.config import LowRankConfig, parse_config, to_table
+from kiln.lowrank.config import LowRankConfig, to_table
 from kiln.runs.artifact import load_source, require_float, save_source
 from kiln.runs.metrics import metric_record
 from kiln.runs.transforms import TransformRecord
@@ -59,11 +58,10 @@ def layer_rows(dense: nn.Module, low: nn.Module, decisions: list[Decision], run)
     return rows
 
 
-def lowrank_run(src: str, config_path: Path, out: Path, dataset: str | None = None, evaluate: bool = True,
+def lowrank_run(src: str, config: LowRankConfig, out: Path, dataset: str | None = None, evaluate: bool = True,
                 log: Log = lambda s: None) -> dict:
     """The whole command: load, factorise, (fine-tune), measure, write the run directory."""
     check_new_dir(out)
-    config = parse_config(read_toml(config_path), str(config_path))
     source = require_float(load_source(src, dataset), "lowrank")
     splits = source_splits(source) if evaluate or config.finetune is not None else None
     log(f"model {source.spec}, data {source.dataset or '-'}")
