@@ -89,6 +89,10 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise KilnError(f"{where}: unknown key {unknown[0]!r}; accepted: {', '.join(fields)}")
+    missing = [f.name for f in fields.values() if f.init and f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise KilnError(f"{where}: missing key {missing[0]!r}")
     hints = typing.get_type_hints(cls)
     values = {k: _coerce(where, k, v, hints[k]) for k, v in data.items()}
     try:

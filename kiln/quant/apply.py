@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError
-from kiln.quant.config import QuantConfig, parse_config
+from kiln.quant.config import QuantConfig, parse_config, to_table
 from kiln.quant.modules import HF_ATTENTION, OPS, QuantAttention, QuantOp, register_hf_attention
 from kiln.quant.quantizer import Quantizer
 from kiln.quant.smoothquant import SmoothedLinear
@@ -192,7 +192,7 @@ def _smoothed(model: nn.Module) -> list[str]:
 def quant_record(model: nn.Module, config: QuantConfig) -> TransformRecord:
     """The config as its table and where SmoothQuant left input scales: all the architecture
     a restore needs (the scales, SmoothQuant's and GPTQ's weights load from the weights file)."""
-    return TransformRecord.of(KIND, {"quant": config.source, "smoothed": _smoothed(model)})
+    return TransformRecord.of(KIND, {"quant": to_table(config), "smoothed": _smoothed(model)})
 
 
 @register_transform(KIND)

@@ -22,25 +22,65 @@ leaves them in float. A pattern that matches no module is an error.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from kiln.config import from_dict, to_dict
 from kiln.errors import KilnError
+from kiln.quant.modules import TYPE_NAMES
 from kiln.quant.quantizer import QSpec
 from kiln.rules import Match, least_specific_first
-from kiln.config import from_dict
-from kiln.quant.modules import TYPE_NAMES
 
-ROLES = ("weight", "input", "output")
-TOP_KEYS = ("targets", "weight", "input", "output", "attention", "rules", "smoothquant", "gptq")
-RULE_KEYS = ("match", "skip", "weight", "input", "output", "attention")
+ROLES = ("weight", "input", "output", "attention")
+KNOWN_TYPES = (*TYPE_NAMES, "attention")
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """One role's setting as the file writes it: a QSpec from a preset name or a table, or
+    `spec = None` for "keep this tensor in float" (written false, "none" or "fp32"), which a
+    rule needs to undo a default."""
+
+    spec: QSpec | None
+    ROLE: ClassVar[str] = "input"        # activations default to per-tensor scales
+
+    @classmethod
+    def from_config(cls, value: Any, where: str) -> "RoleSpec":
+        if value is False or value in ("none", "fp32"):
+            return cls(None)
+        return cls(QSpec.parse(value, where, cls.ROLE))
+
+    def to_config(self) -> str | dict[str, Any]:
+        return "none" if self.spec is None else self.spec.to_table()
+
+
+class WeightSpec(RoleSpec):
+    ROLE: ClassVar[str] = "weight"       # weights default to per-channel scales
+
+
+def _specs(obj: Any) -> dict[str, QSpec | None]:
+    """role -> spec for the roles `obj` (a QuantConfig or a Rule) sets."""
+    return {role: getattr(obj, role).spec for role in ROLES if getattr(obj, role) is not None}
 
 
 @dataclass(frozen=True)
 class Rule:
     match: Match
     skip: bool = False
-    specs: dict[str, QSpec | None] = field(default_factory=dict)   # only the roles it sets
+    weight: WeightSpec | None = None
+    input: RoleSpec | None = None
+    output: RoleSpec | None = None
+    attention: RoleSpec | None = None
+
+    def __post_init__(self):
+        if self.match.kind == "type" and self.match.pattern not in KNOWN_TYPES:
+            raise KilnError(f"quant config rule {self.match}: unknown type {self.match.pattern!r}; "
+                            f"supported: {', '.join(KNOWN_TYPES)}")
+
+    @property
+    def specs(self) -> dict[str, QSpec | None]:
+        """Only the roles the rule sets: they replace the defaults for the modules it matches."""
+        return _specs(self)
 
 
 @dataclass(frozen=True)
@@ -50,7 +90,7 @@ class SmoothQuantConfig:
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    group_size: int = 128
+    group_size: int = 128     # kiln.quant.gptq.gptq's own; a QuantConfig's groups are the weight quantizer's
     block: int = 128
     percdamp: float = 0.01
     act_order: bool = False
@@ -59,11 +99,28 @@ class GPTQConfig:
 @dataclass(frozen=True)
 class QuantConfig:
     targets: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-    defaults: dict[str, QSpec | None] = field(default_factory=dict)
+    weight: WeightSpec | None = None
+    input: RoleSpec | None = None
+    output: RoleSpec | None = None
+    attention: RoleSpec | None = None
     rules: tuple[Rule, ...] = ()
     smoothquant: SmoothQuantConfig | None = None
     gptq: GPTQConfig | None = None
-    source: dict[str, Any] = field(default_factory=dict)     # the table it was parsed from
+    VERSION: ClassVar[int] = 1
+
+    def __post_init__(self):
+        unknown = [t for t in self.targets if t not in KNOWN_TYPES]
+        if unknown:
+            raise KilnError(f"quant config: unknown target {unknown[0]!r}; supported: {', '.join(KNOWN_TYPES)}")
+        if not self.defaults and not self.rules:
+            raise KilnError("quant config: nothing to quantize: set weight, input, output or attention, or add rules")
+        if self.gptq is not None and self.gptq.group_size != GPTQConfig.group_size:
+            raise KilnError("quant config: gptq.group_size comes from the weight quantizer: set "
+                            "weight = { granularity = \"group\", group_size = N, ... } instead")
+
+    @property
+    def defaults(self) -> dict[str, QSpec | None]:
+        return _specs(self)
 
     def resolve(self, fqn: str, type_name: str) -> tuple[bool, dict[str, QSpec | None]]:
         """(skip, role -> spec) for one module: defaults overridden by the matching rules,
@@ -78,55 +135,11 @@ class QuantConfig:
         return skip, specs
 
 
-def _spec(value: Any, where: str, role: str) -> QSpec | None:
-    if value is False or value == "none" or value == "fp32":
-        return None
-    return QSpec.parse(value, where, "weight" if role == "weight" else "input")
-
-
-def _specs(table: dict[str, Any], where: str) -> dict[str, QSpec | None]:
-    out = {role: _spec(table[role], f"{where}.{role}", role) for role in ROLES if role in table}
-    if "attention" in table:
-        out["attention"] = _spec(table["attention"], f"{where}.attention", "input")
-    return out
-
-
 def parse_config(table: dict[str, Any], where: str = "quant config") -> QuantConfig:
     """A QuantConfig from a TOML table; unknown keys and bad values are one-line KilnErrors."""
+    return from_dict(QuantConfig, table, where)
 
-    unknown = sorted(set(table) - set(TOP_KEYS))
-    if unknown:
-        raise KilnError(f"{where}: unknown key {unknown[0]!r}; accepted: {', '.join(TOP_KEYS)}")
-    known_types = [*TYPE_NAMES, "attention"]
-    targets = table.get("targets", list(QuantConfig.targets))
-    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
-        raise KilnError(f"{where}: targets needs a list of module type names, got {targets!r}")
-    for t in targets:
-        if t not in known_types:
-            raise KilnError(f"{where}: unknown target {t!r}; supported: {', '.join(known_types)}")
-    defaults = _specs(table, where)
-    if not defaults and not table.get("rules"):
-        raise KilnError(f"{where}: nothing to quantize: set weight, input, output or attention, or add rules")
-    rules = []
-    for i, r in enumerate(table.get("rules", [])):
-        rw = f"{where}.rules[{i}]"
-        if not isinstance(r, dict):
-            raise KilnError(f"{rw}: needs a table")
-        bad = sorted(set(r) - set(RULE_KEYS))
-        if bad:
-            raise KilnError(f"{rw}: unknown key {bad[0]!r}; accepted: {', '.join(RULE_KEYS)}")
-        match = Match.from_config(r.get("match"), rw)
-        if match.kind == "type" and match.pattern not in known_types:
-            raise KilnError(f"{rw}: unknown type {match.pattern!r}; supported: {', '.join(known_types)}")
-        rules.append(Rule(match, bool(r.get("skip", False)), _specs(r, rw)))
 
-    sq = table.get("smoothquant")
-    gq = table.get("gptq")
-    if isinstance(gq, dict) and "group_size" in gq:
-        raise KilnError(f"{where}.gptq: group_size comes from the weight quantizer: set "
-                        "weight = { granularity = \"group\", group_size = N, ... } instead")
-    return QuantConfig(
-        targets=tuple(targets), defaults=defaults, rules=tuple(rules),
-        smoothquant=from_dict(SmoothQuantConfig, sq, f"{where}.smoothquant") if sq is not None else None,
-        gptq=from_dict(GPTQConfig, gq, f"{where}.gptq") if gq is not None else None,
-        source=table)
+def to_table(config: QuantConfig) -> dict[str, Any]:
+    """The TOML/JSON table parse_config reads back to an equal config (what a run records)."""
+    return to_dict(config)
