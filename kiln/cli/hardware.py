@@ -48,9 +48,10 @@ def list_profiles(
 @user_errors
 def show(name: str = typer.Argument(..., help="Profile name or .toml path.")) -> None:
     """Print a profile as TOML, with the source of each figure."""
-    from kiln.hardware.profiles import load_profile
+    from kiln.config import to_toml
+    from kiln.hardware.profiles import load_profile, profile_table
 
-    console.print(load_profile(name).to_toml(), markup=False, highlight=False)
+    console.print(to_toml(profile_table(load_profile(name))), markup=False, highlight=False)
 
 
 @app.command()

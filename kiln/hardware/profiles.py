@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiln.config import to_dict, to_toml
 from kiln.errors import KilnError
 from kiln.io import atomic_write_text
 
@@ -71,15 +72,6 @@ class HardwareProfile:
         """The arithmetic intensity (FLOP/byte) where compute and memory time are equal."""
         return self.peak_flops[key or self.fallback] / self.memory_bandwidth
 
-    def to_toml(self) -> str:
-        lines = [f'name = "{self.name}"', f'description = "{self.description}"', f'kind = "{self.kind}"',
-                 f"memory_bandwidth = {self.memory_bandwidth:.6g}", f'fallback = "{self.fallback}"',
-                 "", "[peak_flops]"]
-        lines += [f"{k} = {v:.6g}" for k, v in self.peak_flops.items()]
-        lines += ["", "[sources]"] + [f'{k} = "{v}"' for k, v in self.sources.items()]
-        return "\n".join(lines) + "\n"
-
-
 # what must stand beside a measured figure that beats its roofline bound
 ABOVE_PEAK = ("above 100%: the hardware profile's peaks are below what this run achieved; "
               "re-measure them with `kiln hardware calibrate --force`")
@@ -104,6 +96,12 @@ def higher_in(old: HardwareProfile, new: HardwareProfile, tolerance: float = 0.0
 
 
 _FIELDS = {"name", "description", "kind", "peak_flops", "memory_bandwidth", "fallback", "sources"}
+
+
+def profile_table(profile: HardwareProfile) -> dict:
+    """The profile as its file's table (kiln.config.to_toml writes it), which profile_from_toml
+    reads back; where it was read from is not part of it."""
+    return {k: v for k, v in to_dict(profile).items() if k != "path"}
 
 
 def profile_from_toml(path: Path) -> HardwareProfile:
@@ -154,4 +152,4 @@ def save_profile(profile: HardwareProfile) -> Path:
     """Write a profile to the user directory atomically; returns its path."""
     directory = user_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(directory / f"{profile.name}.toml", profile.to_toml())
+    return atomic_write_text(directory / f"{profile.name}.toml", to_toml(profile_table(profile)))
