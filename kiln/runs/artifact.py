@@ -28,7 +28,7 @@ from kiln.models.loaded import LoadedModel
 from kiln.models.spec import load
 from kiln.runs.transforms import TransformRecord
 from kiln.runs.weights import load_weights, save_weights
-from kiln.models.zoo import ZOO, _load_families
+from kiln.models.zoo import ZOO
 
 FORMAT = 1
 ARTIFACT_FILE = "artifact.json"
@@ -73,8 +73,6 @@ class ArtifactMeta:
 def default_dataset(spec: str) -> str:
     """The dataset a zoo model is meant for; other specs name theirs with --dataset."""
     if spec.startswith("zoo:"):
-
-        _load_families()
         return ZOO.get(spec[4:].partition("?")[0]).dataset
     raise KilnError(f"{spec} has no default dataset: pass --dataset (see `kiln datasets`)")
 

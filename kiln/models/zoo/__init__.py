@@ -1,7 +1,6 @@
 """kiln's model zoo: one file per family, each model registered with its default input."""
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,8 +23,8 @@ class ZooEntry:
     build: Callable[[], LoadedModel]
 
 
-ZOO: Registry[ZooEntry] = Registry("zoo model")
-_FAMILY_MODULES = ("mlp", "cnn", "imagenet", "cnn3d", "transformers", "gpt", "vit", "gnn", "vae", "diffusion")
+FAMILIES = ("mlp", "cnn", "imagenet", "cnn3d", "transformers", "gpt", "vit", "gnn", "vae", "diffusion")
+ZOO: Registry[ZooEntry] = Registry("zoo model", plugins=tuple(f"kiln.models.zoo.{f}" for f in FAMILIES))
 
 
 def register(name: str, params: int, family: str, task: str, dataset: str, default_input: str, description: str):
@@ -38,20 +37,13 @@ def register(name: str, params: int, family: str, task: str, dataset: str, defau
     return deco
 
 
-def _load_families() -> None:
-    for mod in _FAMILY_MODULES:
-        importlib.import_module(f"kiln.models.zoo.{mod}")
-
-
 def entries() -> list[ZooEntry]:
-    _load_families()
     return [ZOO.get(n) for n in ZOO.names()]
 
 
 def load_zoo(name: str) -> LoadedModel:
     """`NAME`, or `NAME?classes=N` for a classifier with a fresh N-way head (transfer
     learning: the pretrained body kept, the last Linear replaced, seeded)."""
-    _load_families()
     name, _, query = name.partition("?")
     entry = ZOO.get(name)
     classes = _classes(name, entry, query)

@@ -13,7 +13,6 @@ Heavy state (a model, a dataset) is loaded once per process in `setup()`.
 """
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,8 @@ from kiln.registry import Registry
 from kiln.search.objectives import Scores
 
 Report = Callable[[int, Scores], None]
-SPACES: Registry[type["Space"]] = Registry("search space")
-_MODULES = ("kiln.search.spaces.python", "kiln.search.spaces.quant", "kiln.search.spaces.arch",
-            "kiln.search.spaces.compress")
+SPACES: Registry[type["Space"]] = Registry("search space", plugins=(
+    "kiln.search.spaces.python", "kiln.search.spaces.quant", "kiln.search.spaces.arch", "kiln.search.spaces.compress"))
 
 
 @dataclass(frozen=True)
@@ -84,20 +82,10 @@ def register_space(kind: str):
     return deco
 
 
-def _load_spaces() -> None:
-    for name in _MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not name.startswith(exc.name):
-                raise
-
-
 def space_config(table: dict, where: str) -> tuple[type[Space], Any]:
     """(space class, its typed config) for a `[space]` table; unknown kinds and keys are KilnErrors."""
     from kiln.search.config import from_table
 
-    _load_spaces()
     table = dict(table)
     kind = table.pop("kind", None)
     if not isinstance(kind, str):
