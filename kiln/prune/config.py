@@ -22,6 +22,7 @@ An unknown key is an error naming it; a rule whose pattern matches no module is 
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +35,26 @@ from kiln.prune.criteria import CRITERIA, Reduction
 from kiln.rules import Match, least_specific_first
 from kiln.train.config import finetune_table
 
-METHODS = ("unstructured", "nm", "structured")
-SCOPES = ("global", "local")
-SCHEDULES = ("oneshot", "agp", "lottery")
-REWINDS = ("init", "source")
+class Method(enum.StrEnum):
+    UNSTRUCTURED = "unstructured"
+    NM = "nm"
+    STRUCTURED = "structured"
+
+
+class Scope(enum.StrEnum):
+    GLOBAL = "global"        # one pool of weights over every target
+    LOCAL = "local"          # each target at the ratio on its own
+
+
+class Schedule(enum.StrEnum):
+    ONESHOT = "oneshot"
+    AGP = "agp"              # cubic growth during fine-tuning (Zhu & Gupta 2017)
+    LOTTERY = "lottery"      # prune, rewind, retrain (Frankle & Carbin 2019)
+
+
+class Rewind(enum.StrEnum):
+    INIT = "init"            # the spec's initial weights
+    SOURCE = "source"        # the weights pruning started from
 
 
 @dataclass(frozen=True)
@@ -65,21 +82,21 @@ class Plan:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: str = "unstructured"
+    method: Method = Method.UNSTRUCTURED
     criterion: str = "magnitude"
     reduction: Reduction = Reduction.SUM   # structured: how a unit's element scores become one score
-    scope: str = "global"
+    scope: Scope = Scope.GLOBAL
     ratio: float = 0.5
     n: int = 2
     m: int = 4
     targets: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
     activation: float = 0.0              # activation sparsity on every target
-    schedule: str = "oneshot"
+    schedule: Schedule = Schedule.ONESHOT
     agp_initial: float = 0.0             # AGP: sparsity at the first step
     agp_end: float = 0.75                # AGP: fraction of fine-tuning steps over which sparsity grows
     agp_every: int = 10                  # AGP: masks recomputed every this many steps
     rounds: int = 3                      # lottery: prune-rewind-retrain rounds
-    rewind: str = "init"                 # lottery: rewind survivors to the spec's init or the source weights
+    rewind: Rewind = Rewind.INIT         # lottery: rewind survivors to the spec's init or the source weights
     batches: int = 8                     # snip/movement/structured: data batches for the scores
     batch_size: int = 32
     round_to: int = 1                    # structured: keep channel counts multiples of this
@@ -90,10 +107,10 @@ class PruneConfig:
 
     def __post_init__(self):
         checks = [
-            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
-            (self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.rewind in REWINDS, f"rewind must be one of {', '.join(REWINDS)}"),
+            (self.method in set(Method), f"method must be one of {', '.join(Method)}"),
+            (self.scope in set(Scope), f"scope must be one of {', '.join(Scope)}"),
+            (self.schedule in set(Schedule), f"schedule must be one of {', '.join(Schedule)}"),
+            (self.rewind in set(Rewind), f"rewind must be one of {', '.join(Rewind)}"),
             (0 <= self.ratio < 1, f"ratio {self.ratio} is outside [0, 1)"),
             (0 <= self.activation < 1, f"activation {self.activation} is outside [0, 1)"),
             (self.method != "nm" or 0 < self.n < self.m, f"N:M {self.n}:{self.m} needs 0 < N < M"),

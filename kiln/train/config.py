@@ -1,14 +1,21 @@
 """The training config: one frozen dataclass; `kiln train --config t.toml` maps onto it."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
-from kiln.errors import KilnError
 from kiln.config import from_dict
+from kiln.errors import KilnError
+from kiln.train.optimizers import OPTIMIZERS
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "constant", "linear", "onecycle")
+
+class Schedule(enum.StrEnum):
+    """The learning rate's shape over the run (after any warm-up)."""
+    COSINE = "cosine"
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    ONECYCLE = "onecycle"
 
 
 @dataclass(frozen=True)
@@ -20,10 +27,10 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 64
     seed: int = 0
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"      # a name in kiln.train.optimizers.OPTIMIZERS
     weight_decay: float = 0.01
     momentum: float = 0.9        # sgd only
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.COSINE
     warmup_fraction: float = 0.0
     grad_clip: float = 0.0       # max global grad norm; 0 = off
     bf16: bool = False           # autocast matmuls/convs to bfloat16
@@ -43,8 +50,8 @@ class TrainConfig:
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS.names())}"),
+            (self.schedule in set(Schedule), f"schedule must be one of {', '.join(Schedule)}"),
             (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
             (self.grad_clip >= 0, "grad_clip must be >= 0"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),

@@ -35,6 +35,7 @@ from kiln.train import distill, tasks
 from kiln.train.checkpoint import load_state, save_state
 from kiln.train.config import TrainConfig
 from kiln.train.evaluation import eval_loader
+from kiln.train.optimizers import build_optimizer
 from kiln.data import load_dataset
 
 # A preparation turns the model into what a config key asks to train (`quant`: quantization-
@@ -146,13 +147,6 @@ class GlobalBatches(Sampler):
         return self.steps
 
 
-def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
 def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     warmup = int(cfg.warmup_fraction * total)
 
@@ -217,7 +211,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
     sampler = GlobalBatches(len(splits.train), cfg.batch_size, cfg.seed, dist.rank, dist.world)
     epochs_steps = len(sampler) * cfg.epochs
     total = min(epochs_steps, cfg.max_steps) if cfg.max_steps else epochs_steps
-    opt = _optimizer(cfg, model)
+    opt = build_optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": 0, "history": [], "train_time_s": 0.0, "samples": 0}
     if resume:
