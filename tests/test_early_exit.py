@@ -1,6 +1,7 @@
 """Early exit against its oracles: the backbone's own output when no sample exits, per-exit
 FLOPs from kiln's graph against torch.utils.flop_counter, per-sample exits equal to the sweep's
 choice from all exits' logits, and averages by exact arithmetic."""
+import copy
 import json
 
 import pytest
@@ -237,11 +238,35 @@ def test_cli_trains_heads_sweeps_and_reloads(tmp_path):
         assert torch.equal(src.model(x), src.model.backbone(x))
 
 
-def test_joint_training_reaches_the_backbone():
+def _by_hand(backbone, head, weights, x, y):
+    """The early-exit loss written out on copies: the exit's head reads block "3"'s output (the
+    first four layers), the final output is the rest; losses weighted and averaged."""
+    h = backbone[:4](x)
+    losses = [F.cross_entropy(head(h), y), F.cross_entropy(backbone[4:](h), y)]
+    return sum(w * l for w, l in zip(weights, losses)) / sum(weights)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_training_gradients_are_those_of_the_weighted_exit_losses(freeze):
+    """Joint training: every backbone and head parameter gets the gradient of the weighted sum
+    of the exit and final losses, computed on an equivalent model by autograd. Frozen: the
+    heads get that same gradient with the backbone in eval mode, and the backbone none."""
     backbone = cnn()
     x, y = torch.randn(8, 1, 12, 12), torch.randint(0, 4, (8,))
-    model = attach(backbone, ["3"], (x[:1],), {}, freeze_backbone=False)
+    model = attach(backbone, ["3"], (x[:1],), {}, freeze_backbone=freeze, weights=[3.0, 1.0])
+    ref_body, ref_head = copy.deepcopy(backbone), copy.deepcopy(model.heads[0])
     model.train()
-    assert backbone.training
+    assert backbone.training is not freeze
     model.loss(x, y)[0].backward()
-    assert backbone[0].weight.grad is not None and backbone[8].weight.grad is not None
+    ref_body.train(not freeze)
+    ref_head.train()
+    _by_hand(ref_body, ref_head, [3.0, 1.0], x, y).backward()
+    for p, q in zip(model.heads[0].parameters(), ref_head.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    for p, q in zip(backbone.parameters(), ref_body.parameters(), strict=True):
+        if freeze:
+            assert p.grad is None
+        else:
+            assert q.grad.abs().sum() > 0 and torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+

@@ -111,14 +111,26 @@ def test_rule_matching_nothing_and_bad_keys_are_errors():
         quantize(_mlp(), parse_config({"weight": {"format": "int", "bits": 4, "granularity": "group", "group_size": 5}}))
 
 
-def test_lsq_scale_learns():
-    m = _mlp()
-    quantize(m, parse_config({"weight": {"format": "int", "bits": 4, "learnable": True}}))
-    assert isinstance(m[0].weight_q.scale, nn.Parameter)
+def test_lsq_scale_gradient_is_the_papers_closed_form():
+    """Esser et al. 2020 (LSQ), eq. 3: d w_hat / d s = round(w/s) - w/s inside the grid, -Qn or
+    Qp where w/s is clipped, times the gradient scale g = 1 / sqrt(N * Qp) (section 2.2); the
+    weight gets the straight-through gradient, 1 inside the grid and 0 where it is clipped."""
+    m = nn.Sequential(nn.Linear(6, 1, bias=False))
+    quantize(m, parse_config({"weight": {"format": "int", "bits": 4, "granularity": "tensor", "learnable": True}}))
+    wq = m[0].weight_q
+    assert isinstance(wq.scale, nn.Parameter) and (wq.spec.format.qmin, wq.spec.format.qmax) == (-7, 7)
+    w = torch.tensor([[0.3, -0.7, 1.9, 5.0, 6.0, -5.0]])
+    with torch.no_grad():
+        m[0].module.weight.copy_(w)
+        wq.scale.fill_(0.5)
+    wq.calibrated = True
     m.train()
-    m(torch.randn(8, 16)).pow(2).sum().backward()
-    assert m[0].weight_q.scale.grad is not None and m[0].weight_q.scale.grad.abs().sum() > 0
-    assert m[0].module.weight.grad.abs().sum() > 0      # straight-through to the float weight
+    wq(m[0].module.weight).sum().backward()
+    # w/s = 0.6, -1.4, 3.8 inside; 10 and 12 clipped to Qp = 7; -10 clipped to -Qn = -7
+    per_weight = [1 - 0.6, -1 + 1.4, 4 - 3.8, 7, 7, -7]
+    expected = sum(per_weight) / (6 * 7) ** 0.5
+    assert wq.scale.grad.item() == pytest.approx(expected, rel=1e-6)
+    assert m[0].module.weight.grad.tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]]
 
 
 def test_conv_and_embedding_wrappers_match_eager_at_16_bits():
