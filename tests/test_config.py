@@ -2,13 +2,17 @@
 config, through TOML (tomllib reads kiln's writer) and through JSON."""
 from __future__ import annotations
 
+import ast
 import enum
 import json
 import tomllib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
+import kiln
 from kiln.config import from_dict, to_dict, to_toml
 from kiln.errors import KilnError
 
@@ -66,3 +70,101 @@ def test_bad_tables_are_one_line_errors_naming_the_key(table, message):
 
 def test_version_up_to_the_class_version_is_accepted_and_not_a_field():
     assert from_dict(Outer, {"version": 2, "name": "y"}) == Outer(name="y")
+
+
+# -- conformance: every config class in kiln round-trips through TOML and JSON -------------------
+# Each entry: a non-default instance and the parse/write pair its command uses (kiln.config's
+# from_dict/to_dict unless the config has its own). A new `*Config` dataclass in kiln fails
+# test_every_config_class_is_listed until it is added here.
+
+def _configs() -> list[tuple[Any, Callable, Callable]]:
+    from kiln.adapt.config import parse_config as early_exit_config
+    from kiln.bench.loadgen import BenchConfig, Mode, Scenario
+    from kiln.compile.backends import Precision
+    from kiln.compile.fusion import FusionConfig
+    from kiln.compile.passes import DCEConfig, FoldConfig, NoConfig
+    from kiln.compile.run import CompileConfig
+    from kiln.lowrank import config as lowrank
+    from kiln.models.zoo.gpt import GPTConfig
+    from kiln.prune import config as prune
+    from kiln.quant import config as quant
+    from kiln.search.config import SearchConfig
+    from kiln.search.nas import config as nas
+    from kiln.search.nas.fit import Recipe
+    from kiln.search.spaces.arch import CNNConfig, HParamsConfig, ViTConfig
+    from kiln.search.spaces.compress import CompressionConfig
+    from kiln.search.spaces.python import PythonConfig
+    from kiln.search.spaces.quant import MixedPrecisionConfig
+    from kiln.timing import TimingConfig
+    from kiln.train.config import Schedule, TrainConfig
+
+    def plain(config):
+        return config, lambda t: from_dict(type(config), t, type(config).__name__), to_dict
+
+    nas_space = nas.SpaceConfig(ops=("none", "skip_connect", "sep_conv_3x3"), nodes=3, channels=4, layers=2)
+    return [
+        plain(TrainConfig(model="zoo:mlp", dataset="mnist", epochs=2, lr=3e-4, optimizer="sgd",
+                          schedule=Schedule.ONECYCLE, bf16=True, grad_clip=1.0, quant="q.toml", teacher="zoo:cnn")),
+        (prune.parse_config({"method": "structured", "criterion": "random", "reduction": "l2", "ratio": 0.3,
+                             "scope": "local", "round_to": 4, "rules": [{"match": "fqn:fc2", "ratio": 0.5},
+                                                                       {"match": "type:Conv2d", "skip": True}],
+                             "finetune": {"epochs": 1, "distill": True}}), prune.parse_config, prune.to_table),
+        (lowrank.parse_config({"energy": 0.9, "seed": 3, "finetune": {"epochs": 1},
+                               "rules": [{"match": "fqn:fc", "rank": 3}, {"match": "re:.*head", "skip": True}]}),
+         lowrank.parse_config, lowrank.to_table),
+        (early_exit_config({"exits": ["layers.0", "layers.1"], "criterion": "confidence", "threshold": 0.8,
+                            "weights": [1.0, 2.0, 3.0], "freeze_backbone": False, "train": {"epochs": 2}}),
+         early_exit_config, to_dict),
+        (quant.parse_config({"targets": ["Linear", "Conv2d"], "weight": "int4",
+                             "input": {"format": "int", "bits": 8, "calib": "percentile", "percentile": 99.9},
+                             "rules": [{"match": "type:Embedding", "weight": "int8"}, {"match": "fqn:a.b", "input": False},
+                                       {"match": "re:.*classifier.*", "skip": True}],
+                             "smoothquant": {"alpha": 0.7}, "gptq": {"act_order": True, "block": 64}}),
+         quant.parse_config, quant.to_table),
+        plain(quant.SmoothQuantConfig(0.8)),
+        plain(quant.GPTQConfig(group_size=64, block=32, percdamp=0.05, act_order=True)),
+        plain(CompileConfig("eager+onnxruntime", batch=8, precision=Precision.BF16, rounds=5)),
+        plain(BenchConfig(Scenario.SERVER, Mode.ACCURACY, batch=4, target_qps=100.0, target_latency_ms=50.0,
+                          min_duration_s=1.0, max_samples=64)),
+        plain(TimingConfig(rounds=5, warmup=1, short_call_s=0.01, remeasure=False, runoff_margin=0.05, rotate=False)),
+        plain(FusionConfig(4)), plain(FoldConfig(False, 1024)), plain(DCEConfig(False)), plain(NoConfig()),
+        plain(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)),
+        plain(SearchConfig(space={"kind": "python", "objective": "py:f.py:g", "grid": {"x": [1, 2]}},
+                           objectives=("accuracy", "avg_bits"), sampler="nsga2", trials=7, reference=(0.5, 32.0),
+                           early_stop=False)),
+        plain(MixedPrecisionConfig(source="zoo:mlp", bits=(4, 8), group="re:.*fc.*", granularity="tensor",
+                                   act_bits=0, seed_uniform=True)),
+        plain(CompressionConfig(source="zoo:mlp", bits=(8,), sparsity=(0.0, 0.25), budgets=(1.0, 0.75))),
+        plain(CNNConfig(depth=(1, 2), steps=10, compress="q.toml")),
+        plain(ViTConfig(patch=4, dim=(16,), lr=1e-3)),
+        plain(HParamsConfig(lr_range=(1e-3, 1e-2), samples=50)),
+        plain(PythonConfig("py:f.py:g", {"x": [1, 2], "y": ["a"]})),
+        plain(nas_space),
+        plain(nas.DartsRun(dataset="mnist", seed=1, space=nas_space, retrain=Recipe(epochs=2.0, lr=0.1))),
+        plain(nas.SampledRun(search=nas.SampledSearch(max_archs=5, proxy=Recipe(epochs=0.5)), space=nas_space)),
+        plain(nas.SposRun(space=nas.SposSpace(layers=3, downsample_after=(0, 2)), search=nas.SposSearch(archs=10))),
+    ]
+
+
+def _id(entry) -> str:
+    return type(entry[0]).__name__
+
+
+@pytest.mark.parametrize("entry", _configs(), ids=_id)
+def test_every_config_round_trips_through_toml_and_json(entry):
+    config, parse, write = entry
+    assert parse(tomllib.loads(to_toml(write(config)))) == config
+    assert parse(json.loads(json.dumps(write(config)))) == config
+
+
+def test_every_config_class_is_listed():
+    """Every `*Config` dataclass defined in kiln (found by reading the source, so nothing
+    optional needs importing) has an entry above."""
+    defined = set()
+    for path in Path(kiln.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Config") and any(
+                    "dataclass" in ast.unparse(d) for d in node.decorator_list):
+                defined.add(node.name)
+    listed = {_id(e) for e in _configs()}
+    assert defined - listed == set(), "add these to _configs()"
