@@ -164,20 +164,20 @@ def test_grid_sampler_walks_every_point_once(user_file):
 
 
 def test_nsga2_takes_its_mutation_probability(user_file):
-    from kiln.search.engine import make_sampler
+    from kiln.search.samplers import make_sampler
 
     cfg = cfg_for(user_file, "two", sampler="nsga2", population=4, mutation_prob=0.25)
     space, _ = make_space(cfg)
-    assert make_sampler(cfg, space)._child_generation_strategy._mutation_prob == 0.25
+    assert make_sampler(cfg, space).inner._child_generation_strategy._mutation_prob == 0.25
     default = make_sampler(dataclasses.replace(cfg, mutation_prob=0.0), space)
-    assert default._child_generation_strategy._mutation_prob is None          # optuna's 1 / parameters
+    assert default.inner._child_generation_strategy._mutation_prob is None          # optuna's 1 / parameters
     with pytest.raises(KilnError, match=r"mutation_prob must be in \[0, 1\]"):
         cfg_for(user_file, "two", sampler="nsga2", mutation_prob=1.5)
-    crossover = make_sampler(dataclasses.replace(cfg, swapping_prob=0.1), space)._child_generation_strategy._crossover
+    crossover = make_sampler(dataclasses.replace(cfg, swapping_prob=0.1), space).inner._child_generation_strategy._crossover
     assert crossover._swapping_prob == 0.1
     # categorical parameters (the mixed-precision space's) use the strategy's own probability
-    assert make_sampler(dataclasses.replace(cfg, swapping_prob=0.1), space)._child_generation_strategy._swapping_prob == 0.1
-    assert make_sampler(cfg, space)._child_generation_strategy._crossover._swapping_prob == 0.5
+    assert make_sampler(dataclasses.replace(cfg, swapping_prob=0.1), space).inner._child_generation_strategy._swapping_prob == 0.1
+    assert make_sampler(cfg, space).inner._child_generation_strategy._crossover._swapping_prob == 0.5
     with pytest.raises(KilnError, match=r"swapping_prob must be in \[0, 1\]"):
         cfg_for(user_file, "two", sampler="nsga2", swapping_prob=-0.1)
 
@@ -322,7 +322,7 @@ def test_enqueued_starting_points_join_nsga2_generations_and_become_parents(user
     generations = [t.system_attrs.get(key) for t in study.trials]
     assert generations[:5] == [0, 0, 0, 0, 1] and None not in generations
     assert [t.params for t in study.trials[:5]] == seeds
-    parents = study.sampler.get_parent_population(study, 1)
+    parents = study.sampler.inner.get_parent_population(study, 1)
     assert {t.number for t in parents} == {0, 1, 2, 3}          # generation 0 was the starting points
 
 

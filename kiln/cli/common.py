@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from typing import Callable
 
 import typer
@@ -16,10 +18,14 @@ err_console = Console(stderr=True)
 
 
 def user_errors(fn: Callable) -> Callable:
-    """A KilnError becomes one line on stderr and exit code 2, with no traceback."""
+    """A KilnError becomes one line on stderr and exit code 2, with no traceback; Ctrl-C and
+    SIGTERM become "kiln: interrupted" and exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (what Slurm and Kubernetes send) stops a command exactly as Ctrl-C does
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             return fn(*args, **kwargs)
         except KilnError as exc:
