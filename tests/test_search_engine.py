@@ -182,11 +182,34 @@ def test_nsga2_takes_its_mutation_probability(user_file):
         cfg_for(user_file, "two", sampler="nsga2", swapping_prob=-0.1)
 
 
-def test_qmc_and_tpe_and_nsga2_run(user_file):
-    for sampler in ("qmc", "tpe", "nsga2"):
-        study = in_memory(cfg_for(user_file, "two", sampler=sampler, objectives=["accuracy", "model_bytes"],
-                                  trials=6, population=4, startup_trials=2))
-        assert len(study.trials) == 6
+def test_qmc_walks_scipys_scrambled_sobol_sequence(user_file):
+    from scipy.stats import qmc
+
+    study = in_memory(cfg_for(user_file, "single", sampler="qmc", trials=6, seed=5))
+    # trial 0 fixes the space (sampled independently); then the sequence, in order, from its start
+    sobol = qmc.Sobol(1, seed=5, scramble=True).random(5)[:, 0]
+    assert [t.params["x"] for t in study.trials[1:]] == list(sobol)
+
+
+@pytest.mark.parametrize("sampler", ["qmc", "tpe", "nsga2"])
+def test_every_sampler_records_the_objective_at_its_own_points(user_file, sampler):
+    study = in_memory(cfg_for(user_file, "two", sampler=sampler, objectives=["accuracy", "model_bytes"],
+                              trials=9, population=4, startup_trials=2))
+    assert len(study.trials) == 9
+    for t in study.trials:
+        x, y = t.params["x"], t.params["y"]
+        assert -2 <= x <= 2 and y in range(5)
+        if y == 3:
+            assert t.state.name == "FAIL" and t.user_attrs["fail_reason"] == "y=3 is not allowed"
+        else:
+            assert t.state.name == "COMPLETE" and t.values == [-(x - 1) ** 2 - y, abs(x) + y]
+    if sampler == "nsga2":      # generations in order, each of `population` completed trials
+        key = optuna.samplers.NSGAIISampler._get_generation_key()
+        generations = [t.system_attrs[key] for t in study.trials]
+        assert generations == sorted(generations) and generations[-1] >= 1
+        done = [sum(g == k and t.state.name == "COMPLETE" for g, t in zip(generations, study.trials))
+                for k in range(generations[-1] + 1)]
+        assert done[:-1] == [4] * generations[-1] and done[-1] <= 4
 
 
 def test_unknown_keys_are_errors(user_file):

@@ -23,7 +23,7 @@ from kiln.errors import KilnError, first_line
 from kiln.search.config import SearchConfig
 from kiln.search.objectives import Objective, pick, resolve
 from kiln.search.pareto import dominates
-from kiln.search.resume import is_interrupted, recover, retry
+from kiln.search.resume import Stops, is_interrupted, recover, retry
 from kiln.search.samplers import grid_size, make_pruner, make_sampler
 from kiln.search.spaces import Context, Space, build_space
 
@@ -120,12 +120,13 @@ def join_generation(study, trial) -> None:
         sampler.get_trial_generation(study, study._storage.get_trial(trial._trial_id))
 
 
-def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
+def run_trial(setup: Setup, log: Callable[[str], None], stops: Stops | None = None) -> str:
     """Run one trial through Optuna's own loop (samplers such as the grid's stop the study from
     inside it); returns the trial's state name. An exception fails the trial, with its reason."""
     import optuna
 
     study, cfg = setup.study, setup.cfg
+    stops = stops or Stops()
     ran = []
 
     total = budget(cfg, setup.space)
@@ -133,7 +134,8 @@ def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
     def objective(trial):
         ran.append(trial.number)
         try:
-            return run_objective(trial)
+            with stops.live():
+                return run_objective(trial)
         except KeyboardInterrupt:       # Ctrl-C or SIGTERM: this point runs again when the search resumes
             if not trial.user_attrs.get(SURPLUS):
                 trial.set_user_attr("fail_reason", "interrupted: the search was stopped")
@@ -224,11 +226,12 @@ def optimize(setup: Setup, log: Callable[[str], None] = lambda s: None,
     setup.space.ensure_setup()
     total = budget(cfg, setup.space)
     t0 = time.monotonic()
-    while started(setup.study) < total:
-        if cfg.timeout_s and time.monotonic() - t0 > cfg.timeout_s:
-            log(f"timeout_s {cfg.timeout_s:g} reached")
-            break
-        n = recover(setup.study)         # a worker on this host killed since: its trial runs again
-        if n:
-            log(f"{n} trial(s) of a killed worker interrupted; they run again")
-        on_trial(run_trial(setup, log))
+    with Stops() as stops:
+        while started(setup.study) < total and not stops.pending:
+            if cfg.timeout_s and time.monotonic() - t0 > cfg.timeout_s:
+                log(f"timeout_s {cfg.timeout_s:g} reached")
+                break
+            n = recover(setup.study)         # a worker on this host killed since: its trial runs again
+            if n:
+                log(f"{n} trial(s) of a killed worker interrupted; they run again")
+            on_trial(run_trial(setup, log, stops))

@@ -21,9 +21,12 @@ the first trials' points nor differs from an unkilled one where the sampler is d
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import socket
+import threading
 
 INTERRUPTED = "interrupted"         # fail_reason prefix
 RETRY_OF = "kiln_retry_of"          # user attribute: the number of the first trial of this point
@@ -133,3 +136,41 @@ def slot(study, trial) -> int:
     first = trial.user_attrs.get(RETRY_OF)
     number = trial.number if first is None else first
     return number - sum(1 for t in trials if t.number < number and is_interrupted(t))
+
+
+class Stops:
+    """Ctrl-C and SIGTERM where kiln can handle them. Inside a trial's objective (`live`) they
+    raise KeyboardInterrupt at once, and the trial is interrupted and queued again; elsewhere
+    (Optuna creating or telling a trial, starting its heartbeat thread) they are held until the
+    next trial would start or the loop ends: an interrupt there could leave a trial RUNNING, or a
+    heartbeat thread that never stops and keeps the process from exiting."""
+
+    def __init__(self):
+        self.pending = self.armed = False
+        self.saved: dict = {}
+
+    def __enter__(self) -> "Stops":
+        if threading.current_thread() is threading.main_thread():
+            self.saved = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+        if self.pending and kind is None:
+            raise KeyboardInterrupt
+
+    def _handle(self, signum, frame) -> None:
+        self.pending = True
+        if self.armed:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def live(self):
+        if self.pending:
+            raise KeyboardInterrupt
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
