@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kiln.cli.common import console, err_console, user_errors
@@ -31,7 +32,7 @@ def print_result(result) -> None:
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
     for warning in result.search.get("warnings", []):     # too little search to mean anything
-        err_console.print(f"[yellow]warning: {warning}[/yellow]")
+        err_console.print(f"[yellow]warning: {escape(warning)}[/yellow]")
 
 
 @user_errors
