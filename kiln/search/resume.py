@@ -15,7 +15,7 @@ search runs that point instead of a new one.
   own storage, which no other search shares.
 
 A trial's *slot* is its place in the budget, the same whether or not the search was killed:
-its number less the interrupted trials before it, and a retry takes its original's slot.
+its number less the retries before it, and a retry takes its original's slot.
 Samplers are seeded from the slot (kiln.search.samplers), so a resumed search neither replays
 the first trials' points nor differs from an unkilled one where the sampler is deterministic.
 """
@@ -131,11 +131,14 @@ def recover(study, ownerless: bool = False) -> int:
 
 
 def slot(study, trial) -> int:
-    """`trial`'s place in the budget (see the module's docstring)."""
+    """`trial`'s place in the budget (see the module's docstring): the number of distinct points
+    numbered below it, that is its number less the retries numbered below it. (Counting the
+    interrupted trials instead would race: a trial created between another's interruption and
+    its retry's queueing would take the interrupted trial's slot.)"""
     trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
     first = trial.user_attrs.get(RETRY_OF)
     number = trial.number if first is None else first
-    return number - sum(1 for t in trials if t.number < number and is_interrupted(t))
+    return number - sum(1 for t in trials if t.number < number and RETRY_OF in t.user_attrs)
 
 
 class Stops:

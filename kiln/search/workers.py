@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from kiln.errors import KilnError
+from kiln.search.resume import Stops
 
 
 def worker_command(config: Path, storage: str, worker: int) -> list[str]:
@@ -46,9 +47,13 @@ def wait(procs: list[subprocess.Popen], count: Callable[[], int], tick: Callable
     """Wait for every worker, calling tick(trials so far) about once a second; a worker that
     fails is a KilnError quoting the last line of its log. Ctrl-C stops them all."""
     try:
-        while any(p.poll() is None for p in procs):
-            tick(count())
-            time.sleep(1.0)
+        # Ctrl-C and SIGTERM land only in the sleep: one landing in `count`'s storage read could
+        # leave this process holding SQLite's lock while it waits for the workers to finish
+        with Stops() as stops:
+            while any(p.poll() is None for p in procs):
+                tick(count())
+                with stops.live():
+                    time.sleep(1.0)
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()
