@@ -138,7 +138,12 @@ def _kill_and_resume(config_path, out, url: str, study: str, rng) -> list[str]:
         if proc.poll() is not None:         # the search finished before the kill
             break
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:      # hung: leave no process behind, then fail
+            proc.kill()
+            proc.communicate()
+            raise
         expected = -signal.SIGKILL if sig == signal.SIGKILL else 130
         assert proc.returncode in (expected, 0), err        # 0: it finished as the signal came
         if sig != signal.SIGKILL and proc.returncode:

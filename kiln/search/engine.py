@@ -23,7 +23,7 @@ from kiln.errors import KilnError, first_line
 from kiln.search.config import SearchConfig
 from kiln.search.objectives import Objective, pick, resolve
 from kiln.search.pareto import dominates
-from kiln.search.resume import Stops, is_interrupted, recover, retry
+from kiln.search.resume import Stops, is_interrupted, recover, retry, shield
 from kiln.search.samplers import grid_size, make_pruner, make_sampler
 from kiln.search.spaces import Context, Space, build_space
 
@@ -227,6 +227,7 @@ def optimize(setup: Setup, log: Callable[[str], None] = lambda s: None,
     total = budget(cfg, setup.space)
     t0 = time.monotonic()
     with Stops() as stops:
+        shield(setup.study._storage, stops)
         while started(setup.study) < total and not stops.pending:
             if cfg.timeout_s and time.monotonic() - t0 > cfg.timeout_s:
                 log(f"timeout_s {cfg.timeout_s:g} reached")

@@ -169,6 +169,17 @@ class Stops:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
+    def held(self):
+        """Hold signals for a moment inside `live` (a storage call); raise after it if one came."""
+        was, self.armed = self.armed, False
+        try:
+            yield
+        finally:
+            self.armed = was
+        if was and self.pending:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
     def live(self):
         if self.pending:
             raise KeyboardInterrupt
@@ -177,3 +188,29 @@ class Stops:
             yield
         finally:
             self.armed = False
+
+
+def shield(storage, stops: Stops) -> None:
+    """Hold Ctrl-C and SIGTERM during every call of `storage`'s public methods in the main thread.
+    An interrupt inside one leaves its transaction open: SQLite then stays locked by this process,
+    and the trial's heartbeat thread, which the interrupted process waits for, never gets the lock
+    (seen as a worker hung for minutes). The methods are wrapped on the instance, so Optuna's
+    isinstance checks (the heartbeat) still hold; wrapping twice only swaps the Stops."""
+    storage._kiln_stops = stops
+    if getattr(storage, "_kiln_shielded", False):
+        return
+    storage._kiln_shielded = True
+    for name in dir(type(storage)):
+        method = getattr(storage, name)
+        if not name.startswith("_") and callable(method):
+            setattr(storage, name, _held(storage, method))
+
+
+def _held(storage, method):
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():    # signals reach the main thread only
+            return method(*args, **kwargs)
+        with storage._kiln_stops.held():
+            return method(*args, **kwargs)
+    return call
