@@ -1,9 +1,8 @@
-"""The search engine: failures, pruning, early stopping, grids, resume after a kill, bad input."""
+"""The search engine: failures, pruning, early stopping, grids, samplers, bad input (resume after a
+kill: test_search_resume.py)."""
 import dataclasses
 import json
 import os
-import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -247,37 +246,6 @@ def test_resuming_a_different_search_in_the_same_directory_is_refused(user_file,
     run_search(cfg_for(user_file, "two", trials=2), tmp_path / "run", progress=False)
     with pytest.raises(KilnError, match="different search"):
         run_search(cfg_for(user_file, "single", trials=2), tmp_path / "run", progress=False)
-
-
-@pytest.mark.slow
-def test_resume_after_kill_keeps_every_completed_trial(user_file, tmp_path):
-    config, out = tmp_path / "s.toml", tmp_path / "run"
-    cfg = cfg_for(user_file, "slow", trials=12)
-    config.write_text(to_toml(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli.main", "search", "--config", str(config),
-                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = []
-    deadline = time.time() + 60
-    while len(done) < 3 and time.time() < deadline:
-        time.sleep(0.2)
-        if (out / "study.db").is_file():
-            try:
-                with sqlite3.connect(out / "study.db") as db:
-                    done = db.execute("select t.number, v.value from trials t join trial_values v "
-                                      "on t.trial_id = v.trial_id where t.state = 'COMPLETE'").fetchall()
-            except sqlite3.OperationalError:
-                pass
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert len(done) >= 3
-    summary = run_search(cfg, out, progress=False)
-    rows = {r["number"]: r for r in json.loads((out / "results.json").read_text())["trials_detail"]}
-    assert sorted(rows) == list(range(12)) and summary["trials"] == 12
-    for number, value in done:                         # nothing completed before the kill is lost
-        assert rows[number]["state"] == "COMPLETE" and rows[number]["values"] == [value]
-    interrupted = [r for r in rows.values() if r["state"] == "FAIL"]
-    assert all(r["attrs"]["fail_reason"].startswith("interrupted") for r in interrupted)
-    assert len(interrupted) <= 1
 
 
 @pytest.mark.slow
