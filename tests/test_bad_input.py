@@ -56,6 +56,7 @@ CASES = [
     ("analyze", ["analyze", "hf-config:bert?hidden_size=0", "--no-measure"], "hidden_size"),
     ("analyze", ["analyze", "py:capture_fails.py:make", "--no-measure"], "cannot capture"),
     ("analyze", ["analyze", "zoo:mlp", "--hardware", "FILE"], "FILE"),
+    ("analyze", ["analyze", "zoo:mlp", "--hardware", "tpu-v9"], "tpu-v9"),
     ("analyze", ["analyze", "zoo:mlp", "--input-shape", "4xabc"], "4xabc"),
     ("analyze", ["analyze", "zoo:mlp", "--no-measure", "KILN_HOME=FILE"], "KILN_HOME"),
     ("train", ["train", "zoo:mlp", "--threads", "-2", "--out", "NEW"], "threads"),
