@@ -98,9 +98,9 @@ def loadgen(batch: int, duration: float) -> None:
     """LoadGen Offline vs a raw loop (throughput) and SingleStream vs a raw loop (p90), same
     backend (eager and the best of inductor/ORT), same batches, interleaved pairs."""
     from kiln.compile.backends import build, parse_backend
-    from kiln.hardware.bench import real_inputs
-    from kiln.hardware.loadgen import BenchConfig, Scenario, dataset_samples, raw_loop, run_loadgen
-    from kiln.models.artifact import load_source
+    from kiln.bench.run import real_inputs
+    from kiln.bench.loadgen import BenchConfig, Scenario, dataset_samples, raw_loop, run_loadgen
+    from kiln.runs.artifact import load_source
 
     out = {"date": str(date.today()), "threads": torch.get_num_threads(), "min_duration_s": duration}
     for src, backend in (("zoo:minilm_cls", "onnxruntime"), ("zoo:resnet20", "inductor:freezing=1,passes=1")):

@@ -36,7 +36,7 @@ RECIPES = {"runs/figures/minilm-v3": "minilm", "runs/figures/cnn": "cnn"}
 
 def ensure_dense(run: str) -> None:
     """Train the dense model with the recorded recipe when its run directory is missing."""
-    if (Path(run) / "best.safetensors").is_file():
+    if (Path(run) / "model.safetensors").is_file():
         return
     from train_figures import EXPERIMENTS as RECIPE  # noqa: E402
 
@@ -64,8 +64,8 @@ def experiment(name: str) -> dict:
         "factorized_params_after": sum(r["params_after"] for r in rep["layers"] if r["ranks"]),
         "flops_before": rep["flops_before"], "flops_after": rep["flops_after"],
         "latency": lat, "finetune": m.get("finetune"),
-        f"dense_{key}": m[f"dense_{key}"], f"factorized_{key}": m[f"factorized_{key}"],
-        f"finetuned_{key}": m.get(f"finetuned_{key}"), "split": "test", "wall_s": time.perf_counter() - t0,
+        f"dense_{key}": m["before"], f"factorized_{key}": m["after"],
+        f"finetuned_{key}": m.get("after_finetune"), "split": "test", "wall_s": time.perf_counter() - t0,
         "ranks": {r["fqn"]: r["ranks"] for r in rep["layers"] if r["ranks"]},
     }
     print(f"\n{name}: Linear/Conv weights {entry['factorized_params_before']:,} -> {entry['factorized_params_after']:,} "
@@ -74,8 +74,8 @@ def experiment(name: str) -> dict:
     print(f"latency at batch {lat['batch']} ({lat['threads']} threads, median of {lat['repeats']}, interleaved): "
           f"dense {lat['dense_s'] * 1e3:.1f} ms, low-rank {lat['lowrank_s'] * 1e3:.1f} ms -> {lat['speedup']:.2f}x")
     ft = m.get("finetune") or {}
-    print(f"test {key}: dense {m[f'dense_{key}']:.4f}, factorised {m[f'factorized_{key}']:.4f}, "
-          f"fine-tuned {m.get(f'finetuned_{key}', float('nan')):.4f} ({ft.get('steps', 0)} steps)")
+    print(f"test {key}: dense {m['before']:.4f}, factorised {m['after']:.4f}, "
+          f"fine-tuned {m.get('after_finetune', float('nan')):.4f} ({ft.get('steps', 0)} steps)")
     return entry
 
 

@@ -47,13 +47,13 @@ MINILM_FT = {"epochs": 1, "max_steps": 120, "lr": 5e-5, "batch_size": 16, "warmu
 
 def need(run: Path, name: str) -> None:
     """Train the dense model with train_figures.py's recipe when it is not on disk."""
-    if (run / "best.safetensors").is_file():
+    if (run / "model.safetensors").is_file():
         return
     import train_figures
 
     print(f"{run} is missing: training it with benchmarks/train_figures.py {name}")
     train_figures.run(name, run.parent)
-    if name == "minilm" and not (run / "best.safetensors").is_file():   # the recipe writes runs/figures/minilm
+    if name == "minilm" and not (run / "model.safetensors").is_file():   # the recipe writes runs/figures/minilm
         shutil.move(str(run.parent / "minilm"), str(run))
 
 
@@ -67,7 +67,7 @@ def prune(src: Path, name: str, table: dict) -> dict:
     key = m["metric"]
     zeros = sum(x["zeros"] for x in r["layers"])
     total = sum(x["total"] for x in r["layers"])
-    return {"dense": m["dense_" + key], "pruned": m.get("before_finetune_" + key), "final": m[key],
+    return {"dense": m["before"], "pruned": m["after"], "final": m.get("after_finetune", m["after"]),
             "metric": key, "split": m["split"], "sparsity_of_pruned_layers": zeros / total,
             "nonzero_params": r["after"]["nonzero_params"], "params": r["after"]["params"],
             "flops": r["after"]["flops"], "effective_flops": r["after"]["effective_flops"],

@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import merge_result  # noqa: E402
-from kiln.models.artifact import load_source, save_artifact  # noqa: E402
+from kiln.runs.artifact import load_source, save_artifact  # noqa: E402
+from kiln.runs.transforms import TransformRecord  # noqa: E402
 from kiln.prune.structured import prune_structured, prune_transformer  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
 from kiln.train.trainer import fit  # noqa: E402
@@ -57,7 +58,7 @@ def train(cfg: dict, out: Path) -> dict:
     t0 = time.perf_counter()
     metrics = fit(TrainConfig(**cfg, out=str(out)), progress=sys.stderr.isatty())
     metrics["wall_s"] = time.perf_counter() - t0
-    return {k: metrics[k] for k in ("metric", metrics["metric"], "split", "params", "epochs", "steps", "wall_s")}
+    return {k: metrics[k] for k in ("metric", "after", "split", "params", "epochs", "steps", "wall_s")}
 
 
 def macs(model: torch.nn.Module, inputs: tuple, kwargs: dict | None = None) -> int:
@@ -112,7 +113,7 @@ def resnet() -> dict:
     torch.set_num_threads(THREADS)
     dense_dir = OUT / "resnet20-dense"
     entry: dict = {"date": str(date.today()), "threads": THREADS, "dense_recipe": DENSE, "finetune_recipe": FINETUNE}
-    if not (dense_dir / "best.safetensors").is_file():
+    if not (dense_dir / "model.safetensors").is_file():
         entry["dense_train"] = train(DENSE, dense_dir)
     dense = load_source(str(dense_dir)).model
     example = (torch.randn(1, 3, 32, 32),)
@@ -129,12 +130,12 @@ def resnet() -> dict:
         art = OUT / f"resnet20-{name}"
         if art.exists():
             shutil.rmtree(art)
-        save_artifact(art, model, spec=RESNET["model"], dataset=RESNET["dataset"], transforms=[records[name]])
+        save_artifact(art, model, spec=RESNET["model"], dataset=RESNET["dataset"], transforms=[TransformRecord.from_flat(records[name])])
         before = _test_metric(art)
         ft = train({**FINETUNE, "init": str(art)}, OUT / f"resnet20-{name}-ft")
         models[name] = load_source(str(OUT / f"resnet20-{name}-ft")).model
         entry[name] = {"params": sum(p.numel() for p in model.parameters()), "macs": macs(model, example),
-                       "test_accuracy_before_finetune": before, "finetuned": ft, "test_accuracy": ft[ft["metric"]]}
+                       "test_accuracy_before_finetune": before, "finetuned": ft, "test_accuracy": ft["after"]}
     lat = latency(models, (torch.randn(64, 3, 32, 32),), rounds=60)
     for name in models:
         entry[name]["latency_b64_ms"] = lat[name] * 1e3
@@ -218,19 +219,15 @@ def groups() -> dict:
 
 
 def _test_metric(run: Path) -> float:
-    """The test metric of a train run (its metrics.json) or of an artifact (evaluated now)."""
-    import json
+    """The test metric of any run, measured now."""
+    from kiln.train.evaluation import evaluate_run
 
-    from kiln.models.artifact import is_artifact
-    from kiln.train.trainer import evaluate_run
-
-    m = evaluate_run(run) if is_artifact(run) else json.loads((run / "metrics.json").read_text())
-    return m[m["metric"]]
+    return evaluate_run(run)["value"]
 
 
 def minilm() -> dict:
     torch.set_num_threads(THREADS)
-    if not (MINILM_RUN / "best.safetensors").is_file():
+    if not (MINILM_RUN / "model.safetensors").is_file():
         sys.exit(f"{MINILM_RUN} is missing: train it first with `benchmarks/train_figures.py minilm --out runs/figures`"
                  " and move runs/figures/minilm to runs/figures/minilm-v3")
     src = load_source(str(MINILM_RUN))
@@ -247,7 +244,7 @@ def minilm() -> dict:
     ft = train({**MINILM_FT, "init": str(art)}, OUT / "minilm-heads-ffn-ft")
     pruned = load_source(str(OUT / "minilm-heads-ffn-ft")).model
     entry["pruned"] = {"params": res.report["params_after"], "test_accuracy_before_finetune": before,
-                       "finetuned": ft, "test_accuracy": ft[ft["metric"]]}
+                       "finetuned": ft, "test_accuracy": ft["after"]}
     batch = {k: v.expand(32, -1).contiguous() for k, v in kwargs.items()}
     for name, m in (("dense", dense), ("pruned", pruned)):
         entry[name]["macs"] = macs(m, (), kwargs)

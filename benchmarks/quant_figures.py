@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import merge_result  # noqa: E402
 from kiln.config import read_toml  # noqa: E402
+from kiln.quant.config import parse_config  # noqa: E402
 from kiln.quant.run import quantize_run  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
 from kiln.train.trainer import fit  # noqa: E402
@@ -41,7 +42,7 @@ CONFIGS = Path("configs/quant")
 
 
 def _need(run: Path, how: str) -> None:
-    if not (run / "best.safetensors").is_file():
+    if not (run / "model.safetensors").is_file():
         sys.exit(f"{run} is missing: train it first with `{how}`")
 
 
@@ -72,10 +73,10 @@ def ptq(src: Path | str, config: Path, out: Path, **kw) -> dict:
 
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    res = quantize_run(str(src), config, out, **kw)
+    res = quantize_run(str(src), parse_config(read_toml(config), str(config)), out, **kw)
     m = res["metrics"]
-    return {"config": str(config), "metric": m.get("metric"), "value": m.get(m.get("metric")),
-            "fp32": m.get("fp32_" + str(m.get("metric"))), "avg_weight_bits": m["avg_weight_bits"],
+    return {"config": str(config), "metric": m.get("metric"), "value": m.get("after"),
+            "fp32": m.get("before"), "avg_weight_bits": m["avg_weight_bits"],
             "model_bytes": m["model_bytes"], "fp32_bytes": m["fp32_bytes"], "wall_s": time.perf_counter() - t0,
             "run": str(out)}
 
@@ -90,8 +91,8 @@ def qat(init: Path, config: Path, out: Path, **train) -> dict:
     cfg = TrainConfig(**{**keep, **train, "init": str(init), "quant": str(config), "out": str(out)})
     t0 = time.perf_counter()
     m = fit(cfg, progress=sys.stderr.isatty())
-    return {"config": str(config), "metric": m["metric"], "value": m[m["metric"]],
-            "val": m["val_" + m["metric"]], "epochs": m["epochs"], "steps": m["steps"],
+    return {"config": str(config), "metric": m["metric"], "value": m["after"],
+            "val": m["val"], "epochs": m["epochs"], "steps": m["steps"],
             "train": {k: v for k, v in train.items()}, "wall_s": time.perf_counter() - t0, "run": str(out)}
 
 
@@ -126,8 +127,8 @@ def exp_embed(out: Path, n: int = 1000) -> dict:
 
     from kiln.data import load_dataset
     from kiln.models.spec import load
-    from kiln.quant.run import calibration_batches, prepare
-    from kiln.quant.config import parse_config
+    from kiln.quant.run import prepare
+    from kiln.train.evaluation import calibration_batches
 
     splits = load_dataset("rotten-tomatoes?max_length=128", seed=0)
     model = load("zoo:minilm").model.eval()

@@ -4,7 +4,7 @@
                                              [--json benchmarks/results/quant_gptq.json]
 
 The run directory is benchmarks/train_figures.py's `gpt` run; the model, data and perplexity
-are rebuilt with the trainer's own functions (build, the eval loaders, tasks.evaluate). Every
+are rebuilt with the trainer's own functions (build, evaluate_model). Every
 method quantizes the weights of the 16 block Linears in place (fake quantization, fp32 compute);
 the head is tied to the token embedding and stays fp32, as in the GPTQ paper. GPTQ calibrates
 on `--calib` random training sequences. Also W8A8 (int8 weights per row, int8 activations per
@@ -29,10 +29,10 @@ from kiln.config import load_toml  # noqa: E402
 from kiln.quant.config import GPTQConfig  # noqa: E402
 from kiln.quant.gptq import gptq, rtn  # noqa: E402
 from kiln.quant.smoothquant import fake_quant_linears, smooth  # noqa: E402
-from kiln.train import tasks  # noqa: E402
-from kiln.train.checkpoint import load_weights  # noqa: E402
+from kiln.runs.weights import load_weights  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
-from kiln.train.trainer import _loader, build  # noqa: E402
+from kiln.train.evaluation import evaluate_model  # noqa: E402
+from kiln.train.trainer import build  # noqa: E402
 
 # (label, method, format, group_size, act_order); group 0 = one scale per output row
 WEIGHT_ONLY = [
@@ -58,9 +58,7 @@ def calibration(train, n: int, batch: int = 32, seed: int = 0) -> list[torch.Ten
 
 
 def perplexities(model, setup, cfg) -> dict[str, float]:
-    return {split: tasks.evaluate(model, setup.task, _loader(getattr(setup.splits, split), cfg, task=setup.task),
-                                  tasks.metric_for(setup.task, model))
-            for split in ("val", "test")}
+    return {split: evaluate_model(model, setup.splits, split, cfg.eval_batch_size)[1] for split in ("val", "test")}
 
 
 def weight_only(base, setup, cfg, calib, method, fmt, group, act_order) -> tuple[dict, float, dict]:
@@ -100,13 +98,13 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/quant_gptq.json")
     args = parser.parse_args()
     run = Path(args.run)
-    if not (run / "config.toml").is_file() or not (run / "best.safetensors").is_file():
+    if not (run / "config.toml").is_file() or not (run / "model.safetensors").is_file():
         print(f"{run} holds no trained GPT; train it first: .venv/bin/python benchmarks/train_figures.py gpt",
               file=sys.stderr)
         sys.exit(2)
     cfg = load_toml(TrainConfig, run / "config.toml")
     setup = build(cfg)
-    load_weights(setup.model, run / "best.safetensors")
+    load_weights(setup.model, run / "model.safetensors")
     base = setup.model.eval()
     calib = calibration(setup.splits.train, args.calib, seed=cfg.seed)
 

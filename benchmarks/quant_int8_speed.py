@@ -13,14 +13,16 @@ alike) and a method's figure is the median over rounds. Accuracy: cosine similar
 method's sentence embeddings to fp32 eager on the first 1,000 test-split reviews.
 
 kiln's path is the CLI's, in one process: kiln.quant's `prepare` with
-configs/quant/minilm-w8a8-smooth.toml (SmoothQuant alpha 0.5, int8 weights per channel, int8
-activations per tensor) calibrated on 128 train-split reviews, then the compile backend
-`torchao` (kiln.compile.int8), which runs those Linears on oneDNN int8 kernels with kiln's own
-integers and scales. "int8 torchao + compile" is backend `torchao` on the float model (its own
-scales: weights per channel, activations per token). The peers as kiln.compile's backends
-build them: `torch.ao` (quantize_dynamic, its default qconfig) and `onnxruntime:dtype=int8`
-(ONNX Runtime's quantize_dynamic with per-channel weights on the dynamo export, explicit
-attention, which ONNX Runtime runs faster than exported SDPA).
+configs/quant/minilm-w8a8-dynamic-smooth.toml (SmoothQuant alpha 0.5, int8 weights per
+channel, int8 activations per token) calibrated on 128 train-split reviews, then the compile
+backend `torchao` (kiln.compile.int8), which runs those Linears on oneDNN int8 kernels with
+kiln's own integers and scales; "kiln static" is the same with configs/quant/minilm-w8a8-smooth.toml
+(activations per tensor, calibrated). "int8 torchao + compile" is backend `torchao` on the
+float model (its own scales: weights per channel, activations per token, no SmoothQuant).
+The peers as kiln.compile's backends build them: `torch.ao` (quantize_dynamic, its default
+qconfig) and `onnxruntime:dtype=int8` (ONNX Runtime's quantize_dynamic with per-channel
+weights on the dynamo export, explicit attention, which ONNX Runtime runs faster than
+exported SDPA).
 """
 from __future__ import annotations
 
@@ -55,13 +57,14 @@ from kiln.timing import TimingConfig, format_timing, measure  # noqa: E402
 
 BATCH, SEQ, THREADS = 32, 128, 2
 CALIBRATION = 128          # train-split reviews for the quantizers' and SmoothQuant's statistics
-KILN_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "quant", "minilm-w8a8-smooth.toml")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "quant")
 KILN = "int8 kiln quantize + compile torchao (kiln)"
 # name -> (kiln quant config or None, compile backend)
 METHODS = {
     "fp32 eager": (None, "eager"),
     "fp32 torch.compile": (None, "inductor:freezing=1"),
-    KILN: (KILN_CONFIG, "torchao"),
+    KILN: (os.path.join(CONFIGS, "minilm-w8a8-dynamic-smooth.toml"), "torchao"),
+    "int8 kiln static (per-tensor activations)": (os.path.join(CONFIGS, "minilm-w8a8-smooth.toml"), "torchao"),
     "int8 torchao + compile": (None, "torchao"),
     "int8 torch.ao quantize_dynamic": (None, "torch.ao"),
     "fp32 onnxruntime": (None, f"onnxruntime:threads={THREADS}"),
@@ -162,7 +165,7 @@ def main() -> None:
         "data": (f"rotten-tomatoes test split: throughput on its first {BATCH}, cosine on its first "
                  f"{len(texts)}; kiln's quantizers and SmoothQuant calibrated on the first {CALIBRATION} of "
                  "the train split"),
-        "kiln_config": "configs/quant/minilm-w8a8-smooth.toml",
+        "kiln_config": "configs/quant/minilm-w8a8-dynamic-smooth.toml",
         "repeats": args.repeats, "methods": methods,
         "targets": {
             "kiln_ge_2x_fp32_eager": k["ratio_vs_fp32_eager"] >= 2.0,

@@ -39,9 +39,9 @@ def _configs() -> dict[str, dict]:
 
 
 def exp_sweep(out: Path, ptq, qat, to_toml, run: Path) -> dict:
-    if not (run / "best.safetensors").is_file():
+    if not (run / "model.safetensors").is_file():
         sys.exit(f"{run} is missing: train it with benchmarks/train_figures.py minilm")
-    fp32 = json.loads((run / "metrics.json").read_text())["accuracy"]
+    fp32 = json.loads((run / "metrics.json").read_text())["after"]
     (out / "configs").mkdir(parents=True, exist_ok=True)
     rows = []
     only = set(filter(None, os.environ.get("KILN_SWEEP_ONLY", "").split(",")))

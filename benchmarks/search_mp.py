@@ -77,7 +77,7 @@ DIRECTIONS = ("max", "min")
 
 
 def source() -> Path:
-    if (RUN / "best.safetensors").is_file():
+    if (RUN / "model.safetensors").is_file():
         return RUN
     from train_figures import run
 

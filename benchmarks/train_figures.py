@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import merge_result  # noqa: E402
 from kiln.data import load_dataset  # noqa: E402
 from kiln.models.spec import load  # noqa: E402
-from kiln.train.checkpoint import load_weights  # noqa: E402
+from kiln.runs.weights import load_weights  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
 from kiln.train.trainer import fit  # noqa: E402
 
@@ -90,7 +90,7 @@ def run(name: str, out: Path, seed: int = 0) -> dict:
 def generative_extras(name: str, out: Path, metrics: dict) -> dict:
     run_dir = out / name
     model = load(f"zoo:{name}").model
-    load_weights(model, run_dir / "best.safetensors")
+    load_weights(model, run_dir / "model.safetensors")
     model.eval()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -116,7 +116,7 @@ def main() -> None:
                      "accuracies": accs, "test_nodes": 8, "wall_s": sum(r["wall_s"] for r in runs)}
         else:
             m = run(name, out)
-            entry = {k: m[k] for k in ("metric", m["metric"], "val_" + m["metric"], "best_epoch", "epochs",
+            entry = {k: m[k] for k in ("metric", "after", "val", "best_epoch", "epochs",
                                        "throughput_samples_s", "wall_s", "params")}
             entry["history"] = m["history"]
             if name == "gpt":

@@ -22,19 +22,19 @@ __all__ = ["load", "capture", "analyze", "KilnError", "__version__"]
 
 def __getattr__(name: str):
     if name == "load":
-        from kiln.models.spec import load
+        from kiln.models.spec import load   # lazy: `import kiln` stays light (no torch)
 
         return load
     if name == "capture":
-        from kiln.graph.capture import capture
+        from kiln.graph.capture import capture   # lazy: `import kiln` stays light (no torch)
 
         return capture
     if name == "analyze":
-        from kiln.analysis.report import analyze
+        from kiln.analysis.report import analyze   # lazy: `import kiln` stays light (no torch)
 
         return analyze
     if name == "KilnError":
-        from kiln.errors import KilnError
+        from kiln.errors import KilnError   # lazy: `import kiln` stays light (no torch)
 
         return KilnError
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")

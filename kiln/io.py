@@ -1,4 +1,7 @@
-"""Atomic file writes: a command that fails leaves no half-written output behind."""
+"""Atomic writes: a command that fails leaves no half-written output behind.
+
+One way to write a file (`atomic_write`: a hidden temp sibling renamed into place) and one way
+to build a directory (`StagedDir`: a hidden temp sibling renamed into place when complete)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from kiln.errors import KilnError
 
@@ -27,31 +31,36 @@ def _check_ancestor(path: Path) -> None:
         raise KilnError(f"cannot write {path}: {parent} is not a writable directory")
 
 
-def publish(tmp: str, path: Path) -> None:
-    """Give a finished temp file ordinary permissions (mkstemp makes 0600), then move it in place."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    return umask
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """`write(tmp_name)` fills a hidden temp sibling of `path`, which then replaces `path`; on
+    any failure the temp file is removed and `path` is untouched."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
     except OSError as exc:
         raise KilnError(f"cannot write {path}: {exc.strerror}") from None
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        publish(tmp, path)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; a published file is ordinary
+        os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise KilnError(f"cannot write {path}: {exc.strerror}") from None
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def atomic_write_json(path: str | Path, data) -> Path:
@@ -82,25 +91,42 @@ def check_new_dir(out: str | Path) -> Path:
     return out
 
 
+class StagedDir:
+    """A new directory built in a hidden temp sibling of `out`: `path` is where to write until
+    `publish()` renames it to `out`; `discard()` removes it. So `out` is absent until it holds
+    something complete (a long run publishes after its first checkpoint and writes atomically
+    in place from then on)."""
+
+    def __init__(self, out: str | Path):
+        self.out = check_new_dir(out)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+        except OSError as exc:
+            raise KilnError(f"cannot write {out}: {exc.strerror}") from None
+        self.published = False
+
+    def publish(self) -> Path:
+        if not self.published:
+            os.chmod(self.path, 0o777 & ~_umask())
+            if self.out.is_dir():
+                self.out.rmdir()   # check_new_dir let it through only empty
+            os.replace(self.path, self.out)
+            self.path, self.published = self.out, True
+        return self.out
+
+    def discard(self) -> None:
+        if not self.published:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path):
     """Yield a hidden sibling directory to fill; on success it is renamed to `out`, on any
     failure removed, so `out` is either complete or absent."""
-    out = check_new_dir(out)
+    staged = StagedDir(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise KilnError(f"cannot write {out}: {exc.strerror}") from None
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if out.is_dir():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
+        yield staged.path
+        staged.publish()
+    finally:
+        staged.discard()

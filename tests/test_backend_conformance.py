@@ -4,8 +4,9 @@ new dtype of one, is tested without a new test).
 Oracles: eager PyTorch on a small zoo model, within the tolerance of the backend's precision
 (kiln.compile.backends.TOLERANCE), on inputs other than the ones it was built on; and kiln's
 fake-quantized model for a model kiln quantized. A backend that lowers kiln's quantizers
-(`lowers_quantized`) computes kiln's own integers times kiln's own scales, so it meets fp32's
-tolerance against the fake-quantized model; an int8 backend with scales of its own would
+(`lowers`) computes kiln's own integers times kiln's own scales, so it meets fp32's
+tolerance against the fake-quantized model (configs/quant/w8a8.toml's calibrated per-tensor
+inputs, which every int8 kernel here takes); an int8 backend with scales of its own would
 quantize the model a second time, so it must refuse, in one line."""
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def test_backend_matches_eager_within_its_precision(name, mlp):
 @pytest.mark.parametrize("name", variants())
 def test_backend_matches_the_fake_quantized_model_or_refuses_it(name, quantized_mlp):
     spec = parse_backend(name)
-    lowers = BACKENDS.get(spec.name).lowers_quantized
+    lowers = BACKENDS.get(spec.name).lowers(spec.opts()) is not None
     if precision_of(spec) is Precision.INT8 and not lowers:
         with pytest.raises(KilnError, match=r"not kiln's") as exc:
             _built(name, quantized_mlp)

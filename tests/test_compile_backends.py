@@ -128,7 +128,7 @@ def test_cli_bad_backend_is_one_line_and_writes_nothing(tmp_path):
 # ------------------------------------------------------------------------- LoadGen
 
 def test_settings_a_scenario_does_not_allow_are_refused():
-    from kiln.hardware.loadgen import BenchConfig, Scenario
+    from kiln.bench.loadgen import BenchConfig, Scenario
 
     with pytest.raises(KilnError, match="--target-qps is a Server setting; the Offline scenario does not allow it"):
         BenchConfig(Scenario.OFFLINE, target_qps=10)
@@ -148,7 +148,7 @@ def _mnist_model():
 @pytest.mark.parametrize("scenario,kw", [("SingleStream", {}), ("Offline", {"batch": 16}),
                                          ("MultiStream", {"samples_per_query": 4}), ("Server", {"target_qps": 100})])
 def test_loadgen_runs_each_scenario(scenario, kw):
-    from kiln.hardware.loadgen import BenchConfig, Scenario, dataset_samples, run_loadgen
+    from kiln.bench.loadgen import BenchConfig, Scenario, dataset_samples, run_loadgen
 
     samples = dataset_samples("mnist", 64)
     r = run_loadgen(_mnist_model(), samples, BenchConfig(Scenario(scenario), min_duration_s=0.3, **kw))
@@ -158,7 +158,7 @@ def test_loadgen_runs_each_scenario(scenario, kw):
 
 
 def test_loadgen_accuracy_mode_equals_direct_evaluation():
-    from kiln.hardware.loadgen import BenchConfig, Mode, Scenario, dataset_samples, run_loadgen
+    from kiln.bench.loadgen import BenchConfig, Mode, Scenario, dataset_samples, run_loadgen
 
     samples = dataset_samples("mnist", 100)
     model = _mnist_model()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kiln.compile.backends import build, parse_backend
-from kiln.compile.int8 import build_torchao, int8_weights, lower_int8, plan_int8
+from kiln.compile.int8 import ORT_QDQ, TORCHAO, build_torchao, int8_weights, lower_int8, plan_int8
 from kiln.compile.runtime import Example
 from kiln.compile.verify import relative_error
 from kiln.errors import KilnError
@@ -143,9 +143,10 @@ def test_a_calibrated_quantizer_is_a_constant_in_the_exported_graph():
     assert all(q.calibrated for q in fresh.modules() if hasattr(q, "calibrated") and hasattr(q, "ready"))
 
 
-def test_static_w8a8_lowers_to_exactly_the_fake_quantized_model():
+@pytest.mark.parametrize("weight_scales", ["channel", "tensor"])
+def test_static_w8a8_lowers_to_exactly_the_fake_quantized_model(weight_scales):
     pytest.importorskip("torchao")
-    model = quantized(mlp(), W8A8)
+    model = quantized(mlp(), {**W8A8, "weight": {**W8A8["weight"], "granularity": weight_scales}})
     x = torch.randn(8, 5, 64) * 4          # well beyond the calibrated range: kiln's grid saturates at -127
     low = lower_int8(copy.deepcopy(model), Example((x,)))
     assert set(int8_weights(low)) == {"0.1.weight", "2.1.weight", "4.1.weight"}
@@ -179,15 +180,16 @@ def test_per_token_inputs_agree_within_one_rounding_step():
     assert (diff <= bound).all() and diff.max() > 0
 
 
-def test_smoothquant_input_scale_comes_along():
+@pytest.mark.parametrize("target", [TORCHAO, ORT_QDQ], ids=lambda t: t.name)
+def test_smoothquant_input_scale_comes_along(target):
     pytest.importorskip("torchao")
     from kiln.quant.smoothquant import SmoothedLinear
 
     model = mlp()
     model[2] = SmoothedLinear(model[2], torch.linspace(0.5, 2.0, 128))
     model = quantized(model, W8A8)
-    x = torch.randn(8, 5, 64)
-    low = lower_int8(copy.deepcopy(model), Example((x,)))
+    x = torch.randn(8, 5, 64) * 4
+    low = lower_int8(copy.deepcopy(model), Example((x,)), target)     # QDQ runs in torch as well
     with torch.no_grad():
         assert relative_error(low(x), model(x)) < 1e-5
 
@@ -199,7 +201,8 @@ def test_other_formats_stay_fake_quantized_and_say_why():
     model = quantized(mlp(), table)
     plan = plan_int8(model)
     assert plan.int8 == ("4",)
-    assert dict(plan.fake) == {"0": "weight int8 group: no int8 kernel", "2": "weight mxfp4_e2m1 channel: no int8 kernel"}
+    assert dict(plan.fake) == {"0": "weight int8 group: no int8 kernel",
+                               "2": "weight mxfp4_e2m1 channel: no int8 kernel"}
     assert plan.describe() == ("real int8 kernels: 4; fake quantization: 0 (weight int8 group: no int8 kernel); "
                                "2 (weight mxfp4_e2m1 channel: no int8 kernel)")
     only_fake = quantized(mlp(), {"weight": "mxfp4", "input": "int8"})
@@ -213,6 +216,34 @@ def test_layer_names_fold_their_indices():
     plan = Int8Plan(("enc.layer.0.q", "enc.layer.1.q", "enc.layer.0.k", "head"), (("enc.layer.0.attn", "x"),))
     assert plan.describe() == "real int8 kernels: enc.layer.*.q (x2), enc.layer.0.k, head; fake quantization: " \
                               "enc.layer.0.attn (x)"
+
+
+def test_ort_qdq_runs_kiln_scales_on_integer_matmuls(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+    import onnxruntime as ort
+
+    model, x = quantized(mlp(), W8A8), torch.randn(8, 64) * 4
+    q = build(parse_backend("onnxruntime:dtype=int8"), model, loaded(model, x))
+    assert sorted(int8_weights(q).values()) == [(64, 128), (128, 32), (128, 128)]   # kiln's integers, (in, out)
+    with torch.no_grad():
+        assert relative_error(q(x), model(x)) < 1e-5
+    # what ONNX Runtime makes of the QDQ pairs: integer matmuls, no float MatMul left
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(q.onnx_bytes, opts, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(q.disabled_optimizers))   # the session q runs
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 3 and "MatMul" not in ops
+
+
+def test_ort_qdq_leaves_per_token_inputs_fake_quantized():
+    model = quantized(mlp(), {**W8A8, "rules": [{"match": "fqn:2", "input": {"format": "int", "bits": 8,
+                                                                            "granularity": "token"}}]})
+    plan = plan_int8(model, ORT_QDQ)
+    assert plan.int8 == ("0", "4") and dict(plan.fake) == {"2": "input int8 token dynamic: no int8 kernel"}
+    assert plan_int8(model).int8 == ("0", "2", "4")           # torchao's kernels take per-token scales
 
 
 def test_peers_with_their_own_scales_refuse_a_quantized_model():
@@ -253,8 +284,8 @@ def test_quantize_then_compile_int8_then_reload(tmp_path):
     quantize_run("zoo:mlp", config, tmp_path / "q", calib_batches=2, evaluate=False)
     report, sel = compile_run(str(tmp_path / "q"), "eager+torchao", batch=4, precision="int8", rounds=2,
                               out=tmp_path / "c")
-    assert report["quantized"]["int8"] == ["layers.0", "layers.2", "head"] and report["quantized"]["fake"] == []
-    assert report["quantized"]["line"] == "torchao: real int8 kernels: layers.* (x2), head; fake quantization: none"
+    assert report["quantized"]["backends"] == {"torchao": {"int8": ["layers.0", "layers.2", "head"], "fake": []}}
+    assert report["quantized"]["lines"] == ["torchao: real int8 kernels: layers.* (x2), head; fake quantization: none"]
     assert sel.by_name("torchao").status == "ok" and sel.by_name("torchao").error < 1e-5
     fn, inputs, meta, source = load_compiled(tmp_path / "c")
     if meta["backend"] == "torchao":

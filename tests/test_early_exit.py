@@ -210,7 +210,7 @@ def test_bad_blocks_are_errors_naming_them():
 
 def test_cli_trains_heads_sweeps_and_reloads(tmp_path):
     from kiln.cli.main import app
-    from kiln.models.artifact import load_artifact
+    from kiln.runs.artifact import load_artifact
 
     cfg = tmp_path / "e.toml"
     cfg.write_text('exits = ["features.2", "features.6"]\nsweep_points = 5\nlatency_samples = 3\nlatency_repeats = 1\n'
@@ -227,6 +227,10 @@ def test_cli_trains_heads_sweeps_and_reloads(tmp_path):
     assert report["latency"]["exit_agreement"] == 1.0
     src = load_artifact(tmp_path / "run")
     assert isinstance(src.model, EarlyExit) and src.model.threshold == report["threshold"]
+    from kiln.train.evaluation import evaluate_run
+
+    again = evaluate_run(tmp_path / "run")     # exits taken one batch at a time, as the sweep chose
+    assert again["reproduced"] and again["value"] == report["chosen"]["accuracy"]
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         src.model.threshold = -1.0

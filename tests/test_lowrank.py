@@ -120,7 +120,7 @@ def test_bad_configs_are_one_line_errors(table, message):
 
 def test_cli_artifact_reloads_exactly_and_bad_input_writes_nothing(tmp_path):
     from kiln.cli.main import app
-    from kiln.models.artifact import load_artifact
+    from kiln.runs.artifact import load_artifact
     from kiln.models.spec import load
 
     good, bad = tmp_path / "l.toml", tmp_path / "bad.toml"

@@ -48,3 +48,46 @@ def test_per_op_times_add_up_to_the_graph_modules_time(one_thread):
     loaded = load("zoo:resnet20")
     record = measure(capture(loaded), loaded, repeats=5, warmup=2)
     assert 0.4 < record.ops_min_s / record.graph["min_s"] < 1.5
+
+
+def test_analyze_never_prints_above_100_percent_without_saying_why(one_thread):
+    """Oracle: a profile whose fp32 peak (1 MFLOP/s) no CPU is that slow at, so every conv's
+    roofline bound (14.5 s for a 14.5 MFLOP conv) is above its measured time."""
+    from typer.testing import CliRunner
+
+    from kiln.cli.main import app
+    from kiln.hardware.profiles import ABOVE_PEAK, HardwareProfile, save_profile
+
+    save_profile(HardwareProfile("local", "slow", "cpu", {"fp32": 1e6}, 1e12,
+                                 sources={"fp32": "measured by `kiln hardware calibrate` (test)"}))
+    result = CliRunner().invoke(app, ["analyze", "zoo:cnn", "--top", "3"], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "%!" in result.output and " ".join(ABOVE_PEAK.split()) in " ".join(result.output.split())
+    save_profile(HardwareProfile("local", "fast", "cpu", {"fp32": 1e18}, 1e18,
+                                 sources={"fp32": "measured by `kiln hardware calibrate` (test)"}))
+    quiet = CliRunner().invoke(app, ["analyze", "zoo:cnn", "--top", "3"], terminal_width=300)
+    assert quiet.exit_code == 0 and "%!" not in quiet.output and "above 100%" not in quiet.output
+
+
+class InPlace(nn.Module):
+    def forward(self, x):
+        y = x.clone()
+        y.add_(1.0)          # an in-place op on an intermediate, as GNN scatter_add_ does
+        return y * 3.0
+
+
+def test_timing_an_in_place_op_leaves_what_later_ops_see_unchanged():
+    from kiln.analysis.measure import _Collect
+    from kiln.timing import TimingConfig
+    from kiln.timing import measure as time_calls
+
+    loaded = LoadedModel("t", InPlace(), (torch.randn(4, 4),))
+    x = loaded.example_inputs[0].clone()
+    graph = capture(loaded)
+    assert any(n.op == "add_" for n in graph.ops)
+    collect = _Collect(graph.program.graph_module)
+    collect.run(*loaded.example_inputs)
+    time_calls(collect.calls, TimingConfig(rounds=5, warmup=2))     # add_ ran 7 more times
+    mul = next(n.name for n in graph.ops if n.op == "mul")
+    assert torch.equal(collect.calls[mul](), (x + 1.0) * 3.0)           # oracle: eager arithmetic
+    assert torch.equal(loaded.example_inputs[0], x)

@@ -12,7 +12,7 @@ from kiln.errors import KilnError
 from kiln.search.nas import config as nas_config
 from kiln.search.nas.fit import accuracy, load_data
 from kiln.search.nas.space import Genotype, Macro, discrete_network
-from kiln.train.checkpoint import load_weights
+from kiln.runs.weights import load_weights
 
 runner = CliRunner()
 

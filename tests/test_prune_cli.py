@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from kiln.cli.main import app
 from kiln.errors import KilnError
-from kiln.models.artifact import load_artifact
+from kiln.runs.artifact import load_artifact
 from kiln.prune.config import PruneConfig, Rule, parse_config, to_table
 from kiln.rules import Match
 from kiln.prune.schedule import agp_ratio, lottery_ratio, rewind
@@ -57,7 +57,10 @@ def test_cli_report_counts_exact_zeros_and_flops(spec, tmp_path):
     nonzero_w = sum(int((weights[k] != 0).sum()) for k in weights if k.endswith("weight"))
     assert after["effective_flops"] == 2 * nonzero_w
     assert after["nonzero_params"] == nonzero_w + 32 + 10 and after["params"] == before["params"]
-    assert data["metrics"]["metric"] == "accuracy" and 0 <= data["metrics"]["accuracy"] <= 1
+    assert data["metrics"]["metric"] == "accuracy" and 0 <= data["metrics"]["after"] <= 1
+    # stored sparsely: a tensor's non-zeros at 4 bytes plus a 1-bit mask, where that is smaller
+    sizes = [(int((w != 0).sum()) * 4 + -(-w.numel() // 8), 4 * w.numel()) for w in weights.values()]
+    assert after["sparse_bytes"] == sum(min(s) for s in sizes) and after["dense_bytes"] == sum(d for _, d in sizes)
     again = load_artifact(out).model
     assert torch.equal(again[1].weight, weights["1.weight"])
 

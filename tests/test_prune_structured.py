@@ -213,12 +213,13 @@ def test_bert_heads_and_ffn_zero_units_keep_outputs(attention):
 
 @pytest.mark.slow
 def test_pruned_resnet_saves_and_reloads_as_an_artifact(tmp_path):
-    from kiln.models.artifact import load_artifact, save_artifact
+    from kiln.runs.artifact import load_artifact, save_artifact
+    from kiln.runs.transforms import TransformRecord
     from kiln.models.spec import load
 
     loaded = load("zoo:resnet20")
     res = prune_structured(loaded.model, loaded.example_inputs, 0.5, ignore=("fc",))
-    save_artifact(tmp_path / "a", res.model, spec="zoo:resnet20", dataset="", transforms=[res.record])
+    save_artifact(tmp_path / "a", res.model, spec="zoo:resnet20", dataset="", transforms=[TransformRecord.from_flat(res.record)])
     back = load_artifact(tmp_path / "a").model
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

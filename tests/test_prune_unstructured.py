@@ -96,7 +96,8 @@ def test_masks_survive_training_and_repeated_pruning_only_adds_zeros():
 
 
 def test_artifact_reloads_masks_and_weights_exactly(tmp_path):
-    from kiln.models.artifact import load_artifact, save_artifact
+    from kiln.runs.artifact import load_artifact, save_artifact
+    from kiln.runs.transforms import TransformRecord
 
     path = tmp_path / "f.py"
     path.write_text("import torch\nfrom torch import nn\n"
@@ -107,7 +108,7 @@ def test_artifact_reloads_masks_and_weights_exactly(tmp_path):
 
     model = load(spec).model
     result = prune_unstructured(model, 0.6, "magnitude", "local")
-    save_artifact(tmp_path / "run", model, spec=spec, dataset="", transforms=[result.record])
+    save_artifact(tmp_path / "run", model, spec=spec, dataset="", transforms=[TransformRecord.from_flat(result.record)])
     again = load_artifact(tmp_path / "run").model
     assert mask_of(again.get_submodule("0")) is not None
     x = torch.randn(3, 8)

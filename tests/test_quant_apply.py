@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from kiln.errors import KilnError
@@ -187,18 +188,43 @@ def _kiln(*args, cwd=None):
 
 
 def test_quantize_run_saves_and_reloads_exactly(tmp_path):
-    from kiln.quant.run import load_quantized, quantize_run
+    from kiln.runs.artifact import load_artifact
+    from kiln.quant.run import quantize_run
 
-    cfg = tmp_path / "q.toml"
-    cfg.write_text('weight = { format = "int", bits = 4 }\ninput = { format = "int", bits = 8, calib = "percentile" }\n')
+    table = {"weight": {"format": "int", "bits": 4}, "input": {"format": "int", "bits": 8, "calib": "percentile"}}
     out = tmp_path / "run"
-    res = quantize_run("zoo:mlp", cfg, out, "mnist", calib_batches=2, batch_size=16)
-    model, _ = load_quantized(out)
+    res = quantize_run("zoo:mlp", parse_config(table), out, "mnist", calib_batches=2, batch_size=16)
+    again = load_artifact(out)
+    assert [t.to_json() for t in again.transforms] == [{"kind": "quant", "version": 1,
+                                                        "config": {"quant": table, "smoothed": []}}]
     x = torch.rand(5, 1, 28, 28)
-    assert torch.equal(model(x), res["model"].eval()(x))
+    assert torch.equal(again.model(x), res["model"].eval()(x))
     r = _kiln("eval", str(out))
     assert r.returncode == 0 and "reproduced" in r.stdout
     assert json.loads((out / "report.json").read_text())["avg_weight_bits"] == 4.0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"metric", "split", "before", "after"} <= set(metrics) and "after_finetune" not in metrics
+
+
+def test_qat_from_a_quantized_run_keeps_its_quantizers_and_reloads(tmp_path):
+    """`kiln train --init QUANTIZED` trains the quantized model (QAT) and writes a run whose
+    transforms are the quantized run's; reloading it gives the trained model exactly."""
+    from kiln.quant.modules import QuantOp
+    from kiln.quant.run import quantize_run
+    from kiln.runs.artifact import load_artifact
+    from kiln.train.config import TrainConfig
+    from kiln.train.trainer import fit
+
+    torch.set_num_threads(1)
+    quantize_run("zoo:mlp", parse_config({"weight": "int8", "input": "int8"}), tmp_path / "q", "mnist",
+                 calib_batches=2, batch_size=16, evaluate=False)
+    fit(TrainConfig(model="zoo:mlp", dataset="mnist", init=str(tmp_path / "q"), out=str(tmp_path / "qat"),
+                    epochs=1, max_steps=3, batch_size=32), progress=False)
+    q, qat = load_artifact(tmp_path / "q"), load_artifact(tmp_path / "qat")
+    assert qat.transforms == q.transforms and any(isinstance(m, QuantOp) for m in qat.model.modules())
+    weights = load_file(tmp_path / "qat" / "model.safetensors")
+    assert all(torch.equal(qat.model.state_dict()[k], v) for k, v in weights.items())
+    assert any(not torch.equal(q.model.state_dict()[k], v) for k, v in weights.items())
 
 
 def test_quantize_cli_bad_input_exit_2_nothing_written(tmp_path):
@@ -218,8 +244,9 @@ def test_smoothquant_run_reloads_exactly(tmp_path):
     the saved tensors and gives the same outputs bit for bit."""
     from transformers import BertConfig, BertModel
 
-    from kiln.quant.run import _restore_smoothing, prepare
-    from kiln.train.checkpoint import load_weights, save_weights
+    from kiln.quant.apply import quant_record
+    from kiln.quant.run import prepare
+    from kiln.runs.weights import load_weights, save_weights
 
     def bert():
         torch.manual_seed(0)
@@ -232,10 +259,10 @@ def test_smoothquant_run_reloads_exactly(tmp_path):
     model = bert()
     done = prepare(model, cfg, ids, fwd)
     assert len(done["smoothquant"]["groups"]) == 5          # Q/K/V and FC1 of both layers, the pooler
+    record = quant_record(model, cfg)
+    assert record.config["smoothed"]                         # post-LN: some Linears scale their own input
     save_weights(model, tmp_path / "m.safetensors")
-    again = bert()
-    _restore_smoothing(again, tmp_path / "m.safetensors")
-    quantize(again, cfg)
+    again = record.restore(bert())
     load_weights(again, tmp_path / "m.safetensors")
     assert torch.equal(fwd(again, ids[0]), fwd(model, ids[0]))
 

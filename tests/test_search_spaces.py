@@ -51,7 +51,8 @@ def test_avg_bits_by_hand(mlp_space):
 
 def test_uniform_int8_scores_like_kiln_quant_itself(mlp_space):
     from kiln.quant.config import parse_config
-    from kiln.quant.run import evaluate_model, prepare
+    from kiln.quant.run import prepare
+    from kiln.train.evaluation import evaluate_model
 
     table = {"targets": ["Linear"], "weight": {"format": "int", "bits": 8, "granularity": "channel"},
              "input": {"format": "int", "bits": 8, "granularity": "tensor", "calib": "minmax"}}
@@ -64,7 +65,7 @@ def test_uniform_int8_scores_like_kiln_quant_itself(mlp_space):
 def test_frozen_weights_change_nothing_but_speed(mlp_space):
     from kiln.quant.apply import calibrate, quantize
     from kiln.quant.config import parse_config
-    from kiln.quant.run import model_forward
+    from kiln.train.tasks import forward as model_forward
 
     model = quantize(copy.deepcopy(mlp_space.model), parse_config(mlp_space.quant_table(
         mlp_space.bits_of({"layers.0": 4, "layers.2": 8, "head": 4}))))

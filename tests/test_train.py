@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from kiln.errors import KilnError
 from kiln.train import tasks
 from kiln.train.config import TrainConfig
-from kiln.train.trainer import evaluate_run, fit
+from kiln.train.evaluation import evaluate_run
+from kiln.train.trainer import fit
 
 FACTORY = textwrap.dedent('''
     import torch
@@ -42,12 +43,12 @@ def cfg(spec, out, **kw):
 def test_trains_checkpoints_and_eval_reproduces_exactly(spec, tmp_path):
     run = tmp_path / "run"
     metrics = fit(cfg(spec, run, epochs=4), progress=False)
-    assert metrics["metric"] == "accuracy" and metrics["accuracy"] > 0.85   # real digits, 4 short epochs
-    for name in ("config.toml", "metrics.json", "best.safetensors", "last.safetensors", "state.pt"):
-        assert (run / name).is_file()
-    assert json.loads((run / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    assert metrics["metric"] == "accuracy" and metrics["after"] > 0.85   # real digits, 4 short epochs
+    assert sorted(p.name for p in run.iterdir()) == ["artifact.json", "config.toml", "last.safetensors",
+                                                      "metrics.json", "model.safetensors", "state.pt"]
+    assert json.loads((run / "metrics.json").read_text())["after"] == metrics["after"]
     again = evaluate_run(run)
-    assert again["accuracy"] == metrics["accuracy"]
+    assert again["value"] == metrics["after"] and again["reproduced"]
 
 
 def test_same_seed_same_weights(spec, tmp_path):
@@ -89,7 +90,7 @@ def test_bad_inputs_are_one_line_errors(spec, tmp_path):
         evaluate_run(tmp_path / "nowhere")
     run = tmp_path / "run"
     fit(cfg(spec, run, epochs=1), progress=False)
-    (run / "best.safetensors").write_bytes(b"not a checkpoint")
+    (run / "model.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(KilnError, match="corrupt"):
         evaluate_run(run)
     with pytest.raises(KilnError, match="already exists"):
@@ -134,11 +135,39 @@ def test_resume_refuses_changes_that_break_exact_continuation(spec, tmp_path):
     assert "epochs = 2" in (run / "config.toml").read_text()
 
 
+def test_a_run_remembers_its_split_seed_so_eval_measures_the_same_test_split(spec, tmp_path):
+    from kiln.runs.artifact import read_artifact
+
+    run = tmp_path / "run"
+    metrics = fit(cfg(spec, run, epochs=1, seed=3), progress=False)
+    assert read_artifact(run).data_seed == 3
+    assert evaluate_run(run)["value"] == metrics["after"]
+
+
+def test_a_failed_resume_leaves_the_run_byte_identical(spec, tmp_path):
+    run = tmp_path / "run"
+    fit(cfg(spec, run, epochs=1), progress=False)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(KilnError, match="cannot change lr"):
+        fit(cfg(spec, run, epochs=2, lr=0.1), resume=True, progress=False)
+    (run / "state.pt").write_bytes(b"corrupt")
+    with pytest.raises(KilnError, match="trainer state .* cannot be read"):
+        fit(cfg(spec, run, epochs=2), resume=True, progress=False)
+    after = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert after == before | {"state.pt": b"corrupt"}
+
+
+def test_a_teacher_of_another_task_leaves_nothing_behind(spec, tmp_path):
+    with pytest.raises(KilnError, match="teacher zoo:gpt does not fit the data"):
+        fit(cfg(spec, tmp_path / "run", teacher="zoo:gpt"), progress=False)
+    assert list(tmp_path.iterdir()) == [tmp_path / "digits_mlp.py"]
+
+
 def test_node_classification_run_evaluates_again_exactly(tmp_path):
     run = tmp_path / "gcn"
     metrics = fit(TrainConfig(model="zoo:gcn", dataset="karate", out=str(run), epochs=30, lr=0.01,
                               schedule="constant"), progress=False)
-    assert evaluate_run(run)["accuracy"] == metrics["accuracy"]
+    assert evaluate_run(run)["value"] == metrics["after"]
 
 
 def test_cli_train_and_eval_round_trip(spec, tmp_path):
@@ -150,10 +179,10 @@ def test_cli_train_and_eval_round_trip(spec, tmp_path):
     run, out = tmp_path / "run", tmp_path / "m.json"
     result = runner.invoke(app, ["train", spec, "--dataset", "digits", "--epochs", "1", "--out", str(run), "--json", str(out)])
     assert result.exit_code == 0, result.output
-    recorded = json.loads(out.read_text())["accuracy"]
+    recorded = json.loads(out.read_text())["after"]
     result = runner.invoke(app, ["eval", str(run), "--json", str(tmp_path / "e.json")])
     assert result.exit_code == 0 and "reproduced" in result.output
-    assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == recorded
+    assert json.loads((tmp_path / "e.json").read_text())["value"] == recorded
     bad = tmp_path / "bad.toml"
     bad.write_text(f'model = "{spec}"\nlearning_rate = 0.1\n')
     result = runner.invoke(app, ["train", "--config", str(bad), "--out", str(tmp_path / "never")])

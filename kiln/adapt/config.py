@@ -24,6 +24,8 @@ from typing import Any
 from kiln.config import from_dict
 from kiln.errors import KilnError
 from kiln.train.config import finetune_table
+from kiln.adapt.early_exit import CRITERIA
+from kiln.adapt.sweep import SELECTIONS
 
 
 
@@ -45,8 +47,6 @@ class EarlyExitConfig:
     train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        from kiln.adapt.early_exit import CRITERIA
-        from kiln.adapt.sweep import SELECTIONS
 
         CRITERIA.get(self.criterion)
         checks = [

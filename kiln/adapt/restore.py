@@ -5,7 +5,7 @@ from torch import nn
 
 from kiln.adapt.early_exit import KIND, EarlyExit, ExitHead
 from kiln.errors import KilnError
-from kiln.models.artifact import register_transform
+from kiln.runs.transforms import register_transform
 
 
 def record_of(model: EarlyExit, shapes: list[tuple], classes: int, pool: int, hidden: int) -> dict:

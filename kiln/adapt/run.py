@@ -10,10 +10,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from kiln.adapt.config import EarlyExitConfig, parse_config
-from kiln.adapt.early_exit import CRITERIA, EarlyExit, heads_for, probe
+from kiln.adapt.early_exit import EarlyExit, heads_for, probe
 from kiln.adapt.restore import record_of
 from kiln.adapt.sweep import ExitFlops, Point, choose, exit_flops, exits_taken, point, thresholds
+from kiln.config import read_toml
+from kiln.errors import KilnError
+from kiln.io import check_new_dir
+from kiln.runs.artifact import load_source, require_float, save_source
+from kiln.runs.metrics import metric_record
+from kiln.runs.transforms import TransformRecord
+from kiln.train.evaluation import source_splits
 from kiln.timing import TimingConfig, measure
+from kiln.train.finetune import finetune
 
 Log = Callable[[str], None]
 
@@ -46,44 +54,37 @@ def curve(logits, labels, model: EarlyExit, grid: list[float], per_exit) -> list
 
 def early_exit_run(src: str, config_path: Path, out: Path, dataset: str | None = None, log: Log = lambda s: None) -> dict:
     """The whole command: probe, attach, train the heads, sweep, time, write the artifact."""
-    from kiln.config import read_toml
-    from kiln.io import check_new_dir
-    from kiln.lowrank.run import finetune, float_source
-    from kiln.models.artifact import save_artifact
-
     check_new_dir(out)
     cfg = parse_config(read_toml(config_path), str(config_path))
-    source = float_source(src, dataset, need_data=True)
+    source = require_float(load_source(src, dataset), "early-exit")
+    if not source.dataset:
+        raise KilnError(f"{src} has no default dataset: pass --dataset (see `kiln datasets`)")
     args, kwargs = tuple(source.example_inputs), dict(source.example_kwargs)
     params_before = sum(p.numel() for p in source.model.parameters())
     exits, shapes, classes = probe(source.model.eval(), list(cfg.exits), args, kwargs)
     torch.manual_seed(cfg.seed)
     model = EarlyExit(source.model, exits, heads_for(shapes, classes, cfg.head_pool, cfg.head_hidden),
                       cfg.criterion, None, list(cfg.weights) or None, cfg.freeze_backbone)
-    record = record_of(model, shapes, classes, cfg.head_pool, cfg.head_hidden)
-    transforms = list(source.transforms) + [record]
     log(f"model {source.spec}, data {source.dataset}; exits after {', '.join(exits)}")
-    trained = finetune(model, source, transforms, cfg.train, out, log)
+    untrained = TransformRecord.from_flat(record_of(model, shapes, classes, cfg.head_pool, cfg.head_hidden))
+    trained = finetune(model, source, [*source.transforms, untrained], cfg.train, log=log)
     report = sweep_and_time(model, source, cfg, shapes, log)
-    record["threshold"] = model.threshold
     report |= {"params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
                "train": trained}
-    metrics = {"model": source.spec, "source": src, "dataset": source.dataset, "split": "test", "metric": "accuracy",
-               "accuracy": report["chosen"]["accuracy"], "dense_accuracy": report["dense"]["accuracy"],
-               "avg_flops": report["chosen"]["avg_flops"], "dense_flops": report["dense"]["flops"],
-               "threshold": model.threshold}
-    save_artifact(out, model, spec=source.spec, dataset=source.dataset, transforms=transforms,
-                  report=report, metrics=metrics)
+    # the dense model is the backbone's final exit: the heads train, the backbone is measured as it was
+    metrics = metric_record("accuracy", before=report["dense"]["accuracy"], after=report["chosen"]["accuracy"],
+                            model=source.spec, source=src, dataset=source.dataset, avg_flops=report["chosen"]["avg_flops"],
+                            dense_flops=report["dense"]["flops"], threshold=model.threshold)
+    record = TransformRecord.from_flat(record_of(model, shapes, classes, cfg.head_pool, cfg.head_hidden))
+    save_source(out, source, model, record, report=report, metrics=metrics)
     return {"report": report, "metrics": metrics, "model": model}
 
 
 def sweep_and_time(model: EarlyExit, source, cfg: EarlyExitConfig, shapes: list[tuple], log: Log = lambda s: None) -> dict:
     """Every exit's logits on validation and test, the threshold (the config's, or chosen on
     validation), the test curve and batch-1 latency; sets `model.threshold`."""
-    from kiln.data import load_dataset
-
     args, kwargs = tuple(source.example_inputs), dict(source.example_kwargs)
-    splits = load_dataset(source.dataset, seed=cfg.seed)
+    splits = source_splits(source)
     flops = exit_flops(model, args, kwargs)
     val, test = collect(model, splits.val), collect(model, splits.test)
     grid = thresholds(model.criterion.score(val[0][:-1]), model.criterion, cfg.sweep_points)

@@ -14,6 +14,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from kiln.adapt.early_exit import Criterion, EarlyExit, block_output
+from kiln.analysis.cost import AnnotateCost
+from kiln.graph.capture import capture
+from kiln.graph.passes import PassManager
+from kiln.models.loaded import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -34,10 +38,6 @@ class ExitFlops:
 
 def exit_flops(model: EarlyExit, args: tuple, kwargs: dict) -> ExitFlops:
     """Cumulative FLOPs to each exit for one call on (args, kwargs) (batch 1: per sample)."""
-    from kiln.analysis.cost import AnnotateCost
-    from kiln.graph.capture import capture
-    from kiln.graph.passes import PassManager
-    from kiln.models.loaded import LoadedModel
 
     graph = capture(LoadedModel("early-exit backbone", model.backbone, tuple(args), dict(kwargs)))
     PassManager([AnnotateCost()]).run(graph)

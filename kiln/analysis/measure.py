@@ -51,6 +51,11 @@ class _Collect(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node):
         if n.op == "call_function":
             args, kwargs = self.fetch_args_kwargs_from_env(n)
+            schema = getattr(n.target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                # an in-place op (scatter_add_ into a fresh buffer) repeated for timing must not
+                # change the tensors the real run hands to later ops, or the user's inputs
+                args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
             self.calls[n.name] = functools.partial(n.target, *args, **kwargs)
         return super().run_node(n)
 

@@ -17,10 +17,10 @@ def _hardware(name: str):
         from kiln.hardware.calibrate import calibrate
 
         with progress("no 'local' profile yet: calibrating this machine (once)") as update:
-            cal = calibrate("local", progress=update)
-        for line in cal.warnings():
-            err_console.print(f"[yellow]calibration: busy machine? {line}; re-run `kiln hardware calibrate` "
-                              f"when it is quiet[/yellow]")
+            cal = calibrate("local", budget_s=2.0, progress=update)   # quick; `kiln hardware calibrate` refines it
+        if cal.warnings():
+            err_console.print(f"[yellow]calibration: busy machine? {'; '.join(cal.warnings())}; re-run "
+                              f"`kiln hardware calibrate` when it is quiet[/yellow]")
         save_profile(cal.profile)
     return load_profile(name)
 
@@ -168,4 +168,4 @@ def _top_table(a, top: int, here: bool) -> None:
                   _eff(r["roofline_s"], r["measured_s"]) if here else "-")
     console.print(t)
     if not here and m:
-        console.print(f"[dim]efficiency is shown when the roofline is this machine's (--hardware local)[/dim]")
+        console.print("[dim]efficiency is shown when the roofline is this machine's (--hardware local)[/dim]")

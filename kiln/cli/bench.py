@@ -12,7 +12,7 @@ from kiln.cli.common import check_fits, console, count, progress, seconds, user_
 
 def _parse(scenario: str, mode: str):
     from kiln.errors import KilnError
-    from kiln.hardware.loadgen import Mode, Scenario
+    from kiln.bench.loadgen import Mode, Scenario
 
     try:
         return Scenario(scenario), Mode(mode)
@@ -83,8 +83,8 @@ def bench(
     """Drive a model through MLPerf LoadGen on its real test data; LoadGen's summary and the
     roofline bound of this machine."""
     from kiln.cli.analyze import _hardware
-    from kiln.hardware.bench import bench_run
-    from kiln.hardware.loadgen import BenchConfig, Mode
+    from kiln.bench.run import bench_run
+    from kiln.bench.loadgen import BenchConfig, Mode
     validate(positive={"--max-samples": max_samples, "--min-duration": min_duration},
              non_negative={"--batch": batch, "--samples-per-query": samples_per_query, "--target-qps": target_qps,
                            "--target-latency-ms": target_latency_ms, "--expected-qps": expected_qps,

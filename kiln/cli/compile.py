@@ -31,8 +31,8 @@ def print_candidates(report: dict) -> None:
     console.print(table)
     if report.get("timing_note"):
         console.print(f"[yellow]timing: {report['timing_note']}[/yellow]")
-    if "quantized" in report:
-        console.print(report["quantized"]["line"], highlight=False, soft_wrap=True)
+    for line in report.get("quantized", {}).get("lines", []):
+        console.print(line, highlight=False, soft_wrap=True)
     roof = report.get("roofline", {})
     if roof.get("note"):
         console.print(f"[yellow]!: {roof['note']}[/yellow]")

@@ -40,9 +40,9 @@ def print_report(report: dict) -> None:
 
 @user_errors
 def early_exit(
-    src: str = typer.Argument(..., help="A model spec, a `kiln train` run or an artifact directory."),
+    src: str = typer.Argument(..., help="A model spec or a kiln run directory (not a quantized one: quantize last)."),
     config: Path = typer.Option(..., "--config", help="Early-exit config TOML (exits, criterion, threshold, train)."),
-    out: Path = typer.Option(..., help="Artifact directory to write (must not exist or be empty)."),
+    out: Path = typer.Option(..., help="Run directory to write (must not exist or be empty)."),
     dataset: Optional[str] = typer.Option(None, help="Training and evaluation dataset; default: the source's."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write metrics and report here."),
 ) -> None:

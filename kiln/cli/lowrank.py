@@ -31,18 +31,17 @@ def print_report(report: dict, metrics: dict) -> None:
     if lat["timing_note"]:
         console.print(f"[yellow]timing: {lat['timing_note']}[/yellow]")
     if "metric" in metrics:
-        key = metrics["metric"]
-        line = f"test {key}: dense {metrics['dense_' + key]:.4f}  factorised {metrics['factorized_' + key]:.4f}"
-        if "finetuned_" + key in metrics:
-            line += f"  fine-tuned {metrics['finetuned_' + key]:.4f}"
+        line = f"test {metrics['metric']}: dense {metrics['before']:.4f}  factorised {metrics['after']:.4f}"
+        if "after_finetune" in metrics:
+            line += f"  fine-tuned {metrics['after_finetune']:.4f}"
         console.print(line)
 
 
 @user_errors
 def lowrank(
-    src: str = typer.Argument(..., help="A model spec, a `kiln train` run or an artifact directory."),
+    src: str = typer.Argument(..., help="A model spec or a kiln run directory (not a quantized one: quantize last)."),
     config: Path = typer.Option(..., "--config", help="Low-rank config TOML (budget/energy/rank, rules, finetune)."),
-    out: Path = typer.Option(..., help="Artifact directory to write (must not exist or be empty)."),
+    out: Path = typer.Option(..., help="Run directory to write (must not exist or be empty)."),
     dataset: Optional[str] = typer.Option(None, help="Evaluation and fine-tuning dataset; default: the source's."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure dense and factorised on the test split."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write metrics and report here."),

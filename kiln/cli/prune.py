@@ -48,23 +48,26 @@ def print_report(report: dict, metrics: dict) -> None:
 
     b, a = report["before"], report["after"]
     console.print(f"params {si(b['params'])} -> {si(a['params'])} (non-zero {si(b['nonzero_params'])} -> "
-                  f"{si(a['nonzero_params'])}); FLOPs {si(b['flops'])} -> {si(a['flops'])} (skipping zero weights: "
-                  f"{si(a['effective_flops'])}); latency {format_timing(b['latency'])} -> {format_timing(a['latency'])} "
+                  f"{si(a['nonzero_params'])}); weights {si(b['dense_bytes'])}B -> {si(a['dense_bytes'])}B dense, "
+                  f"{si(a['sparse_bytes'])}B as non-zeros + bitmask; FLOPs {si(b['flops'])} -> {si(a['flops'])} with "
+                  f"dense kernels, {si(b['effective_flops'])} -> {si(a['effective_flops'])} skipping zero weights; "
+                  f"latency {format_timing(b['latency'])} -> {format_timing(a['latency'])} "
                   f"(interleaved, median of {a['latency_repeats']}, {a['threads']} threads)")
     if a["timing_note"]:
         console.print(f"[yellow]timing: {a['timing_note']}[/yellow]")
     if "metric" in metrics:
-        key = metrics["metric"]
-        line = f"test {key}: dense {metrics.get('dense_' + key, float('nan')):.4f}"
-        if "before_finetune_" + key in metrics:
-            line += f"  pruned {metrics['before_finetune_' + key]:.4f}"
-        console.print(line + f"  final {metrics[key]:.4f}")
+        line = f"test {metrics['metric']}: dense {metrics['before']:.4f}"
+        if metrics["after"] is not None:
+            line += f"  pruned {metrics['after']:.4f}"
+        if "after_finetune" in metrics:
+            line += f"  fine-tuned {metrics['after_finetune']:.4f}"
+        console.print(line)
 
 
 @user_errors
 def prune(
-    src: str = typer.Argument(..., help="A model spec, a `kiln train` run or an artifact directory."),
-    out: Path = typer.Option(..., help="Artifact run directory to write (must not exist or be empty)."),
+    src: str = typer.Argument(..., help="A model spec or a kiln run directory (not a quantized one: quantize last)."),
+    out: Path = typer.Option(..., help="Run directory to write (must not exist or be empty)."),
     config: Optional[Path] = typer.Option(None, help="Prune config TOML; the flags below override it."),
     dataset: Optional[str] = typer.Option(None, help="Dataset for scores, fine-tuning and evaluation; default: the source's."),
     method: Optional[str] = typer.Option(None, help="unstructured, nm or structured"),

@@ -29,16 +29,15 @@ def print_report(report: dict, metrics: dict) -> None:
     console.print(f"average weight bits {report['avg_weight_bits']:.2f}; model {report['model_bytes']:,} bytes "
                   f"(fp32 {report['fp32_bytes']:,}, {report['fp32_bytes'] / report['model_bytes']:.2f}x smaller)")
     if "metric" in metrics:
-        key = metrics["metric"]
-        console.print(f"test {key}: fp32 {metrics['fp32_' + key]:.4f}  quantized {metrics[key]:.4f}  "
-                      f"({metrics[key] - metrics['fp32_' + key]:+.4f})")
+        key, before, after = metrics["metric"], metrics["before"], metrics["after"]
+        console.print(f"test {key}: fp32 {before:.4f}  quantized {after:.4f}  ({after - before:+.4f})")
 
 
 @user_errors
 def quantize(
-    src: str = typer.Argument(..., help="A model spec (zoo:cnn, hf:PATH, ...) or a `kiln train` run directory."),
+    src: str = typer.Argument(..., help="A model spec (zoo:cnn, hf:PATH, ...) or a kiln run directory (train, prune, ...)."),
     config: Path = typer.Option(..., "--config", help="Quant config TOML (formats, rules, smoothquant, gptq)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory to write (quant.toml, model.safetensors, report.json)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory to write (artifact.json, model.safetensors, metrics.json, report.json)."),
     calib_dataset: Optional[str] = typer.Option(None, help="Calibration (and evaluation) dataset; default: the run's or model's."),
     calib_batches: int = typer.Option(16, help="Calibration batches from the training split."),
     batch_size: int = typer.Option(32, help="Calibration batch size."),
@@ -47,12 +46,15 @@ def quantize(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write metrics and report here."),
 ) -> None:
     """Quantize a model: wrap the configured modules, calibrate, report SQNR per layer."""
+    from kiln.config import read_toml
+    from kiln.quant.config import parse_config
     from kiln.quant.run import quantize_run
 
     validate(positive={"--calib-batches": calib_batches, "--batch-size": batch_size}, new_dirs=[out],
              json_path=json_path)
     check_fits(src, calib_dataset)
-    result = quantize_run(src, config, out, calib_dataset, calib_batches, batch_size, seed, evaluate,
+    result = quantize_run(src, parse_config(read_toml(config), str(config)), out, calib_dataset, calib_batches,
+                          batch_size, seed, evaluate,
                           log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     print_report(result["report"], result["metrics"])
     if out:

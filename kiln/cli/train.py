@@ -48,7 +48,7 @@ def train(
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast."),
     label_smoothing: Optional[float] = typer.Option(None),
     max_steps: Optional[int] = typer.Option(None), threads: Optional[int] = typer.Option(None),
-    init: Optional[str] = typer.Option(None, help="Start from this run directory's best weights."),
+    init: Optional[str] = typer.Option(None, help="Start from this run directory's model (any kiln run; a quantized one trains QAT)."),
     quant: Optional[str] = typer.Option(None, help="Quantization-aware training with this quant config (TOML)."),
     calib_batches: Optional[int] = typer.Option(None, help="QAT: batches that set activation scales first."),
     teacher: Optional[str] = typer.Option(None, help="Distil from this model (spec, run or artifact directory)."),
@@ -83,7 +83,7 @@ def train(
     else:
         metrics = fit(cfg, resume=resume)
     key = metrics["metric"]
-    console.print(f"test {key}: {metrics[key]:.4f}  (best val {metrics['val_' + key]:.4f} at epoch {metrics['best_epoch']}; "
+    console.print(f"test {key}: {metrics['after']:.4f}  (best val {metrics['val']:.4f} at epoch {metrics['best_epoch']}; "
                   f"{metrics['throughput_samples_s']:.0f} samples/s)")
     if cfg.out:
         console.print(f"run: {cfg.out}")
@@ -93,26 +93,18 @@ def train(
 
 @user_errors
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="A run directory written by `kiln train`."),
+    run_dir: Path = typer.Argument(..., help="A run directory written by any kiln command (train, quantize, prune, ...)."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
-    """Reload a run and measure its metric on the test split again."""
-
-    from kiln.train.trainer import evaluate_run
+    """Reload any kiln run directory and measure its metric on the test split again."""
+    from kiln.train.evaluation import evaluate_run
 
     validate(json_path=json_path)
     result = evaluate_run(run_dir)
-    key = result["metric"]
-    try:
-        recorded = json.loads((run_dir / "metrics.json").read_text()).get(key) if (run_dir / "metrics.json").is_file() else None
-    except (json.JSONDecodeError, AttributeError):
-        from kiln.errors import KilnError
-
-        raise KilnError(f"{run_dir / 'metrics.json'} is corrupt: not a JSON object") from None
-    result["recorded"] = recorded
-    result["reproduced"] = recorded is not None and abs(recorded - result[key]) <= 1e-9 * max(1.0, abs(recorded))
-    console.print(f"{result['model']} on {result['dataset']} (test): {key} {result[key]:.6f}"
-                  + (f"  recorded {recorded:.6f}  {'reproduced' if result['reproduced'] else 'DIFFERS'}" if recorded is not None else ""))
+    recorded = result["recorded"]
+    console.print(f"{result['model']} on {result['dataset']} (test): {result['metric']} {result['value']:.6f}"
+                  + (f"  recorded {recorded:.6f}  {'reproduced' if result['reproduced'] else 'DIFFERS'}"
+                     if recorded is not None else ""))
     if json_path:
         write_json(json_path, result)
 

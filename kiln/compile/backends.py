@@ -10,8 +10,9 @@ optimised graph to the backend instead of the model. One registry (`BACKENDS`) h
 - inductor: torch.compile; `mode` (default, max-autotune-no-cudagraphs), `freezing=1`
   (weights become constants: oneDNN prepacking, constant folding), `dtype=bf16`.
 - onnxruntime: ONNX export (dynamo) and an InferenceSession; `level` (basic, extended, all:
-  ORT's default), `threads` (intra-op; default torch's thread count) and `dtype=int8`
-  (ONNX Runtime's quantize_dynamic: its own int8 scales; not for a kiln-quantized model).
+  ORT's default), `threads` (intra-op; default torch's thread count) and `dtype=int8`:
+  ONNX Runtime's quantize_dynamic (its own int8 scales) for a float model, QDQ with kiln's
+  scales for a kiln-quantized one (kiln.compile.int8).
 - torchao: real int8 Linears compiled with freezing into oneDNN int8 kernels
   (kiln.compile.int8): a kiln-quantized model's integer layers with kiln's own scales, or every
   Linear of a float model with per-channel weights and per-token activations.
@@ -31,16 +32,19 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-from kiln.compile.int8 import build_torch_ao, build_torchao, is_fake_quantized
+from kiln.compile.int8 import ORT_QDQ, TORCHAO, Int8Target, build_torch_ao, build_torchao, is_fake_quantized, \
+    lower_int8
 from kiln.compile.runtime import Example, Frozen, OrtModule, fresh_frame, onnx_bytes
 from kiln.errors import KilnError, first_line
 from kiln.models.loaded import LoadedModel
 from kiln.registry import Registry
+from kiln.compile import default_passes, optimize
+from kiln.graph.capture import capture
 
 
 class Precision(enum.Enum):
@@ -77,7 +81,8 @@ class Backend:
     precision: Callable[[dict], Precision] = lambda o: Precision.BF16 if o.get("dtype") == "bf16" else Precision.FP32
     requires: str = ""                           # the Python package it needs
     doc: str = ""
-    lowers_quantized: bool = False               # runs a kiln-quantized model's integer layers on int8 kernels
+    # the int8 kernels it runs a kiln-quantized model's integer layers on (None: it does not)
+    lowers: Callable[[dict], Int8Target | None] = lambda o: None
 
 
 BACKENDS: Registry[Backend] = Registry("backend")
@@ -143,8 +148,6 @@ def optimised_module(model: nn.Module, loaded: LoadedModel) -> nn.Module:
     """kiln's default graph passes on the captured model, as a runnable module."""
     import dataclasses
 
-    from kiln.compile import default_passes, optimize
-    from kiln.graph.capture import capture
 
     graph = capture(dataclasses.replace(loaded, model=model))
     has_conv2d = any(n.op in ("conv2d", "convolution") and len(n.shape) == 4 for n in graph.ops)
@@ -213,13 +216,15 @@ def _ort_build(model: nn.Module, example: Example, opts: dict) -> Callable:
     levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    int8 = opts.get("dtype") == "int8"
-    if int8 and is_fake_quantized(model):
-        raise KilnError("dtype=int8 runs ONNX Runtime's own dynamic quantization, not kiln's: "
-                        "use backend torchao for a quantized model")
+    int8, disabled = opts.get("dtype") == "int8", ()
+    if int8 and is_fake_quantized(model):     # QDQ with kiln's scales, not ORT's own quantize_dynamic
+        model, int8 = lower_int8(model, example, ORT_QDQ), False
+        # on a 2-D input ORT first fuses MatMul + Add into a float Gemm, which its QDQ fusion
+        # then leaves in float; without it each QDQ matmul becomes MatMulIntegerToFloat
+        disabled = ("MatMulAddFusion",)
     data, names = onnx_bytes(model, example, int8)
     threads = int(opts.get("threads", torch.get_num_threads()))
-    return OrtModule(data, names, threads, level=levels[opts.get("level", "all")])
+    return OrtModule(data, names, threads, level=levels[opts.get("level", "all")], disabled_optimizers=disabled)
 
 
 def _int8_if(opts: dict) -> Precision:
@@ -228,11 +233,12 @@ def _int8_if(opts: dict) -> Precision:
 
 BACKENDS.register("onnxruntime")(Backend(
     build=_ort_build, options={"level": ("basic", "extended", "all"), "threads": ("*",), "dtype": ("fp32", "int8")},
-    precision=_int8_if, requires="onnxruntime", doc="ONNX export + ONNX Runtime"))
+    precision=_int8_if, requires="onnxruntime", doc="ONNX export + ONNX Runtime",
+    lowers=lambda o: ORT_QDQ if o.get("dtype") == "int8" else None))
 
 BACKENDS.register("torchao")(Backend(
     build=build_torchao, options={}, precision=lambda o: Precision.INT8, requires="torchao",
-    doc="real int8 Linears (torchao Int8Tensor, inductor freezing, oneDNN)", lowers_quantized=True))
+    doc="real int8 Linears (torchao Int8Tensor, inductor freezing, oneDNN)", lowers=lambda o: TORCHAO))
 
 BACKENDS.register("torch.ao")(Backend(
     build=build_torch_ao, options={}, precision=lambda o: Precision.INT8,

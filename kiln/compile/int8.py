@@ -1,6 +1,9 @@
 """Real int8 Linears on the CPU: int8 x int8 -> int32 matmuls, not a model of their error.
 
-One lowering, two sources of scales:
+Two kernels (`Int8Target`): torchao's, compiled by inductor into oneDNN (backend `torchao`),
+and ONNX Runtime's, reached through QuantizeLinear/DequantizeLinear pairs that it fuses into
+MatMulIntegerToFloat (backend `onnxruntime:dtype=int8`, calibrated per-tensor inputs only:
+ONNX has no symmetric per-token quantization). One lowering, two sources of scales:
 - a model kiln quantized (fake quantization, `kiln quantize`): every quantized Linear whose
   weight is a symmetric signed integer of at most 8 bits (per tensor or per channel) and whose
   input is symmetric int8 (per tensor, calibrated or dynamic, or per token) keeps kiln's own
@@ -10,8 +13,8 @@ One lowering, two sources of scales:
 - a float model: every nn.Linear gets int8 weights per output channel and int8 activations
   per token, both scaled from the tensors (torchao's Int8DynamicActivationInt8WeightConfig).
 
-Both build torchao's Int8Tensor weights and compile with inductor's freezing (`Frozen`).
-Freezing is what makes it fast: it turns the weights into constants, so inductor's pattern
+For torchao, both build torchao's Int8Tensor weights and compile with inductor's freezing
+(`Frozen`). Freezing is what makes it fast: it turns the weights into constants, so inductor's pattern
 `_int_mm -> * x_scale -> * w_scale` becomes oneDNN's `qlinear_pointwise` on a prepacked
 weight (VNNI int8 dot products here), with the activation's quantization fused into the
 kernel before it. Without freezing inductor calls plain `aten._int_mm`.
@@ -33,6 +36,19 @@ from kiln.compile.runtime import Example, Frozen, OrtModule
 from kiln.errors import KilnError
 
 INT8_ACT = 8    # activations are quantized by the kernel itself, on an 8-bit grid
+
+
+@dataclass(frozen=True)
+class Int8Target:
+    """Which activation scales a runtime's int8 kernels take: calibrated per tensor always;
+    per token and per tensor computed at run time where `dynamic`."""
+
+    name: str
+    dynamic: bool
+
+
+TORCHAO = Int8Target("torchao", dynamic=True)
+ORT_QDQ = Int8Target("onnxruntime QDQ", dynamic=False)
 
 
 @dataclass(frozen=True)
@@ -75,8 +91,8 @@ def _quant_ops(model: nn.Module):
             yield name, m
 
 
-def _why_not(op) -> str | None:
-    """None when a real int8 kernel computes exactly what `op` fake-quantizes; else the reason."""
+def _why_not(op, target: Int8Target) -> str | None:
+    """None when `target`'s int8 kernel computes what `op` fake-quantizes; else the reason."""
     if not isinstance(op.module, nn.Linear):
         return f"{type(op.module).__name__}: int8 kernels here are for Linear only"
     w = op.weight_q.integer_grid() if op.weight_q is not None else None
@@ -85,16 +101,17 @@ def _why_not(op) -> str | None:
         return "weight-only or activation-only quantization: no int8 x int8 matmul"
     if w is None or w.bits > 8 or w.granularity.value not in ("tensor", "channel") or w.scale is None:
         return f"weight {op.weight_q.extra_repr().split(': ', 1)[1]}: no int8 kernel"
-    if x is None or x.bits != INT8_ACT or x.granularity.value not in ("tensor", "token"):
+    if x is None or x.bits != INT8_ACT or x.granularity.value not in ("tensor", "token") or \
+            (x.scale is None and not target.dynamic):
         return f"input {op.input_q.extra_repr().split(': ', 1)[1]}: no int8 kernel"
     return None
 
 
-def plan_int8(model: nn.Module) -> Int8Plan:
-    """For a kiln-quantized model: the Linears a real int8 kernel runs, and the rest."""
+def plan_int8(model: nn.Module, target: Int8Target = TORCHAO) -> Int8Plan:
+    """For a kiln-quantized model: the Linears `target`'s int8 kernels run, and the rest."""
     int8, fake, layers = [], [], {}
     for name, op in _quant_ops(model):
-        reason = _why_not(op)
+        reason = _why_not(op, target)
         if reason is None:
             int8.append(name)
             layers[name] = op
@@ -123,7 +140,7 @@ def _int8_linear(linear: nn.Linear, act_per_token: bool, qdata: torch.Tensor | N
         block = [1, weight.shape[1]] if w_scale.numel() > 1 else list(weight.shape)
         tensor = Int8Tensor(qdata, w_scale.reshape(-1, 1).float(), block, weight.dtype, act_quant_scale=act_scale,
                             act_quant_kwargs=act)
-    out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     out.weight = nn.Parameter(tensor, requires_grad=False)
     if linear.bias is not None:
         out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -146,17 +163,24 @@ class _IntoRange(nn.Module):
         return x if self.low is None else x.clamp(min=self.low)
 
 
+def _weight_integers(op) -> torch.Tensor:
+    """The integers kiln's weight quantizer rounds `op`'s weight to, as int8."""
+    w = op.weight_q.integer_grid()
+    return torch.clamp(torch.round(op.module.weight.detach() / w.scale), w.qmin, w.qmax).to(torch.int8)
+
+
 def _lowered(op, rank: int) -> nn.Module:
     """kiln's quantized Linear `op` on an int8 kernel, with kiln's integers and scales; `rank`
     is the number of dims of its input (a calibrated activation scale is shaped like it)."""
     w, x = op.weight_q.integer_grid(), op.input_q.integer_grid()
-    weight = op.module.weight.detach()
-    qdata = torch.clamp(torch.round(weight / w.scale), w.qmin, w.qmax).to(torch.int8)
+    qdata = _weight_integers(op)
     act_scale = None if x.scale is None else x.scale.reshape((1,) * rank).float()
     pre = getattr(op.module, "inv_scale", None)
     low = None if x.scale is None else x.qmin * x.scale.item()
     linear = _int8_linear(op.module, x.granularity.value == "token", qdata, w.scale, act_scale)
-    parts = [linear] if pre is None and low is None else [_IntoRange(None if pre is None else pre.detach(), low), linear]
+    parts = [linear]
+    if pre is not None or low is not None:
+        parts.insert(0, _IntoRange(None if pre is None else pre.detach(), low))
     # an output quantizer stays as it was: fake quantization of the int8 kernel's result
     parts += [op.output_q] if op.output_q is not None else []
     return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
@@ -178,17 +202,18 @@ def _input_ranks(model: nn.Module, names: list[str], example: Example) -> dict[s
     return ranks
 
 
-def lower_int8(model: nn.Module, example: Example) -> nn.Module:
-    """`model` (the caller's private copy) with its Linears on int8 kernels, in place, not
-    compiled: a kiln-quantized model's eligible layers (plan_int8), or every Linear of a float
-    model. A KilnError when there is nothing to lower."""
+def lower_int8(model: nn.Module, example: Example, target: Int8Target = TORCHAO) -> nn.Module:
+    """`model` (the caller's private copy) with its Linears on `target`'s int8 kernels, in
+    place, not compiled: a kiln-quantized model's eligible layers (plan_int8), or, for torchao,
+    every Linear of a float model. A KilnError when there is nothing to lower."""
     if is_fake_quantized(model):
-        plan = plan_int8(model)
+        plan = plan_int8(model, target)
         if not plan.int8:
             raise KilnError(f"no quantized layer has a format an int8 kernel runs ({plan.describe()})")
-        ranks = _input_ranks(model, list(plan.int8), example)
+        ranks = _input_ranks(model, list(plan.int8), example) if target is TORCHAO else {}
         for name in plan.int8:
-            _replace(model, name, _lowered(plan.layers[name], ranks.get(name, 2)))
+            op = plan.layers[name]
+            _replace(model, name, _lowered(op, ranks.get(name, 2)) if target is TORCHAO else _qdq(op))
         return model
     # nn.MultiheadAttention reads its out_proj's weight directly, not through F.linear
     names = [n for n, m in model.named_modules()
@@ -198,6 +223,45 @@ def lower_int8(model: nn.Module, example: Example) -> nn.Module:
     for name in names:
         _replace(model, name, _int8_linear(model.get_submodule(name), act_per_token=True))
     return model
+
+
+class QDQLinear(nn.Module):
+    """kiln's quantized Linear as ONNX's QDQ form: int8 weights behind DequantizeLinear, the
+    input through QuantizeLinear and DequantizeLinear with kiln's calibrated scale; ONNX
+    Runtime fuses the pair around the matmul into MatMulIntegerToFloat. ONNX's int8 clamps to
+    -128 and kiln's narrow grid to -127: the input is clamped to kiln's first."""
+
+    def __init__(self, op):
+        super().__init__()
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+
+        w, x = op.weight_q.integer_grid(), op.input_q.integer_grid()
+        weight = op.module.weight.detach()
+        # stored (in, out): the graph is then matmul(DQ(x), DQ(w)) + bias, which ONNX Runtime
+        # fuses; F.linear on a 2-D input exports as Gemm, which it leaves in float
+        self.register_buffer("qweight", _weight_integers(op).t().contiguous())
+        self.register_buffer("w_scale", w.scale.reshape(-1).expand(weight.shape[0]).float().contiguous())
+        self.register_buffer("w_zero", torch.zeros(weight.shape[0], dtype=torch.int64))
+        self.register_buffer("bias", None if op.module.bias is None else op.module.bias.detach().clone())
+        pre = getattr(op.module, "inv_scale", None)
+        self.register_buffer("pre_scale", None if pre is None else pre.detach().clone())
+        self.x_scale = float(x.scale.item())
+        self.low = x.qmin * self.x_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = torch.ops.quantized_decomposed
+        if self.pre_scale is not None:
+            x = x * self.pre_scale
+        xq = qd.quantize_per_tensor(x.clamp(min=self.low), self.x_scale, 0, -128, 127, torch.int8)
+        x = qd.dequantize_per_tensor(xq, self.x_scale, 0, -128, 127, torch.int8)
+        w = qd.dequantize_per_channel(self.qweight, self.w_scale, self.w_zero, 1, -128, 127, torch.int8)
+        y = torch.matmul(x, w)
+        return y if self.bias is None else y + self.bias
+
+
+def _qdq(op) -> nn.Module:
+    # an output quantizer stays as it was: fake quantization of the kernel's result
+    return QDQLinear(op) if op.output_q is None else nn.Sequential(QDQLinear(op), op.output_q)
 
 
 def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:

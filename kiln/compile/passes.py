@@ -18,6 +18,7 @@ from kiln.compile.edit import ProgramEdit, ancestors, arguments, is_deterministi
 from kiln.graph.graph import Graph
 from kiln.graph.passes import PassResult
 from kiln.registry import Registry
+from kiln.config import from_dict
 
 fx = torch.fx
 
@@ -234,7 +235,6 @@ def _evaluate(edit: ProgramEdit, frontier: list[fx.Node]) -> tuple[dict, int]:
 
 def build_pass(name: str, config: dict[str, Any] | None = None) -> Callable:
     """A registered pass by name, its config built from a dict (unknown keys are errors)."""
-    from kiln.config import from_dict
 
     cls = PASSES.get(name)
     return cls(from_dict(cls.Config, config or {}, where=f"pass {name}"))

@@ -23,6 +23,10 @@ from kiln.compile.int8 import is_fake_quantized, plan_int8
 from kiln.errors import KilnError
 from kiln.hardware.profiles import fraction_note
 from kiln.models.loaded import LoadedModel
+from kiln.analysis.report import analyze
+from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
+from kiln.io import check_new_dir
+from kiln.runs.artifact import load_source
 
 COMPILE_FILE = "compile.json"
 
@@ -46,7 +50,6 @@ def candidates(backend: str, precision: Precision) -> list[str]:
 
 def source_inputs(src: str, batch: int, dataset: str | None = None):
     """(Source, LoadedModel at `batch` running the source's model)."""
-    from kiln.models.artifact import load_source
 
     source = load_source(src, dataset)
     loaded = dataclasses.replace(source.loaded, model=source.model)
@@ -56,7 +59,6 @@ def source_inputs(src: str, batch: int, dataset: str | None = None):
 def roofline_of(loaded: LoadedModel, profile) -> dict:
     """FLOPs and bytes of one call at this batch and the roofline latency on `profile`
     (a HardwareProfile; None: no roofline), also at each precision against its own peak."""
-    from kiln.analysis.report import analyze
 
     if profile is None:
         return {"note": "no hardware profile"}
@@ -88,7 +90,6 @@ def compile_run(src: str, backend: str = "auto", batch: int = 1, precision: str 
     if rounds < 1:
         raise KilnError(f"rounds must be >= 1, got {rounds}")
     if out is not None:
-        from kiln.io import check_new_dir
 
         check_new_dir(out)
     source, loaded = source_inputs(src, batch)
@@ -104,19 +105,24 @@ def compile_run(src: str, backend: str = "auto", batch: int = 1, precision: str 
 
 
 def quantized_layers(model, names: list[str], precision: Precision) -> dict:
-    """For a kiln-quantized model: which layers the int8 candidates among `names` run on real
-    int8 kernels and which stay fake-quantized (every layer, when no candidate is int8)."""
-    plan = plan_int8(model)
-    int8 = [n for n in names if precision is Precision.INT8 and BACKENDS.get(parse_backend(n).name).lowers_quantized]
-    if not int8:
+    """For a kiln-quantized model: for each int8 candidate among `names` that lowers it, which
+    layers run on real int8 kernels and which stay fake-quantized; one line each."""
+    lowering = {}
+    for name in names:
+        spec = parse_backend(name)
+        target = BACKENDS.get(spec.name).lowers(spec.opts())
+        if precision is Precision.INT8 and target is not None:
+            lowering[name] = plan_int8(model, target)
+    if not lowering:
+        n = len(plan_int8(model).int8)
         line = (f"fake quantization in every candidate (no candidate lowers it; --precision int8 "
-                f"runs {len(plan.int8)} of its layers on real int8 kernels)")
-        return {"int8_backends": [], "line": line, **plan.to_dict()}
-    return {"int8_backends": int8, "line": f"{', '.join(int8)}: {plan.describe()}", **plan.to_dict()}
+                f"runs {n} of its layers on real int8 kernels)")
+        return {"lines": [line], "backends": {}}
+    return {"lines": [f"{name}: {plan.describe()}" for name, plan in lowering.items()],
+            "backends": {name: plan.to_dict() for name, plan in lowering.items()}}
 
 
 def _write(out: Path, report: dict, sel: Selection, source, loaded: LoadedModel) -> None:
-    from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
 
     chosen = parse_backend(sel.chosen)
     meta = {"src": report["src"], "spec": report["spec"], "backend": sel.chosen, "batch": report["batch"],

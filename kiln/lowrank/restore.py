@@ -7,7 +7,7 @@ from kiln.errors import KilnError
 from kiln.lowrank.apply import KIND, replace
 from kiln.lowrank.svd import LowRankLinear
 from kiln.lowrank.tucker import Tucker2Conv2d, check_conv
-from kiln.models.artifact import register_transform
+from kiln.runs.transforms import register_transform
 
 
 @register_transform(KIND)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kiln.errors import KilnError, first_line
 from kiln.models.loaded import LoadedModel
+from kiln.models.hf_config import example_inputs
 
 EXAMPLE_TEXT = "A gripping, beautifully shot film whose quiet final act stays with you long after the credits."
 
@@ -38,7 +39,6 @@ def load_hf_dir(path: str, spec: str, max_length: int = 128) -> LoadedModel:
         raise KilnError(f"{spec}: cannot load the weights in {path}: {type(exc).__name__}: {first_line(exc)}") from None
     kwargs = _tokenized(directory, model, max_length)
     if kwargs is None:
-        from kiln.models.hf_config import example_inputs
 
         kwargs = example_inputs(model, config)
     n_params = sum(p.numel() for p in model.parameters())

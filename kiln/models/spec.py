@@ -11,6 +11,10 @@ from urllib.parse import parse_qsl
 
 from kiln.errors import KilnError
 from kiln.models.loaded import LoadedModel
+from kiln.models.hf import load_hf_dir
+from kiln.models.hf_config import load_hf_config
+from kiln.models.pyfactory import load_factory
+from kiln.models.zoo import load_zoo
 
 ACCEPTED = "zoo:NAME, hf:PATH, hf-config:MODEL_TYPE[?key=value&...], py:FILE.py:FACTORY"
 
@@ -29,20 +33,16 @@ def load(spec: str) -> LoadedModel:
     if not sep or not rest:
         raise KilnError(f"unknown model spec {spec!r}; accepted: {ACCEPTED}")
     if scheme == "zoo":
-        from kiln.models.zoo import load_zoo
 
         return load_zoo(rest)
     if scheme == "hf":
-        from kiln.models.hf import load_hf_dir
 
         return load_hf_dir(rest, spec)
     if scheme == "hf-config":
-        from kiln.models.hf_config import load_hf_config
 
         model_type, _, query = rest.partition("?")
         return load_hf_config(model_type, parse_query(spec, query), spec)
     if scheme == "py":
-        from kiln.models.pyfactory import load_factory
 
         return load_factory(rest, spec)
     raise KilnError(f"unknown model spec scheme {scheme + ':'!r} in {spec!r}; accepted: {ACCEPTED}")

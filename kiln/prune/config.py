@@ -22,7 +22,6 @@ An unknown key is an error naming it; a rule whose pattern matches no module is 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError
-from kiln.models.artifact import register_transform
 from kiln.prune.criteria import ScoreContext
 from kiln.prune.unstructured import (PruneResult, default_targets, check_target, restore_masks, scores,
                                      set_mask, sparsity_report)
+from kiln.runs.transforms import register_transform
 
 KIND = "prune-nm"
 

@@ -1,16 +1,18 @@
 """`prune_run`: load a source, prune it, optionally fine-tune (with distillation from the
-unpruned model) through the trainer, measure before and after, write an artifact run dir.
+unpruned model) through the trainer, measure before and after, write a kiln run directory.
 
-The run directory (kiln.models.artifact) holds the pruned weights, the transform record that
+The run directory (kiln.runs.artifact) holds the pruned weights, the transform record that
 rebuilds the architecture, report.json (per-layer sparsity or channels, parameters, FLOPs and
-measured latency before and after) and metrics.json (the test metric of the dense source, of
-the pruned model before fine-tuning and after). Everything is written at the end, atomically:
-a run that fails leaves nothing behind.
+measured latency before and after) and metrics.json (kiln.runs.metrics: the test metric of the
+dense source, of the pruned model, and after fine-tuning). Everything is written at the end,
+atomically: a run that fails leaves nothing behind.
+
+A quantized source is refused: its quantizers' scales were calibrated for the weights pruning
+would change; prune first, then quantize.
 """
 from __future__ import annotations
 
 import copy
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -19,55 +21,73 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.io import check_new_dir
 from kiln.prune.config import Plan, PruneConfig, to_table
 from kiln.prune.criteria import ScoreContext, needs_gradients
 from kiln.prune.unstructured import gradients, make_permanent, sparsify_activations
+from kiln.runs.artifact import load_source, require_float, save_source
+from kiln.runs.metrics import metric_record
+from kiln.runs.transforms import TransformRecord
+from kiln.train import tasks
+from kiln.train.evaluation import evaluate_model, labelled_batches, source_splits
 from kiln.timing import TimingConfig, measure
+from kiln.train.finetune import finetune
+from kiln.analysis.oracle import flop_counter_flops
+from kiln.models.spec import load
+from kiln.prune.nm import check_nm, groupable, prune_nm
+from kiln.prune.schedule import AGP
+from kiln.prune.schedule import lottery_ratio, rewind
+from kiln.prune.structured import prune_structured
+from kiln.prune.unstructured import PRUNABLE
+from kiln.prune.unstructured import prune_unstructured
+from kiln.prune.unstructured import sparsity_report
 
 
 def prune_run(src: str, cfg: PruneConfig, out: str | Path, dataset: str | None = None, evaluate: bool = True,
               progress: bool = True, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Prune `src` (spec, train run, artifact) by `cfg` into the artifact directory `out`."""
-    from kiln.models.artifact import load_source, save_artifact
-
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise KilnError(f"output directory {out} already exists and is not empty")
-    source = load_source(src, dataset)
+    """Prune `src` (a spec or any float run directory) by `cfg` into the run directory `out`."""
+    out = check_new_dir(out)
+    source = require_float(load_source(src, dataset), "prune")
     model, plan = source.model, cfg.plan(source.model)
-    splits = _splits(source.dataset) if (source.dataset and (evaluate or _needs_data(cfg))) else None
+    splits = source_splits(source) if (source.dataset and (evaluate or _needs_data(cfg))) else None
     if _needs_data(cfg) and splits is None:
         raise KilnError(f"{cfg.method} pruning with {cfg.criterion} or fine-tuning needs data: pass --dataset")
-    before = profile(model, source.loaded)
-    dense = make_permanent(copy.deepcopy(model)).eval()   # timed beside the pruned model at the end
-    metrics = {}
-    if evaluate and splits is not None:
-        metrics = _metric(metrics, "dense_", model, splits)
-        log(f"dense {metrics['metric']}: {metrics['dense_' + metrics['metric']]:.4f}")
+    before = storage(model) | profile(model, source.loaded)
+    dense_model = make_permanent(copy.deepcopy(model)).eval()   # timed beside the pruned model at the end
+    measured = evaluate and splits is not None
+    dense = evaluate_model(model, splits) if measured else None
+    if dense:
+        log(f"dense {dense[0]}: {dense[1]:.4f}")
     model, record, layers = _prune(model, cfg, plan, source, splits)
     if plan.activations:
         record["activations"] = sparsify_activations(model, plan.activations)
+    pruned, history = None, None
     if cfg.finetune is not None:
-        if evaluate and splits is not None and cfg.schedule == "oneshot":
-            metrics = _metric(metrics, "before_finetune_", model, splits)
-        model, record, layers, metrics["finetune"] = _finetune(model, cfg, plan, source, record, layers, progress)
+        if measured and cfg.schedule == "oneshot":   # AGP and lottery prune while they train
+            pruned = evaluate_model(model, splits)[1]
+        model, record, layers, history = _finetune(model, cfg, plan, source, record, layers, progress)
     if not cfg.keep_masks:
         make_permanent(model)
     record["permanent"] = not cfg.keep_masks
-    if evaluate and splits is not None:
-        metrics = _metric(metrics, "", model, splits)
-        log(f"pruned {metrics['metric']}: {metrics[metrics['metric']]:.4f}")
-    # one permanent copy: removing a parametrization from a deep copy also strips the property
-    # from the class the original shares, so a second copy of `model` would not run
-    pruned = make_permanent(copy.deepcopy(model)).eval()
-    after = profile(pruned, source.loaded)
-    time_side_by_side(dense, pruned, source.loaded, before, after)
+    metrics = {}
+    if measured:
+        final = evaluate_model(model, splits)[1]
+        log(f"pruned {dense[0]}: {final:.4f}")
+        metrics = metric_record(dense[0], before=dense[1], after=final if cfg.finetune is None else pruned,
+                                after_finetune=final if cfg.finetune is not None else None)
+    metrics |= {"model": source.spec, "source": src, "dataset": source.dataset} | \
+        ({"finetune": history} if history is not None else {})
+    # storage first, then one permanent copy: removing a parametrization from a deep copy also
+    # strips the property from the class the original shares, so a second copy would not run
+    after = storage(model)
+    pruned_model = make_permanent(copy.deepcopy(model)).eval()
+    after |= profile(pruned_model, source.loaded)
+    time_side_by_side(dense_model, pruned_model, source.loaded, before, after)
     report = {"source": src, "spec": source.spec, "dataset": source.dataset, "method": cfg.method,
               "config": to_table(cfg), "layers": layers, "skipped": record.get("skipped", []) + [
                   {"module": m, "reason": "a rule skips it"} for m in plan.skipped],
               "activations": record.get("activations", {}), "before": before, "after": after}
-    save_artifact(out, model, spec=source.spec, dataset=source.dataset,
-                  transforms=[*source.transforms, record], report=report, metrics=metrics)
+    save_source(out, source, model, TransformRecord.from_flat(record), report=report, metrics=metrics)
     return {"report": report, "metrics": metrics}
 
 
@@ -75,39 +95,12 @@ def _needs_data(cfg: PruneConfig) -> bool:
     return cfg.finetune is not None or needs_gradients(cfg.criterion)
 
 
-def _splits(dataset: str):
-    from kiln.data import load_dataset
-
-    return load_dataset(dataset, seed=0)
-
-
-def _metric(metrics: dict, prefix: str, model: nn.Module, splits) -> dict:
-    from kiln.quant.run import evaluate_model
-
-    key, value = evaluate_model(model, splits)
-    return metrics | {"metric": key, "split": "test", prefix + key: value}
-
-
-def _batches(splits, cfg: PruneConfig) -> list:
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    batches = []
-    for x, y in loader:
-        batches.append((x, y))
-        if len(batches) == cfg.batches:
-            break
-    return batches
-
-
 def _context(model: nn.Module, cfg: PruneConfig, plan: Plan, splits) -> ScoreContext:
     ctx = ScoreContext(seed=cfg.seed)
     if cfg.method != "structured" and needs_gradients(cfg.criterion):
-        from kiln.train import tasks
-
         loss = lambda m, x, y: tasks.batch_loss(m, splits.task, x, y)[0]   # noqa: E731
-        ctx.grads = gradients(model, [*plan.targets, *plan.overrides], _batches(splits, cfg), loss)
+        batches = labelled_batches(splits, cfg.batches, cfg.batch_size, cfg.seed)
+        ctx.grads = gradients(model, [*plan.targets, *plan.overrides], batches, loss)
     return ctx
 
 
@@ -120,7 +113,6 @@ def _prune(model: nn.Module, cfg: PruneConfig, plan: Plan, source, splits, ratio
     if cfg.method == "nm":
         result = _nm(model, cfg, plan, ctx)
     else:
-        from kiln.prune.unstructured import prune_unstructured
 
         if cfg.schedule != "oneshot":   # AGP's ramp starts here; lottery rounds prune from dense
             ratio = cfg.agp_initial if cfg.schedule == "agp" else 0.0
@@ -133,7 +125,6 @@ def _prune(model: nn.Module, cfg: PruneConfig, plan: Plan, source, splits, ratio
 def _nm(model: nn.Module, cfg: PruneConfig, plan: Plan, ctx: ScoreContext):
     """N:M on the planned modules; one that cannot be grouped is skipped (and reported) unless
     a rule names it exactly, which makes it an error."""
-    from kiln.prune.nm import check_nm, groupable, prune_nm
 
     check_nm(cfg.n, cfg.m)
     named = {r.match.pattern for r in cfg.rules if r.match.kind == "fqn" and not r.skip}
@@ -154,9 +145,8 @@ def _nm(model: nn.Module, cfg: PruneConfig, plan: Plan, ctx: ScoreContext):
 def _structured(model: nn.Module, cfg: PruneConfig, plan: Plan, source, splits):
     """Channels, heads and neurons removed (kiln.prune.structured); the report lists each layer's
     shapes before and after, and pinned groups (coupling it could not resolve) as skipped."""
-    from kiln.prune.structured import prune_structured
 
-    batches = _batches(splits, cfg) if needs_gradients(cfg.criterion) else None
+    batches = labelled_batches(splits, cfg.batches, cfg.batch_size, cfg.seed) if needs_gradients(cfg.criterion) else None
     result = prune_structured(model, source.example_inputs, cfg.ratio, cfg.criterion, cfg.reduction, seed=cfg.seed,
                               targets=dict(plan.overrides) or None, ignore=tuple(plan.skipped), batches=batches,
                               round_to=cfg.round_to, example_kwargs=source.example_kwargs)
@@ -172,13 +162,11 @@ def _structured(model: nn.Module, cfg: PruneConfig, plan: Plan, source, splits):
 
 def _finetune(model: nn.Module, cfg: PruneConfig, plan: Plan, source, record: dict, layers: list, progress: bool):
     """One fine-tune (one-shot, AGP) or R prune-rewind-retrain rounds (lottery)."""
-    from kiln.prune.unstructured import sparsity_report
 
     if cfg.schedule == "lottery":
         return _lottery(model, cfg, plan, source, progress)
     hooks = []
     if cfg.schedule == "agp":
-        from kiln.prune.schedule import AGP
 
         hooks.append(AGP(list(plan.targets), cfg.ratio, cfg.criterion, cfg.scope, cfg.agp_initial, cfg.agp_end,
                          cfg.agp_every, dict(plan.overrides), ScoreContext(seed=cfg.seed)))
@@ -190,31 +178,12 @@ def _finetune(model: nn.Module, cfg: PruneConfig, plan: Plan, source, record: di
 
 
 def _fit(model: nn.Module, cfg: PruneConfig, source, record: dict, progress: bool, hooks=(), best: bool = True) -> dict:
-    """Train the pruned model (masks kept) via a temporary artifact; load the result back in place."""
-    from kiln.config import from_dict
-    from kiln.models.artifact import save_artifact
-    from kiln.train.checkpoint import load_weights
-    from kiln.train.config import TrainConfig
-    from kiln.train.trainer import fit
-
-    ft = dict(cfg.finetune)
-    distill = ft.pop("distill", False)
-    with tempfile.TemporaryDirectory(prefix="kiln-prune-") as tmp:
-        init = Path(tmp) / "pruned"
-        save_artifact(init, model, spec=source.spec, dataset=source.dataset,
-                      transforms=[*source.transforms, record | {"permanent": False}])
-        tcfg = from_dict(TrainConfig, ft | {"model": source.spec, "dataset": source.dataset, "init": str(init),
-                                            "out": str(Path(tmp) / "ft"), "teacher": source.src if distill else ""},
-                         "prune config finetune")
-        metrics = fit(tcfg, progress=progress, hooks=hooks)
-        load_weights(model, Path(tmp) / "ft" / ("best.safetensors" if best else "last.safetensors"))
-    keep = ("epochs", "steps", "best_epoch", "train_time_s", "history")
-    return {k: metrics[k] for k in keep} | {"distill": distill, "weights": "best" if best else "last"}
+    """Train the pruned model with its masks kept (kiln.train.finetune); weights loaded back in place."""
+    transforms = [*source.transforms, TransformRecord.from_flat(record | {"permanent": False})]
+    return finetune(model, source, transforms, cfg.finetune, hooks=hooks, best=best, progress=progress)
 
 
 def _lottery(model: nn.Module, cfg: PruneConfig, plan: Plan, source, progress: bool):
-    from kiln.prune.schedule import lottery_ratio, rewind
-    from kiln.prune.unstructured import prune_unstructured
 
     snapshot = _rewind_point(cfg, source)
     rounds = []
@@ -238,7 +207,6 @@ def _rewind_point(cfg: PruneConfig, source) -> dict[str, torch.Tensor]:
     if source.transforms:
         raise KilnError(f"rewind = \"init\": {source.src} was already transformed; its init is not the spec's "
                         f"(use rewind = \"source\")")
-    from kiln.models.spec import load
 
     torch.manual_seed(0)   # the trainer's seed for a user factory; zoo builders fix their own
     return {k: v.detach().clone() for k, v in load(source.spec).model.state_dict().items()}
@@ -246,10 +214,33 @@ def _rewind_point(cfg: PruneConfig, source) -> dict[str, torch.Tensor]:
 
 # -- measuring --------------------------------------------------------------------------------
 
+def storage(model: nn.Module) -> dict:
+    """Bytes of the weights stored densely (every element at its dtype's width) and stored
+    sparsely: a tensor with zeros as its non-zero values plus a one-bit-per-element mask, where
+    that is smaller than dense (so a model with no zeros costs the same both ways). Masked
+    weights count as the mask leaves them."""
+    from torch.nn.utils import parametrize
+
+    weights: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, parametrize.ParametrizationList):
+            continue   # its `original` is counted through the module it parametrizes
+        for p in module.parameters(recurse=False):
+            weights.setdefault(id(p), p.detach())
+        if parametrize.is_parametrized(module):
+            for name, plist in module.parametrizations.items():
+                weights.setdefault(id(plist.original), getattr(module, name).detach())
+    dense = sparse = 0
+    for w in weights.values():
+        full = w.numel() * w.element_size()
+        dense += full
+        sparse += min(full, int((w != 0).sum()) * w.element_size() + -(-w.numel() // 8))
+    return {"dense_bytes": dense, "sparse_bytes": sparse}
+
+
 def profile(model: nn.Module, loaded) -> dict:
     """Parameters (all and non-zero), FLOPs (torch.utils.flop_counter, dense kernels) and FLOPs
     if zero weights were skipped, on the example inputs."""
-    from kiln.analysis.oracle import flop_counter_flops
 
     plain = make_permanent(copy.deepcopy(model)).eval()
     run = replace(loaded, model=plain)
@@ -276,7 +267,6 @@ def time_side_by_side(dense: nn.Module, pruned: nn.Module, loaded, before: dict,
 
 def _zero_weight_flops(model: nn.Module, loaded) -> int:
     """FLOPs of multiply-adds by zero weights in Linear/Conv layers: 2 * outputs * fan-in * zero fraction."""
-    from kiln.prune.unstructured import PRUNABLE
 
     total, handles = [0], []
 

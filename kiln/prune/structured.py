@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError, first_line
-from kiln.models.artifact import register_transform
+from kiln.runs.transforms import register_transform
 from kiln.prune.deps import Group, find_groups
 from kiln.prune.criteria import Reduction, ScoreContext, needs_gradients
 from kiln.prune.importance import default_loss, gradients, group_scores

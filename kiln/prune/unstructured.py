@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from kiln.errors import KilnError
-from kiln.models.artifact import register_transform
 from kiln.prune.criteria import CRITERIA, ScoreContext
+from kiln.runs.transforms import register_transform
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 KIND = "prune-unstructured"

@@ -1,4 +1,5 @@
-"""Apply a QuantConfig to a model, calibrate it, and report what quantization did per layer."""
+"""Apply a QuantConfig to a model, calibrate it, report what quantization did per layer, and
+restore a quantized model from its transform record."""
 from __future__ import annotations
 
 import math
@@ -8,15 +9,19 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError
-from kiln.quant.config import QuantConfig
+from kiln.quant.config import QuantConfig, parse_config
 from kiln.quant.modules import HF_ATTENTION, OPS, QuantAttention, QuantOp, register_hf_attention
 from kiln.quant.quantizer import Quantizer
+from kiln.quant.smoothquant import SmoothedLinear
+from kiln.runs.transforms import TransformRecord, register_transform
+from kiln.models.zoo.layers import SelfAttention
+
+KIND = "quant"
 
 
 def _is_attention(module: nn.Module) -> bool:
     """kiln's zoo attention, or a transformers attention module (it calls the attention
     function registry with itself as the first argument and carries `scaling`)."""
-    from kiln.models.zoo.layers import SelfAttention
 
     if isinstance(module, SelfAttention):
         return True
@@ -175,3 +180,32 @@ def report(reference: nn.Module, model: nn.Module, run: Callable[[nn.Module], ob
             "avg_weight_bits": avg_w, "avg_bits_all_params": total_bits / max(total_params, 1),
             "model_bytes": math.ceil(total_bits / 8),
             "fp32_bytes": 4 * total_params}
+
+
+def _smoothed(model: nn.Module) -> list[str]:
+    """FQNs of the Linears SmoothQuant gave an input scale (inside a QuantOp or not)."""
+    wrapped = {f"{n}.module": n for n, m in model.named_modules()
+               if isinstance(m, QuantOp) and isinstance(m.module, SmoothedLinear)}
+    return sorted(wrapped.get(n, n) for n, m in model.named_modules() if isinstance(m, SmoothedLinear))
+
+
+def quant_record(model: nn.Module, config: QuantConfig) -> TransformRecord:
+    """The config as its table and where SmoothQuant left input scales: all the architecture
+    a restore needs (the scales, SmoothQuant's and GPTQ's weights load from the weights file)."""
+    return TransformRecord.of(KIND, {"quant": config.source, "smoothed": _smoothed(model)})
+
+
+@register_transform(KIND)
+def restore(model: nn.Module, config: dict) -> nn.Module:
+    table, smoothed = config.get("quant"), config.get("smoothed", [])
+    if not isinstance(table, dict) or not isinstance(smoothed, list):
+        raise KilnError("quant transform record needs a 'quant' table and a 'smoothed' list")
+    for fqn in smoothed:
+        try:
+            linear = model.get_submodule(fqn)
+        except AttributeError:
+            raise KilnError(f"quant record names {fqn!r}, which the model does not have") from None
+        parent, _, child = fqn.rpartition(".")
+        # a placeholder scale: the saved inv_scale replaces it when the weights load
+        setattr(model.get_submodule(parent), child, SmoothedLinear(linear, torch.ones(linear.in_features)))
+    return quantize(model, parse_config(table, "quant transform record"))

@@ -28,6 +28,8 @@ from typing import Any
 from kiln.errors import KilnError
 from kiln.quant.quantizer import QSpec
 from kiln.rules import Match, least_specific_first
+from kiln.config import from_dict
+from kiln.quant.modules import TYPE_NAMES
 
 ROLES = ("weight", "input", "output")
 TOP_KEYS = ("targets", "weight", "input", "output", "attention", "rules", "smoothquant", "gptq")
@@ -91,7 +93,6 @@ def _specs(table: dict[str, Any], where: str) -> dict[str, QSpec | None]:
 
 def parse_config(table: dict[str, Any], where: str = "quant config") -> QuantConfig:
     """A QuantConfig from a TOML table; unknown keys and bad values are one-line KilnErrors."""
-    from kiln.quant.modules import TYPE_NAMES
 
     unknown = sorted(set(table) - set(TOP_KEYS))
     if unknown:
@@ -118,7 +119,6 @@ def parse_config(table: dict[str, Any], where: str = "quant config") -> QuantCon
         if match.kind == "type" and match.pattern not in known_types:
             raise KilnError(f"{rw}: unknown type {match.pattern!r}; supported: {', '.join(known_types)}")
         rules.append(Rule(match, bool(r.get("skip", False)), _specs(r, rw)))
-    from kiln.config import from_dict
 
     sq = table.get("smoothquant")
     gq = table.get("gptq")

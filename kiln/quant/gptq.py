@@ -33,6 +33,8 @@ from torch import nn
 from kiln.errors import KilnError
 from kiln.quant.config import GPTQConfig
 from kiln.quant.formats import Format, IntFormat, parse_format
+from kiln.train.tasks import forward
+from kiln.quant.quantizer import Granularity
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -178,11 +180,8 @@ class LayerReport:
     seconds: float
 
 
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """A batch of inputs (a tensor or a dict of them) through the model: kiln's trainer call."""
-    from kiln.train.tasks import forward
-
-    return forward(model, batch)
+# a batch of inputs (a tensor or a dict of them) through the model: kiln's one call
+default_forward = forward
 
 
 def shared_weights(model: nn.Module) -> dict[str, str]:
@@ -333,7 +332,6 @@ def gptq_for_config(model: nn.Module, qconfig, batches: list, forward: Forward =
     that the weight quantizer can adopt GPTQ's scales and leave the weights as they are.
     The groups are the weight quantizer's (its granularity and group_size); config.group_size
     is not used here. Returns (report, Linear name -> (scales, zero points) as rows x groups)."""
-    from kiln.quant.quantizer import Granularity
 
     config: GPTQConfig = qconfig.gptq
     plan, skipped = {}, {}

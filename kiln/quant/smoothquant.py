@@ -32,6 +32,8 @@ from torch import nn
 from kiln.errors import KilnError
 from kiln.quant.formats import Format, parse_format
 from kiln.quant.gptq import Forward, default_forward, grid_params, select_linears, shared_weights
+from kiln.graph.capture import capture
+from kiln.models.loaded import LoadedModel
 
 
 class Unfoldable(enum.Enum):
@@ -129,8 +131,6 @@ class _Bound(nn.Module):
 def find_groups(model: nn.Module, batch: Any, forward: Forward = default_forward) -> tuple[list[Group], dict[str, str]]:
     """(groups of Linears sharing one input, Linear -> why it cannot be smoothed), from the
     torch.export graph of `forward(model, batch)`."""
-    from kiln.graph.capture import capture
-    from kiln.models.loaded import LoadedModel
 
     was_training = model.training
     try:

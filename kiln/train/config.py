@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.config import from_dict
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "linear", "onecycle")
@@ -30,7 +31,7 @@ class TrainConfig:
     max_steps: int = 0           # stop after this many optimizer steps (0 = no limit)
     eval_batch_size: int = 256
     threads: int = 0             # torch threads per process (0 = torch's default)
-    init: str = ""               # start from this run directory's best weights (fine-tuning, QAT)
+    init: str = ""               # start from this kiln run's model (any command's; a quantized one: QAT) or a .safetensors
     quant: str = ""              # quantization-aware training with this quant config (TOML)
     calib_batches: int = 8       # QAT: batches that set the activation scales before training
     teacher: str = ""            # distil from this model (spec, run or artifact directory)
@@ -66,7 +67,6 @@ FINETUNE_KEYS = ("epochs", "lr", "batch_size", "seed", "optimizer", "weight_deca
 def finetune_table(table: Any, where: str, section: str = "finetune") -> dict[str, Any]:
     """A compression command's [finetune] table (TrainConfig keys, plus `distill` from the
     uncompressed model), checked by TrainConfig itself before any work."""
-    from kiln.config import from_dict
 
     if not isinstance(table, dict):
         raise KilnError(f"{where}.{section}: needs a table")

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
+from kiln.runs.artifact import load_source
 from kiln.train import tasks
 
 Loss = Callable[[nn.Module, object, torch.Tensor], torch.Tensor]
@@ -37,9 +38,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
 
 
 def load_teacher(src: str) -> nn.Module:
-    """The teacher from a spec, a run directory or an artifact, frozen and in eval mode."""
-    from kiln.models.artifact import load_source
-
+    """The teacher from a spec or a run directory, frozen and in eval mode."""
     model = load_source(src).model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -59,10 +58,28 @@ def loss_fn(cfg, task: str, model: nn.Module, teacher: nn.Module | None = None) 
     def blended(m: nn.Module, x, y) -> torch.Tensor:
         logits = tasks.forward(m, x)
         task_loss, _ = tasks.logits_loss(logits, task, y, cfg.label_smoothing)
-        with torch.no_grad():
-            t = tasks.forward(teacher, x)
+        try:
+            with torch.no_grad():
+                t = tasks.forward(teacher, x)
+        except Exception as exc:   # a teacher of another task or input: one line, not a traceback
+            raise KilnError(f"teacher {cfg.teacher} does not fit the data: {type(exc).__name__}: {first_line(exc)}") from None
         if t.shape != logits.shape:
             raise KilnError(f"teacher {cfg.teacher} gives logits {tuple(t.shape)} but the student {tuple(logits.shape)}")
         return (1 - alpha) * task_loss + alpha * kd_loss(logits, t, temperature, y != tasks.IGNORE)
 
     return blended
+
+
+def dry_run(step_loss: Loss, model: nn.Module, splits) -> None:
+    """One step's loss on two training samples, in eval mode and without gradients or random
+    draws, so a loss that cannot work (a teacher of another task) fails before anything is written."""
+    from torch.utils.data import DataLoader
+
+    x, y = splits.train[0] if splits.task == "node-classification" else next(iter(DataLoader(splits.train, batch_size=2)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            step_loss(model, x, y)
+    finally:
+        model.train(was_training)

@@ -12,6 +12,8 @@ from pathlib import Path
 from kiln.config import load_toml, to_toml
 from kiln.errors import KilnError
 from kiln.train.config import TrainConfig
+from kiln.train.trainer import Dist, fit
+from kiln.train.trainer import build
 
 
 def launch(cfg: TrainConfig, nproc: int, resume: bool = False, nnodes: int = 1, node_rank: int = 0,
@@ -29,7 +31,6 @@ def launch(cfg: TrainConfig, nproc: int, resume: bool = False, nnodes: int = 1, 
     out = Path(cfg.out)
     if not resume and out.is_dir() and any(out.iterdir()):
         raise KilnError(f"run directory {out} already exists and is not empty: pass --resume or another --out")
-    from kiln.train.trainer import build
 
     build(cfg)   # the model and dataset load and fit each other
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,11 +47,9 @@ def launch(cfg: TrainConfig, nproc: int, resume: bool = False, nnodes: int = 1, 
 
 
 def rank_main(config: str, resume: bool) -> None:
-    import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from kiln.train.trainer import Dist, fit
 
     cfg = load_toml(TrainConfig, config)
     # the trainer keeps model and data on the CPU, so gloo even where CUDA exists

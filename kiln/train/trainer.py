@@ -1,15 +1,20 @@
 """The trainer: one loop for every zoo task, in one process or as one rank of DDP.
 
-A run directory holds config.toml, metrics.json, best.safetensors, last.safetensors and
-state.pt (optimizer, schedule, epoch, history) for --resume. Every file is written
-atomically at the end of an epoch, so an interrupted run leaves its last good checkpoint.
+A run directory is a kiln run (kiln.runs.artifact): artifact.json (the spec, the dataset and
+the transforms of the model trained: those of `init`, plus quantization for QAT),
+model.safetensors (the best validation weights) and metrics.json, plus config.toml,
+last.safetensors and state.pt (optimizer, schedule, epoch, history) for --resume. Nothing is
+written before the model, the data and the teacher have been checked against each other; a
+fresh run is built in a hidden sibling directory that takes the run's name once its first
+epoch is saved, and every file is replaced atomically at the end of each epoch after that, so
+an interrupted run leaves its last good checkpoint and a failed one leaves nothing changed.
 Only rank 0 writes.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,12 +22,27 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from kiln.config import to_dict, to_toml
+from kiln.config import load_toml, to_dict, to_toml
 from kiln.errors import KilnError, first_line
-from kiln.io import atomic_write_json, atomic_write_text
+from kiln.models.spec import load
+from kiln.io import StagedDir, atomic_write_json, atomic_write_text
+from kiln.registry import Registry
+from kiln.runs.artifact import WEIGHTS_FILE, default_dataset, read_artifact, rebuild, write_meta
+from kiln.runs.metrics import metric_record
+from kiln.runs.transforms import TransformRecord
+from kiln.runs.weights import load_weights, save_weights
 from kiln.train import distill, tasks
-from kiln.train.checkpoint import load_state, load_weights, save_state, save_weights
+from kiln.train.checkpoint import load_state, save_state
 from kiln.train.config import TrainConfig
+from kiln.train.evaluation import eval_loader
+from kiln.data import load_dataset
+
+# A preparation turns the model into what a config key asks to train (`quant`: quantization-
+# aware training) and returns its transform record; the capability that owns the key registers
+# it, so the trainer needs no import of it.
+Prepare = Callable[[nn.Module, TrainConfig, object], TransformRecord]
+PREPARES: Registry[Prepare] = Registry("training preparation", plugins=("kiln.quant.run",))
+LAST_FILE = "last.safetensors"
 
 
 @dataclass
@@ -31,95 +51,48 @@ class Setup:
     splits: object         # kiln.data.base.DataSplits
     task: str
     dataset: str
+    transforms: list       # [TransformRecord]: the architecture of `model`
 
 
-def build(cfg: TrainConfig, fresh: bool = True, run_dir: Path | None = None) -> Setup:
-    """Load the model and dataset and check, before any training, that they fit each other.
-    A fresh run also takes `init`'s weights and calibrates `quant`'s activation scales; a
-    resumed or re-evaluated one gets both from its own checkpoint."""
-    from kiln.data import load_dataset
+def build(cfg: TrainConfig, resume_dir: Path | None = None) -> Setup:
+    """Load the model and dataset and check, before any training, that they fit each other. A
+    fresh run takes `init`'s architecture and weights and runs the preparations its config asks
+    for (QAT calibrates its scales); a resumed one rebuilds its own architecture (its weights
+    come from its state)."""
 
-    model, _, _ = _float_architecture(cfg)
+    if resume_dir is not None:
+        meta = read_artifact(resume_dir)
+        model, _ = rebuild(meta.spec, meta.transforms)
+        transforms = list(meta.transforms)
+    else:
+        model, transforms = _initial_model(cfg)
     dataset = cfg.dataset or default_dataset(cfg.model)
     splits = load_dataset(dataset, seed=cfg.seed)
     check_fit(model, splits, cfg.model, dataset)
-    if cfg.init and fresh:
-        load_weights(model, _init_weights(cfg.init))
-    if cfg.quant:
-        _quantize_for_training(model, cfg, splits, quant_file(cfg, run_dir), calibrate=fresh)
-    return Setup(model, splits, splits.task, dataset)
+    if cfg.quant and resume_dir is None:
+        if any(t.kind == "quant" for t in transforms):
+            raise KilnError(f"init {cfg.init} is already quantized: train it without quant to run QAT from it")
+        transforms.append(PREPARES.get("quant")(model, cfg, splits))
+    return Setup(model, splits, splits.task, dataset, transforms)
 
 
-def _float_architecture(cfg: TrainConfig):
-    """The spec's model, or, when `init` is an artifact (a pruned or factorised model), the
-    artifact's architecture; (model, LoadedModel, transforms). Weights are not loaded."""
-    from kiln.models.artifact import is_artifact, read_artifact, rebuild
-    from kiln.models.spec import load
-
-    if cfg.init and is_artifact(Path(cfg.init)):
-        meta = read_artifact(cfg.init)
-        if meta["spec"] != cfg.model:
-            raise KilnError(f"init {cfg.init} is a {meta['spec']} artifact but the model is {cfg.model}")
-        model, loaded = rebuild(meta["spec"], meta["transforms"])
-        return model, loaded, list(meta["transforms"])
-    loaded = load(cfg.model)
-    return loaded.model, loaded, []
-
-
-def architecture(cfg: TrainConfig, run_dir: Path | None = None):
-    """A run's model as trained (artifact architecture, quantizers), without data or weights."""
-    model, loaded, transforms = _float_architecture(cfg)
-    if cfg.quant:
-        from kiln.config import read_toml
-        from kiln.quant.apply import quantize
-        from kiln.quant.config import parse_config
-
-        path = quant_file(cfg, run_dir)
-        quantize(model, parse_config(read_toml(path), str(path)))
-        transforms = transforms + [{"kind": "quant", "config": str(path)}]
-    return model, loaded, transforms
-
-
-def _init_weights(init: str) -> Path:
-    from kiln.models.artifact import is_artifact
-
-    path = Path(init)
-    if path.is_dir():
-        return path / ("model.safetensors" if is_artifact(path) else "best.safetensors")
-    if path.is_file():
-        return path
-    raise KilnError(f"init {init} is neither a run directory nor a safetensors file")
-
-
-def quant_file(cfg: TrainConfig, run_dir: Path | None) -> Path:
-    """A run keeps its own copy of the quant config as quant.toml and refers to it by that name."""
-    if run_dir is not None and cfg.quant == "quant.toml" and (run_dir / "quant.toml").is_file():
-        return run_dir / "quant.toml"
-    return Path(cfg.quant)
-
-
-def _quantize_for_training(model: nn.Module, cfg: TrainConfig, splits, path: Path, calibrate: bool) -> None:
-    from kiln.config import read_toml
-    from kiln.quant.apply import quantize
-    from kiln.quant.config import parse_config
-    from kiln.quant.run import calibration_batches, prepare
-
-    config = parse_config(read_toml(path), str(path))
-    if not calibrate:
-        quantize(model, config)
-        return
-    if config.gptq is not None:
-        raise KilnError(f"{path}: gptq is post-training rounding; it does not combine with quantization-aware training")
-    prepare(model, config, calibration_batches(splits, cfg.calib_batches, cfg.batch_size, cfg.seed))
-
-
-def default_dataset(spec: str) -> str:
-    if spec.startswith("zoo:"):
-        from kiln.models.zoo import ZOO, _load_families
-
-        _load_families()
-        return ZOO.get(spec[4:].partition("?")[0]).dataset
-    raise KilnError(f"{spec} has no default dataset: pass --dataset (see `kiln datasets`)")
+def _initial_model(cfg: TrainConfig) -> tuple[nn.Module, list]:
+    """The spec's model, or `init`'s: a run directory's architecture and weights (pruned,
+    factorised, quantized: any kiln run), or a safetensors file of the spec's weights."""
+    init = Path(cfg.init) if cfg.init else None
+    if init is not None and init.is_dir():
+        meta = read_artifact(init)
+        if meta.spec != cfg.model:
+            raise KilnError(f"init {cfg.init} is a {meta.spec} run but the model is {cfg.model}")
+        model, _ = rebuild(meta.spec, meta.transforms)
+        load_weights(model, init / WEIGHTS_FILE)
+        return model, list(meta.transforms)
+    if init is not None and not init.is_file():
+        raise KilnError(f"init {cfg.init} is neither a run directory nor a safetensors file")
+    model = load(cfg.model).model
+    if init is not None:
+        load_weights(model, init)
+    return model, []
 
 
 def check_fit(model: nn.Module, splits, spec: str, dataset: str) -> None:
@@ -210,16 +183,9 @@ class Dist:
         return self.rank == 0
 
 
-def _whole(samples):
-    """A node-classification sample is a whole graph: no batch dimension is added."""
-    return samples[0]
-
-
-def _loader(ds, cfg: TrainConfig, sampler: GlobalBatches | None = None, task: str = "") -> DataLoader:
-    if task == "node-classification":
-        return DataLoader(ds, batch_size=1, shuffle=False, collate_fn=_whole)
-    if sampler is None:   # evaluation: fixed order, whole split
-        return DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False)
+def _train_loader(ds, sampler: GlobalBatches, task: str) -> DataLoader:
+    if task == "node-classification":   # one whole graph per step
+        return eval_loader(ds, task)
     return DataLoader(ds, batch_sampler=sampler)
 
 
@@ -234,19 +200,16 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out) if cfg.out else None
-    if out and dist.main and not resume and out.is_dir() and any(out.iterdir()):
+    if resume:
+        _check_resumable(cfg, out)
+    elif out and dist.main and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise KilnError(f"run directory {out} already exists and is not empty: pass --resume or another --out")
     torch.manual_seed(cfg.seed)   # a user factory's init follows the seed (zoo builders fix their own)
-    quant_text = None
-    if cfg.quant and not resume:
-        if not Path(cfg.quant).is_file():
-            raise KilnError(f"quant config {cfg.quant} does not exist")
-        quant_text = Path(cfg.quant).read_text()
-    setup = build(cfg, fresh=not resume, run_dir=out)
-    if cfg.quant and out:
-        cfg = replace(cfg, quant="quant.toml")
+    setup = build(cfg, resume_dir=out if resume else None)
     model, splits = setup.model, setup.splits
     step_loss = distill.loss_fn(cfg, setup.task, model, distill.load_teacher(cfg.teacher) if cfg.teacher else None)
+    if cfg.teacher:
+        distill.dry_run(step_loss, model, splits)
     # each rank draws its own dropout masks and noise; the data order is seeded separately
     torch.manual_seed(cfg.seed + dist.rank)
     if setup.task == "node-classification" and dist.world > 1:
@@ -259,43 +222,69 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": 0, "history": [], "train_time_s": 0.0, "samples": 0}
     if resume:
         state = _resume(out, model, opt, sched)
-    if out and dist.main and resume:
-        _check_resume_config(cfg, out)
-    if out and dist.main:
-        if quant_text is not None:
-            atomic_write_text(out / "quant.toml", quant_text)
-        atomic_write_text(out / "config.toml", to_toml(cfg))
+    run = _RunDir(out, cfg, setup, resume) if out and dist.main else None
     train_model = wrap(tasks.LossForward(model) if hasattr(model, "loss") else model)
     after_step = lambda step: [hook(model, step, total) for hook in hooks]   # noqa: E731
-    metric_key = tasks.metric_for(setup.task, model).key
+    metric = lambda: tasks.metric_for(setup.task, model)   # noqa: E731
     bar = _progress(progress and dist.main)
     try:
         with bar:
             for epoch in range(state["epoch"], cfg.epochs):
                 if cfg.max_steps and state["step"] >= cfg.max_steps:
                     break
-                _train_epoch(cfg, train_model, step_loss, _loader(splits.train, cfg, sampler, setup.task),
+                _train_epoch(cfg, train_model, step_loss, _train_loader(splits.train, sampler, setup.task),
                              sampler, epoch, opt, sched, state, bar, after_step)
-                val = tasks.evaluate(model, setup.task, _loader(splits.val, cfg, task=setup.task), tasks.metric_for(setup.task, model))
-                state["history"][-1]["val_" + metric_key] = val
-                better = tasks.metric_for(setup.task, model).better(val, state["best"])
+                val = tasks.evaluate(model, setup.task, eval_loader(splits.val, setup.task, cfg.eval_batch_size), metric())
+                state["history"][-1]["val_" + metric().key] = val
+                better = metric().better(val, state["best"])
                 if better:
                     state["best"], state["best_epoch"] = val, epoch + 1
                 state["epoch"] = epoch + 1
-                if out and dist.main:
-                    if better:
-                        save_weights(model, out / "best.safetensors")
-                    save_weights(model, out / "last.safetensors")
-                    # state.pt carries its own copy of the weights: it alone is what --resume reads,
-                    # so a kill between two files can never pair one epoch's weights with another's state
-                    save_state({**state, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}, out / "state.pt")
+                if run:
+                    run.checkpoint(model, state, opt, sched, better)
                 if dist.main and progress:
                     bar.console.print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {state['history'][-1]['train_loss']:.4f}  "
-                                      f"val {metric_key} {val:.4f}{'  (best)' if better else ''}")
+                                      f"val {metric().key} {val:.4f}{'  (best)' if better else ''}")
     except KeyboardInterrupt:
-        raise KilnError(f"interrupted; the last completed epoch's checkpoint in {out} is intact (use --resume)") from None
-    return _finish(cfg, setup, model, state, out, dist, metric_key)
+        if run and run.published:
+            raise KilnError(f"interrupted; the last completed epoch's checkpoint in {out} is intact (use --resume)") from None
+        raise KilnError("interrupted before the first epoch was saved; nothing was written") from None
+    finally:
+        if run:
+            run.discard()
+    return _finish(cfg, setup, model, state, run, dist, metric().key)
+
+
+class _RunDir:
+    """Where rank 0 writes: a fresh run into a hidden sibling that takes the run's name at its
+    first checkpoint, a resumed run in place; every file is replaced atomically."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, setup: Setup, resumed: bool):
+        self.cfg, self.setup = cfg, setup
+        self.staged = None if resumed else StagedDir(out)
+        self.path = out if resumed else self.staged.path
+
+    @property
+    def published(self) -> bool:
+        return self.staged is None or self.staged.published
+
+    def checkpoint(self, model: nn.Module, state: dict, opt, sched, better: bool) -> None:
+        atomic_write_text(self.path / "config.toml", to_toml(self.cfg))
+        write_meta(self.path, spec=self.cfg.model, dataset=self.setup.dataset, transforms=self.setup.transforms,
+                   data_seed=self.cfg.seed)
+        if better:
+            save_weights(model, self.path / WEIGHTS_FILE)
+        save_weights(model, self.path / LAST_FILE)
+        # state.pt carries its own copy of the weights: it alone is what --resume reads, so a
+        # kill between two files can never pair one epoch's weights with another's state
+        save_state({**state, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}, self.path / "state.pt")
+        if self.staged is not None:
+            self.path = self.staged.publish()
+
+    def discard(self) -> None:
+        if self.staged is not None:
+            self.staged.discard()
 
 
 def _train_epoch(cfg, train_model, step_loss, loader, sampler, epoch, opt, sched, state, bar, after_step) -> None:
@@ -328,31 +317,32 @@ def _train_epoch(cfg, train_model, step_loss, loader, sampler, epoch, opt, sched
                              "samples_per_s": seen / elapsed if elapsed else 0.0})
 
 
-def _finish(cfg, setup, model, state, out, dist, metric_key) -> dict:
-    if out and (out / "best.safetensors").is_file():
-        load_weights(model, out / "best.safetensors")
-    test = tasks.evaluate(model, setup.task, _loader(setup.splits.test, cfg, task=setup.task), tasks.metric_for(setup.task, model))
-    metrics = {
-        "model": cfg.model, "dataset": setup.dataset, "task": setup.task, "metric": metric_key,
-        metric_key: test, "split": "test", "val_" + metric_key: state["best"], "best_epoch": state["best_epoch"],
-        "epochs": state["epoch"], "steps": state["step"], "world_size": dist.world,
-        "params": sum(p.numel() for p in model.parameters()),
-        "train_time_s": state["train_time_s"],
-        "throughput_samples_s": state["samples"] * dist.world / state["train_time_s"] if state["train_time_s"] else 0.0,
-        "history": state["history"], "config": to_dict(cfg),
-    }
-    if out and dist.main:
-        atomic_write_json(out / "metrics.json", metrics)
+def _finish(cfg, setup, model, state, run: _RunDir | None, dist, metric_key) -> dict:
+    if run and (run.path / WEIGHTS_FILE).is_file():
+        load_weights(model, run.path / WEIGHTS_FILE)
+    test = tasks.evaluate(model, setup.task, eval_loader(setup.splits.test, setup.task, cfg.eval_batch_size),
+                          tasks.metric_for(setup.task, model))
+    metrics = metric_record(
+        metric_key, before=None, after=test, val=state["best"], model=cfg.model, source=cfg.init or cfg.model,
+        dataset=setup.dataset, task=setup.task, eval_batch_size=cfg.eval_batch_size, best_epoch=state["best_epoch"],
+        epochs=state["epoch"], steps=state["step"], world_size=dist.world,
+        params=sum(p.numel() for p in model.parameters()), train_time_s=state["train_time_s"],
+        throughput_samples_s=state["samples"] * dist.world / state["train_time_s"] if state["train_time_s"] else 0.0,
+        history=state["history"], config=to_dict(cfg))
+    if run and run.published:
+        atomic_write_json(run.path / "metrics.json", metrics)
     return metrics
 
 
 RESUMABLE_CHANGES = ("epochs", "max_steps", "threads", "out")
 
 
-def _check_resume_config(cfg: TrainConfig, out: Path) -> None:
-    """A resumed run continues exactly only if nothing but its length changes."""
-    from kiln.config import load_toml
-
+def _check_resumable(cfg: TrainConfig, out: Path | None) -> None:
+    """A resumed run continues exactly only if nothing but its length changes; checked before
+    anything is loaded or written."""
+    if out is None or not (out / "state.pt").is_file():
+        raise KilnError(f"nothing to resume in {out}: no state.pt (the run never finished an epoch)")
+    read_artifact(out)   # a run of an earlier kiln is named here, with the command that redoes it
     if not (out / "config.toml").is_file():
         return
     old = to_dict(load_toml(TrainConfig, out / "config.toml"))
@@ -362,17 +352,15 @@ def _check_resume_config(cfg: TrainConfig, out: Path) -> None:
                             f"only {', '.join(RESUMABLE_CHANGES[:2])} may change")
 
 
-def _resume(out: Path | None, model, opt, sched) -> dict:
-    if out is None or not (out / "state.pt").is_file():
-        raise KilnError(f"nothing to resume in {out}: no state.pt (the run never finished an epoch)")
+def _resume(out: Path, model, opt, sched) -> dict:
     state = load_state(out / "state.pt")
     try:
         model.load_state_dict(state.pop("model"))
-    except (KeyError, RuntimeError) as exc:
+        opt.load_state_dict(state.pop("optimizer"))
+        sched.load_state_dict(state.pop("scheduler"))
+        torch.set_rng_state(state.pop("rng"))   # dropout draws continue as if never stopped
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise KilnError(f"trainer state {out / 'state.pt'} does not fit the model: {first_line(exc)}") from None
-    opt.load_state_dict(state.pop("optimizer"))
-    sched.load_state_dict(state.pop("scheduler"))
-    torch.set_rng_state(state.pop("rng"))   # dropout draws continue as if never stopped
     return state
 
 
@@ -381,44 +369,3 @@ def _progress(enabled: bool):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     disable=not enabled, transient=True)
-
-
-def evaluate_run(run_dir: str | Path) -> dict:
-    """Reload a run's config and best weights and measure its metric on the test split again."""
-    from kiln.config import load_toml
-
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise KilnError(f"run directory {run} does not exist")
-    from kiln.quant.run import evaluate_quantized, is_quantized_run
-
-    if is_quantized_run(run):
-        return evaluate_quantized(run)
-    from kiln.models.artifact import is_artifact
-
-    if is_artifact(run):
-        return _evaluate_artifact(run)
-    if not (run / "config.toml").is_file():
-        raise KilnError(f"{run} is not a kiln run directory: no config.toml")
-    cfg = load_toml(TrainConfig, run / "config.toml")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    setup = build(cfg, fresh=False, run_dir=run)
-    load_weights(setup.model, run / "best.safetensors")
-    metric = tasks.metric_for(setup.task, setup.model)
-    value = tasks.evaluate(setup.model, setup.task, _loader(setup.splits.test, cfg, task=setup.task), metric)
-    return {"run": str(run), "model": cfg.model, "dataset": setup.dataset, "metric": metric.key,
-            metric.key: value, "split": "test"}
-
-
-def _evaluate_artifact(run: Path) -> dict:
-    from kiln.data import load_dataset
-    from kiln.models.artifact import load_artifact
-    from kiln.quant.run import evaluate_model
-
-    src = load_artifact(run)
-    if not src.dataset:
-        raise KilnError(f"artifact {run} names no dataset to evaluate on")
-    key, value = evaluate_model(src.model, load_dataset(src.dataset, seed=0))
-    return {"run": str(run), "model": src.spec, "dataset": src.dataset, "metric": key, key: value, "split": "test"}
-

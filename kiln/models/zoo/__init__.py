@@ -9,6 +9,7 @@ import torch
 
 from kiln.models.loaded import LoadedModel
 from kiln.registry import Registry
+from kiln.errors import KilnError
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,6 @@ def load_zoo(name: str) -> LoadedModel:
 
 
 def _classes(name: str, entry: ZooEntry, query: str) -> int | None:
-    from kiln.errors import KilnError
 
     if not query:
         return None

@@ -179,7 +179,7 @@ def write_run(out: Path, result: NasResult, cfg) -> Path:
     """config.toml, architecture.json, metrics.json, search.json, history.json and
     model.safetensors, all or nothing (kiln.io.atomic_dir)."""
     from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
-    from kiln.train.checkpoint import save_weights
+    from kiln.runs.weights import save_weights
 
     with atomic_dir(out) as tmp:
         atomic_write_text(tmp / "config.toml", nas_config.to_toml(cfg))

@@ -134,7 +134,8 @@ class TrainedSpace(Space):
         from kiln.config import read_toml
         from kiln.quant.apply import report
         from kiln.quant.config import parse_config
-        from kiln.quant.run import calibration_batches, prepare
+        from kiln.quant.run import prepare
+        from kiln.train.evaluation import calibration_batches
         from kiln.train import tasks
         from torch.utils.data import DataLoader
 

@@ -3,7 +3,7 @@ the task metric on a fixed subset and by the bits it costs.
 
     [space]
     kind = "mixed-precision"
-    source = "runs/figures/minilm-v3"      # spec, train run or artifact (kiln.models.artifact.load_source)
+    source = "runs/figures/minilm-v3"      # spec, train run or artifact (kiln.runs.artifact.load_source)
     bits = [4, 6, 8]                       # the choices per layer (format `format`, default int)
     formats = []                           # or: format presets per layer, instead of bits, e.g.
                                            # ["int8", "int4", "fp8_e4m3", "mxfp4"] (avg bits counts
@@ -147,8 +147,8 @@ class QuantSpaceBase(Space):
         import torch
         from torch.utils.data import Subset
 
-        from kiln.models.artifact import load_source
-        from kiln.quant.run import calibration_batches, check_batches
+        from kiln.runs.artifact import load_source
+        from kiln.train.evaluation import calibration_batches, check_batches
 
         from kiln.data import load_dataset
 
@@ -187,7 +187,8 @@ class QuantSpaceBase(Space):
         Scored on the space's subset unless other `splits`/`split` are given."""
         from kiln.quant.apply import calibrate, quantize, report
         from kiln.quant.config import parse_config
-        from kiln.quant.run import evaluate_model, model_forward
+        from kiln.train.evaluation import evaluate_model
+        from kiln.train.tasks import forward as model_forward
 
         config = parse_config(table, "mixed-precision trial")
         if config.smoothquant is not None or config.gptq is not None:
@@ -205,7 +206,7 @@ class QuantSpaceBase(Space):
 def outputs(model: nn.Module, batches: list) -> list:
     import torch
 
-    from kiln.quant.run import model_forward
+    from kiln.train.tasks import forward as model_forward
 
     with torch.no_grad():
         return [model_forward(model, b).detach().float() for b in batches]
@@ -319,7 +320,7 @@ class MixedPrecisionSpace(QuantSpaceBase):
     def distortion(self, choice: dict, reference: list) -> float:
         from kiln.quant.apply import calibrate, quantize
         from kiln.quant.config import parse_config
-        from kiln.quant.run import model_forward
+        from kiln.train.tasks import forward as model_forward
         from kiln.train.tasks import scored_by_own_loss
 
         qmodel = quantize(copy.deepcopy(self.model), parse_config(self.quant_table(self.bits_of(choice)), "sensitivity"))

@@ -3,12 +3,19 @@ the roofline bound of one model call on this machine beside the measured figure.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from kiln.bench.loadgen import BenchConfig, Samples, Scenario, dataset_samples, run_loadgen
+from kiln.compile.backends import build, parse_backend, precision_of
+from kiln.compile.run import COMPILE_FILE, is_compiled, load_compiled, roofline_of
 from kiln.errors import KilnError, first_line
 from kiln.hardware.profiles import fraction_note
-from kiln.hardware.loadgen import BenchConfig, Samples, Scenario, call_model, dataset_samples, run_loadgen
+from kiln.runs.artifact import load_source
+from kiln.train.tasks import forward
 
 
 def real_inputs(source, samples: Samples, batch: int):
@@ -23,18 +30,11 @@ def real_inputs(source, samples: Samples, batch: int):
 def prepare(src: str, batch: int, backend: str | None, dataset: str | None, max_samples: int,
             progress: Callable[[str], None] = lambda s: None):
     """(callable, label, precision, samples, LoadedModel at a real batch) for a compile dir or a source."""
-    from kiln.compile.backends import build, parse_backend, precision_of
-    from kiln.compile.run import is_compiled, load_compiled
-    from kiln.models.artifact import load_source
-
     compiled = is_compiled(Path(src))
     if compiled and backend:
         raise KilnError(f"{src} is a kiln compile directory with its own backend; drop --backend")
     source = None if compiled else load_source(src, dataset)
     if compiled:
-        import json
-
-        from kiln.compile.run import COMPILE_FILE
         meta_src = json.loads((Path(src) / COMPILE_FILE).read_text())["src"]
         source = load_source(meta_src, dataset)
     name = dataset or source.dataset
@@ -44,7 +44,8 @@ def prepare(src: str, batch: int, backend: str | None, dataset: str | None, max_
     samples = dataset_samples(name, max_samples)
     loaded = real_inputs(source, samples, batch)
     try:
-        call_model(source.model.eval(), loaded.example_kwargs or loaded.example_inputs[0])
+        with torch.no_grad():
+            forward(source.model.eval(), loaded.example_kwargs or loaded.example_inputs[0])
     except Exception as exc:
         raise KilnError(f"dataset {name} does not fit {src}: {type(exc).__name__}: {first_line(exc)}") from None
     progress("building the backend")
@@ -57,8 +58,6 @@ def prepare(src: str, batch: int, backend: str | None, dataset: str | None, max_
 
 def bench_run(src: str, config: BenchConfig, backend: str | None = None, dataset: str | None = None,
               profile=None, log_dir: Path | None = None, progress: Callable[[str], None] = lambda s: None) -> dict:
-    from kiln.compile.run import roofline_of
-
     fn, label, precision, samples, loaded = prepare(src, config.model_batch, backend, dataset, config.max_samples, progress)
     progress(f"LoadGen {config.scenario.value}, {config.mode.value}")
     result = run_loadgen(fn, samples, config, log_dir)

@@ -27,8 +27,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from kiln.data import load_dataset
 from kiln.errors import KilnError
 from kiln.timing import TimingConfig, measure, percentile
+from kiln.train.tasks import forward
 
 
 class Scenario(enum.Enum):
@@ -105,8 +107,6 @@ def _collate(items: list):
 def dataset_samples(dataset: str, max_samples: int, seed: int = 0) -> Samples:
     """The first `max_samples` of the dataset's test split, kept in memory (MLPerf's QSL loads
     its performance set into RAM before timing starts)."""
-    from kiln.data import load_dataset
-
     splits = load_dataset(dataset, seed=seed)
     if splits.task == "node-classification":
         raise KilnError(f"dataset {dataset} is one whole graph, not independent samples: LoadGen needs samples")
@@ -114,16 +114,6 @@ def dataset_samples(dataset: str, max_samples: int, seed: int = 0) -> Samples:
     n = min(len(test), max_samples)
     items = [test[i] for i in range(n)]
     return Samples([x for x, _ in items], [y for _, y in items])
-
-
-def call_model(fn: Callable, x) -> torch.Tensor:
-    with torch.no_grad():
-        out = fn(**x) if isinstance(x, dict) else fn(x)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if hasattr(out, "logits"):
-        out = out.logits
-    return out
 
 
 def predictions(out: torch.Tensor) -> np.ndarray:
@@ -173,7 +163,8 @@ class SUT:
     def _run(self, group) -> None:
         try:
             x = self.samples.batch([q.index for q in group], pad_to=self.batch)
-            pred = predictions(call_model(self.fn, x))[:len(group)]
+            with torch.no_grad():   # grad mode is per thread: the SUT's threads need their own
+                pred = predictions(forward(self.fn, x))[:len(group)]
         except Exception as exc:          # report it and answer, or LoadGen waits forever
             self.errors.append(f"{type(exc).__name__}: {exc}")
             pred = np.full((len(group), 1), -1, dtype=np.int64)
@@ -259,7 +250,7 @@ def _calibrate(fn: Callable, samples: Samples, batch: int, calls: int = 3) -> fl
     x = samples.batch(idx, pad_to=batch)
     # a hint for LoadGen, not a figure: no re-measure, no untimed calls between the timed ones
     config = TimingConfig(rounds=calls, warmup=1, short_call_s=0.0, remeasure=False)
-    return measure({"model": lambda: call_model(fn, x)}, config)["model"].median
+    return measure({"model": lambda: forward(fn, x)}, config)["model"].median
 
 
 def parse_detail(path: Path) -> dict:
@@ -303,7 +294,7 @@ def raw_loop(fn: Callable, samples: Samples, batch: int, seconds: float = 10.0, 
     per_call = _calibrate(fn, samples, batch)
     rounds = max(min_calls, int(seconds / max(per_call, 1e-9)))
     # LoadGen's calls come back to back: no untimed call between the timed ones
-    m = measure({"raw": lambda: predictions(call_model(fn, batches[next(turn) % len(batches)]))},
+    m = measure({"raw": lambda: predictions(forward(fn, batches[next(turn) % len(batches)]))},
                 TimingConfig(rounds=rounds, warmup=0, short_call_s=0.0))
     t = m["raw"]
     times = t.samples

@@ -1,0 +1,1 @@
+"""`kiln bench`: a model, run or compiled directory timed under MLPerf LoadGen's scenarios."""
