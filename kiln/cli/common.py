@@ -70,6 +70,7 @@ class KilnGroup(TyperGroup):
         # typer 0.29 vendors click: its exception classes are only reachable under typer._click
         import typer._click.exceptions as click_errors
 
+        console.stderr = False   # until a command's `--json -` says otherwise (one process may run many)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click_errors.NoArgsIsHelpError as exc:   # bare `kiln`: the help, as click prints it
