@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, seconds, user_errors
+from kiln.cli.common import console, err_console, seconds, user_errors, validate, write_json
 
 
 def print_candidates(report: dict) -> None:
@@ -57,10 +57,7 @@ def compile(
     time the rest side by side and keep the fastest."""
     from kiln.cli.analyze import _hardware
     from kiln.compile.run import candidates, compile_run, parse_precision
-    from kiln.io import atomic_write_json, check_writable
-
-    if json_path:
-        check_writable(json_path)
+    validate(positive={"--batch": batch, "--rounds": rounds}, out_dirs=[out], json_path=json_path)
     candidates(backend, parse_precision(precision))   # a bad name fails before a first-run calibration
     profile = _hardware(hardware)
     with err_console.status(f"compiling {src}") as status:
@@ -68,6 +65,6 @@ def compile(
                                 progress=lambda s: status.update(f"{s}"))
     print_candidates(report)
     if json_path:
-        atomic_write_json(json_path, report)
+        write_json(json_path, report)
     if out:
         console.print(f"written: {out}")

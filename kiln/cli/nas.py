@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, user_errors
+from kiln.cli.common import console, err_console, user_errors, validate, write_json
 
 
 def print_result(result) -> None:
@@ -47,19 +47,15 @@ def nas(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Search an architecture, retrain it from scratch, report val/test accuracy."""
-    from kiln.io import atomic_write_json, check_new_dir, check_writable
     from kiln.search.nas.run import load_config, run_method, write_run
 
+    validate(new_dirs=[out], json_path=json_path)
     cfg = load_config(method, config)
-    if out:
-        check_new_dir(out)
-    if json_path:
-        check_writable(json_path)
     result = run_method(method, cfg, progress)
     print_result(result)
     if out:
         write_run(out, result, cfg)
         console.print(f"run: {out}")
     if json_path:
-        atomic_write_json(json_path, {"method": method, "architecture": result.architecture,
+        write_json(json_path, {"method": method, "architecture": result.architecture,
                                       "search": result.search, "metrics": result.metrics})
