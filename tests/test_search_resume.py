@@ -46,20 +46,24 @@ def config(tmp_path, fn="slow", **top):
     return parse_search_config(table)
 
 
+def in_memory(cfg) -> Setup:
+    space, objectives = make_space(cfg)
+    space.ensure_setup()
+    return Setup(cfg, space, objectives, open_study(cfg, None, space))
+
+
 def points(trials) -> list[tuple]:
     return sorted((tuple(sorted(t.params.items())), tuple(t.values)) for t in trials
                   if t.state.name == "COMPLETE")
 
 
 def test_a_retry_takes_its_originals_slot_and_point_and_later_trials_go_on_as_unkilled(tmp_path):
-    cfg = config(tmp_path, "quick")
-    space, objectives = make_space(cfg)
-    space.ensure_setup()
-    reference = open_study(cfg, None, space)
-    optimize(Setup(cfg, space, objectives, reference))
+    reference = in_memory(config(tmp_path, "quick"))
+    optimize(reference)
+    reference = reference.study
 
-    study = open_study(cfg, None, space)
-    setup = Setup(cfg, space, objectives, study)
+    setup = in_memory(config(tmp_path, "quick"))
+    study = setup.study
     for _ in range(3):
         run_trial(setup, log=lambda s: None)
     dead = study.ask()                          # a trial whose process was SIGKILLed mid-run
@@ -78,11 +82,8 @@ def test_a_retry_takes_its_originals_slot_and_point_and_later_trials_go_on_as_un
 
 
 def test_ctrl_c_in_a_trial_queues_its_retry_and_the_budget_does_not_count_it(tmp_path):
-    cfg = config(tmp_path, "quick", trials=4)
-    space, objectives = make_space(cfg)
-    space.ensure_setup()
-    study = open_study(cfg, None, space)
-    setup = Setup(cfg, space, objectives, study)
+    setup = in_memory(config(tmp_path, "quick", trials=4))
+    study, space = setup.study, setup.space
     run_trial(setup, log=lambda s: None)
     real = space.score
 
