@@ -26,6 +26,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import track  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from common import write_with_history  # noqa: E402
 from kiln.analysis.cost import AnnotateCost  # noqa: E402
 from kiln.analysis.oracle import flop_counter_flops  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
@@ -90,8 +91,7 @@ def main() -> None:
     console.print(table)
     console.print(summary)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"summary": summary, "rows": rows}, f, indent=2)
+        write_with_history(args.json, {"summary": summary, "rows": rows})
 
 
 if __name__ == "__main__":

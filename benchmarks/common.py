@@ -20,3 +20,16 @@ def merge_result(json_path: str, name: str, entry: dict) -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     results[name] = entry
     path.write_text(json.dumps(results, indent=2))
+
+
+def write_with_history(json_path: str, result: dict, summary_key: str = "summary") -> None:
+    """Write `result` to the JSON file, keeping every earlier run's summary (with its date) under
+    "history": BENCHMARKS.md shows the current figure, the file keeps how it got there."""
+    path = Path(json_path)
+    history = []
+    if path.is_file():
+        old = json.loads(path.read_text())
+        history = old.get("history", [])
+        if summary_key in old:
+            history.append(old[summary_key])
+    path.write_text(json.dumps(result | {"history": history}, indent=2))

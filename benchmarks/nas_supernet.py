@@ -25,9 +25,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import merge_result  # noqa: E402
-from kiln.search.nas import config as nas_config  # noqa: E402
 from kiln.search.nas import fit, spos  # noqa: E402
-from kiln.search.nas.run import train_supernet  # noqa: E402
+from kiln.search.nas.run import load_config, train_supernet  # noqa: E402
 
 CONFIG = Path("configs/nas/spos_mnist.toml")
 
@@ -64,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from scipy.stats import kendalltau
 
-    cfg = nas_config.load("spos", CONFIG)
+    cfg = load_config("spos", CONFIG)
     if args.supernet_epochs:
         cfg = dataclasses.replace(cfg, supernet=dataclasses.replace(cfg.supernet, epochs=args.supernet_epochs))
     data = fit.load_data(cfg.dataset, cfg.seed)

@@ -165,3 +165,23 @@ def test_progress_stays_silent_for_a_quick_step(capsys, monkeypatch):
     with common.progress("loading", after_s=60) as update:
         update("model")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("exc,line", [
+    (PermissionError(13, "Permission denied", "out/metrics.json"), "kiln: error: out/metrics.json: Permission denied"),
+    (ValueError("batch_size should be a positive integer value\nmore detail"),
+     "kiln: error: batch_size should be a positive integer value"),
+])
+def test_os_and_value_errors_take_the_one_error_path(capsys, exc, line):
+    import typer
+
+    from kiln.cli.common import user_errors
+
+    @user_errors
+    def command():
+        raise exc
+
+    with pytest.raises(typer.Exit) as info:
+        command()
+    assert info.value.exit_code == 2
+    assert capsys.readouterr().err == line + "\n"

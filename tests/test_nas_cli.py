@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from kiln.cli.main import app
 from kiln.errors import KilnError
 from kiln.search.nas import config as nas_config
+from kiln.search.nas.run import load_config
 from kiln.search.nas.fit import accuracy, load_data
 from kiln.search.nas.space import Genotype, Macro, discrete_network
 from kiln.runs.weights import load_weights
@@ -82,16 +83,32 @@ def test_a_non_empty_out_dir_fails_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("method", ["darts", "random", "evolution", "rl", "spos"])
 def test_every_config_round_trips_through_toml(method):
-    cfg = nas_config.load(method, None)
+    cfg = load_config(method, None)
     assert nas_config.build(type(cfg), tomllib.loads(nas_config.to_toml(cfg)), "rt") == cfg
 
 
-def test_config_files_in_the_repo_load():
+def _flat(table: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in table.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+def test_config_files_in_the_repo_load_to_exactly_what_they_say():
+    """Oracle: the file itself. Every key it sets is the loaded config's value, and the config
+    writes back to TOML that loads to the same config."""
+    from functools import reduce
     from pathlib import Path
 
-    for path in sorted(Path("configs/nas").glob("*.toml")):
+    paths = sorted(Path("configs/nas").glob("*.toml"))
+    assert paths
+    for path in paths:
         method = "spos" if "spos" in path.name else "darts" if "darts" in path.name else "random"
-        assert nas_config.load(method, path) is not None
+        cfg = load_config(method, path)
+        for key, value in _flat(tomllib.loads(path.read_text())).items():
+            got = reduce(getattr, key.split("."), cfg)
+            assert got == (tuple(value) if isinstance(value, list) else value), (path, key)
+        assert nas_config.build(type(cfg), tomllib.loads(nas_config.to_toml(cfg)), str(path)) == cfg
 
 
 def test_run_dir_rebuilds_the_found_network_with_the_reported_accuracy(tmp_path):
@@ -108,7 +125,7 @@ def test_run_dir_rebuilds_the_found_network_with_the_reported_accuracy(tmp_path)
     load_weights(net, run / "model.safetensors")
     data = load_data("mnist", seed=0)
     assert accuracy(net, data.test) == metrics["test_accuracy"]
-    assert nas_config.load("evolution", run / "config.toml").search.max_archs == 2
+    assert load_config("evolution", run / "config.toml").search.max_archs == 2
 
 
 def test_a_bad_genotype_record_is_an_error():

@@ -131,19 +131,6 @@ def test_a_space_with_no_valid_point_is_an_error():
         CellSpace(("skip_connect",), nodes=0)
 
 
-@pytest.mark.parametrize("order", [1, 2])
-def test_a_short_search_runs_within_its_wall_budget(order):
-    """The budget is wall time: 1.5 s of search on random data stops after ~1.5 s."""
-    from kiln.search.nas.fit import Tensors
-
-    space = CellSpace(("none", "skip_connect", "sep_conv_3x3"), nodes=2)
-    data = Tensors(torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
-    result = darts.search(space, Macro(channels=2, layers=2, stem_stride=1), data,
-                          darts.DartsSettings(order=order, time_budget_s=1.5, batch_size=8, eval_samples=16), seed=0)
-    assert result.steps >= 1 and result.seconds < 1.5 + 2.0
-    assert result.history[-1]["step"] == result.steps
-
-
 def test_warmup_leaves_the_alphas_alone_until_its_fraction_of_the_budget():
     from kiln.search.nas.fit import Tensors
 

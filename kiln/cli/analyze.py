@@ -47,8 +47,12 @@ def analyze(
     from kiln.models.inputs import check_runs, parse_shape, with_input_shapes
     from kiln.models.spec import load
 
+    from kiln.hardware.profiles import available, load_profile
+
     for item in input_shape or []:   # malformed shapes fail before the model loads
         parse_shape(item.rpartition("=")[2])
+    if hardware != "local" or "local" in available():
+        load_profile(hardware)       # so does an unknown profile (a missing 'local' is measured later)
     with progress(f"loading {spec}"):
         loaded = load(spec)
         loaded = with_input_shapes(loaded, list(input_shape or []))

@@ -91,6 +91,10 @@ def bench(
                            "--min-queries": min_queries},
              out_dirs=[log_dir], json_path=json_path)
     check_fits(src, dataset)
+    if backend:
+        from kiln.compile.backends import parse_backend
+
+        parse_backend(backend)   # an unknown backend or option fails before the model and data load
     sc, md = _parse(scenario, mode)
     config = BenchConfig(sc, md, batch, samples_per_query, target_qps, target_latency_ms, expected_qps,
                          0.0, min_duration, min_queries, max_samples)

@@ -6,7 +6,9 @@ import contextlib
 import functools
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -26,10 +28,14 @@ STDOUT = "-"   # `--json -`: the JSON goes to standard output, the tables to std
 
 def user_errors(fn: Callable) -> Callable:
     """A KilnError becomes one line on stderr and exit code 2, with no traceback; so do the
-    OSErrors (files) and ValueErrors (values) that reach a command."""
+    OSErrors (files) and ValueErrors (values) that reach a command. Ctrl-C and SIGTERM become
+    "kiln: interrupted" and exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (what Slurm and Kubernetes send) stops a command exactly as Ctrl-C does
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             return fn(*args, **kwargs)
         except KilnError as exc:
@@ -64,6 +70,7 @@ class KilnGroup(TyperGroup):
         # typer 0.29 vendors click: its exception classes are only reachable under typer._click
         import typer._click.exceptions as click_errors
 
+        console.stderr = False   # until a command's `--json -` says otherwise (one process may run many)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click_errors.NoArgsIsHelpError as exc:   # bare `kiln`: the help, as click prints it

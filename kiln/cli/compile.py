@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, seconds, user_errors
+from kiln.cli.common import console, err_console, seconds, user_errors, validate, write_json
 
 
 def print_candidates(report: dict) -> None:
@@ -58,10 +58,8 @@ def compile(
     from kiln.cli.analyze import _hardware
     from kiln.compile.run import CompileConfig, compile_run
     from kiln.config import from_dict
-    from kiln.io import atomic_write_json, check_writable
 
-    if json_path:
-        check_writable(json_path)
+    validate(positive={"--batch": batch, "--rounds": rounds}, out_dirs=[out], json_path=json_path)
     # parsed (bad names fail) before a first-run calibration of the hardware profile
     config = from_dict(CompileConfig, {"backend": backend, "batch": batch, "precision": precision, "rounds": rounds},
                        "compile options")
@@ -71,6 +69,6 @@ def compile(
                                 progress=lambda s: status.update(f"{s}"))
     print_candidates(report)
     if json_path:
-        atomic_write_json(json_path, report)
+        write_json(json_path, report)
     if out:
         console.print(f"written: {out}")

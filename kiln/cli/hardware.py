@@ -7,8 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, si, user_errors
-from kiln.io import atomic_write_json
+from kiln.cli.common import console, err_console, si, user_errors, validate, write_json
 
 app = typer.Typer(help="Hardware profiles for rooflines.", no_args_is_help=False, invoke_without_command=True)
 
@@ -28,6 +27,7 @@ def list_profiles(
     """List hardware profiles (built-in and yours)."""
     if ctx.invoked_subcommand:
         return
+    validate(json_path=json_path)
     from kiln.hardware.profiles import available, load_profile, peak_unit, user_dir
 
     profiles = [load_profile(name) for name in available()]
@@ -41,7 +41,7 @@ def list_profiles(
     console.print(table)
     console.print(f"Add your own as TOML in {user_dir()} (see `kiln hardware show a100` for the format).")
     if json_path:
-        atomic_write_json(json_path, {"profiles": [_as_dict(p) for p in profiles]})
+        write_json(json_path, {"profiles": [_as_dict(p) for p in profiles]})
 
 
 @app.command()
@@ -68,10 +68,7 @@ def calibrate(
     profile; a peak is the fastest call, measured until it stops improving."""
     from kiln.hardware.calibrate import calibrate as measure
     from kiln.hardware.profiles import higher_in, load_profile, peak_unit, save_profile, user_dir
-    from kiln.io import check_writable
-
-    if json_path:
-        check_writable(json_path)
+    validate(json_path=json_path)
     with err_console.status("calibrating") as status:
         cal = measure(name, size, copy_mib, budget, progress=lambda s: status.update(f"calibrating: {s}"))
     profile = cal.profile
@@ -95,4 +92,4 @@ def calibrate(
     else:
         console.print(f"saved {save_profile(profile)}")
     if json_path:
-        atomic_write_json(json_path, _as_dict(profile) | {"warnings": cal.warnings(), "saved": not higher})
+        write_json(json_path, _as_dict(profile) | {"warnings": cal.warnings(), "saved": not higher})

@@ -6,12 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from kiln.cli.common import console, user_errors
-from kiln.errors import KilnError
-
-METHODS = ("darts", "spos", "rl", "evolution", "random")
+from kiln.cli.common import console, err_console, user_errors, validate, write_json
 
 
 def print_result(result) -> None:
@@ -29,15 +27,17 @@ def print_result(result) -> None:
     table = Table(title=f"kiln nas {result.method}")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    for key, value in {**{f"search {k}": v for k, v in result.search.items() if k != "alphas"},
+    for key, value in {**{f"search {k}": v for k, v in result.search.items() if k not in ("alphas", "warnings")},
                        **result.metrics}.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+    for warning in result.search.get("warnings", []):     # too little search to mean anything
+        err_console.print(f"[yellow]warning: {escape(warning)}[/yellow]")
 
 
 @user_errors
 def nas(
-    method: str = typer.Argument(..., help="darts | spos | rl | evolution | random"),
+    method: str = typer.Argument(..., help="darts | spos | rl | evolution | random (kiln.search.nas.run.METHODS)"),
     config: Optional[Path] = typer.Option(None, "--config", help="NAS config TOML (configs/nas/*.toml); "
                                           "default: the method's defaults."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory: architecture.json, metrics.json, "
@@ -47,22 +47,15 @@ def nas(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Search an architecture, retrain it from scratch, report val/test accuracy."""
-    from kiln.io import atomic_write_json, check_new_dir, check_writable
-    from kiln.search.nas import config as nas_config
-    from kiln.search.nas.run import run_method, write_run
+    from kiln.search.nas.run import load_config, run_method, write_run
 
-    if method not in METHODS:
-        raise KilnError(f"unknown nas method {method!r}; known: {', '.join(METHODS)}")
-    cfg = nas_config.load(method, config)
-    if out:
-        check_new_dir(out)
-    if json_path:
-        check_writable(json_path)
+    validate(new_dirs=[out], json_path=json_path)
+    cfg = load_config(method, config)
     result = run_method(method, cfg, progress)
     print_result(result)
     if out:
         write_run(out, result, cfg)
         console.print(f"run: {out}")
     if json_path:
-        atomic_write_json(json_path, {"method": method, "architecture": result.architecture,
+        write_json(json_path, {"method": method, "architecture": result.architecture,
                                       "search": result.search, "metrics": result.metrics})

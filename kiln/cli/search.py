@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from kiln.cli.common import console, err_console, user_errors
+from kiln.cli.common import console, err_console, user_errors, validate, write_json
 
 
 @user_errors
@@ -20,12 +20,10 @@ def search(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the summary here."),
 ) -> None:
     """Search a space with Optuna (TPE, NSGA-II, random, grid, QMC); single or multi-objective."""
-    from kiln.io import atomic_write_json, check_writable
     from kiln.search.config import load_search_config
     from kiln.search.run import run_search
 
-    if json_path:
-        check_writable(json_path)
+    validate(positive={"--workers": workers, "--trials": trials}, out_dirs=[out], json_path=json_path)
     cfg = load_search_config(config)
     overrides = {k: v for k, v in (("storage", storage), ("workers", workers), ("trials", trials)) if v is not None}
     if overrides:
@@ -36,7 +34,7 @@ def search(
     _print(summary)
     console.print(f"run: {out} (report.html, best/)")
     if json_path:
-        atomic_write_json(json_path, summary)
+        write_json(json_path, summary)
 
 
 def _print(summary: dict) -> None:

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kiln.errors import KilnError
+from kiln.search.samplers import PRUNERS, SAMPLERS
 
 C = TypeVar("C")
-SAMPLERS = ("tpe", "nsga2", "random", "grid", "qmc")
-PRUNERS = ("none", "median", "hyperband")
 
 
 def from_table(cls: type[C], table: dict[str, Any], where: str) -> C:

@@ -8,6 +8,8 @@
   `early_stop_dominators` completed trials (after `early_stop_warmup` completed trials).
 - The budget is the study's trial count, whatever ran them: a resumed study, or several worker
   processes sharing one storage, stop together at `trials`.
+- A trial stopped by Ctrl-C, SIGTERM or a kill is interrupted, not failed: it does not count,
+  and its point runs again (kiln.search.resume).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from kiln.errors import KilnError, first_line
 from kiln.search.config import SearchConfig
 from kiln.search.objectives import Objective, pick, resolve
 from kiln.search.pareto import dominates
+from kiln.search.resume import Stops, is_interrupted, recover, retry, shield
+from kiln.search.samplers import grid_size, make_pruner, make_sampler
 from kiln.search.spaces import Context, Space, build_space
 
 OPTUNA_DIRECTION = {"max": "maximize", "min": "minimize"}
@@ -42,51 +46,7 @@ def make_space(cfg: SearchConfig) -> tuple[Space, list[Objective]]:
     return build_space(cfg.space, ctx), objectives
 
 
-def make_sampler(cfg: SearchConfig, space: Space, worker: int = 0):
-    """The configured sampler; each worker gets its own seed so they don't propose the same points."""
-    import optuna
-
-    seed = cfg.seed + 1000 * worker
-    if cfg.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.startup_trials, multivariate=True)
-    if cfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=cfg.population or 50,
-                                             mutation_prob=cfg.mutation_prob or None,
-                                             swapping_prob=cfg.swapping_prob)
-    if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if cfg.sampler == "qmc":
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.QMCSampler(seed=cfg.seed, scramble=True, warn_independent_sampling=False)
-    grid = space.grid()
-    if grid is None:
-        raise KilnError(f"search config: the grid sampler needs a finite space; {space.kind!r} has "
-                        "continuous parameters (use tpe, random or qmc)")
-    if grid_size(space) > 1_000_000:
-        raise KilnError(f"search config: the grid sampler would walk {grid_size(space):.3g} points of "
-                        f"{space.kind!r}; use tpe, nsga2, random or qmc")
-    return optuna.samplers.GridSampler(grid, seed=cfg.seed)
-
-
-def grid_size(space: Space) -> int | None:
-    grid = space.grid()
-    return math.prod(len(v) for v in grid.values()) if grid else None
-
-
-def make_pruner(cfg: SearchConfig):
-    import optuna
-
-    if cfg.multi or cfg.pruner == "none":
-        return optuna.pruners.NopPruner()
-    if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
-    return optuna.pruners.HyperbandPruner()
-
-
-def open_study(cfg: SearchConfig, storage, space: Space, worker: int = 0):
+def open_study(cfg: SearchConfig, storage, space: Space):
     """Create the study, or load it to resume; a study made by a different config is refused."""
     import optuna
 
@@ -94,7 +54,7 @@ def open_study(cfg: SearchConfig, storage, space: Space, worker: int = 0):
     directions = [OPTUNA_DIRECTION[o.direction] for o in resolve(cfg.objectives)]
     try:
         study = optuna.create_study(storage=storage, study_name=cfg.study, directions=directions,
-                                    sampler=make_sampler(cfg, space, worker), pruner=make_pruner(cfg),
+                                    sampler=make_sampler(cfg, space), pruner=make_pruner(cfg),
                                     load_if_exists=True)
     except ValueError as exc:   # the stored study has other directions
         raise KilnError(f"study {cfg.study!r} exists with another definition: {first_line(exc)}") from None
@@ -109,18 +69,6 @@ def open_study(cfg: SearchConfig, storage, space: Space, worker: int = 0):
         raise KilnError(f"study {cfg.study!r} in this storage was made by a different search config "
                         "(space or objectives differ): use another --out, --storage or study name")
     return study
-
-
-def fail_interrupted(study) -> int:
-    """Mark trials left RUNNING by a killed search as FAIL ("interrupted"); only call this when no
-    other process can be running trials of the study. Returns how many."""
-    from optuna.trial import TrialState
-
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for t in stale:
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the search was killed")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    return len(stale)
 
 
 def _reporter(trial, study, cfg: SearchConfig, objectives: list[Objective]) -> Callable:
@@ -167,26 +115,39 @@ def join_generation(study, trial) -> None:
     and never be a parent: its point would be run and then ignored by the evolution."""
     from optuna.samplers import BaseGASampler
 
-    if isinstance(study.sampler, BaseGASampler):
-        study.sampler.get_trial_generation(study, study._storage.get_trial(trial._trial_id))
+    sampler = study.sampler.inner
+    if isinstance(sampler, BaseGASampler):
+        sampler.get_trial_generation(study, study._storage.get_trial(trial._trial_id))
 
 
-def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
+def run_trial(setup: Setup, log: Callable[[str], None], stops: Stops | None = None) -> str:
     """Run one trial through Optuna's own loop (samplers such as the grid's stop the study from
     inside it); returns the trial's state name. An exception fails the trial, with its reason."""
     import optuna
 
     study, cfg = setup.study, setup.cfg
+    stops = stops or Stops()
     ran = []
 
     total = budget(cfg, setup.space)
 
     def objective(trial):
         ran.append(trial.number)
+        try:
+            with stops.live():
+                return run_objective(trial)
+        except KeyboardInterrupt:       # Ctrl-C or SIGTERM: this point runs again when the search resumes
+            if not trial.user_attrs.get(SURPLUS):
+                trial.set_user_attr("fail_reason", "interrupted: the search was stopped")
+                retry(study, study._storage.get_trial(trial._trial_id))
+            raise
+
+    def run_objective(trial):
         if claimed_before(study, trial.number) >= total:
             # another worker took the last slot between our budget check and this trial's creation:
             # the storage numbered the trials, so the lower number wins and this one never runs
             trial.set_user_attr(SURPLUS, True)
+            trial.set_user_attr("fail_reason", "surplus: the budget was already taken by other workers")
             # samplers that hand out fixed points (grid, QMC) mark the point as this trial's
             # before the objective runs, and count a finished trial's point as visited: an empty
             # search space tells them this trial visited nothing, so a resumed study still runs it
@@ -195,8 +156,8 @@ def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
             if fixed:        # an enqueued point this trial took off the queue goes back on it
                 study.enqueue_trial(fixed)
             raise KilnError("surplus: the budget was already taken by other workers")
-        join_generation(study, trial)
         try:
+            join_generation(study, trial)
             candidate = setup.space.suggest(trial)
             earlier = _same_params(study, trial) if setup.space.deterministic else None
             if earlier is not None:      # samplers re-propose points of a finite space: don't pay twice
@@ -209,9 +170,6 @@ def run_trial(setup: Setup, log: Callable[[str], None]) -> str:
                 raise KilnError(f"objective {bad[0][0]} is {bad[0][1]}")
         except optuna.TrialPruned as exc:
             trial.set_user_attr("pruned", str(exc))
-            raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted")
             raise
         except Exception as exc:
             trial.set_user_attr("fail_reason", first_line(exc))
@@ -237,13 +195,14 @@ def _same_params(study, trial):
 
 
 def counted(study) -> list:
-    """Trials that count against the budget: all but enqueued ones still WAITING to run and
-    surplus ones a racing worker created past the budget."""
+    """Trials that count against the budget: all but enqueued ones still WAITING to run,
+    surplus ones a racing worker created past the budget, and interrupted ones (their retries
+    count instead)."""
     from optuna.trial import TrialState
 
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                  TrialState.FAIL, TrialState.RUNNING))
-            if not t.user_attrs.get(SURPLUS)]
+            if not t.user_attrs.get(SURPLUS) and not is_interrupted(t)]
 
 
 def started(study) -> int:
@@ -267,8 +226,13 @@ def optimize(setup: Setup, log: Callable[[str], None] = lambda s: None,
     setup.space.ensure_setup()
     total = budget(cfg, setup.space)
     t0 = time.monotonic()
-    while started(setup.study) < total:
-        if cfg.timeout_s and time.monotonic() - t0 > cfg.timeout_s:
-            log(f"timeout_s {cfg.timeout_s:g} reached")
-            break
-        on_trial(run_trial(setup, log))
+    with Stops() as stops:
+        shield(setup.study._storage, stops)
+        while started(setup.study) < total and not stops.pending:
+            if cfg.timeout_s and time.monotonic() - t0 > cfg.timeout_s:
+                log(f"timeout_s {cfg.timeout_s:g} reached")
+                break
+            n = recover(setup.study)         # a worker on this host killed since: its trial runs again
+            if n:
+                log(f"{n} trial(s) of a killed worker interrupted; they run again")
+            on_trial(run_trial(setup, log, stops))

@@ -19,6 +19,7 @@ from kiln.search.config import SearchConfig
 from kiln.search.engine import SURPLUS
 from kiln.search.objectives import Objective
 from kiln.search.pareto import front_indices, hypervolume
+from kiln.search.resume import RETRY_OF, is_interrupted
 
 MAX_EXPORTS = 20
 
@@ -28,7 +29,7 @@ def trial_rows(study) -> list[dict]:
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get(SURPLUS):    # created past the budget by a racing worker, never run
             continue
-        rows.append({"number": t.number, "state": t.state.name, "params": t.params,
+        rows.append({"number": t.number, "state": t.state.name, "interrupted": is_interrupted(t), "params": t.params,
                      "values": t.values, "seconds": t.duration.total_seconds() if t.duration else None,
                      "attrs": {k: v for k, v in t.user_attrs.items() if not k.startswith("partial_")}})
     return rows
@@ -38,9 +39,12 @@ def summarise(rows: list[dict], cfg: SearchConfig, objectives: list[Objective]) 
     """Best trial, or Pareto front and hypervolume (with its running curve), from trial rows."""
     done = [r for r in rows if r["state"] == "COMPLETE"]
     directions = [o.direction for o in objectives]
-    counts = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    counts = {s: sum(r["state"] == s and not r["interrupted"] for r in rows)
+              for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    # an interrupted trial ran again as a retry: the budget counts the retry, not both
+    runs = {"interrupted": sum(r["interrupted"] for r in rows), "retried": sum(RETRY_OF in r["attrs"] for r in rows)}
     out = {"study": cfg.study, "objectives": [o.name for o in objectives], "directions": directions,
-           "sampler": cfg.sampler, "trials": len(rows), "states": counts}
+           "sampler": cfg.sampler, "trials": len(rows) - runs["interrupted"], "states": counts, **runs}
     if not done:
         return out | {"best": [], "hypervolume": None}
     if len(objectives) == 1:
@@ -160,6 +164,9 @@ def _md_table(table: list[list[str]]) -> str:
 
 def _headline(summary: dict) -> list[str]:
     lines = [f"study {summary['study']}: {summary['trials']} trials {summary['states']}, sampler {summary['sampler']}"]
+    if summary.get("interrupted"):
+        lines.append(f"{summary['interrupted']} trial(s) interrupted by a stop or kill, "
+                     f"{summary['retried']} run again (counted once)")
     if summary.get("hypervolume") is not None:
         lines.append(f"hypervolume {summary['hypervolume']:.6g} (reference {summary['reference']})")
     if "best_values" in summary:

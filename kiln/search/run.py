@@ -3,8 +3,8 @@
 The run directory holds config.toml (the config as run), the study (study.db, or study.journal
 for several workers, unless --storage points elsewhere), best/ (the best trials as ready-to-run
 configs), report.html, report.md, the plots, and results.json. Running the same command again
-resumes: the study's trial count goes on from where it stopped, and trials a killed search left
-RUNNING are marked FAIL ("interrupted").
+resumes: the study's trial count goes on from where it stopped, and a trial that a kill, Ctrl-C or
+SIGTERM interrupted runs again, not counted twice (kiln.search.resume).
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Callable
 from kiln.errors import KilnError
 from kiln.io import atomic_write_text
 from kiln.search.config import SearchConfig, parse_search_config, to_toml
-from kiln.search.engine import Setup, budget, started, fail_interrupted, make_space, open_study, optimize
+from kiln.search.engine import Setup, budget, make_space, open_study, optimize, started
+from kiln.search.resume import recover
 from kiln.search.storage import default_url, is_local_default, open_storage
 
 
@@ -58,10 +59,11 @@ def run_search(cfg: SearchConfig, out: Path, progress: bool = True,
     cfg, config_path = prepare_run(cfg, out)
     storage = storage or open_storage(cfg.storage)
     study = open_study(cfg, storage, space)
-    if is_local_default(cfg.storage, out):
-        n = fail_interrupted(study)
-        if n:
-            log(f"resuming: {n} trial(s) left running by a killed search marked FAIL (interrupted)")
+    # the run directory's own storage is shared by no other search: a RUNNING trial without an
+    # owner was created by a process killed before the trial began
+    n = recover(study, ownerless=is_local_default(cfg.storage, out))
+    if n:
+        log(f"resuming: {n} trial(s) left running by a killed search run again")
     setup = Setup(cfg, space, objectives, study)
     total = budget(cfg, space)
     done = started(study)

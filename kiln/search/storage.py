@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.errors import KilnError, first_line
+from kiln.search.resume import heartbeat_stale
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 HEARTBEAT_S = 30
@@ -54,12 +55,14 @@ def open_storage(url: str):
 
     try:
         # a worker killed on another machine leaves its trial RUNNING: with a heartbeat, Optuna
-        # fails such trials once they are silent for the grace period (journal files have none;
-        # the run directory's own storage is cleaned by kiln.search.engine.fail_interrupted)
+        # fails such trials once they are silent for the grace period, and kiln queues them to
+        # run again (journal files have no heartbeat: kiln.search.resume finds dead workers of
+        # the same host there, and every storage's)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(scheme),
-                                              heartbeat_interval=HEARTBEAT_S, grace_period=4 * HEARTBEAT_S)
+                                              heartbeat_interval=HEARTBEAT_S, grace_period=4 * HEARTBEAT_S,
+                                              heartbeat_stale_trial_callback=heartbeat_stale)
     except Exception as exc:     # SQLAlchemy's OperationalError, a missing driver, ...
         raise KilnError(f"storage {url} cannot be reached: {first_line(exc)}") from None
 

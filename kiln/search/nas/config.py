@@ -148,17 +148,6 @@ def build(cls: type[C], data: dict[str, Any], where: str) -> C:
     return dataclasses.replace(base, **special) if special else base
 
 
-RUNS: dict[str, type] = {"darts": DartsRun, "random": SampledRun, "evolution": SampledRun,
-                         "rl": SampledRun, "spos": SposRun}
-
-
-def load(method: str, path: str | Path | None) -> Any:
-    """The config of `method` from a TOML file (None: all defaults)."""
-    if method not in RUNS:
-        raise KilnError(f"unknown nas method {method!r}; known: {', '.join(RUNS)}")
-    return build(RUNS[method], read_toml(path) if path else {}, str(path or method))
-
-
 def to_toml(config: Any) -> str:
     """Top-level scalars first, then one table per nested section (TOML's order rule)."""
     def val(v):
@@ -183,4 +172,4 @@ def to_toml(config: Any) -> str:
 
 
 __all__ = ["DartsRun", "SampledRun", "SposRun", "SpaceConfig", "SampledSearch", "SposSpace", "SposSearch",
-           "build", "load", "to_toml"]
+           "build", "to_toml"]

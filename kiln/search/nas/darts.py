@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -175,6 +176,8 @@ class DartsResult:
     steps: int
     history: list[dict] = field(default_factory=list)
     alphas: dict = field(default_factory=dict)
+    planned_steps: int = 0        # max_epochs' worth
+    steps_per_epoch: int = 1
 
 
 def _alpha_step(model, a_opt, s: DartsSettings, train_batch, val_batch, lr: float) -> None:
@@ -201,7 +204,7 @@ def _weight_step(model, w_opt, s: DartsSettings, batch) -> float:
 
 
 def search(space: CellSpace, macro: Macro, data: Tensors, s: DartsSettings, seed: int,
-           on_epoch=None) -> DartsResult:
+           on_epoch=None, clock: Callable[[], float] = time.perf_counter) -> DartsResult:
     """Alternate alpha and w steps, epoch by epoch, until the epochs or the wall-time budget run
     out (the learning rate's cosine follows whichever is further along). One epoch = one pass over
     the weight half of `data`."""
@@ -215,10 +218,10 @@ def search(space: CellSpace, macro: Macro, data: Tensors, s: DartsSettings, seed
     per_epoch = max(1, len(w_half) // s.batch_size)
     total = per_epoch * s.max_epochs
     w_feed, a_feed = batches(w_half, s.batch_size, gen), batches(a_half, s.batch_size, gen)
-    start, step, history = time.perf_counter(), 0, []
+    start, step, history = clock(), 0, []
     held_out = a_half.take(torch.arange(min(s.eval_samples, len(a_half))))
-    while step < total and time.perf_counter() - start < s.time_budget_s:
-        progress = max(step / total, (time.perf_counter() - start) / s.time_budget_s)
+    while step < total and clock() - start < s.time_budget_s:
+        progress = max(step / total, (clock() - start) / s.time_budget_s)
         lr = cosine(s.w_lr, progress)
         for group in w_opt.param_groups:
             group["lr"] = lr
@@ -227,9 +230,9 @@ def search(space: CellSpace, macro: Macro, data: Tensors, s: DartsSettings, seed
             _alpha_step(model, a_opt, s, train_batch, val_batch, lr)
         loss = _weight_step(model, w_opt, s, train_batch)
         step += 1
-        out_of_time = time.perf_counter() - start >= s.time_budget_s
+        out_of_time = clock() - start >= s.time_budget_s
         if step % per_epoch == 0 or step == total or out_of_time:
-            entry = {"epoch": step / per_epoch, "step": step, "seconds": round(time.perf_counter() - start, 2),
+            entry = {"epoch": step / per_epoch, "step": step, "seconds": round(clock() - start, 2),
                      "train_loss": loss, "search_val_accuracy": accuracy(model, held_out),
                      "genotype": model.genotype().to_dict()}
             history.append(entry)
@@ -237,4 +240,5 @@ def search(space: CellSpace, macro: Macro, data: Tensors, s: DartsSettings, seed
                 on_epoch(entry, s.time_budget_s)
     alphas = {name: p.detach().softmax(-1).tolist() for name, p in
               (("normal", model.alpha_normal), ("reduce", model.alpha_reduce))}
-    return DartsResult(model.genotype(), time.perf_counter() - start, step, history, alphas)
+    return DartsResult(model.genotype(), clock() - start, step, history, alphas, planned_steps=total,
+                       steps_per_epoch=per_epoch)

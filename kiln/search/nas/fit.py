@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -80,6 +81,21 @@ def accuracy(model: nn.Module, data: Tensors, batch_size: int = 500) -> float:
 
 
 @dataclass(frozen=True)
+class Deadline:
+    """A point in time on `clock` (seconds); searches check it between training steps, so a
+    budget holds inside a candidate's training, not only between candidates."""
+    at: float
+    clock: Callable[[], float] = time.perf_counter
+
+    @classmethod
+    def after(cls, seconds: float, clock: Callable[[], float] = time.perf_counter) -> "Deadline":
+        return cls(clock() + seconds, clock)
+
+    def passed(self) -> bool:
+        return self.clock() >= self.at
+
+
+@dataclass(frozen=True)
 class Recipe:
     """How a candidate (briefly) or the found architecture (fully) is trained: SGD with momentum,
     cosine decay to zero over `epochs` (fractions allowed); `max_seconds` > 0 also caps wall time."""
@@ -101,9 +117,11 @@ def cosine(base: float, progress: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
-def train(model: nn.Module, data: Tensors, recipe: Recipe, seed: int, on_step=None) -> dict:
-    """Train in place; returns steps, seconds and the mean loss of the last 50 steps.
-    The learning rate follows the cosine by whichever is further along: steps or wall time."""
+def train(model: nn.Module, data: Tensors, recipe: Recipe, seed: int, on_step=None,
+          deadline: Deadline | None = None) -> dict:
+    """Train in place; returns steps (done and planned), seconds and the mean loss of the last
+    50 steps. The learning rate follows the cosine by whichever is further along: steps or wall
+    time. Training stops before a step that would start past `deadline`."""
     gen = torch.Generator().manual_seed(seed)
     steps = max(1, int(recipe.epochs * len(data) / recipe.batch_size))
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
@@ -114,7 +132,7 @@ def train(model: nn.Module, data: Tensors, recipe: Recipe, seed: int, on_step=No
     done = 0
     for done in range(1, steps + 1):
         elapsed = time.perf_counter() - start
-        if recipe.max_seconds and elapsed >= recipe.max_seconds:
+        if recipe.max_seconds and elapsed >= recipe.max_seconds or deadline and deadline.passed():
             done -= 1
             break
         progress = max((done - 1) / steps, elapsed / recipe.max_seconds if recipe.max_seconds else 0.0)
@@ -130,5 +148,5 @@ def train(model: nn.Module, data: Tensors, recipe: Recipe, seed: int, on_step=No
         if on_step:
             on_step(done, steps)
     tail = losses[-50:]
-    return {"steps": done, "seconds": time.perf_counter() - start,
+    return {"steps": done, "planned_steps": steps, "seconds": time.perf_counter() - start,
             "train_loss": sum(tail) / len(tail) if tail else float("nan")}

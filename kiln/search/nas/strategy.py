@@ -14,6 +14,7 @@ from typing import Callable
 
 from kiln.errors import KilnError
 from kiln.registry import Registry
+from kiln.search.nas.fit import Deadline
 
 Code = tuple[int, ...]
 
@@ -45,10 +46,21 @@ STRATEGIES: Registry[Callable[..., Strategy]] = Registry("nas strategy")
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """A candidate's score, and how much training it got: `complete` is False when the budget's
+    deadline stopped its training early (its score is then not comparable with the others')."""
+    reward: float
+    steps: int = 0
+    complete: bool = True
+
+
+@dataclass(frozen=True)
 class Trial:
     code: Code
     reward: float
     seconds: float      # since the search started, at the end of this trial
+    steps: int = 0      # training steps this candidate got
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -57,21 +69,34 @@ class SearchOutcome:
     best: Trial
     seconds: float
 
+    @property
+    def complete(self) -> int:
+        return sum(t.complete for t in self.trials)
 
-def run(strategy: Strategy, evaluate: Callable[[Code], float], budget_s: float, max_archs: int,
-        on_trial: Callable[[int, Trial], None] | None = None) -> SearchOutcome:
-    """ask -> evaluate -> tell until `max_archs` are evaluated or `budget_s` seconds have passed
-    (a trial running at the deadline finishes). Re-proposed architectures are evaluated again:
-    each evaluation is a fresh noisy measurement, as in the papers."""
+    @property
+    def steps(self) -> int:
+        return sum(t.steps for t in self.trials)
+
+
+def run(strategy: Strategy, evaluate: Callable[[Code, Deadline], "float | Evaluation"], budget_s: float,
+        max_archs: int, on_trial: Callable[[int, Trial], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter) -> SearchOutcome:
+    """ask -> evaluate -> tell until `max_archs` are evaluated or `budget_s` seconds (on `clock`)
+    have passed. `evaluate` gets the deadline and stops training at it; a candidate it cut short
+    is kept in the history but is the best only when no candidate finished. Re-proposed
+    architectures are evaluated again: each evaluation is a fresh noisy measurement, as in the papers."""
     if max_archs < 1:
         raise KilnError(f"nas: max_archs must be at least 1, got {max_archs}")
-    start, trials = time.perf_counter(), []
-    while len(trials) < max_archs and (not trials or time.perf_counter() - start < budget_s):
+    start, trials = clock(), []
+    deadline = Deadline(start + budget_s, clock)
+    while len(trials) < max_archs and (not trials or not deadline.passed()):
         code = strategy.ask()
-        reward = float(evaluate(code))
-        strategy.tell(code, reward)
-        trials.append(Trial(code, reward, time.perf_counter() - start))
+        result = evaluate(code, deadline)
+        result = result if isinstance(result, Evaluation) else Evaluation(float(result))
+        if result.complete:        # a cut-short score would mislead the strategy
+            strategy.tell(code, result.reward)
+        trials.append(Trial(code, result.reward, clock() - start, result.steps, result.complete))
         if on_trial:
             on_trial(len(trials), trials[-1])
-    best = max(trials, key=lambda t: t.reward)
-    return SearchOutcome(trials, best, time.perf_counter() - start)
+    best = max([t for t in trials if t.complete] or trials, key=lambda t: t.reward)
+    return SearchOutcome(trials, best, clock() - start)
