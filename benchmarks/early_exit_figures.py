@@ -72,7 +72,8 @@ def experiment(name: str) -> dict:
     if Path(out).exists():
         shutil.rmtree(out)          # this script's own run directory from an earlier run
     t0 = time.perf_counter()
-    rep = early_exit_run(src, parse_config(read_toml(config), config), Path(out), log=lambda s: print(s, file=sys.stderr))["report"]
+    rep = early_exit_run(src, parse_config(read_toml(config), config),
+                         Path(out), log=lambda s: print(s, file=sys.stderr))["report"]
     png = FIGURES / f"early_exit_{name}.png"
     plot(name, rep, png)
     dense, c = rep["dense"], rep["chosen"]

@@ -55,7 +55,8 @@ def experiment(name: str) -> dict:
     if Path(out).exists():
         shutil.rmtree(out)          # this script's own run directory from an earlier run
     t0 = time.perf_counter()
-    result = lowrank_run(src, parse_config(read_toml(config), config), Path(out), log=lambda s: print(s, file=sys.stderr))
+    result = lowrank_run(src, parse_config(read_toml(config), config),
+                         Path(out), log=lambda s: print(s, file=sys.stderr))
     rep, m = result["report"], result["metrics"]
     key, lat = m["metric"], rep["latency"]
     entry = {

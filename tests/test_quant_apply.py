@@ -222,7 +222,6 @@ def test_quantize_run_saves_and_reloads_exactly(tmp_path):
 def test_qat_from_a_quantized_run_keeps_its_quantizers_and_reloads(tmp_path):
     """`kiln train --init QUANTIZED` trains the quantized model (QAT) and writes a run whose
     transforms are the quantized run's; reloading it gives the trained model exactly."""
-    from kiln.quant.modules import QuantOp
     from kiln.quant.run import quantize_run
     from kiln.runs.artifact import load_artifact
     from kiln.train.config import TrainConfig

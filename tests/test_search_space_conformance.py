@@ -17,10 +17,10 @@ import torch
 from kiln.config import from_dict, read_toml
 from kiln.search.config import parse_search_config
 from kiln.search.engine import make_space
-from kiln.search.spaces import SPACES, _load_spaces
+from kiln.search.spaces import SPACES
 
 torch.set_num_threads(1)
-_load_spaces()
+SPACES.load()
 
 USER = textwrap.dedent('''
     def fn(trial):

@@ -51,7 +51,8 @@ def curve(logits, labels, model: EarlyExit, grid: list[float], per_exit) -> list
     return [point(logits, labels, scores, model.criterion, t, per_exit) for t in grid]
 
 
-def early_exit_run(src: str, cfg: EarlyExitConfig, out: Path, dataset: str | None = None, log: Log = lambda s: None) -> dict:
+def early_exit_run(src: str, cfg: EarlyExitConfig, out: Path, dataset: str | None = None,
+                   log: Log = lambda s: None) -> dict:
     """The whole command: probe, attach, train the heads, sweep, time, write the artifact."""
     check_new_dir(out)
     source = require_float(load_source(src, dataset), "early-exit")

@@ -54,7 +54,8 @@ def early_exit(
 
     validate(new_dirs=[out], json_path=json_path)
     check_fits(src, dataset)
-    result = early_exit_run(src, parse_config(read_toml(config), str(config)), out, dataset, log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    cfg = parse_config(read_toml(config), str(config))
+    result = early_exit_run(src, cfg, out, dataset, log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     print_report(result["report"])
     console.print(f"artifact: {out}")
     if json_path:

@@ -54,7 +54,8 @@ def lowrank(
 
     validate(new_dirs=[out], json_path=json_path)
     check_fits(src, dataset)
-    result = lowrank_run(src, parse_config(read_toml(config), str(config)), out, dataset, evaluate, log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    cfg = parse_config(read_toml(config), str(config))
+    result = lowrank_run(src, cfg, out, dataset, evaluate, log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     print_report(result["report"], result["metrics"])
     console.print(f"artifact: {out}")
     if json_path:
