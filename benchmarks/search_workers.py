@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import merge_result  # noqa: E402
-from kiln.search.config import parse_search_config, to_toml  # noqa: E402
+from kiln.config import to_toml  # noqa: E402
+from kiln.search.config import parse_search_config  # noqa: E402
 from kiln.search.engine import SURPLUS, make_space, open_study  # noqa: E402
 from kiln.search.storage import open_storage  # noqa: E402
 from kiln.search.workers import launch, wait  # noqa: E402

@@ -67,9 +67,10 @@ def _coerce(where: str, name: str, value: Any, hint: Any) -> Any:
 
 
 def _type_name(t: Any) -> str:
-    origin = typing.get_origin(t) or t
+    origin, args = typing.get_origin(t) or t, typing.get_args(t)
     if origin in (tuple, list):
-        return "a list"
+        items = args[:1] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else ()
+        return f"a list of {_type_name(items[0])}" if items and items[0] is not Any else "a list"
     if origin is dict or dataclasses.is_dataclass(t):
         return "a table"
     return getattr(t, "__name__", str(t))

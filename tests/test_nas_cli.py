@@ -8,8 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from kiln.cli.main import app
+from kiln.config import from_dict, to_toml
 from kiln.errors import KilnError
-from kiln.search.nas import config as nas_config
 from kiln.search.nas.run import load_config
 from kiln.search.nas.fit import accuracy, load_data
 from kiln.search.nas.space import Genotype, Macro, discrete_network
@@ -84,7 +84,7 @@ def test_a_non_empty_out_dir_fails_before_any_work(tmp_path):
 @pytest.mark.parametrize("method", ["darts", "random", "evolution", "rl", "spos"])
 def test_every_config_round_trips_through_toml(method):
     cfg = load_config(method, None)
-    assert nas_config.build(type(cfg), tomllib.loads(nas_config.to_toml(cfg)), "rt") == cfg
+    assert from_dict(type(cfg), tomllib.loads(to_toml(cfg)), "rt") == cfg
 
 
 def _flat(table: dict, prefix: str = "") -> dict:
@@ -108,7 +108,7 @@ def test_config_files_in_the_repo_load_to_exactly_what_they_say():
         for key, value in _flat(tomllib.loads(path.read_text())).items():
             got = reduce(getattr, key.split("."), cfg)
             assert got == (tuple(value) if isinstance(value, list) else value), (path, key)
-        assert nas_config.build(type(cfg), tomllib.loads(nas_config.to_toml(cfg)), str(path)) == cfg
+        assert from_dict(type(cfg), tomllib.loads(to_toml(cfg)), str(path)) == cfg
 
 
 def test_run_dir_rebuilds_the_found_network_with_the_reported_accuracy(tmp_path):

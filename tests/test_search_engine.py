@@ -13,7 +13,8 @@ import optuna
 import pytest
 
 from kiln.errors import KilnError
-from kiln.search.config import parse_search_config, to_toml
+from kiln.config import to_toml
+from kiln.search.config import parse_search_config
 from kiln.search.engine import SURPLUS, Setup, make_space, open_study, optimize, run_trial, started
 from kiln.search.pareto import front, hypervolume
 from kiln.search.report import trial_rows

@@ -18,7 +18,8 @@ import pytest
 
 from kiln.errors import KilnError
 from kiln.search import resume
-from kiln.search.config import parse_search_config, to_toml
+from kiln.config import to_toml
+from kiln.search.config import parse_search_config
 from kiln.search.engine import SURPLUS, Setup, make_space, open_study, optimize, run_trial
 from kiln.search.resume import OWNER, RETRY_OF, is_interrupted, recover, slot
 from kiln.search.run import run_search

@@ -19,56 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
+from kiln.config import from_dict, read_toml
 from kiln.errors import KilnError
 from kiln.search.samplers import PRUNERS, SAMPLERS
-
-C = TypeVar("C")
-
-
-def from_table(cls: type[C], table: dict[str, Any], where: str) -> C:
-    """Like `kiln.config.from_dict`, plus tuple fields given as TOML arrays (elements
-    type-checked) and dict fields given as tables."""
-    from kiln.config import _coerce
-
-    if not isinstance(table, dict):
-        raise KilnError(f"{where}: needs a table, got {table!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(table) - set(names))
-    if unknown:
-        raise KilnError(f"{where}: unknown key {unknown[0]!r}; accepted: {', '.join(names)}")
-    values = {}
-    for key, value in table.items():
-        hint = hints[key]
-        if typing.get_origin(hint) is tuple:
-            values[key] = _tuple(value, typing.get_args(hint)[0], f"{where}: key {key!r}")
-        elif hint is dict:
-            if not isinstance(value, dict):
-                raise KilnError(f"{where}: key {key!r} needs a table, got {value!r}")
-            values[key] = dict(value)
-        else:
-            values[key] = _coerce(cls, key, value, hint)
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise KilnError(f"{where}: {exc}") from None
-
-
-def _tuple(value: Any, elem: type, where: str) -> tuple:
-    if not isinstance(value, (list, tuple)):
-        raise KilnError(f"{where} needs a list, got {value!r}")
-    out = []
-    for v in value:
-        ok = isinstance(v, elem) and not isinstance(v, bool) or (elem is float and isinstance(v, int)
-                                                                and not isinstance(v, bool))
-        if not ok:
-            raise KilnError(f"{where} needs a list of {elem.__name__}, got {value!r}")
-        out.append(elem(v))
-    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -133,7 +89,7 @@ def parse_search_config(table: dict[str, Any], where: str = "search config") -> 
     table = dict(table)
     if "space" not in table:
         raise KilnError(f"{where}: needs a [space] table with kind = NAME")
-    cfg = from_table(SearchConfig, table, where)
+    cfg = from_dict(SearchConfig, table, where)
     space_config(cfg.space, f"{where}.space")      # unknown kinds and keys fail here, before any work
     from kiln.search.objectives import resolve
 
@@ -142,27 +98,4 @@ def parse_search_config(table: dict[str, Any], where: str = "search config") -> 
 
 
 def load_search_config(path) -> SearchConfig:
-    from kiln.config import read_toml
-
     return parse_search_config(read_toml(path), str(path))
-
-
-def to_toml(cfg: SearchConfig) -> str:
-    """The config back as TOML (it round-trips through parse_search_config)."""
-    d = dataclasses.asdict(cfg)
-    space = d.pop("space")
-    lines = [f"{k} = {_val(v)}" for k, v in d.items()]
-    lines += ["", "[space]"] + [f"{k} = {_val(v)}" for k, v in space.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _val(v: Any) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_val(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_val(x)}" for k, x in v.items()) + " }"
-    return repr(v)

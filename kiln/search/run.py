@@ -12,9 +12,10 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
+from kiln.config import read_toml, to_toml
 from kiln.errors import KilnError
 from kiln.io import atomic_write_text
-from kiln.search.config import SearchConfig, parse_search_config, to_toml
+from kiln.search.config import SearchConfig, parse_search_config
 from kiln.search.engine import Setup, budget, make_space, open_study, optimize, started
 from kiln.search.resume import recover
 from kiln.search.storage import default_url, is_local_default, open_storage
@@ -31,8 +32,6 @@ def prepare_run(cfg: SearchConfig, out: Path) -> tuple[SearchConfig, Path]:
     url = cfg.storage or default_url(out, cfg.workers)
     cfg = dataclasses.replace(cfg, storage=url)
     if previous.is_file():
-        from kiln.config import read_toml
-
         old = parse_search_config(read_toml(previous), str(previous))
         if (old.space, old.objectives, old.study) != (cfg.space, cfg.objectives, cfg.study):
             raise KilnError(f"{out} holds a different search (space, objectives or study name): "
@@ -51,8 +50,6 @@ def run_search(cfg: SearchConfig, out: Path, progress: bool = True,
     space.ensure_setup()        # a space with no valid point, or a source that fails, stops here: nothing written
     previous = Path(out) / "config.toml"
     if not cfg.storage and previous.is_file():    # resuming: the study stays where it was started
-        from kiln.config import read_toml
-
         cfg = dataclasses.replace(cfg, storage=str(read_toml(previous).get("storage", "")))
     # a given storage must be reachable before anything is written; the default one lives in `out`
     storage = open_storage(cfg.storage) if cfg.storage else None

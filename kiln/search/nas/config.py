@@ -13,13 +13,8 @@ An unknown key or section is an error naming it; lists map onto tuples.
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
 
-from kiln.config import from_dict, read_toml
 from kiln.errors import KilnError
 from kiln.search.nas.darts import DartsSettings
 from kiln.search.nas.evolution import EvolutionSettings
@@ -27,7 +22,6 @@ from kiln.search.nas.fit import Recipe
 from kiln.search.nas.rl import RLSettings
 from kiln.search.nas.space import CellSpace, Macro
 
-C = TypeVar("C")
 DEFAULT_OPS = ("none", "skip_connect", "max_pool_3x3", "avg_pool_3x3", "sep_conv_3x3", "sep_conv_5x5",
                "dil_conv_3x3")
 
@@ -122,54 +116,4 @@ class SposRun:
     retrain: Recipe = Recipe(epochs=5.0)
 
 
-def _is_tuple(hint) -> bool:
-    return typing.get_origin(hint) is tuple
-
-
-def build(cls: type[C], data: dict[str, Any], where: str) -> C:
-    """Nested from_dict: tables become nested dataclasses, lists become tuples (of one item type)."""
-    if not isinstance(data, dict):
-        raise KilnError(f"{where}: expected a table, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    scalars, special = {}, {}
-    for key, value in data.items():
-        hint = hints.get(key)
-        if key in names and dataclasses.is_dataclass(hint):
-            special[key] = build(hint, value, f"{where} [{key}]")
-        elif key in names and _is_tuple(hint):
-            item = typing.get_args(hint)[0]
-            if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
-                raise KilnError(f"{where}: key {key!r} needs a list of {item.__name__}, got {value!r}")
-            special[key] = tuple(value)
-        else:
-            scalars[key] = value
-    base = from_dict(cls, scalars, where)   # unknown keys and scalar types are checked here
-    return dataclasses.replace(base, **special) if special else base
-
-
-def to_toml(config: Any) -> str:
-    """Top-level scalars first, then one table per nested section (TOML's order rule)."""
-    def val(v):
-        if isinstance(v, bool):
-            return str(v).lower()
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return repr(v)
-
-    def table(obj, prefix: str) -> list[str]:
-        lines = [f"{f.name} = {val(getattr(obj, f.name))}" for f in dataclasses.fields(obj)
-                 if not dataclasses.is_dataclass(getattr(obj, f.name))]
-        for f in dataclasses.fields(obj):
-            sub = getattr(obj, f.name)
-            if dataclasses.is_dataclass(sub):
-                name = f"{prefix}.{f.name}" if prefix else f.name
-                lines += ["", f"[{name}]"] + table(sub, name)
-        return lines
-    return "\n".join(table(config, "")) + "\n"
-
-
-__all__ = ["DartsRun", "SampledRun", "SposRun", "SpaceConfig", "SampledSearch", "SposSpace", "SposSearch",
-           "build", "to_toml"]
+__all__ = ["DartsRun", "SampledRun", "SposRun", "SpaceConfig", "SampledSearch", "SposSpace", "SposSearch"]

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from kiln.config import from_dict, read_toml, to_toml
 from kiln.registry import Registry
 from kiln.search.nas import config as nas_config
 from kiln.search.nas import darts, fit, spos
@@ -209,9 +210,7 @@ class Method:
 
     def load(self, path: str | Path | None, where: str):
         """The method's config from a TOML file (None: all defaults)."""
-        from kiln.config import read_toml
-
-        return nas_config.build(self.config, read_toml(path) if path else {}, str(path or where))
+        return from_dict(self.config, read_toml(path) if path else {}, str(path or where))
 
 
 METHODS: Registry[Method] = Registry("nas method")
@@ -236,7 +235,7 @@ def write_run(out: Path, result: NasResult, cfg) -> Path:
     from kiln.runs.weights import save_weights
 
     with atomic_dir(out) as tmp:
-        atomic_write_text(tmp / "config.toml", nas_config.to_toml(cfg))
+        atomic_write_text(tmp / "config.toml", to_toml(cfg))
         atomic_write_json(tmp / "architecture.json", {"method": result.method, **result.architecture})
         atomic_write_json(tmp / "metrics.json", result.metrics)
         atomic_write_json(tmp / "search.json", result.search)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from kiln.config import from_dict
 from kiln.errors import KilnError
 from kiln.registry import Registry
 from kiln.search.objectives import Scores
@@ -84,14 +85,12 @@ def register_space(kind: str):
 
 def space_config(table: dict, where: str) -> tuple[type[Space], Any]:
     """(space class, its typed config) for a `[space]` table; unknown kinds and keys are KilnErrors."""
-    from kiln.search.config import from_table
-
     table = dict(table)
     kind = table.pop("kind", None)
     if not isinstance(kind, str):
         raise KilnError(f"{where}: needs kind = NAME; known: {', '.join(SPACES.names())}")
     cls = SPACES.get(kind)
-    return cls, from_table(cls.Config, table, f"{where} ({kind})")
+    return cls, from_dict(cls.Config, table, f"{where} ({kind})")
 
 
 def build_space(table: dict, ctx: Context, where: str = "search config.space") -> Space:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kiln.config import read_toml, to_toml
 from kiln.errors import KilnError
 from kiln.io import atomic_write_text
 from kiln.search.objectives import cost_scores
@@ -131,7 +132,6 @@ class TrainedSpace(Space):
         """Compression-aware scoring: quantize the trained candidate, then score that."""
         import copy
 
-        from kiln.config import read_toml
         from kiln.quant.apply import report
         from kiln.quant.config import parse_config
         from kiln.quant.run import prepare
@@ -156,8 +156,9 @@ class TrainedSpace(Space):
                    f"from kiln.search.spaces.arch import build_candidate\n\nPARAMS = {json.dumps(params)}\n\n\n"
                    f"def factory():\n    model = build_candidate({self.kind!r}, PARAMS)\n"
                    f"    return model, (torch.randn(1, *{list(self.example[0].shape[1:])}),)\n")
-        train = (f'model = "py:{model_py}:factory"\ndataset = "{c.dataset}"\nout = "{out / "train"}"\n'
-                 f"epochs = 5\nlr = {params.get('lr', c.lr)}\nbatch_size = {c.batch_size}\nweight_decay = {params.get('weight_decay', c.weight_decay)}\n")
+        train = to_toml({"model": f"py:{model_py}:factory", "dataset": c.dataset, "out": str(out / "train"),
+                         "epochs": 5, "lr": params.get("lr", c.lr), "batch_size": c.batch_size,
+                         "weight_decay": params.get("weight_decay", c.weight_decay)})
         return [atomic_write_text(model_py, factory), atomic_write_text(out / "train.toml", train)]
 
 

@@ -44,6 +44,7 @@ from typing import Any
 
 from torch import nn
 
+from kiln.config import to_toml
 from kiln.errors import KilnError
 from kiln.io import atomic_write_text
 from kiln.search.spaces import Report, Space, register_space
@@ -361,13 +362,7 @@ class MixedPrecisionSpace(QuantSpaceBase):
         return {g: self.config.choices for g in self.groups}
 
     def export(self, params: dict, out: Path) -> list[Path]:
-        from kiln.search.config import _val
-
         self.ensure_setup()
-        table = self.quant_table(self.bits_of(params))
-        lines = [f"# trial of a mixed-precision search over {self.config.source}: "
-                 f"kiln quantize {self.config.source} --config quant.toml"]
-        lines += [f"{k} = {_val(v)}" for k, v in table.items() if k != "rules"]
-        for rule in table["rules"]:
-            lines += ["", "[[rules]]", *[f"{k} = {_val(v)}" for k, v in rule.items()]]
-        return [atomic_write_text(out / "quant.toml", "\n".join(lines) + "\n")]
+        header = (f"# trial of a mixed-precision search over {self.config.source}: "
+                  f"kiln quantize {self.config.source} --config quant.toml\n")
+        return [atomic_write_text(out / "quant.toml", header + to_toml(self.quant_table(self.bits_of(params))))]
