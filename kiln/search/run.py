@@ -18,6 +18,9 @@ from kiln.search.config import SearchConfig, parse_search_config, to_toml
 from kiln.search.engine import Setup, budget, make_space, open_study, optimize, started
 from kiln.search.resume import recover
 from kiln.search.storage import default_url, is_local_default, open_storage
+from kiln.config import read_toml
+from kiln.search.report import write_report
+from kiln.search.workers import launch, wait
 
 
 def prepare_run(cfg: SearchConfig, out: Path) -> tuple[SearchConfig, Path]:
@@ -31,7 +34,6 @@ def prepare_run(cfg: SearchConfig, out: Path) -> tuple[SearchConfig, Path]:
     url = cfg.storage or default_url(out, cfg.workers)
     cfg = dataclasses.replace(cfg, storage=url)
     if previous.is_file():
-        from kiln.config import read_toml
 
         old = parse_search_config(read_toml(previous), str(previous))
         if (old.space, old.objectives, old.study) != (cfg.space, cfg.objectives, cfg.study):
@@ -45,13 +47,11 @@ def prepare_run(cfg: SearchConfig, out: Path) -> tuple[SearchConfig, Path]:
 def run_search(cfg: SearchConfig, out: Path, progress: bool = True,
                log: Callable[[str], None] = lambda s: None) -> dict:
     """Run (or resume) the study, then write the best configs and the report; returns the summary."""
-    from kiln.search.report import write_report
 
     space, objectives = make_space(cfg)
     space.ensure_setup()        # a space with no valid point, or a source that fails, stops here: nothing written
     previous = Path(out) / "config.toml"
     if not cfg.storage and previous.is_file():    # resuming: the study stays where it was started
-        from kiln.config import read_toml
 
         cfg = dataclasses.replace(cfg, storage=str(read_toml(previous).get("storage", "")))
     # a given storage must be reachable before anything is written; the default one lives in `out`
@@ -73,7 +73,6 @@ def run_search(cfg: SearchConfig, out: Path, progress: bool = True,
         if cfg.workers == 1:
             _single(setup, log, tick)
         else:
-            from kiln.search.workers import launch, wait
 
             procs = launch(config_path, cfg.storage, cfg.workers, Path(out))
             wait(procs, lambda: started(study), tick, Path(out))

@@ -20,6 +20,9 @@ from kiln.search.nas.space import Genotype, Macro, discrete_network
 
 # importing registers the strategies
 from kiln.search.nas import evolution, random_search, rl  # noqa: E402,F401
+from kiln.config import read_toml
+from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
+from kiln.runs.weights import save_weights
 
 
 @dataclass
@@ -209,7 +212,6 @@ class Method:
 
     def load(self, path: str | Path | None, where: str):
         """The method's config from a TOML file (None: all defaults)."""
-        from kiln.config import read_toml
 
         return nas_config.build(self.config, read_toml(path) if path else {}, str(path or where))
 
@@ -232,8 +234,6 @@ def run_method(method: str, cfg, progress: bool = True) -> NasResult:
 def write_run(out: Path, result: NasResult, cfg) -> Path:
     """config.toml, architecture.json, metrics.json, search.json, history.json and
     model.safetensors, all or nothing (kiln.io.atomic_dir)."""
-    from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
-    from kiln.runs.weights import save_weights
 
     with atomic_dir(out) as tmp:
         atomic_write_text(tmp / "config.toml", nas_config.to_toml(cfg))
