@@ -223,10 +223,10 @@ def _parsers() -> dict:
     from kiln.prune.config import parse_config as prune
     from kiln.quant.config import parse_config as quant
     from kiln.search.config import parse_search_config as search
-    from kiln.search.nas.config import RUNS, build
+    from kiln.search.nas.run import METHODS
     from kiln.train.config import TrainConfig
 
-    nas = {m: functools.partial(build, cls) for m, cls in RUNS.items()}
+    nas = {m: functools.partial(from_dict, METHODS.get(m).config) for m in METHODS.names()}
     return {"quant": quant, "prune": prune, "lowrank": lowrank, "early_exit": early_exit, "search": search,
             "train": lambda t, where: from_dict(TrainConfig, t, where), **{f"nas-{m}": f for m, f in nas.items()}}
 

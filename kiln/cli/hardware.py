@@ -92,4 +92,6 @@ def calibrate(
     else:
         console.print(f"saved {save_profile(profile)}")
     if json_path:
-        write_json(json_path, _as_dict(profile) | {"warnings": cal.warnings(), "saved": not higher})
+        peaks = {k: {"best": pk.value, "median_call": pk.typical, "spread": pk.spread, "calls": pk.timing.n,
+                     "settled": pk.settled} for k, pk in cal.peaks.items()}
+        write_json(json_path, _as_dict(profile) | {"peaks": peaks, "warnings": cal.warnings(), "saved": not higher})

@@ -24,7 +24,9 @@ from typing import Any
 
 from kiln.config import from_dict, read_toml
 from kiln.errors import KilnError
+from kiln.search.objectives import resolve
 from kiln.search.samplers import PRUNERS, SAMPLERS
+from kiln.search.spaces import space_config
 
 
 @dataclass(frozen=True)
@@ -84,15 +86,11 @@ class SearchConfig:
 
 def parse_search_config(table: dict[str, Any], where: str = "search config") -> SearchConfig:
     """A SearchConfig from a TOML table; the [space] table is checked by its kind's config."""
-    from kiln.search.spaces import space_config
-
     table = dict(table)
     if "space" not in table:
         raise KilnError(f"{where}: needs a [space] table with kind = NAME")
     cfg = from_dict(SearchConfig, table, where)
     space_config(cfg.space, f"{where}.space")      # unknown kinds and keys fail here, before any work
-    from kiln.search.objectives import resolve
-
     resolve(cfg.objectives)
     return cfg
 

@@ -13,6 +13,13 @@ from torch import nn
 from kiln.errors import KilnError
 from kiln.registry import Registry
 from kiln.timing import TimingConfig, measure
+from kiln.analysis.cost import AnnotateCost
+from kiln.analysis.oracle import flop_counter_flops
+from kiln.analysis.roofline import roofline
+from kiln.graph.capture import capture
+from kiln.graph.passes import PassManager
+from kiln.hardware.profiles import load_profile
+from kiln.models.loaded import LoadedModel
 
 Scores = dict[str, float]
 
@@ -72,8 +79,6 @@ def fp32_bytes(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, inputs: tuple) -> int:
-    from kiln.analysis.oracle import flop_counter_flops
-    from kiln.models.loaded import LoadedModel
 
     return flop_counter_flops(LoadedModel("search-candidate", model, tuple(inputs)))
 
@@ -92,12 +97,6 @@ def measured_latency_ms(model: nn.Module, inputs: tuple, repeats: int = 7, warmu
 
 def roofline_ms(model: nn.Module, inputs: tuple, hardware: str) -> float:
     """Roofline latency (max of compute and memory time per op, summed) of the captured graph."""
-    from kiln.analysis.cost import AnnotateCost
-    from kiln.analysis.roofline import roofline
-    from kiln.graph.capture import capture
-    from kiln.graph.passes import PassManager
-    from kiln.hardware.profiles import load_profile
-    from kiln.models.loaded import LoadedModel
 
     graph = capture(LoadedModel("search-candidate", model.eval(), tuple(inputs)))
     PassManager([AnnotateCost()]).run(graph)

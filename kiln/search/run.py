@@ -19,6 +19,8 @@ from kiln.search.config import SearchConfig, parse_search_config
 from kiln.search.engine import Setup, budget, make_space, open_study, optimize, started
 from kiln.search.resume import recover
 from kiln.search.storage import default_url, is_local_default, open_storage
+from kiln.search.report import write_report
+from kiln.search.workers import launch, wait
 
 
 def prepare_run(cfg: SearchConfig, out: Path) -> tuple[SearchConfig, Path]:
@@ -44,7 +46,6 @@ def prepare_run(cfg: SearchConfig, out: Path) -> tuple[SearchConfig, Path]:
 def run_search(cfg: SearchConfig, out: Path, progress: bool = True,
                log: Callable[[str], None] = lambda s: None) -> dict:
     """Run (or resume) the study, then write the best configs and the report; returns the summary."""
-    from kiln.search.report import write_report
 
     space, objectives = make_space(cfg)
     space.ensure_setup()        # a space with no valid point, or a source that fails, stops here: nothing written
@@ -70,7 +71,6 @@ def run_search(cfg: SearchConfig, out: Path, progress: bool = True,
         if cfg.workers == 1:
             _single(setup, log, tick)
         else:
-            from kiln.search.workers import launch, wait
 
             procs = launch(config_path, cfg.storage, cfg.workers, Path(out))
             wait(procs, lambda: started(study), tick, Path(out))

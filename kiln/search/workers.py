@@ -23,6 +23,9 @@ from typing import Callable
 
 from kiln.errors import KilnError
 from kiln.search.resume import Stops
+from kiln.search.config import load_search_config
+from kiln.search.engine import Setup, make_space, open_study, optimize
+from kiln.search.storage import open_storage
 
 
 def worker_command(config: Path, storage: str, worker: int) -> list[str]:
@@ -71,9 +74,6 @@ def wait(procs: list[subprocess.Popen], count: Callable[[], int], tick: Callable
 def worker_main(argv: list[str] | None = None) -> int:
     import torch
 
-    from kiln.search.config import load_search_config
-    from kiln.search.engine import Setup, make_space, open_study, optimize
-    from kiln.search.storage import open_storage
 
     parser = argparse.ArgumentParser(prog="kiln.search.workers")
     parser.add_argument("--config", required=True)

@@ -21,6 +21,7 @@ from kiln.search.nas.evolution import EvolutionSettings
 from kiln.search.nas.fit import Recipe
 from kiln.search.nas.rl import RLSettings
 from kiln.search.nas.space import CellSpace, Macro
+from kiln.search.nas.spos import check_space
 
 DEFAULT_OPS = ("none", "skip_connect", "max_pool_3x3", "avg_pool_3x3", "sep_conv_3x3", "sep_conv_5x5",
                "dil_conv_3x3")
@@ -72,7 +73,6 @@ class SposSpace:
     downsample_after: tuple[int, ...] = (1,)
 
     def __post_init__(self):
-        from kiln.search.nas.spos import check_space
         check_space(self)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.data import load_dataset
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,6 @@ class Data:
 
 def load_data(spec: str, seed: int) -> Data:
     """A classification dataset of image tensors, whole splits in memory."""
-    from kiln.data import load_dataset
 
     splits = load_dataset(spec, seed=seed)
     if splits.task != "classification" or not splits.sample_shape or len(splits.sample_shape) != 3:

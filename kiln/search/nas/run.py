@@ -21,6 +21,8 @@ from kiln.search.nas.space import Genotype, Macro, discrete_network
 
 # importing registers the strategies
 from kiln.search.nas import evolution, random_search, rl  # noqa: E402,F401
+from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
+from kiln.runs.weights import save_weights
 
 
 @dataclass
@@ -231,8 +233,6 @@ def run_method(method: str, cfg, progress: bool = True) -> NasResult:
 def write_run(out: Path, result: NasResult, cfg) -> Path:
     """config.toml, architecture.json, metrics.json, search.json, history.json and
     model.safetensors, all or nothing (kiln.io.atomic_dir)."""
-    from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
-    from kiln.runs.weights import save_weights
 
     with atomic_dir(out) as tmp:
         atomic_write_text(tmp / "config.toml", to_toml(cfg))

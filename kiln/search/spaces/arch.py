@@ -29,6 +29,13 @@ from kiln.errors import KilnError
 from kiln.io import atomic_write_text
 from kiln.search.objectives import cost_scores
 from kiln.search.spaces import Report, Space, register_space
+from kiln.data import load_dataset
+from kiln.models.zoo.vit import ViT
+from kiln.quant.apply import report
+from kiln.quant.config import parse_config
+from kiln.quant.run import prepare
+from kiln.train import tasks
+from kiln.train.evaluation import calibration_batches
 
 
 class ConvNet(nn.Module):
@@ -95,7 +102,6 @@ class TrainedSpace(Space):
     def setup(self) -> None:
         from torch.utils.data import Subset
 
-        from kiln.data import load_dataset
 
         c = self.config
         for name, ok in (("steps", c.steps >= 1), ("batch_size", c.batch_size >= 1), ("samples", c.samples >= 1),
@@ -132,11 +138,6 @@ class TrainedSpace(Space):
         """Compression-aware scoring: quantize the trained candidate, then score that."""
         import copy
 
-        from kiln.quant.apply import report
-        from kiln.quant.config import parse_config
-        from kiln.quant.run import prepare
-        from kiln.train.evaluation import calibration_batches
-        from kiln.train import tasks
         from torch.utils.data import DataLoader
 
         float_model = copy.deepcopy(model)
@@ -167,7 +168,6 @@ def train_briefly(model: nn.Module, space: TrainedSpace, report, lr: float, weig
     every `eval_every` steps (reported) and at the end (returned)."""
     from torch.utils.data import DataLoader
 
-    from kiln.train import tasks
 
     c = space.config
     loader = DataLoader(space.splits.train, batch_size=c.batch_size, shuffle=True, drop_last=True,
@@ -278,7 +278,6 @@ def build_candidate(kind: str, params: dict[str, Any]) -> nn.Module:
         stages = [(params[f"s{i}_channels"], params[f"s{i}_kernel"], params[f"s{i}_blocks"])
                   for i in range(params["depth"])]
         return ConvNet(stages, in_channels, classes)
-    from kiln.models.zoo.vit import ViT
 
     heads = params.get("heads") or next(v for k, v in params.items() if k.startswith("heads_dim"))
     return ViT(image_size=params.get("image_size", 28), patch=params.get("patch", 7), in_channels=in_channels,

@@ -26,6 +26,9 @@ from torch import nn
 from kiln.errors import KilnError
 from kiln.search.spaces import Report, register_space
 from kiln.search.spaces.quant import MixedPrecisionConfig, QuantSpaceBase
+from kiln.lowrank.apply import replace
+from kiln.lowrank.svd import factorize_linear, rank_for_budget
+from kiln.prune.unstructured import make_permanent, prune_unstructured
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,6 @@ class CompressionSpace(QuantSpaceBase):
 
     def compress(self, choice: dict) -> tuple[nn.Module, dict[str, int]]:
         """A pruned and factorised copy of the float model, and the weight bits per Linear FQN."""
-        from kiln.lowrank.apply import replace
-        from kiln.lowrank.svd import factorize_linear, rank_for_budget
-        from kiln.prune.unstructured import make_permanent, prune_unstructured
 
         model = copy.deepcopy(self.model)
         layer = {n: g for g, names in self.groups.items() for n in names}

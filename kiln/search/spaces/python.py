@@ -19,6 +19,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.search.spaces import Report, Space, register_space
+from kiln.errors import first_line
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,6 @@ def load_function(ref: str):
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
-            from kiln.errors import first_line
 
             raise KilnError(f"python space: {file} does not import: {first_line(exc)}") from None
         sys.modules[name] = module

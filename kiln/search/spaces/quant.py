@@ -48,6 +48,17 @@ from kiln.config import to_toml
 from kiln.errors import KilnError
 from kiln.io import atomic_write_text
 from kiln.search.spaces import Report, Space, register_space
+from kiln.data import load_dataset
+from kiln.quant.apply import calibrate, quantize
+from kiln.quant.apply import report
+from kiln.quant.config import parse_config
+from kiln.quant.formats import parse_format
+from kiln.quant.modules import QuantOp
+from kiln.runs.artifact import load_source
+from kiln.train.evaluation import calibration_batches, check_batches
+from kiln.train.evaluation import evaluate_model
+from kiln.train.tasks import forward as model_forward
+from kiln.train.tasks import scored_by_own_loss
 
 GRANULARITIES = ("tensor", "channel")
 
@@ -87,7 +98,6 @@ class MixedPrecisionConfig:
         for ok, message in checks:
             if not ok:
                 raise KilnError(f"mixed-precision space: {message}")
-        from kiln.quant.formats import parse_format
 
         for name in self.formats:
             parse_format(name, "mixed-precision space: formats")
@@ -112,7 +122,6 @@ class MixedPrecisionConfig:
 
     def choice_bits(self, choice: int | str) -> float:
         """Storage bits per weight element of one choice (MX shared scales amortised)."""
-        from kiln.quant.formats import parse_format
 
         table = {k: v for k, v in self.weight(choice).items() if k != "granularity"}
         return parse_format(table["format"] if isinstance(choice, str) else table, "mixed-precision space").bits
@@ -148,10 +157,7 @@ class QuantSpaceBase(Space):
         import torch
         from torch.utils.data import Subset
 
-        from kiln.runs.artifact import load_source
-        from kiln.train.evaluation import calibration_batches, check_batches
 
-        from kiln.data import load_dataset
 
         c = self.config
         source = load_source(c.source, c.dataset or None)
@@ -186,10 +192,6 @@ class QuantSpaceBase(Space):
     def measure(self, model: nn.Module, table: dict, splits=None, split: str = "") -> dict[str, float]:
         """Quantize a copy of `model` by `table`, calibrate, score: accuracy, avg_bits, model_bytes.
         Scored on the space's subset unless other `splits`/`split` are given."""
-        from kiln.quant.apply import calibrate, quantize, report
-        from kiln.quant.config import parse_config
-        from kiln.train.evaluation import evaluate_model
-        from kiln.train.tasks import forward as model_forward
 
         config = parse_config(table, "mixed-precision trial")
         if config.smoothquant is not None or config.gptq is not None:
@@ -207,7 +209,6 @@ class QuantSpaceBase(Space):
 def outputs(model: nn.Module, batches: list) -> list:
     import torch
 
-    from kiln.train.tasks import forward as model_forward
 
     with torch.no_grad():
         return [model_forward(model, b).detach().float() for b in batches]
@@ -248,7 +249,6 @@ def frozen_weights(model: nn.Module):
     change while a trial is scored): the same numbers, a fraction of the time."""
     import torch
 
-    from kiln.quant.modules import QuantOp
 
     saved = []
     with torch.no_grad():
@@ -319,10 +319,6 @@ class MixedPrecisionSpace(QuantSpaceBase):
         return out
 
     def distortion(self, choice: dict, reference: list) -> float:
-        from kiln.quant.apply import calibrate, quantize
-        from kiln.quant.config import parse_config
-        from kiln.train.tasks import forward as model_forward
-        from kiln.train.tasks import scored_by_own_loss
 
         qmodel = quantize(copy.deepcopy(self.model), parse_config(self.quant_table(self.bits_of(choice)), "sensitivity"))
         with frozen_weights(qmodel):
