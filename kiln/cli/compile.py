@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, seconds, user_errors, validate, write_json
+from kiln.cli.common import console, progress, seconds, user_errors, validate, write_json
 
 
 def print_candidates(report: dict) -> None:
@@ -60,9 +60,9 @@ def compile(
     validate(positive={"--batch": batch, "--rounds": rounds}, out_dirs=[out], json_path=json_path)
     candidates(backend, parse_precision(precision))   # a bad name fails before a first-run calibration
     profile = _hardware(hardware)
-    with err_console.status(f"compiling {src}") as status:
+    with progress(f"compiling {src}") as update:
         report, _ = compile_run(src, backend, batch, precision, rounds, out, profile,
-                                progress=lambda s: status.update(f"{s}"))
+                                progress=update)
     print_candidates(report)
     if json_path:
         write_json(json_path, report)
