@@ -185,3 +185,16 @@ def test_os_and_value_errors_take_the_one_error_path(capsys, exc, line):
         command()
     assert info.value.exit_code == 2
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_dataset_of_another_task_is_refused_for_a_run_of_a_zoo_model_too(tmp_path):
+    from kiln.cli.common import check_fits
+    from kiln.errors import KilnError
+    from kiln.runs.artifact import write_meta
+
+    write_meta(tmp_path, spec="zoo:mlp", dataset="mnist", transforms=[])
+    check_fits(str(tmp_path), "digits")   # classification, like the MLP
+    with pytest.raises(KilnError, match="dataset rt-lm is for language-modeling"):
+        check_fits(str(tmp_path), "rt-lm")
+    with pytest.raises(KilnError, match="teacher zoo:gpt does language-modeling"):
+        check_fits(str(tmp_path), None, "zoo:gpt")

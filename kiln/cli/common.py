@@ -125,8 +125,8 @@ def validate(*, positive: Mapping[str, float | None] | None = None,
 
 def check_fits(src: str, dataset: str | None = None, teacher: str | None = None) -> None:
     """Refuse, before anything loads, a dataset or a teacher made for another task than the
-    model's. Decided from registered metadata where the model is a zoo spec; for other sources
-    the capability finds out when it runs."""
+    model's. Decided from registered metadata where the model is a zoo spec or a run of one;
+    for other sources the capability finds out when it runs."""
     from kiln.data import parse_spec
 
     task = _zoo_task(src)
@@ -144,6 +144,11 @@ def check_fits(src: str, dataset: str | None = None, teacher: str | None = None)
 
 
 def _zoo_task(spec: str) -> str | None:
+    """The task of a zoo spec, or of the zoo model a run or artifact directory was made from."""
+    from kiln.runs.artifact import is_artifact, read_artifact
+
+    if is_artifact(spec):
+        spec = read_artifact(spec).spec
     if not spec.startswith("zoo:"):
         return None
     from kiln.models.zoo import ZOO, entries

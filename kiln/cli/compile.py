@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, seconds, user_errors, validate, write_json
+from kiln.cli.common import console, progress, seconds, user_errors, validate, write_json
 
 
 def print_candidates(report: dict) -> None:
@@ -64,9 +64,8 @@ def compile(
     config = from_dict(CompileConfig, {"backend": backend, "batch": batch, "precision": precision, "rounds": rounds},
                        "compile options")
     profile = _hardware(hardware)
-    with err_console.status(f"compiling {src}") as status:
-        report, _ = compile_run(src, config, out, profile,
-                                progress=lambda s: status.update(f"{s}"))
+    with progress(f"compiling {src}") as update:
+        report, _ = compile_run(src, config, out, profile, progress=update)
     print_candidates(report)
     if json_path:
         write_json(json_path, report)

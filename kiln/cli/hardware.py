@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, si, user_errors, validate, write_json
+from kiln.cli.common import console, progress, si, user_errors, validate, write_json
 
 app = typer.Typer(help="Hardware profiles for rooflines.", no_args_is_help=False, invoke_without_command=True)
 
@@ -69,8 +69,8 @@ def calibrate(
     from kiln.hardware.calibrate import calibrate as measure
     from kiln.hardware.profiles import higher_in, load_profile, peak_unit, save_profile, user_dir
     validate(json_path=json_path)
-    with err_console.status("calibrating") as status:
-        cal = measure(name, size, copy_mib, budget, progress=lambda s: status.update(f"calibrating: {s}"))
+    with progress("calibrating") as update:
+        cal = measure(name, size, copy_mib, budget, progress=update)
     profile = cal.profile
 
     def unit(key: str) -> str:

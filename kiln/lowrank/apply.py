@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kiln.lowrank import svd, tucker
 from kiln.lowrank.config import Choice, Plan
+from kiln.models.probe import record
 
 KIND = "lowrank"
 
@@ -115,16 +116,7 @@ def factorize(model: nn.Module, plan: Plan) -> tuple[nn.Module, list[Decision], 
 
 def module_inputs(model: nn.Module, fqns: list[str], run) -> dict[str, tuple]:
     """The positional inputs each named module receives in one call of `run(model)`."""
-    seen: dict[str, tuple] = {}
-    handles = [model.get_submodule(f).register_forward_pre_hook(
-        lambda m, args, f=f: seen.setdefault(f, tuple(a.detach() for a in args))) for f in fqns]
-    try:
-        with torch.no_grad():
-            run(model)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    return record(model, fqns, run)
 
 
 def module_flops(module: nn.Module, args: tuple) -> int:

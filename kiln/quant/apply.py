@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.models.probe import record
+from kiln.models.zoo.layers import SelfAttention
 from kiln.quant.config import QuantConfig, parse_config, to_table
 from kiln.quant.modules import HF_ATTENTION, OPS, QuantAttention, QuantOp, register_hf_attention
 from kiln.quant.quantizer import Quantizer
 from kiln.quant.smoothquant import SmoothedLinear
 from kiln.runs.transforms import TransformRecord, register_transform
-from kiln.models.zoo.layers import SelfAttention
 
 KIND = "quant"
 
@@ -113,30 +114,14 @@ def sqnr_db(ref: torch.Tensor, q: torch.Tensor) -> float:
     return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def _capture_outputs(model: nn.Module, names: list[str], run: Callable[[nn.Module], object]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-        def hook(_m, _i, y, name=name):
-            out[name] = (y[0] if isinstance(y, tuple) else y).detach()
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            run(model)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
-
-
 def report(reference: nn.Module, model: nn.Module, run: Callable[[nn.Module], object]) -> dict:
     """Per quantized layer: formats, bits, weight SQNR and output SQNR against the float
     `reference` (the same model before quantization) on one batch; totals: average weight
     bits and model size in bytes (float parameters counted at their own width)."""
     ops = {n: m for n, m in model.named_modules() if isinstance(m, QuantOp)}
     attn = {n: m.kiln_attention for n, m in model.named_modules() if hasattr(m, "kiln_attention")}
-    ref_out = _capture_outputs(reference, list(ops), run)
-    q_out = _capture_outputs(model, list(ops), run)
+    ref_out = record(reference, list(ops), run, outputs=True)
+    q_out = record(model, list(ops), run, outputs=True)
     layers = []
     for name, op in ops.items():
         w = op.weight.detach()

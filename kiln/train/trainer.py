@@ -359,7 +359,43 @@ def _resume(out: Path, model, opt, sched) -> dict:
 
 
 def _progress(enabled: bool):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    if enabled and not Console(stderr=True).is_terminal:
+        return _PlainProgress()
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     disable=not enabled, transient=True)
+
+
+class _PlainProgress:
+    """Off a terminal (CI logs, pipes, nohup) a bar draws nothing: plain stderr lines instead,
+    `epoch 2: 120/640 steps, 35 s, ETA 2m 31s`, every `every_s` seconds within an epoch."""
+
+    def __init__(self, every_s: float = 30.0):
+        from rich.console import Console
+
+        self.console, self.every_s, self.jobs = Console(stderr=True, highlight=False), every_s, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: int) -> int:
+        self.jobs[len(self.jobs)] = [description, total, 0, time.monotonic(), time.monotonic()]
+        return len(self.jobs) - 1
+
+    def update(self, job: int, advance: int = 1) -> None:
+        entry = self.jobs[job]
+        entry[2] += advance
+        now = time.monotonic()
+        if now - entry[4] >= self.every_s:
+            description, total, done, start, _ = entry
+            eta = (now - start) / done * (total - done)
+            self.console.print(f"{description}: {done}/{total} steps, {now - start:.0f} s, ETA {eta:.0f} s")
+            entry[4] = now
+
+    def remove_task(self, job: int) -> None:
+        self.jobs.pop(job, None)
