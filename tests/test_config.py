@@ -62,10 +62,22 @@ def test_round_trip_through_toml_and_json(config):
     ({"items": [{"m": 1}]}, r"outer.items\[0\]: unknown key .m."),
     ({"version": 3}, "version 3 is not one this kiln reads"),
     ({"inner": 5}, "key .inner. needs a table"),
+    ({"names": "ab"}, "key 'names' needs a list of str, got 'ab'"),
 ])
 def test_bad_tables_are_one_line_errors_naming_the_key(table, message):
     with pytest.raises(KilnError, match=message):
         from_dict(Outer, table, "outer")
+
+
+@dataclass(frozen=True)
+class Needs:
+    match: str
+    n: int = 1
+
+
+def test_a_missing_required_key_is_named():
+    with pytest.raises(KilnError, match="^rule: missing key 'match'$"):
+        from_dict(Needs, {"n": 2}, "rule")
 
 
 def test_version_up_to_the_class_version_is_accepted_and_not_a_field():
