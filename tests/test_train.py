@@ -190,3 +190,24 @@ def test_cli_train_and_eval_round_trip(spec, tmp_path):
     assert not (tmp_path / "never").exists()
     result = runner.invoke(app, ["eval", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("name, cls, expected", [
+    ("adamw", torch.optim.AdamW, {"lr": 0.02, "weight_decay": 0.1}),
+    ("sgd", torch.optim.SGD, {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.8, "nesterov": True}),
+])
+def test_the_optimizer_registry_builds_what_the_config_names(name, cls, expected):
+    """Oracle: the config's own numbers in the optimizer's param group; frozen parameters left out."""
+    from kiln.train.optimizers import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    opt = build_optimizer(TrainConfig(model="-", optimizer=name, lr=0.02, weight_decay=0.1, momentum=0.8), model)
+    (group,) = opt.param_groups
+    assert type(opt) is cls and {k: group[k] for k in expected} == expected
+    assert [id(p) for p in group["params"]] == [id(model[0].bias), id(model[1].weight), id(model[1].bias)]
+
+
+def test_an_unknown_optimizer_names_the_registered_ones():
+    with pytest.raises(KilnError, match="optimizer must be one of adamw, sgd"):
+        TrainConfig(model="-", optimizer="lamb")

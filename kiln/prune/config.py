@@ -35,6 +35,7 @@ from kiln.prune.criteria import CRITERIA, Reduction
 from kiln.rules import Match, least_specific_first
 from kiln.train.config import finetune_table
 
+
 class Method(enum.StrEnum):
     UNSTRUCTURED = "unstructured"
     NM = "nm"
