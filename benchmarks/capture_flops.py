@@ -10,7 +10,6 @@ plain flop_counter count, which misses the CPU fused attention.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kiln.data import load_dataset  # noqa: E402
 from kiln.models.spec import load  # noqa: E402
 from kiln.train.config import TrainConfig  # noqa: E402
-from kiln.train.tasks import forward  # noqa: E402
 from kiln.train.trainer import default_dataset, fit  # noqa: E402
 
 BATCH = {"zoo:cnn": 64, "zoo:minilm_cls": 32}
