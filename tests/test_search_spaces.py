@@ -224,6 +224,48 @@ def test_compression_space_prunes_factorises_and_quantizes_by_hand():
     assert scores["avg_bits"] == pytest.approx(sum(b * n for b, n in weights.items()) / sum(weights.values()))
 
 
+def test_compression_export_run_through_kiln_gives_the_trials_candidate(tmp_path):
+    """prune.toml, lowrank.toml and quant.toml through kiln's own run functions, in README.txt's
+    order, give the weights, ranks and bits of the candidate the trial scored."""
+    from kiln.config import read_toml
+    from kiln.lowrank.config import parse_config as parse_lowrank
+    from kiln.lowrank.run import lowrank_run
+    from kiln.prune.config import parse_config as parse_prune
+    from kiln.prune.run import prune_run
+    from kiln.quant.config import parse_config as parse_quant
+    from kiln.quant.modules import QuantOp
+    from kiln.quant.run import quantize_run
+
+    cfg = parse_search_config({"objectives": ["accuracy", "params"], "space": {
+        "kind": "compression", "source": "zoo:mlp", "samples": 64, "bits": [4, 8], "calib_batches": 1,
+        "batch_size": 16, "budgets": [1.0, 0.25], "sparsity": [0.0, 0.5, 0.75]}})
+    space, _ = make_space(cfg)
+    space.ensure_setup()
+    choice = {"layers.0:sparsity": 0.5, "layers.0:budget": 0.25, "layers.0:bits": 4,
+              "layers.2:sparsity": 0.0, "layers.2:budget": 0.25, "layers.2:bits": 8,
+              "head:sparsity": 0.75, "head:budget": 1.0, "head:bits": 4}
+    out = tmp_path / "export"
+    out.mkdir()
+    assert [p.name for p in space.export(choice, out)] == ["prune.toml", "lowrank.toml", "quant.toml", "README.txt"]
+    pruned, factorised = tmp_path / "pruned", tmp_path / "factorised"
+    prune_run("zoo:mlp", parse_prune(read_toml(out / "prune.toml")), pruned, evaluate=False)
+    low = lowrank_run(str(pruned), parse_lowrank(read_toml(out / "lowrank.toml")), factorised, evaluate=False)["model"]
+    quantized = quantize_run(str(factorised), parse_quant(read_toml(out / "quant.toml")), None, calib_batches=1,
+                             batch_size=16, evaluate=False)["model"]
+
+    expected, bits = space.compress(choice)
+    assert low.state_dict().keys() == expected.state_dict().keys()
+    assert all(torch.equal(low.state_dict()[k], v) for k, v in expected.state_dict().items())
+    assert {n: m.rank for n, m in low.named_modules() if hasattr(m, "rank")} == {"layers.0": 48, "layers.2": 21}
+    assert float((low.head.weight == 0).float().mean()) == 0.75
+    assert {op.fqn: op.weight_q.spec.format.bits for op in quantized.modules() if isinstance(op, QuantOp)} == bits
+
+    dense = {k: 0.0 if k.endswith("sparsity") else 1.0 if k.endswith("budget") else v for k, v in choice.items()}
+    only = tmp_path / "only-quant"
+    only.mkdir()
+    assert [p.name for p in space.export(dense, only)] == ["quant.toml", "README.txt"]   # no step it does not use
+
+
 def test_cost_objectives_match_kiln_analysis():
     from kiln.analysis.report import analyze
     from kiln.hardware.profiles import load_profile

@@ -15,19 +15,31 @@ A candidate is built in that order on a copy of the float model (prune, factoris
 weight, quantize, calibrate) and scored like the mixed-precision space. `params` counts the
 nonzero parameters; `model_bytes` counts dense storage (factorisation shrinks it, sparsity
 does not, as no sparse format is stored).
+
+A trial exports the chain as kiln's own commands run it: prune.toml (magnitude, local, one rule
+per pruned Linear), lowrank.toml (one rule per factorised Linear, at the trial's rank) and
+quant.toml (quantize last), each only when the trial uses that step, and README.txt with the
+command lines in that order.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
+from kiln.config import to_toml
 from kiln.errors import KilnError
+from kiln.io import atomic_write_text
 from kiln.search.spaces import Report, register_space
 from kiln.search.spaces.quant import MixedPrecisionConfig, QuantSpaceBase
-from kiln.lowrank.apply import replace
-from kiln.lowrank.svd import factorize_linear, rank_for_budget
+from kiln.lowrank.apply import decide, replace
+from kiln.lowrank.config import Choice
+from kiln.lowrank.config import parse_config as parse_lowrank, to_table as lowrank_to_table
+from kiln.prune.config import parse_config as parse_prune, to_table as prune_to_table
+from kiln.quant.config import parse_config as parse_quant, to_table as quant_to_table
+from kiln.lowrank.svd import factorize_linear
 from kiln.prune.unstructured import make_permanent, prune_unstructured
 
 
@@ -61,27 +73,80 @@ class CompressionSpace(QuantSpaceBase):
             out[f"{g}:bits"] = trial.suggest_categorical(f"{g}:bits", c.choices)
         return out
 
-    def compress(self, choice: dict) -> tuple[nn.Module, dict[str, int]]:
-        """A pruned and factorised copy of the float model, and the weight bits per Linear FQN."""
-
-        model = copy.deepcopy(self.model)
+    def plan(self, choice: dict) -> tuple[dict[str, float], dict[str, int], dict[str, int | str]]:
+        """What a choice does to each Linear, by FQN: the sparsity of those pruned, the rank of
+        those factorised (lowrank's own decision, so a rank that saves nothing stays dense) and
+        the weight bits (or format) of every Linear left after factorising (`fqn.first`, ...)."""
+        self.ensure_setup()
         layer = {n: g for g, names in self.groups.items() for n in names}
         ratios = {n: choice[f"{g}:sparsity"] for n, g in layer.items() if choice[f"{g}:sparsity"] > 0}
-        if ratios:
-            prune_unstructured(model, 0.0, scope="local", targets=[], overrides=ratios)
-            make_permanent(model)
+        ranks: dict[str, int] = {}
         bits: dict[str, int | str] = {}
         for n, g in layer.items():
             b, budget = self.config.choice(choice[f"{g}:bits"]), choice[f"{g}:budget"]   # bits or a format
-            linear = model.get_submodule(n)
-            out_f, in_f = linear.weight.shape
-            rank = min(rank_for_budget(in_f, out_f, budget), min(in_f, out_f)) if budget < 1 else None
-            if rank is None or rank * (in_f + out_f) >= in_f * out_f:
+            d = decide(n, self.model.get_submodule(n), Choice("budget", budget)) if budget < 1 else None
+            if d is None or d.ranks is None:
                 bits[n] = b
                 continue
-            model = replace(model, n, factorize_linear(linear, rank, n))
+            ranks[n] = d.ranks[0]
             bits[f"{n}.first"] = bits[f"{n}.second"] = b
+        return ratios, ranks, bits
+
+    def compress(self, choice: dict) -> tuple[nn.Module, dict[str, int]]:
+        """A pruned and factorised copy of the float model, and the weight bits per Linear FQN."""
+        ratios, ranks, bits = self.plan(choice)
+        model = copy.deepcopy(self.model)
+        if ratios:
+            prune_unstructured(model, 0.0, scope="local", targets=[], overrides=ratios)
+            make_permanent(model)
+        for n, rank in ranks.items():
+            model = replace(model, n, factorize_linear(model.get_submodule(n), rank, n))
         return model, bits
+
+    def configs(self, choice: dict) -> dict[str, dict]:
+        """The chain's config tables by file name, in the order the commands run, each as its
+        config's own table writer gives it back; steps the choice does not use are left out."""
+        ratios, ranks, bits = self.plan(choice)
+        out = {}
+        if ratios:
+            # targets = []: only the rules' Linears are pruned, each at its own ratio. The default
+            # ratio prunes no target, but kiln prune scales the rules' ratios by ratio / ratio
+            # (schedules start below it), so it is nonzero.
+            table = {"method": "unstructured", "criterion": "magnitude", "scope": "local",
+                     "ratio": max(ratios.values()),
+                     "targets": [], "rules": [{"match": f"fqn:{n}", "ratio": r} for n, r in ratios.items()]}
+            out["prune.toml"] = prune_to_table(parse_prune(table, "compression export"))
+        if ranks:       # the default rank is required by the parser but applies to no target
+            table = {"targets": [], "rank": min(ranks.values()),
+                     "rules": [{"match": f"fqn:{n}", "rank": r} for n, r in ranks.items()]}
+            out["lowrank.toml"] = lowrank_to_table(parse_lowrank(table, "compression export"))
+        out["quant.toml"] = quant_to_table(parse_quant(self.quant_table(bits), "compression export"))
+        return out
+
+    def commands(self, files: list[str]) -> list[str]:
+        """The command lines that run the exported configs in order, each on the one before's output."""
+        c = self.config
+        steps = {"prune.toml": ("prune", "pruned"), "lowrank.toml": ("lowrank", "factorised"),
+                 "quant.toml": ("quantize", "quantized")}
+        src, lines = c.source, []
+        data = f" --dataset {c.dataset}" if c.dataset else ""
+        for name in files:
+            command, out = steps[name]
+            extra = (f" --calib-batches {c.calib_batches} --batch-size {c.batch_size} --seed {self.ctx.seed}"
+                     + (f" --calib-dataset {c.dataset}" if c.dataset else "")) if command == "quantize" else data
+            lines.append(f"kiln {command} {src} --config {name} --out {out}{extra}")
+            src = out
+        return lines
+
+    def export(self, params: dict, out: Path) -> list[Path]:
+        self.ensure_setup()
+        configs = self.configs(params)
+        header = f"# trial of a compression search over {self.config.source}; run in the order of README.txt\n"
+        paths = [atomic_write_text(out / name, header + to_toml(table)) for name, table in configs.items()]
+        readme = (f"A trial of a compression search over {self.config.source}: prune, factorise, then quantize\n"
+                  "last, with kiln's own commands (steps the trial does not use are left out):\n\n"
+                  + "".join(f"    {line}\n" for line in self.commands(list(configs))))
+        return paths + [atomic_write_text(out / "README.txt", readme)]
 
     def score(self, choice: dict, report: Report) -> dict[str, float]:
         self.ensure_setup()
