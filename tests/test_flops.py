@@ -163,3 +163,27 @@ def test_cond_counts_the_branch_the_example_input_takes_like_flop_counter(tmp_pa
 def test_a_higher_order_op_that_cannot_be_counted_is_listed_never_free(tmp_path):
     record = AnnotateCost()(capture(_branchy(tmp_path, "make(1.0, nested=True)"))).record
     assert "cond" in record.uncounted_ops   # a cond inside a branch: its branch is unknown
+
+
+def test_analyze_reports_the_cond_branch_in_its_json_and_one_printed_line(tmp_path):
+    """The known answer: a positive example input takes the true branch, a negative the false."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from kiln.cli.main import app
+
+    for sign, branch in ((1.0, "true"), (-1.0, "false")):
+        spec = _branchy(tmp_path / str(sign), f"make({sign})").spec
+        out = tmp_path / f"{sign}.json"
+        result = CliRunner().invoke(app, ["analyze", spec, "--hardware", "h100", "--no-measure", "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        expected = f"cond: the {branch} branch, taken by the example input"
+        assert json.loads(out.read_text())["cond_branches"] == [expected]
+        printed = " ".join(result.output.split())     # the summary table may wrap the line
+        assert printed.count("torch.cond") == 1
+        assert f"torch.cond {expected} (FLOPs counted for that branch only)" in printed
+    plain = tmp_path / "mlp.json"
+    assert CliRunner().invoke(app, ["analyze", "zoo:mlp", "--hardware", "h100", "--no-measure",
+                                    "--json", str(plain)]).exit_code == 0
+    assert json.loads(plain.read_text())["cond_branches"] == []

@@ -92,6 +92,7 @@ class Analysis:
             "peak_activation_bytes": self.memory.peak_activation_bytes,
             "peak_activation_at": self.memory.peak_at,
             "uncounted_ops": list(self.cost.uncounted_ops),
+            "cond_branches": list(self.cost.branches),    # FLOPs of a torch.cond are its taken branch's
             "nodes": self.rows(),
             "modules": self.by_module(depth), "module_depth": depth,
             "ops": self.by_op(),

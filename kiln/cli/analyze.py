@@ -128,6 +128,8 @@ def _print(a, depth: int, top: int) -> None:
                                 f"own arguments; {m.contended_ops} of {len(m.per_node_s)} ops contended)")
         if m.note:
             s.add_row("note", m.note)
+    if a.cost.branches:     # another input may take the other branch, at another cost
+        s.add_row("torch.cond", f"{'; '.join(a.cost.branches)} (FLOPs counted for that branch only)")
     if a.roofline.fallback_dtypes:
         s.add_row("note", f"{hw.name} has no figure for {', '.join(a.roofline.fallback_dtypes)}: costed at its {hw.fallback} peak")
     console.print(s)
