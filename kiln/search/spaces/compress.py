@@ -32,15 +32,18 @@ from torch import nn
 from kiln.config import to_toml
 from kiln.errors import KilnError
 from kiln.io import atomic_write_text
-from kiln.search.spaces import Report, register_space
-from kiln.search.spaces.quant import MixedPrecisionConfig, QuantSpaceBase
 from kiln.lowrank.apply import decide, replace
 from kiln.lowrank.config import Choice
-from kiln.lowrank.config import parse_config as parse_lowrank, to_table as lowrank_to_table
-from kiln.prune.config import parse_config as parse_prune, to_table as prune_to_table
-from kiln.quant.config import parse_config as parse_quant, to_table as quant_to_table
+from kiln.lowrank.config import parse_config as parse_lowrank
+from kiln.lowrank.config import to_table as lowrank_to_table
 from kiln.lowrank.svd import factorize_linear
+from kiln.prune.config import parse_config as parse_prune
+from kiln.prune.config import to_table as prune_to_table
 from kiln.prune.unstructured import make_permanent, prune_unstructured
+from kiln.quant.config import parse_config as parse_quant
+from kiln.quant.config import to_table as quant_to_table
+from kiln.search.spaces import Report, register_space
+from kiln.search.spaces.quant import MixedPrecisionConfig, QuantSpaceBase
 
 
 @dataclass(frozen=True)
