@@ -239,3 +239,18 @@ def test_activation_sparsity_rule_survives_the_artifact(spec, tmp_path):
     model[1].register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
     model(torch.randn(3, 1, 8, 8))
     assert ((seen["out"] == 0).sum(1) == 8).all()    # round(0.25 * 32) zeroed per sample, before the ReLU
+
+
+def test_rules_prune_at_their_own_ratio_when_the_top_level_ratio_is_zero(tmp_path):
+    """Oracle: exactly round(0.5 * n) of the ruled layer's weights are zero, none elsewhere."""
+    from kiln.prune.config import parse_config
+    from kiln.prune.run import prune_run
+    from kiln.runs.artifact import load_source
+
+    cfg = parse_config({"ratio": 0.0, "scope": "local", "rules": [{"match": "fqn:layers.0", "ratio": 0.5}]})
+    prune_run("zoo:mlp", cfg, tmp_path / "p", evaluate=False)
+    model = load_source(str(tmp_path / "p")).model
+    w = model.get_submodule("layers.0").weight
+    assert int((w == 0).sum()) == round(0.5 * w.numel())
+    assert all(int((m.weight == 0).sum()) == 0 for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "layers.0")

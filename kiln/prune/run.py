@@ -113,13 +113,18 @@ def _prune(model: nn.Module, cfg: PruneConfig, plan: Plan, source, splits, ratio
     if cfg.method == "nm":
         result = _nm(model, cfg, plan, ctx)
     else:
-
         if cfg.schedule != "oneshot":   # AGP's ramp starts here; lottery rounds prune from dense
             ratio = cfg.agp_initial if cfg.schedule == "agp" else 0.0
-        scale = ratio / cfg.ratio if cfg.ratio else 0.0
+        scale = _rule_scale(ratio, cfg)
         result = prune_unstructured(model, ratio, cfg.criterion, cfg.scope, targets=plan.targets,
                                     overrides={k: v * scale for k, v in plan.overrides.items()}, ctx=ctx)
     return result.model, result.record, result.report
+
+
+def _rule_scale(ratio: float, cfg: PruneConfig) -> float:
+    """How far along its schedule a step is, which a rule's own ratio follows too: 1 at the
+    config's ratio (one-shot, or a schedule's end), even when that ratio is 0 and only rules prune."""
+    return 1.0 if ratio == cfg.ratio else ratio / cfg.ratio
 
 
 def _nm(model: nn.Module, cfg: PruneConfig, plan: Plan, ctx: ScoreContext):
@@ -190,7 +195,7 @@ def _lottery(model: nn.Module, cfg: PruneConfig, plan: Plan, source, progress: b
     result = None
     for r in range(1, cfg.rounds + 1):
         ratio = lottery_ratio(r, cfg.rounds, cfg.ratio)
-        scale = ratio / cfg.ratio if cfg.ratio else 0.0
+        scale = _rule_scale(ratio, cfg)
         result = prune_unstructured(model, ratio, cfg.criterion, cfg.scope, targets=plan.targets,
                                     overrides={k: v * scale for k, v in plan.overrides.items()},
                                     ctx=ScoreContext(seed=cfg.seed))
