@@ -25,16 +25,20 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 KILN = [sys.executable, "-m", "kiln.cli.main"]
 
-# (pattern, replacement): how long, never what
+# (pattern, replacement): how long, never what; epochs a tenth (at least 1), so a resumed run
+# still asks for more epochs than the run it continues
 SHRINK = [
-    (r"--epochs \d+", "--epochs 1"),
+    (r"--epochs (\d+)", lambda m: f"--epochs {max(1, int(m.group(1)) // 10)}"),
     (r"--trials \d+", "--trials 2"),
     (r"--calib-batches \d+", "--calib-batches 2"),
+    (r"--rounds \d+", "--rounds 3"),
 ]
-# flags appended to a subcommand when the README line lacks them (same purpose: time only)
+# flags appended to a subcommand (its first words) when the README line lacks them (time only)
 APPEND = {
-    "train": ["--max-steps", "30"],
-    "bench": ["--min-queries", "64", "--min-duration", "1"],
+    ("train",): ["--max-steps", "30"],
+    ("bench",): ["--min-queries", "64", "--min-duration", "1"],
+    ("compile",): ["--rounds", "3"],
+    ("hardware", "calibrate"): ["--budget", "0.5"],
 }
 # budget keys in the repo's configs, shrunk in the copy the tour runs with: (section, key) -> value
 CONFIG_BUDGETS = {
@@ -74,9 +78,9 @@ def shrink(argv: tuple[str, ...]) -> list[str]:
     for pattern, repl in SHRINK:
         text = re.sub(pattern, repl, text)
     out = shlex.split(text)
-    for flag_value in [APPEND.get(out[1], [])]:
-        if flag_value and flag_value[0] not in out and "--resume" not in out:
-            out += flag_value
+    for words, flags in APPEND.items():
+        if tuple(out[1:1 + len(words)]) == words and flags[0] not in out and "--resume" not in out:
+            out += flags
     return out
 
 
@@ -89,9 +93,16 @@ def test_the_readme_has_a_tour():
         "README examples must start from what the README itself creates, not from benchmark outputs"
 
 
+# fine-tuning sections: no max_steps means no limit, so the copy gets CONFIG_BUDGETS' figure
+STEP_LIMITED = ("finetune", "train")
+
+
 def shrunk_config(table: dict) -> dict:
     """The config with its budget keys (CONFIG_BUDGETS) lowered, never raised; the rest as is."""
     out = dict(table)
+    for section in STEP_LIMITED:
+        if isinstance(out.get(section), dict) and "max_steps" not in out[section]:
+            out[section] = out[section] | {"max_steps": CONFIG_BUDGETS[(section, "max_steps")]}
     for (section, key), value in CONFIG_BUDGETS.items():
         where = out.get(section) if section else out
         if isinstance(where, dict) and isinstance(where.get(key), int) and where[key] > value:
