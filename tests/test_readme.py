@@ -93,6 +93,36 @@ def test_the_readme_has_a_tour():
         "README examples must start from what the README itself creates, not from benchmark outputs"
 
 
+def runs_read(argv: tuple[str, ...]) -> list[str]:
+    """The run directories a command reads: arguments under runs/ that are not its --out, and
+    a --config's `source` under runs/."""
+    reads = [a for i, a in enumerate(argv) if a.startswith("runs/") and argv[i - 1] != "--out"]
+    if "--config" in argv:
+        table = tomllib.loads((ROOT / argv[argv.index("--config") + 1]).read_text())
+        source = table.get("space", {}).get("source", "") or table.get("source", "")
+        reads += [source] if source.startswith("runs/") else []
+    return reads
+
+
+def test_every_run_a_command_reads_an_earlier_command_wrote():
+    written: set[str] = set()
+    for c in COMMANDS:
+        missing = [r for r in runs_read(c.argv) if r not in written]
+        assert not missing, f"README.md:{c.line}: {' '.join(c.argv)} reads {missing}, which no command above writes"
+        if "--out" in c.argv:
+            written.add(c.argv[c.argv.index("--out") + 1])
+
+
+def test_the_chain_evaluates_each_step():
+    # train -> prune -> quantize -> compile -> bench on one model, `kiln eval` after each model-writing step
+    chain = [c.argv for c in COMMANDS if any(a.startswith("runs/chain/") for a in c.argv)]
+    steps = [argv[1] for argv in chain]
+    assert [s for s in steps if s != "eval"][:5] == ["train", "prune", "quantize", "compile", "bench"]
+    for i, argv in enumerate(chain):
+        if argv[1] in ("train", "prune", "quantize"):
+            assert chain[i + 1][1:] == ("eval", argv[argv.index("--out") + 1])
+
+
 # fine-tuning sections: no max_steps means no limit, so the copy gets CONFIG_BUDGETS' figure
 STEP_LIMITED = ("finetune", "train")
 
