@@ -40,6 +40,8 @@ APPEND = {
     ("compile",): ["--rounds", "3"],
     ("hardware", "calibrate"): ["--budget", "0.5"],
 }
+# a resumed run keeps its stored max_steps, so it gets a later limit, or it would stop at once
+RESUMED = {("train",): ["--max-steps", "60"]}
 # budget keys in the repo's configs, shrunk in the copy the tour runs with: (section, key) -> value
 CONFIG_BUDGETS = {
     ("finetune", "max_steps"): 10, ("train", "max_steps"): 10, ("", "trials"): 4, ("", "population"): 2,
@@ -78,8 +80,8 @@ def shrink(argv: tuple[str, ...]) -> list[str]:
     for pattern, repl in SHRINK:
         text = re.sub(pattern, repl, text)
     out = shlex.split(text)
-    for words, flags in APPEND.items():
-        if tuple(out[1:1 + len(words)]) == words and flags[0] not in out and "--resume" not in out:
+    for words, flags in (RESUMED if "--resume" in out else APPEND).items():
+        if tuple(out[1:1 + len(words)]) == words and flags[0] not in out:
             out += flags
     return out
 
@@ -169,3 +171,5 @@ def test_readme_command(command: Command, workdir: Path):
         return
     assert proc.returncode == 0, f"{where}: exit {proc.returncode}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, f"{where}\n{proc.stderr[-3000:]}"
+    if argv[1] == "eval":      # the oracle: the metric the command that wrote the run recorded
+        assert proc.stdout.rstrip().endswith("reproduced"), f"{where}: {proc.stdout[-500:]}"
