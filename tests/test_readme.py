@@ -25,17 +25,23 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 KILN = [sys.executable, "-m", "kiln.cli.main"]
 
-# (pattern, replacement): how long, never what
+# (pattern, replacement): how long, never what; epochs a tenth (at least 1), so a resumed run
+# still asks for more epochs than the run it continues
 SHRINK = [
-    (r"--epochs \d+", "--epochs 1"),
+    (r"--epochs (\d+)", lambda m: f"--epochs {max(1, int(m.group(1)) // 10)}"),
     (r"--trials \d+", "--trials 2"),
     (r"--calib-batches \d+", "--calib-batches 2"),
+    (r"--rounds \d+", "--rounds 3"),
 ]
-# flags appended to a subcommand when the README line lacks them (same purpose: time only)
+# flags appended to a subcommand (its first words) when the README line lacks them (time only)
 APPEND = {
-    "train": ["--max-steps", "30"],
-    "bench": ["--min-queries", "64", "--min-duration", "1"],
+    ("train",): ["--max-steps", "30"],
+    ("bench",): ["--min-queries", "64", "--min-duration", "1"],
+    ("compile",): ["--rounds", "3"],
+    ("hardware", "calibrate"): ["--budget", "0.5"],
 }
+# a resumed run keeps its stored max_steps, so it gets a later limit, or it would stop at once
+RESUMED = {("train",): ["--max-steps", "60"]}
 # budget keys in the repo's configs, shrunk in the copy the tour runs with: (section, key) -> value
 CONFIG_BUDGETS = {
     ("finetune", "max_steps"): 10, ("train", "max_steps"): 10, ("", "trials"): 4, ("", "population"): 2,
@@ -74,9 +80,9 @@ def shrink(argv: tuple[str, ...]) -> list[str]:
     for pattern, repl in SHRINK:
         text = re.sub(pattern, repl, text)
     out = shlex.split(text)
-    for flag_value in [APPEND.get(out[1], [])]:
-        if flag_value and flag_value[0] not in out and "--resume" not in out:
-            out += flag_value
+    for words, flags in (RESUMED if "--resume" in out else APPEND).items():
+        if tuple(out[1:1 + len(words)]) == words and flags[0] not in out:
+            out += flags
     return out
 
 
@@ -89,9 +95,46 @@ def test_the_readme_has_a_tour():
         "README examples must start from what the README itself creates, not from benchmark outputs"
 
 
+def runs_read(argv: tuple[str, ...]) -> list[str]:
+    """The run directories a command reads: arguments under runs/ that are not its --out, and
+    a --config's `source` under runs/."""
+    reads = [a for i, a in enumerate(argv) if a.startswith("runs/") and argv[i - 1] != "--out"]
+    if "--config" in argv:
+        table = tomllib.loads((ROOT / argv[argv.index("--config") + 1]).read_text())
+        source = table.get("space", {}).get("source", "") or table.get("source", "")
+        reads += [source] if source.startswith("runs/") else []
+    return reads
+
+
+def test_every_run_a_command_reads_an_earlier_command_wrote():
+    written: set[str] = set()
+    for c in COMMANDS:
+        missing = [r for r in runs_read(c.argv) if r not in written]
+        assert not missing, f"README.md:{c.line}: {' '.join(c.argv)} reads {missing}, which no command above writes"
+        if "--out" in c.argv:
+            written.add(c.argv[c.argv.index("--out") + 1])
+
+
+def test_the_chain_evaluates_each_step():
+    # train -> prune -> quantize -> compile -> bench on one model, `kiln eval` after each model-writing step
+    chain = [c.argv for c in COMMANDS if any(a.startswith("runs/chain/") for a in c.argv)]
+    steps = [argv[1] for argv in chain]
+    assert [s for s in steps if s != "eval"][:5] == ["train", "prune", "quantize", "compile", "bench"]
+    for i, argv in enumerate(chain):
+        if argv[1] in ("train", "prune", "quantize"):
+            assert chain[i + 1][1:] == ("eval", argv[argv.index("--out") + 1])
+
+
+# fine-tuning sections: no max_steps means no limit, so the copy gets CONFIG_BUDGETS' figure
+STEP_LIMITED = ("finetune", "train")
+
+
 def shrunk_config(table: dict) -> dict:
     """The config with its budget keys (CONFIG_BUDGETS) lowered, never raised; the rest as is."""
     out = dict(table)
+    for section in STEP_LIMITED:
+        if isinstance(out.get(section), dict) and "max_steps" not in out[section]:
+            out[section] = out[section] | {"max_steps": CONFIG_BUDGETS[(section, "max_steps")]}
     for (section, key), value in CONFIG_BUDGETS.items():
         where = out.get(section) if section else out
         if isinstance(where, dict) and isinstance(where.get(key), int) and where[key] > value:
@@ -128,3 +171,5 @@ def test_readme_command(command: Command, workdir: Path):
         return
     assert proc.returncode == 0, f"{where}: exit {proc.returncode}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, f"{where}\n{proc.stderr[-3000:]}"
+    if argv[1] == "eval":      # the oracle: the metric the command that wrote the run recorded
+        assert proc.stdout.rstrip().endswith("reproduced"), f"{where}: {proc.stdout[-500:]}"
