@@ -10,7 +10,7 @@
 
     [space]
     kind = "mixed-precision"                  # the rest of the table is that kind's config
-    source = "runs/figures/minilm-v3"
+    source = "runs/minilm-rt"
     bits = [4, 6, 8]
 
 Unknown keys are KilnErrors naming the key, here and in the space's table.

@@ -3,7 +3,7 @@ bits, searched together.
 
     [space]
     kind = "compression"
-    source = "runs/figures/minilm-v3"
+    source = "runs/minilm-rt"
     include = ".*encoder.*"
     sparsity = [0.0, 0.5]        # magnitude pruning, per layer (kiln.prune.unstructured)
     budgets = [1.0, 0.5]         # low-rank: factor weights as a fraction of the dense count

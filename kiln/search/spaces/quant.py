@@ -3,7 +3,7 @@ the task metric on a fixed subset and by the bits it costs.
 
     [space]
     kind = "mixed-precision"
-    source = "runs/figures/minilm-v3"      # spec, train run or artifact (kiln.runs.artifact.load_source)
+    source = "runs/minilm-rt"      # spec, train run or artifact (kiln.runs.artifact.load_source)
     bits = [4, 6, 8]                       # the choices per layer (format `format`, default int)
     formats = []                           # or: format presets per layer, instead of bits, e.g.
                                            # ["int8", "int4", "fp8_e4m3", "mxfp4"] (avg bits counts
