@@ -64,6 +64,7 @@ METHODS = {
     "fp32 eager": (None, "eager"),
     "fp32 torch.compile": (None, "inductor:freezing=1"),
     KILN: (os.path.join(CONFIGS, "minilm-w8a8-dynamic-smooth.toml"), "torchao"),
+    "int8 kiln quantize w8a8-dynamic (no SmoothQuant)": (os.path.join(CONFIGS, "w8a8-dynamic.toml"), "torchao"),
     "int8 kiln static (per-tensor activations)": (os.path.join(CONFIGS, "minilm-w8a8-smooth.toml"), "torchao"),
     "int8 torchao + compile": (None, "torchao"),
     "int8 torch.ao quantize_dynamic": (None, "torch.ao"),
