@@ -81,9 +81,10 @@ def prune(env: dict, repeats: int = 4) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", default=["calibrate", "prune"], choices=["calibrate", "prune"])
+    parser.add_argument("parts", nargs="*", choices=["calibrate", "prune"], help="default: both")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "timing_honesty.json"))
     args = parser.parse_args()
+    args.parts = args.parts or ["calibrate", "prune"]
     with tempfile.TemporaryDirectory() as home:
         env = os.environ | {"KILN_HOME": home, "PYTHONPATH": str(ROOT)}
         result = {"date": str(date.today()), "cpus": os.cpu_count()}
