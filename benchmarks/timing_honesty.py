@@ -81,10 +81,12 @@ def prune(env: dict, repeats: int = 4) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", choices=["calibrate", "prune"], help="default: both")
+    parser.add_argument("parts", nargs="*", help="calibrate, prune (default: both)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "timing_honesty.json"))
     args = parser.parse_args()
     args.parts = args.parts or ["calibrate", "prune"]
+    if set(args.parts) - {"calibrate", "prune"}:
+        parser.error(f"unknown part in {args.parts}; choose from calibrate, prune")
     with tempfile.TemporaryDirectory() as home:
         env = os.environ | {"KILN_HOME": home, "PYTHONPATH": str(ROOT)}
         result = {"date": str(date.today()), "cpus": os.cpu_count()}
