@@ -11,6 +11,14 @@ class KilnError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with what the interrupted work left behind: the CLI prints
+    `kiln: interrupted: MESSAGE` and exits 130, like every other interruption."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first non-empty line of an exception's message, shortened: for wrapping foreign errors."""
     text = str(exc).strip() or type(exc).__name__

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kiln.errors import KilnError
+from kiln.errors import Interrupted, KilnError
 from kiln.train import tasks
 from kiln.train.config import TrainConfig
 from kiln.train.evaluation import evaluate_run
@@ -70,7 +70,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(spec, tmp_path, mon
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tasks, "evaluate", interrupted)
-    with pytest.raises(KilnError, match="interrupted"):
+    with pytest.raises(Interrupted, match="checkpoint .* is intact"):
         fit(cfg(spec, tmp_path / "cut", epochs=3), progress=False)
     monkeypatch.setattr(tasks, "evaluate", real)
     state = torch.load(tmp_path / "cut" / "state.pt", weights_only=False)

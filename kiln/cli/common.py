@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from kiln.errors import KilnError, first_line
+from kiln.errors import Interrupted, KilnError, first_line
 from kiln.io import atomic_write_json, check_new_dir, check_writable, json_text
 
 # Tables are wide: when stdout is not a terminal (CI logs, pipes), don't wrap them at 80 columns.
@@ -48,8 +48,9 @@ def user_errors(fn: Callable) -> Callable:
         except ValueError as exc:
             error_line(first_line(exc))
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            print("kiln: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            detail = f": {exc}" if isinstance(exc, Interrupted) else ""
+            print(f"kiln: interrupted{detail}", file=sys.stderr)
             raise typer.Exit(130) from None
 
     return wrapper

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from kiln.config import load_toml, to_dict, to_toml
-from kiln.errors import KilnError, first_line
+from kiln.errors import Interrupted, KilnError, first_line
 from kiln.models.spec import load
 from kiln.io import StagedDir, atomic_write_json, atomic_write_text
 from kiln.registry import Registry
@@ -241,8 +241,8 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
                                       f"val {metric().key} {val:.4f}{'  (best)' if better else ''}")
     except KeyboardInterrupt:
         if run and run.published:
-            raise KilnError(f"interrupted; the last completed epoch's checkpoint in {out} is intact (use --resume)") from None
-        raise KilnError("interrupted before the first epoch was saved; nothing was written") from None
+            raise Interrupted(f"the last completed epoch's checkpoint in {out} is intact (use --resume)") from None
+        raise Interrupted("before the first epoch was saved; nothing was written") from None
     finally:
         if run:
             run.discard()
