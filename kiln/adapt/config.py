@@ -21,12 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.adapt.early_exit import CRITERIA
+from kiln.adapt.sweep import SELECTIONS
 from kiln.config import from_dict
 from kiln.errors import KilnError
 from kiln.train.config import finetune_table
-from kiln.adapt.early_exit import CRITERIA
-from kiln.adapt.sweep import SELECTIONS
-
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from kiln.io import check_new_dir
 from kiln.runs.artifact import load_source, require_float, save_source
 from kiln.runs.metrics import metric_record
 from kiln.runs.transforms import TransformRecord
-from kiln.train.evaluation import source_splits
 from kiln.timing import TimingConfig, measure
+from kiln.train.evaluation import source_splits
 from kiln.train.finetune import finetune
 
 Log = Callable[[str], None]

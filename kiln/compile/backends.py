@@ -37,14 +37,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kiln.compile.int8 import ORT_QDQ, TORCHAO, Int8Target, build_torch_ao, build_torchao, is_fake_quantized, \
-    lower_int8
+from kiln.compile import default_passes, optimize
+from kiln.compile.int8 import ORT_QDQ, TORCHAO, Int8Target, build_torch_ao, build_torchao, is_fake_quantized, lower_int8
 from kiln.compile.runtime import Example, Frozen, OrtModule, fresh_frame, onnx_bytes
 from kiln.errors import KilnError, first_line
+from kiln.graph.capture import capture
 from kiln.models.loaded import LoadedModel
 from kiln.registry import Registry
-from kiln.compile import default_passes, optimize
-from kiln.graph.capture import capture
 
 
 class Precision(enum.Enum):

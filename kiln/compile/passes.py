@@ -13,12 +13,22 @@ from typing import Any, Callable
 import torch
 from torch.export.graph_signature import InputKind
 
-from kiln.compile.edit import ProgramEdit, ancestors, arguments, is_deterministic, is_pure, module_of, \
-    mutated_aliases, packet_name, tensor_bytes, val
+from kiln.compile.edit import (
+    ProgramEdit,
+    ancestors,
+    arguments,
+    is_deterministic,
+    is_pure,
+    module_of,
+    mutated_aliases,
+    packet_name,
+    tensor_bytes,
+    val,
+)
+from kiln.config import from_dict
 from kiln.graph.graph import Graph
 from kiln.graph.passes import PassResult
 from kiln.registry import Registry
-from kiln.config import from_dict
 
 fx = torch.fx
 

@@ -16,16 +16,15 @@ from typing import Callable
 
 import torch
 
+from kiln.analysis.report import analyze
 from kiln.analysis.roofline import by_precision
 from kiln.compile.auto import Selection, at_batch, auto_candidates, select
 from kiln.compile.backends import BACKENDS, Precision, build, parse_backend
 from kiln.compile.int8 import is_fake_quantized, plan_int8
 from kiln.errors import KilnError
 from kiln.hardware.profiles import fraction_note
+from kiln.io import atomic_dir, atomic_write_json, atomic_write_text, check_new_dir
 from kiln.models.loaded import LoadedModel
-from kiln.analysis.report import analyze
-from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
-from kiln.io import check_new_dir
 from kiln.runs.artifact import load_source
 
 COMPILE_FILE = "compile.json"

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kiln.analysis.flops import sdpa_custom_mapping
 from kiln.errors import KilnError
 from kiln.io import check_new_dir
 from kiln.lowrank.apply import Decision, factorize, module_flops, module_inputs
@@ -20,10 +21,9 @@ from kiln.lowrank.config import LowRankConfig, to_table
 from kiln.runs.artifact import load_source, require_float, save_source
 from kiln.runs.metrics import metric_record
 from kiln.runs.transforms import TransformRecord
-from kiln.train.evaluation import evaluate_model, source_splits
 from kiln.timing import TimingConfig, measure
+from kiln.train.evaluation import evaluate_model, source_splits
 from kiln.train.finetune import finetune
-from kiln.analysis.flops import sdpa_custom_mapping
 
 Log = Callable[[str], None]
 

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 
 from kiln.errors import KilnError, first_line
-from kiln.models.loaded import LoadedModel
 from kiln.models.hf_config import example_inputs
+from kiln.models.loaded import LoadedModel
 
 EXAMPLE_TEXT = "A gripping, beautifully shot film whose quiet final act stays with you long after the credits."
 

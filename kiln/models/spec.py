@@ -10,9 +10,9 @@ from __future__ import annotations
 from urllib.parse import parse_qsl
 
 from kiln.errors import KilnError
-from kiln.models.loaded import LoadedModel
 from kiln.models.hf import load_hf_dir
 from kiln.models.hf_config import load_hf_config
+from kiln.models.loaded import LoadedModel
 from kiln.models.pyfactory import load_factory
 from kiln.models.zoo import load_zoo
 

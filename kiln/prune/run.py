@@ -20,27 +20,30 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kiln.analysis.oracle import flop_counter_flops
 from kiln.errors import KilnError
 from kiln.io import check_new_dir
+from kiln.models.spec import load
 from kiln.prune.config import Plan, PruneConfig, to_table
 from kiln.prune.criteria import ScoreContext, needs_gradients
-from kiln.prune.unstructured import gradients, make_permanent, sparsify_activations
+from kiln.prune.nm import check_nm, groupable, prune_nm
+from kiln.prune.schedule import AGP, lottery_ratio, rewind
+from kiln.prune.structured import prune_structured
+from kiln.prune.unstructured import (
+    PRUNABLE,
+    gradients,
+    make_permanent,
+    prune_unstructured,
+    sparsify_activations,
+    sparsity_report,
+)
 from kiln.runs.artifact import load_source, require_float, save_source
 from kiln.runs.metrics import metric_record
 from kiln.runs.transforms import TransformRecord
+from kiln.timing import TimingConfig, measure
 from kiln.train import tasks
 from kiln.train.evaluation import evaluate_model, labelled_batches, source_splits
-from kiln.timing import TimingConfig, measure
 from kiln.train.finetune import finetune
-from kiln.analysis.oracle import flop_counter_flops
-from kiln.models.spec import load
-from kiln.prune.nm import check_nm, groupable, prune_nm
-from kiln.prune.schedule import AGP
-from kiln.prune.schedule import lottery_ratio, rewind
-from kiln.prune.structured import prune_structured
-from kiln.prune.unstructured import PRUNABLE
-from kiln.prune.unstructured import prune_unstructured
-from kiln.prune.unstructured import sparsity_report
 
 
 def prune_run(src: str, cfg: PruneConfig, out: str | Path, dataset: str | None = None, evaluate: bool = True,
@@ -52,8 +55,8 @@ def prune_run(src: str, cfg: PruneConfig, out: str | Path, dataset: str | None =
     splits = source_splits(source) if (source.dataset and (evaluate or _needs_data(cfg))) else None
     if _needs_data(cfg) and splits is None:
         raise KilnError(f"{cfg.method} pruning with {cfg.criterion} or fine-tuning needs data: pass --dataset")
-    before = storage(model) | profile(model, source.loaded)
-    dense_model = make_permanent(copy.deepcopy(model)).eval()   # timed beside the pruned model at the end
+    dense_model = make_permanent(copy.deepcopy(model)).eval()   # profiled now, timed beside the pruned one at the end
+    before = storage(model) | profile(dense_model, source.loaded)
     measured = evaluate and splits is not None
     dense = evaluate_model(model, splits) if measured else None
     if dense:
@@ -243,11 +246,10 @@ def storage(model: nn.Module) -> dict:
     return {"dense_bytes": dense, "sparse_bytes": sparse}
 
 
-def profile(model: nn.Module, loaded) -> dict:
+def profile(plain: nn.Module, loaded) -> dict:
     """Parameters (all and non-zero), FLOPs (torch.utils.flop_counter, dense kernels) and FLOPs
-    if zero weights were skipped, on the example inputs."""
-
-    plain = make_permanent(copy.deepcopy(model)).eval()
+    if zero weights were skipped, on the example inputs, of a model without masks (made
+    permanent: the caller's one copy, which it also times)."""
     run = replace(loaded, model=plain)
     params = {id(p): p for p in plain.parameters()}
     skipped = _zero_weight_flops(plain, run)

@@ -33,8 +33,8 @@ from torch import nn
 from kiln.errors import KilnError
 from kiln.quant.config import GPTQConfig
 from kiln.quant.formats import Format, IntFormat, parse_format
-from kiln.train.tasks import forward
 from kiln.quant.quantizer import Granularity
+from kiln.train.tasks import forward
 
 Forward = Callable[[nn.Module, Any], Any]
 

@@ -21,15 +21,15 @@ from kiln.errors import KilnError
 from kiln.io import check_new_dir
 from kiln.quant.apply import KIND, calibrate, quant_record, quantize, report
 from kiln.quant.config import QuantConfig, parse_config
+from kiln.quant.gptq import gptq_for_config
 from kiln.quant.modules import QuantOp
+from kiln.quant.smoothquant import Unfoldable, smooth
 from kiln.runs.artifact import load_source, save_source
 from kiln.runs.metrics import metric_record
 from kiln.train.config import TrainConfig
 from kiln.train.evaluation import calibration_batches, check_batches, evaluate_model, source_splits
 from kiln.train.tasks import forward as model_forward
 from kiln.train.trainer import PREPARES
-from kiln.quant.gptq import gptq_for_config
-from kiln.quant.smoothquant import Unfoldable, smooth
 
 
 def prepare(model: nn.Module, config: QuantConfig, batches: list,

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError
-from kiln.quant.formats import Format, parse_format
-from kiln.quant.gptq import Forward, default_forward, grid_params, select_linears, shared_weights
 from kiln.graph.capture import capture
 from kiln.models.loaded import LoadedModel
+from kiln.quant.formats import Format, parse_format
+from kiln.quant.gptq import Forward, default_forward, grid_params, select_linears, shared_weights
 
 
 class Unfoldable(enum.Enum):

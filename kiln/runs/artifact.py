@@ -26,9 +26,9 @@ from kiln.errors import KilnError, first_line
 from kiln.io import atomic_dir, atomic_write_json
 from kiln.models.loaded import LoadedModel
 from kiln.models.spec import load
+from kiln.models.zoo import ZOO
 from kiln.runs.transforms import TransformRecord
 from kiln.runs.weights import load_weights, save_weights
-from kiln.models.zoo import ZOO
 
 FORMAT = 1
 ARTIFACT_FILE = "artifact.json"

@@ -10,16 +10,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from kiln.errors import KilnError
-from kiln.registry import Registry
-from kiln.timing import TimingConfig, measure
 from kiln.analysis.cost import AnnotateCost
 from kiln.analysis.oracle import flop_counter_flops
 from kiln.analysis.roofline import roofline
+from kiln.errors import KilnError
 from kiln.graph.capture import capture
 from kiln.graph.passes import PassManager
 from kiln.hardware.profiles import load_profile
 from kiln.models.loaded import LoadedModel
+from kiln.registry import Registry
+from kiln.timing import TimingConfig, measure
 
 Scores = dict[str, float]
 

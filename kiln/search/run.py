@@ -17,9 +17,9 @@ from kiln.errors import KilnError
 from kiln.io import atomic_write_text
 from kiln.search.config import SearchConfig, parse_search_config
 from kiln.search.engine import Setup, budget, make_space, open_study, optimize, started
+from kiln.search.report import write_report
 from kiln.search.resume import recover
 from kiln.search.storage import default_url, is_local_default, open_storage
-from kiln.search.report import write_report
 from kiln.search.workers import launch, wait
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 from kiln.errors import KilnError
-from kiln.search.resume import Stops
 from kiln.search.config import load_search_config
 from kiln.search.engine import Setup, make_space, open_study, optimize
+from kiln.search.resume import Stops
 from kiln.search.storage import open_storage
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 from kiln.config import load_toml, to_toml
 from kiln.errors import KilnError
 from kiln.train.config import TrainConfig
-from kiln.train.trainer import Dist, fit
-from kiln.train.trainer import build
+from kiln.train.trainer import Dist, build, fit
 
 
 def launch(cfg: TrainConfig, nproc: int, resume: bool = False, nnodes: int = 1, node_rank: int = 0,

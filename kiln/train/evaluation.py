@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kiln.data import load_dataset
 from kiln.errors import KilnError, first_line
 from kiln.runs.artifact import METRICS_FILE, load_artifact
 from kiln.runs.metrics import final
 from kiln.train import tasks
-from kiln.data import load_dataset
 
 
 def _whole(samples):

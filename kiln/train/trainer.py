@@ -23,9 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from kiln.config import load_toml, to_dict, to_toml
+from kiln.data import load_dataset
 from kiln.errors import Interrupted, KilnError, first_line
-from kiln.models.spec import load
 from kiln.io import StagedDir, atomic_write_json, atomic_write_text
+from kiln.models.spec import load
 from kiln.registry import Registry
 from kiln.runs.artifact import WEIGHTS_FILE, default_dataset, read_artifact, rebuild, write_meta
 from kiln.runs.metrics import metric_record
@@ -36,7 +37,6 @@ from kiln.train.checkpoint import load_state, save_state
 from kiln.train.config import TrainConfig
 from kiln.train.evaluation import eval_loader
 from kiln.train.optimizers import build_optimizer
-from kiln.data import load_dataset
 
 # A preparation turns the model into what a config key asks to train (`quant`: quantization-
 # aware training) and returns its transform record; the capability that owns the key registers

@@ -6,9 +6,9 @@ from typing import Callable
 
 import torch
 
+from kiln.errors import KilnError
 from kiln.models.loaded import LoadedModel
 from kiln.registry import Registry
-from kiln.errors import KilnError
 
 
 @dataclass(frozen=True)

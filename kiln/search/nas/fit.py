@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kiln.errors import KilnError
 from kiln.data import load_dataset
+from kiln.errors import KilnError
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,15 @@ import torch
 from torch import nn
 
 from kiln.config import from_dict, read_toml, to_toml
+from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
 from kiln.registry import Registry
+from kiln.runs.weights import save_weights
 from kiln.search.nas import config as nas_config
-from kiln.search.nas import darts, fit, spos
-from kiln.search.nas import strategy as strategies
-from kiln.search.nas.space import Genotype, Macro, discrete_network
 
 # importing registers the strategies
-from kiln.search.nas import evolution, random_search, rl  # noqa: E402,F401
-from kiln.io import atomic_dir, atomic_write_json, atomic_write_text
-from kiln.runs.weights import save_weights
+from kiln.search.nas import darts, evolution, fit, random_search, rl, spos  # noqa: E402,F401
+from kiln.search.nas import strategy as strategies
+from kiln.search.nas.space import Genotype, Macro, discrete_network
 
 
 @dataclass

@@ -25,15 +25,15 @@ import torch
 from torch import nn
 
 from kiln.config import read_toml, to_toml
+from kiln.data import load_dataset
 from kiln.errors import KilnError
 from kiln.io import atomic_write_text
-from kiln.search.objectives import cost_scores
-from kiln.search.spaces import Report, Space, register_space
-from kiln.data import load_dataset
 from kiln.models.zoo.vit import ViT
 from kiln.quant.apply import report
 from kiln.quant.config import parse_config
 from kiln.quant.run import prepare
+from kiln.search.objectives import cost_scores
+from kiln.search.spaces import Report, Space, register_space
 from kiln.train import tasks
 from kiln.train.evaluation import calibration_batches
 

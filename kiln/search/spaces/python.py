@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
 from kiln.search.spaces import Report, Space, register_space
-from kiln.errors import first_line
 
 
 @dataclass(frozen=True)

@@ -45,18 +45,16 @@ from typing import Any
 from torch import nn
 
 from kiln.config import to_toml
+from kiln.data import load_dataset
 from kiln.errors import KilnError
 from kiln.io import atomic_write_text
-from kiln.search.spaces import Report, Space, register_space
-from kiln.data import load_dataset
-from kiln.quant.apply import calibrate, quantize
-from kiln.quant.apply import report
+from kiln.quant.apply import calibrate, quantize, report
 from kiln.quant.config import parse_config
 from kiln.quant.formats import parse_format
 from kiln.quant.modules import QuantOp
 from kiln.runs.artifact import load_source
-from kiln.train.evaluation import calibration_batches, check_batches
-from kiln.train.evaluation import evaluate_model
+from kiln.search.spaces import Report, Space, register_space
+from kiln.train.evaluation import calibration_batches, check_batches, evaluate_model
 from kiln.train.tasks import forward as model_forward
 from kiln.train.tasks import scored_by_own_loss
 
