@@ -35,14 +35,19 @@ def launch(cfg: TrainConfig, nproc: int, resume: bool = False, nnodes: int = 1, 
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "train.toml"
         config.write_text(to_toml(cfg))
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
-        if nnodes > 1 or rdzv_endpoint:
-            cmd += [f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint or 'localhost:29400'}"]
-        else:
-            cmd += ["--standalone"]
+        cmd = torchrun_command(nproc, nnodes, node_rank, rdzv_endpoint)
         cmd += ["-m", "kiln.train.distributed", "--config", str(config)] + (["--resume"] if resume else [])
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(cfg.threads or 1))}
         return subprocess.run(cmd, env=env).returncode
+
+
+def torchrun_command(nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "") -> list[str]:
+    """torchrun's command line up to the program it runs: standalone on one node, else the
+    c10d rendezvous at `rdzv_endpoint` (host:port). The one launcher of kiln's process groups."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
+    if nnodes > 1 or rdzv_endpoint:
+        return cmd + [f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint or 'localhost:29400'}"]
+    return cmd + ["--standalone"]
 
 
 def rank_main(config: str, resume: bool) -> None:
