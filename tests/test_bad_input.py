@@ -134,7 +134,33 @@ CASES = [
     ("nas", ["nas", "random", "--out", "FILE"], "FILE"),
     ("nas", ["nas", "random", "--out", "FILE/run"], "FILE"),
     ("nas", ["nas", "random", "--config", "missing.toml"], "missing.toml"),
+    ("plan", ["plan", "zoo:mlp", "--cluster", "nope", "--devices", "2"], "nope"),
+    ("plan", ["plan", "zoo:mlp", "--cluster", "dgx-a100", "--devices", "0"], "--devices"),
+    ("plan", ["plan", "zoo:mlp", "--cluster", "dgx-a100", "--devices", "16"], "--devices 16"),
+    ("plan", ["plan", "zoo:mlp", "--cluster", "nofigure.toml", "--devices", "2"], "intra"),
+    ("plan", ["plan", "zoo:mlp", "--cluster", "nosource.toml", "--devices", "2"], "no source"),
+    ("plan", ["plan", "zoo:mlp", "--cluster", "dgx-a100", "--devices", "2", "--emit", "bash"], "--emit"),
+    ("plan", ["plan", "zoo:mlp", "--cluster", "tpu-v4-slice", "--devices", "2", "--emit", "slurm"], "XLA"),
+    ("plan", ["plan", "zoo:mlp", "--cluster", "dgx-a100", "--devices", "2", "--deadline", "3"], "--deadline"),
+    ("plan", ["plan", "zoo:mlp", "--cluster", "dgx-a100", "--devices", "2", "--steps", "3", "--tokens", "5"], "not both"),
+    ("plan", ["plan", "zoo:mlp", "--cluster", "dgx-a100", "--devices", "2", "--json", "DIR"], "DIR"),
+    ("plan", ["plan", "zoo:mlp", "--cluster", "dgx-a100", "--devices", "2", "--emit", "slurm", "--script", "DIR"], "DIR"),
+    ("plan", ["plan", "hf-config:gpt2?n_layer=96&n_embd=12288&n_head=96&n_inner=49152", "--cluster", "dgx-a100",
+              "--devices", "1", "--seq", "2048", "--emit", "torchrun"], "no plan fits"),
+    ("cluster", ["cluster", "show", "nope"], "nope"),
+    ("cluster", ["cluster", "calibrate", "--processes", "1"], "--processes"),
+    ("cluster", ["cluster", "--json", "DIR"], "DIR"),
 ]
+# a cluster profile without its link figures, and one whose figure has no source
+NO_FIGURE = """name = "nofigure"
+description = "no links"
+device = "a100"
+device_memory = 8e10
+devices_per_node = 8
+max_nodes = 1
+precision = "bf16"
+"""
+NO_SOURCE = NO_FIGURE.replace("nofigure", "nosource") + "[intra]\nlatency_s = 1e-6\nbandwidth = 1e11\n"
 
 
 def make_fixtures(where: Path, repo: Path) -> None:
@@ -143,6 +169,8 @@ def make_fixtures(where: Path, repo: Path) -> None:
     (where / "tiny.csv").write_text(TINY_CSV)
     (where / "gap.csv").write_text(GAP_CSV)
     (where / "capture_fails.py").write_text(CAPTURE_FAILS)
+    (where / "nofigure.toml").write_text(NO_FIGURE)
+    (where / "nosource.toml").write_text(NO_SOURCE)
     shutil.copytree(repo / "configs", where / "configs")
 
 
@@ -174,7 +202,7 @@ def judge(code: int, stderr: str, written: set[str], message: str) -> str:
 REPO = Path(__file__).resolve().parent.parent
 # inputs only the work itself can find wrong (a model torch.export cannot capture): one line,
 # but after the progress lines of the work that found it
-FOUND_BY_THE_WORK = {"cannot capture"}
+FOUND_BY_THE_WORK = {"cannot capture", "no plan fits"}
 
 
 @pytest.fixture(autouse=True)

@@ -98,6 +98,9 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
     from kiln.compile.run import CompileConfig
     from kiln.lowrank import config as lowrank
     from kiln.models.zoo.gpt import GPTConfig
+    from kiln.plan import cluster as plan_cluster
+    from kiln.plan.prices import InstanceConfig
+    from kiln.plan.run import PlanConfig
     from kiln.prune import config as prune
     from kiln.quant import config as quant
     from kiln.search.config import SearchConfig
@@ -156,6 +159,14 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
         plain(nas.DartsRun(dataset="mnist", seed=1, space=nas_space, retrain=Recipe(epochs=2.0, lr=0.1))),
         plain(nas.SampledRun(search=nas.SampledSearch(max_archs=5, proxy=Recipe(epochs=0.5)), space=nas_space)),
         plain(nas.SposRun(space=nas.SposSpace(layers=3, downsample_after=(0, 2)), search=nas.SposSearch(archs=10))),
+        plain(plan_cluster.ClusterConfig(
+            "c", "d", "a100", 8e10, 8, 2, plan_cluster.Precision.BF16, plan_cluster.LinkConfig(1e-6, 3e11),
+            plan_cluster.LinkConfig(1e-5, 2.5e10), collectives={"p2p": plan_cluster.CalibratedConfig((2, 4), (1e-4, 2e-4), (1e9, 5e8))},
+            sources={"device": "x"})),
+        plain(plan_cluster.LinkConfig(2e-6, 1e10)),
+        plain(plan_cluster.CalibratedConfig((2,), (1e-3,), (1e9,))),
+        plain(InstanceConfig("i", "p", "a100", 8, 10.5, "s", "2024-01-01")),
+        plain(PlanConfig("zoo:gpt", "dgx-a100", 4, global_batch=32, seq=64, tokens=1e9, deadline_h=2.0, instance="i")),
     ]
 
 

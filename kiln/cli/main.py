@@ -5,7 +5,7 @@ import logging
 
 import typer
 
-from kiln.cli import analyze, bench, compile, early_exit, hardware, lowrank, models, nas, prune, quantize, search, train
+from kiln.cli import analyze, bench, compile, early_exit, hardware, lowrank, models, nas, plan, prune, quantize, search, train
 from kiln.cli.common import KilnGroup
 
 app = typer.Typer(
@@ -34,7 +34,9 @@ app.command("prune")(prune.prune)
 app.command("lowrank")(lowrank.lowrank)
 app.command("early-exit")(early_exit.early_exit)
 app.command("nas")(nas.nas)
+app.command("plan")(plan.plan)
 app.add_typer(hardware.app, name="hardware")
+app.add_typer(plan.cluster_app, name="cluster")
 
 
 def main() -> None:

@@ -1,0 +1,181 @@
+"""kiln plan: the collectives model, memory and compute formulas against their papers' numbers
+and exact arithmetic, the closed-form transformer against kiln's analysis of the built model,
+pipeline bubbles, enumeration, cluster profiles, launch scripts and the CLI's best plan."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from kiln.errors import KilnError
+from kiln.plan.cluster import Cluster, ClusterConfig, LinkConfig, Precision, available, load_cluster
+from kiln.plan.collectives import (Algorithm, Collective, Link, best_all_reduce, collective_time,
+                                   fit_latency_bandwidth)
+from kiln.plan.emit import Emit, script, train_args
+from kiln.plan.memory import model_state_bytes
+from kiln.plan.plans import Plan, Predictor, Schedule, enumerate_plans, partition, rank
+from kiln.plan.workload import LayerCost, OpCost, Workload, load_workload, six_n_tokens, train_flops
+
+GPT3_175B = "hf-config:gpt2?n_layer=96&n_embd=12288&n_head=96&n_positions=2048&vocab_size=50257&n_inner=49152"
+
+
+def test_ring_all_reduce_is_nccl_tests_bus_bandwidth_arithmetic():
+    link = Link(latency_s=1e-6, bandwidth=1e9)
+    # 2(n-1) steps of latency and 2(n-1)/n of the payload per process
+    assert collective_time(Collective.ALL_REDUCE, 8e6, 4, link) == pytest.approx(6e-6 + 1.5 * 8e6 / 1e9)
+    assert collective_time(Collective.ALL_GATHER, 8e6, 4, link) == pytest.approx(3e-6 + 0.75 * 8e6 / 1e9)
+    assert collective_time(Collective.REDUCE_SCATTER, 8e6, 8, link) == pytest.approx(7e-6 + 7 / 8 * 8e6 / 1e9)
+    assert collective_time(Collective.P2P, 1e6, 2, link) == pytest.approx(1e-6 + 1e-3)
+    assert collective_time(Collective.ALL_REDUCE, 1e9, 1, link) == 0.0
+
+
+def test_tree_wins_small_messages_and_ring_large_ones():
+    link = Link(latency_s=1e-5, bandwidth=1e10)
+    assert best_all_reduce(1e3, 64, link)[1] is Algorithm.TREE     # 12 latency terms against 126
+    assert best_all_reduce(1e9, 64, link)[1] is Algorithm.RING     # 2(n-1)/n < 2 log2 n payloads
+
+
+def test_latency_bandwidth_fit_recovers_exact_figures():
+    sizes = [1e3, 1.6e4, 2.56e5, 4e6, 3.2e7]
+    times = [5e-4 + 1.5 * s / 2e9 for s in sizes]      # 4 processes: all-reduce bus factor 1.5
+    fit = fit_latency_bandwidth(Collective.ALL_REDUCE, 4, sizes, times)
+    assert fit.latency_s == pytest.approx(5e-4) and fit.bus_bandwidth == pytest.approx(2e9)
+
+
+@pytest.mark.parametrize("stage,expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_paper_model_states_of_7_5b_on_64_devices(stage, expected_gb):
+    # Rajbhandari et al. (arXiv 1910.02054), Figure 1: psi = 7.5B, N_d = 64, K = 12
+    total = sum(model_state_bytes(7.5e9, Precision.BF16, stage, 64).values()) / 1e9
+    assert total == pytest.approx(expected_gb, abs=0.05)
+
+
+def test_gpt3_175b_from_its_config_and_its_training_compute():
+    w = load_workload(GPT3_175B, seq=2048)
+    assert w.params == pytest.approx(175e9, rel=0.005)          # GPT-3 Table 2.1
+    assert six_n_tokens(w.params, 300e9) == pytest.approx(3.14e23, rel=0.01)    # Table D.1
+    # the full count (attention, logits) stays within 5% of the paper's 6*N*D figure
+    assert train_flops(w, 300e9 / 2048) == pytest.approx(3.14e23, rel=0.05)
+
+
+@pytest.mark.parametrize("spec", ["hf-config:gpt2", "hf-config:llama", "hf-config:gpt2?n_layer=3&n_embd=96&n_head=6"])
+def test_transformer_formulas_equal_the_analysis_of_the_built_model(spec):
+    formula = load_workload(spec, from_config=True, head=False)
+    captured = load_workload(spec)
+    assert formula.params == captured.params
+    assert formula.flops_per_sample == captured.flops_per_sample
+
+
+def test_partition_minimises_the_largest_stage_exactly():
+    costs = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
+    for stages in (2, 3, 4):
+        got = partition(costs, stages)
+        assert [a for a, _ in got] == sorted(a for a, _ in got) and all(b > a for a, b in got)
+        assert got[0][0] == 0 and got[-1][1] == len(costs)
+        brute = min(max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, len(costs))))
+                    for cuts in itertools.combinations(range(1, len(costs)), stages - 1))
+        assert max(sum(costs[a:b]) for a, b in got) == pytest.approx(brute)
+
+
+def _toy(layers: int = 8) -> Workload:
+    blocks = tuple(LayerCost(f"blocks.{i}", 1000, (OpCost(1e9, 0.0),), 1e6, 1e3, tp_collectives=2) for i in range(layers))
+    return Workload("toy", blocks, seq=1, hidden=64, heads=8, weight_bytes=4)
+
+
+def _cluster(memory: float = 1e12, bandwidth: float = 1e30) -> Cluster:
+    link = LinkConfig(0.0, bandwidth)
+    return Cluster(ClusterConfig("test", "", "a100", memory, 8, 1, Precision.FP32, link))
+
+
+def _hw():
+    from kiln.hardware.profiles import HardwareProfile
+    return HardwareProfile("flat", "", "gpu", {"fp32": 1e12}, 1e30)
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 4)])
+def test_pipeline_bubble_is_p_minus_1_over_m_plus_p_minus_1(p, m):
+    pred = Predictor(_toy(), _cluster(), _hw(), m).predict(Plan(pp=p, microbatches=m, schedule=Schedule.ONE_F_ONE_B))
+    bubble = pred.parts["bubble"] / (pred.parts["bubble"] + pred.parts["compute"])
+    assert bubble == pytest.approx((p - 1) / (m + p - 1))      # Narayanan et al., arXiv 2104.04473
+
+
+def test_interleaving_divides_the_bubble_by_the_chunks():
+    pred = Predictor(_toy(), _cluster(), _hw(), 8).predict(Plan(pp=4, microbatches=8, schedule=Schedule.INTERLEAVED))
+    assert pred.parts["bubble"] / pred.parts["compute"] == pytest.approx((4 - 1) / (2 * 8))
+
+
+def test_data_parallel_compute_divides_by_the_replicas_and_memory_rejects_with_the_gap():
+    hw = _hw()
+    one = Predictor(_toy(), _cluster(), hw, 8).predict(Plan(microbatch=8))
+    four = Predictor(_toy(), _cluster(), hw, 8).predict(Plan(dp=4, microbatch=2))
+    assert four.parts["compute"] == pytest.approx(one.parts["compute"] / 4)
+    # 8 layers x 1e6 activation bytes x 8 samples + 16 bytes x 8000 params
+    need = 8 * 1e6 * 8 + 16 * 8000
+    tight = Predictor(_toy(), _cluster(memory=need - 1e6), hw, 8).predict(Plan(microbatch=8))
+    assert not tight.fits and tight.reason.startswith("out of memory on device 0 by 0.00") and tight.memory.total == need
+
+
+def test_enumeration_covers_each_2d_layout_once_per_variant():
+    plans = enumerate_plans(8, 16)
+    assert all(p.devices == 8 and sum(d > 1 for d in (p.dp, p.tp, p.pp)) <= 2 for p in plans)
+    assert all(p.dp * p.microbatch * p.microbatches == 16 for p in plans)
+    layouts = {(p.dp, p.tp, p.pp) for p in plans}
+    assert (8, 1, 1) in layouts and (1, 8, 1) in layouts and (2, 4, 1) in layouts and (2, 1, 4) in layouts
+    assert not any(p.pp > 1 and p.zero > 1 for p in plans)
+
+
+def test_tp_that_does_not_divide_the_heads_is_rejected_by_name():
+    w = _toy()
+    pred = Predictor(w, _cluster(), _hw(), 6).predict(Plan(tp=3, microbatch=6))
+    assert "does not divide the heads 8" in pred.reason
+    assert rank([pred]).rejected[0].reason == pred.reason
+
+
+def test_every_builtin_cluster_loads_with_a_source_for_each_figure():
+    names = set(available())
+    assert {"dgx-a100", "dgx-h100", "dgx-a100-ib", "dgx-h100-ib", "tpu-v4-slice", "local"} <= names
+    for name in names:
+        c = load_cluster(name)
+        assert c.config.device_memory > 0 and c.max_devices >= c.config.devices_per_node
+
+
+def test_multi_node_groups_cross_the_network():
+    c = load_cluster("dgx-a100-ib")
+    assert c.link(8, 1).bandwidth == 300e9          # one node: NVLink
+    assert c.link(2, 8).bandwidth == 25e9           # a stride of a node: InfiniBand
+
+
+def test_unknown_cluster_names_the_known_ones():
+    with pytest.raises(KilnError, match="unknown cluster profile 'nope'.*dgx-a100"):
+        load_cluster("nope")
+
+
+def test_train_command_and_launch_scripts():
+    plan = Plan(dp=4, tp=4, zero=3, microbatch=2, microbatches=2)
+    args = train_args("zoo:gpt", plan, 16, 8)
+    assert args[:6] == ["kiln", "train", "zoo:gpt", "--parallel", "fsdp,tp", "--nproc"]
+    assert args[6] == "8" and "--mesh" in args and args[args.index("--mesh") + 1] == "4x4"
+    assert args[args.index("--nnodes") + 1] == "2"
+    slurm = script(Emit.SLURM, args, plan, 8, "test", hours=1.0)
+    assert "#SBATCH --nodes=2" in slurm and "--node-rank \"$SLURM_NODEID\"" in slurm and "#SBATCH --time=01:27:00" in slurm
+    torchrun = script(Emit.TORCHRUN, args, plan, 8, "test")
+    assert '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"' in torchrun
+
+
+def test_cli_best_plan_and_script(tmp_path):
+    from typer.testing import CliRunner
+
+    from kiln.cli.main import app
+
+    out = tmp_path / "launch.sh"
+    result = CliRunner().invoke(app, ["plan", GPT3_175B, "--cluster", "dgx-a100-ib", "--devices", "64",
+                                      "--global-batch", "64", "--seq", "2048", "--steps", "10", "--emit", "torchrun",
+                                      "--script", str(out), "--json", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    import json
+    data = json.loads((tmp_path / "plan.json").read_text())
+    best = data["best"]
+    assert best["fits"] and best["step_s"] == min(p["step_s"] for p in data["fitting"])
+    assert best["memory_bytes"]["total"] <= 85899345920.0
+    assert all(r["reason"] for r in data["rejected"])
+    assert "kiln train" in out.read_text() and best["usd"] > 0
