@@ -10,8 +10,8 @@ Step time of one optimizer step (global batch B = dp * m * b samples):
   2104.04473, sec. 2.2); the difference to m slots is the bubble.
 - tensor parallel: Megatron's 2 all-reduces per block in the forward and 2 in the backward
   (Shoeybi et al., arXiv 1909.08053, sec. 3) of b * the block's output, on the critical path.
-- pipeline point-to-point: each stage sends its output forward and receives its gradient back
-  per micro-batch, on the critical path.
+- pipeline point-to-point: per micro-batch each stage sends its output forward (but the last)
+  and its input's gradient back (but the first), on the critical path.
 - data parallel: gradient all-reduce (stage 0), reduce-scatter + all-gather (stages 1, 2) or
   per-micro-batch all-gathers in forward and backward plus a reduce-scatter (stage 3).
   Overlap, stated: DDP/ZeRO-1/2 communication hides behind the last micro-batch's backward,
@@ -222,8 +222,9 @@ class Predictor:
             tp = sum(2 * w.layers[i].tp_collectives * c.time(
                 Collective.ALL_REDUCE, plan.microbatch * w.layers[i].boundary_bytes * self.act_scale, plan.tp)
                 for i in range(a, b))
-            p2p = 2 * c.time(Collective.P2P, plan.microbatch * w.layers[b - 1].boundary_bytes * self.act_scale, 2,
-                             stride=plan.tp) if plan.pp > 1 else 0.0
+            k = len(per_mb)
+            p2p = (self._p2p(plan, w.layers[b - 1].boundary_bytes) if k < plan.pp - 1 else 0.0) + \
+                  (self._p2p(plan, w.layers[a - 1].boundary_bytes) if k > 0 else 0.0)
             per_mb.append((comp, tp, p2p))
             last_bwd.append(bwd)
             compute_total = max(compute_total, comp * plan.microbatches)
@@ -242,6 +243,19 @@ class Predictor:
                                            plan.zero, plan.dp).values()) for a, b in stages)
         parts["optimizer"] = 2 * states / dev.bandwidth
         return replace(pred, step_s=pipeline + parts["dp"] + parts["optimizer"], parts=parts, dp_comm_s=dp_comm)
+
+    def _p2p(self, plan: Plan, boundary: float) -> float:
+        """One stage-to-stage message per micro-batch (the activation forward, or its gradient
+        back). Under TP each of the t ranks sends 1/t of it and the receivers all-gather it over
+        the node's links (Megatron-LM's scatter/gather, arXiv 2104.04473, sec. 4.1)."""
+        size = plan.microbatch * boundary * self.act_scale
+        # stages sit tp devices apart; once a pipeline outgrows a node, its slowest hop is the network
+        per_node = self.cluster.config.devices_per_node
+        stride = per_node if plan.tp * plan.pp > per_node else 1
+        if plan.tp == 1:
+            return self.cluster.time(Collective.P2P, size, 2, stride=stride)
+        return (self.cluster.time(Collective.P2P, size / plan.tp, 2, stride=stride)
+                + self.cluster.time(Collective.ALL_GATHER, size, plan.tp))
 
     def _dp_comm(self, plan: Plan, grad_bytes: float) -> float:
         if plan.dp <= 1:
