@@ -179,3 +179,17 @@ def test_cli_best_plan_and_script(tmp_path):
     assert best["memory_bytes"]["total"] <= 85899345920.0
     assert all(r["reason"] for r in data["rejected"])
     assert "kiln train" in out.read_text() and best["usd"] > 0
+
+
+def test_calibration_fits_small_and_large_messages_apart_exactly():
+    from kiln.plan.calibrate import FIT_SIZES, SPLIT_BYTES, fit_all
+
+    # a backend with 50 us + 1 GB/s up to the split and 4 GB/s from it on, continuous there
+    large_latency = 5e-5 + SPLIT_BYTES / 1e9 - SPLIT_BYTES / 4e9
+
+    def t(s):
+        return 5e-5 + s / 1e9 if s <= SPLIT_BYTES else large_latency + s / 4e9
+    ops = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "p2p")
+    fit = fit_all({2: {op: {s: t(s) for s in FIT_SIZES} for op in ops}})["p2p"].fits[0]   # p2p: bus factor 1
+    assert fit.pair(1e3) == pytest.approx((5e-5, 1e9), rel=1e-6)
+    assert fit.pair(1e7) == pytest.approx((large_latency, 4e9), rel=1e-6)

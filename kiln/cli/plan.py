@@ -18,7 +18,9 @@ def _money(value: float | None) -> str:
 
 
 def _hours(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.1f} h" if value >= 1 else f"{value * 60:.1f} min"
+    if value is None:
+        return "-"
+    return f"{value:,.1f} h" if value >= 1 else f"{value * 60:.1f} min" if value >= 1 / 60 else seconds(value * 3600)
 
 
 @user_errors

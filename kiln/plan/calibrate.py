@@ -27,6 +27,7 @@ from kiln.train.distributed import torchrun_command
 FIT_SIZES = (1 << 10, 16 << 10, 256 << 10, 4 << 20, 32 << 20)
 EVAL_SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20)
 PROCESSES = (2, 4)
+SPLIT_BYTES = 256 << 10      # small and large messages are fitted apart (both sides hold 3 FIT_SIZES)
 MEASURED = (Collective.ALL_REDUCE, Collective.ALL_GATHER, Collective.REDUCE_SCATTER,
             Collective.BROADCAST, Collective.P2P)
 
@@ -98,16 +99,25 @@ def measure_collectives(processes: int, sizes: tuple[int, ...]) -> dict[str, dic
     return {name: {int(s): t for s, t in per.items()} for name, per in times.items()}
 
 
-def fit_all(measured: dict[int, dict[str, dict[int, float]]]) -> dict[str, CalibratedConfig]:
-    """Per collective, one (latency, bus bandwidth) fit per process count."""
+def fit_all(measured: dict[int, dict[str, dict[int, float]]], split: int = SPLIT_BYTES) -> dict[str, CalibratedConfig]:
+    """Per collective and process count, two (latency, bus bandwidth) fits: messages up to
+    `split` bytes and from it on (the split size belongs to both), as gloo changes algorithm
+    with the size; one fit over all sizes when either side has fewer than two sizes."""
     out = {}
     for op in MEASURED:
-        fits = []
+        large, small = [], []
         for n, per in sorted(measured.items()):
-            sizes = sorted(per[op.value])
-            fits.append(fit_latency_bandwidth(op, n, [float(s) for s in sizes], [per[op.value][s] for s in sizes]))
-        out[op.value] = CalibratedConfig(tuple(f.processes for f in fits), tuple(f.latency_s for f in fits),
-                                         tuple(f.bus_bandwidth for f in fits))
+            times = per[op.value]
+            sizes = sorted(times)
+            lo, hi = [s for s in sizes if s <= split], [s for s in sizes if s >= split]
+            if len(lo) < 2 or len(hi) < 2:
+                lo = hi = sizes
+            fit = lambda chosen: fit_latency_bandwidth(op, n, [float(s) for s in chosen], [times[s] for s in chosen])
+            large.append(fit(hi))
+            small.append(fit(lo))
+        out[op.value] = CalibratedConfig(
+            tuple(f.processes for f in large), tuple(f.latency_s for f in large), tuple(f.bus_bandwidth for f in large),
+            float(split), tuple(f.latency_s for f in small), tuple(f.bus_bandwidth for f in small))
     return out
 
 

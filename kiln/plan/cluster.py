@@ -61,14 +61,22 @@ class CalibratedConfig:
     processes: tuple[int, ...]
     latency_s: tuple[float, ...]
     bus_bandwidth: tuple[float, ...]
+    split_bytes: float = 0.0                      # messages up to this size use the small_* fits
+    small_latency_s: tuple[float, ...] = ()
+    small_bus_bandwidth: tuple[float, ...] = ()
 
     def __post_init__(self):
         if not (len(self.processes) == len(self.latency_s) == len(self.bus_bandwidth) >= 1):
             raise ValueError("processes, latency_s and bus_bandwidth need one entry each per process count")
+        if self.split_bytes and not (len(self.small_latency_s) == len(self.small_bus_bandwidth) == len(self.processes)):
+            raise ValueError("split_bytes needs small_latency_s and small_bus_bandwidth for each process count")
 
     @property
     def fits(self) -> tuple[Fitted, ...]:
-        return tuple(Fitted(n, a, b) for n, a, b in zip(self.processes, self.latency_s, self.bus_bandwidth))
+        small = zip(self.small_latency_s, self.small_bus_bandwidth) if self.split_bytes else \
+            [(0.0, 0.0)] * len(self.processes)
+        return tuple(Fitted(n, a, b, self.split_bytes, sa, sb)
+                     for (n, a, b), (sa, sb) in zip(zip(self.processes, self.latency_s, self.bus_bandwidth), small))
 
 
 @dataclass(frozen=True)

@@ -83,14 +83,25 @@ def best_all_reduce(size: float, n: int, link: Link) -> tuple[float, Algorithm]:
 
 @dataclass(frozen=True)
 class Fitted:
-    """A calibrated collective at one process count: t = latency_s + bus_factor * S / bus_bandwidth."""
+    """A calibrated collective at one process count: t = latency_s + bus_factor * S / bus_bandwidth,
+    with a second (latency, bandwidth) pair for messages up to `split_bytes` where one was fitted:
+    a backend switches algorithms with the size (NCCL's LL and Simple protocols; gloo's)."""
 
     processes: int
     latency_s: float
     bus_bandwidth: float
+    split_bytes: float = 0.0
+    small_latency_s: float = 0.0
+    small_bus_bandwidth: float = 0.0
+
+    def pair(self, size: float) -> tuple[float, float]:
+        if self.split_bytes and size <= self.split_bytes:
+            return self.small_latency_s, self.small_bus_bandwidth
+        return self.latency_s, self.bus_bandwidth
 
     def time(self, op: Collective, size: float) -> float:
-        return self.latency_s + bus_factor(op, self.processes) * size / self.bus_bandwidth
+        latency, bandwidth = self.pair(size)
+        return latency + bus_factor(op, self.processes) * size / bandwidth
 
 
 def fitted_time(op: Collective, size: float, n: int, fits: tuple[Fitted, ...]) -> float:
@@ -100,7 +111,8 @@ def fitted_time(op: Collective, size: float, n: int, fits: tuple[Fitted, ...]) -
         return 0.0
     near = min(fits, key=lambda f: (abs(f.processes - n), -f.processes))
     scale = steps(op, n) / max(steps(op, near.processes), 1) if op is not Collective.P2P else 1.0
-    return near.latency_s * scale + bus_factor(op, n) * size / near.bus_bandwidth
+    latency, bandwidth = near.pair(size)
+    return latency * scale + bus_factor(op, n) * size / bandwidth
 
 
 def fit_latency_bandwidth(op: Collective, n: int, sizes: list[float], times: list[float]) -> Fitted:
