@@ -144,6 +144,7 @@ CASES = [
     ("plan", ["plan", "zoo:mlp", "--cluster", "dgx-a100", "--devices", "2", "--deadline", "3"], "--deadline"),
     ("plan", ["plan", "zoo:mlp", "--cluster", "dgx-a100", "--devices", "2", "--steps", "3", "--tokens", "5"], "not both"),
     ("plan", ["plan", "zoo:mlp", "--cluster", "dgx-a100", "--devices", "2", "--json", "DIR"], "DIR"),
+    ("plan", ["plan", "zoo:mlp", "--cluster", "dgx-a100", "--devices", "2", "--efficiency", "1.5"], "--efficiency"),
     ("plan", ["plan", "zoo:mlp", "--cluster", "dgx-a100", "--devices", "2", "--emit", "slurm", "--script", "DIR"], "DIR"),
     ("plan", ["plan", "hf-config:gpt2?n_layer=96&n_embd=12288&n_head=96&n_inner=49152", "--cluster", "dgx-a100",
               "--devices", "1", "--seq", "2048", "--emit", "torchrun"], "no plan fits"),

@@ -35,6 +35,7 @@ def plan(
     deadline: Optional[float] = typer.Option(None, "--deadline", help="Hours: also find the cheapest plan that finishes in time."),
     instance: Optional[str] = typer.Option(None, "--instance", help="Price as this instance (kiln/plan/prices.toml); default the cheapest matching."),
     from_config: bool = typer.Option(False, "--from-config", help="Plan an hf-config transformer from its config even when small."),
+    efficiency: float = typer.Option(1.0, help="Share of the device's peak FLOP/s its kernels reach (measured MFU); 1 = the roofline."),
     top: int = typer.Option(10, min=1, help="How many fitting plans to list."),
     emit: Optional[str] = typer.Option(None, "--emit", help="Write the best plan's launch script: torchrun or slurm."),
     script: Optional[Path] = typer.Option(None, "--script", help="Where --emit writes (default kiln-plan-torchrun.sh / kiln-plan.sbatch)."),
@@ -49,14 +50,20 @@ def plan(
     script = script or (Path("kiln-plan.sbatch" if emit == "slurm" else "kiln-plan-torchrun.sh") if emit else None)
     validate(positive={"--devices": devices, "--seq": seq, "--steps": steps, "--tokens": tokens, "--deadline": deadline},
              non_negative={"--global-batch": global_batch}, outputs=[script], json_path=json_path)
-    config = PlanConfig(spec, cluster, devices, global_batch, seq, steps, tokens, deadline, instance, from_config)
+    config = PlanConfig(spec, cluster, devices, global_batch, seq, steps, tokens, deadline, instance, from_config,
+                        efficiency)
     cluster_obj, _ = _cluster_and_device(config, check_cluster)
     if emit and cluster_obj.config.device.startswith("tpu"):
         raise KilnError(f"--emit writes torchrun and SLURM launches of GPU and CPU clusters; {cluster_obj.name} runs through XLA")
     from kiln.plan.run import plan as run_plan
+    from kiln.plan.workload import load_workload
 
-    with progress(f"planning {spec} on {devices} x {cluster_obj.config.device}", after_s=10.0):
-        report = run_plan(config)
+    if spec.startswith("hf-config:"):   # a config, not a capture: seconds at most, and silent
+        workload = load_workload(spec, seq, from_config)
+    else:
+        with progress(f"analysing {spec}"):
+            workload = load_workload(spec, seq, from_config)
+    report = run_plan(config, workload)
     _print(report, top)
     best = report.ranking.best
     if emit:

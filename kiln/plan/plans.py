@@ -2,8 +2,8 @@
 them), predict each plan's per-device memory and step time, and rank the ones that fit.
 
 Step time of one optimizer step (global batch B = dp * m * b samples):
-- compute: each op's roofline max(FLOPs / peak, bytes / bandwidth) on the cluster's device,
-  divided by the TP degree; backward costs 2x forward (kiln.plan.workload); recomputation one
+- compute: each op's roofline max(FLOPs / peak, bytes / bandwidth) on the cluster's device
+  (the peak times a measured efficiency where one is given), divided by the TP degree; backward costs 2x forward (kiln.plan.workload); recomputation one
   more forward.
 - pipeline: (m + p - 1) slots of the slowest stage's micro-batch time for GPipe and 1F1B,
   (m + (p - 1) / v) for interleaved 1F1B with v = 2 chunks (Narayanan et al., arXiv
@@ -114,9 +114,11 @@ class _Device:
     memory: float
 
 
-def device_of(cluster: Cluster, hw: HardwareProfile, devices: int) -> _Device:
+def device_of(cluster: Cluster, hw: HardwareProfile, devices: int, efficiency: float = 1.0) -> _Device:
+    """The device's peak (times a measured `efficiency`, the share of peak its kernels reach),
+    bandwidth and memory; where devices share a machine, each one's share of it."""
     c = cluster.config
-    peak = hw.peak_for(c.precision.dtype)[0]
+    peak = hw.peak_for(c.precision.dtype)[0] * efficiency
     if not c.share_node:
         return _Device(peak, hw.memory_bandwidth, c.device_memory)
     share = min(devices, c.devices_per_node)
@@ -154,8 +156,10 @@ def partition(costs: list[float], stages: int) -> list[tuple[int, int]]:
 class Predictor:
     """Predicts plans of one workload on one cluster at one global batch."""
 
-    def __init__(self, workload: Workload, cluster: Cluster, hw: HardwareProfile, global_batch: int):
+    def __init__(self, workload: Workload, cluster: Cluster, hw: HardwareProfile, global_batch: int,
+                 efficiency: float = 1.0):
         self.w, self.cluster, self.hw, self.batch = workload, cluster, hw, global_batch
+        self.efficiency = efficiency
         self.precision = cluster.config.precision
         # activations as analysed are at the workload's element width; train at the cluster's
         self.act_scale = self.precision.weight_bytes / workload.weight_bytes
@@ -169,7 +173,7 @@ class Predictor:
         return total / tp
 
     def predict(self, plan: Plan) -> Prediction:
-        dev = device_of(self.cluster, self.hw, plan.devices)
+        dev = device_of(self.cluster, self.hw, plan.devices, self.efficiency)
         reason = self._infeasible(plan)
         if reason:
             return Prediction(plan, MemoryBreakdown(0, 0, 0, 0, 0), 0, dev.memory, reason=reason)

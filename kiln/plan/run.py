@@ -29,6 +29,7 @@ class PlanConfig:
     deadline_h: float | None = None
     instance: str | None = None
     from_config: bool = False
+    efficiency: float = 1.0        # share of the device's peak FLOP/s its kernels reach (1: the roofline)
 
     def __post_init__(self):
         if self.devices < 1:
@@ -39,6 +40,8 @@ class PlanConfig:
             raise ValueError("give --steps or --tokens, not both")
         if (self.steps is not None and self.steps < 1) or (self.tokens is not None and self.tokens <= 0):
             raise ValueError("--steps and --tokens must be > 0")
+        if not 0 < self.efficiency <= 1:
+            raise ValueError(f"--efficiency must be in (0, 1], got {self.efficiency}")
         if self.deadline_h is not None and (self.deadline_h <= 0 or (self.steps is None and self.tokens is None)):
             raise ValueError("--deadline needs hours > 0 and --steps or --tokens (how much training must finish)")
 
@@ -88,7 +91,7 @@ def plan(config: PlanConfig, workload: Workload | None = None) -> PlanReport:
     budget = Budget(config.steps, config.tokens)
     steps = budget.steps_for(config.batch, workload.seq)
     instance = instance_for(cluster.config.device, config.instance) if cluster.name != "local" else None
-    predictor = Predictor(workload, cluster, hw, config.batch)
+    predictor = Predictor(workload, cluster, hw, config.batch, config.efficiency)
     ranking = rank([predictor.predict(p) for p in enumerate_plans(config.devices, config.batch)])
     report = PlanReport(config, workload, cluster, hw, ranking, steps, instance)
     if ranking.best is None:
@@ -112,7 +115,8 @@ def _cheapest(config: PlanConfig, workload, cluster, hw, steps: int) -> tuple[Pr
     instance = instance_for(cluster.config.device, config.instance) if cluster.name != "local" else None
     best, best_cost = None, None
     for n in counts:
-        ranking = rank([Predictor(workload, cluster, hw, config.batch).predict(p) for p in enumerate_plans(n, config.batch)])
+        predictor = Predictor(workload, cluster, hw, config.batch, config.efficiency)
+        ranking = rank([predictor.predict(p) for p in enumerate_plans(n, config.batch)])
         for p in ranking.fitting:
             hours = steps * p.step_s / 3600
             if hours > config.deadline_h:
