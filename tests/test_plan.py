@@ -153,8 +153,8 @@ def test_unknown_cluster_names_the_known_ones():
 def test_train_command_and_launch_scripts():
     plan = Plan(dp=4, tp=4, zero=3, microbatch=2, microbatches=2)
     args = train_args("zoo:gpt", plan, 16, 8)
-    assert args[:6] == ["kiln", "train", "zoo:gpt", "--parallel", "fsdp,tp", "--nproc"]
-    assert args[6] == "8" and "--mesh" in args and args[args.index("--mesh") + 1] == "4x4"
+    assert args[:8] == ["kiln", "train", "zoo:gpt", "--out", "runs/plan", "--parallel", "fsdp,tp", "--nproc"]
+    assert args[8] == "8" and "--mesh" in args and args[args.index("--mesh") + 1] == "4x4"
     assert args[args.index("--nnodes") + 1] == "2"
     slurm = script(Emit.SLURM, args, plan, 8, "test", hours=1.0)
     assert "#SBATCH --nodes=2" in slurm and "--node-rank \"$SLURM_NODEID\"" in slurm and "#SBATCH --time=01:27:00" in slurm
@@ -193,3 +193,69 @@ def test_calibration_fits_small_and_large_messages_apart_exactly():
     fit = fit_all({2: {op: {s: t(s) for s in FIT_SIZES} for op in ops}})["p2p"].fits[0]   # p2p: bus factor 1
     assert fit.pair(1e3) == pytest.approx((5e-5, 1e9), rel=1e-6)
     assert fit.pair(1e7) == pytest.approx((large_latency, 4e9), rel=1e-6)
+
+
+PLAIN = """
+import torch
+from torch import nn
+
+def plain():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    return model, (torch.randn(1, 1, 8, 8),)
+"""
+
+
+@pytest.mark.distributed
+def test_emitted_torchrun_script_on_two_nodes_matches_one_process(tmp_path):
+    """Two "nodes" on 127.0.0.1, each running the emitted torchrun script with its NODE_RANK,
+    end with the parameters of one process training the same global batches."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from kiln.train.config import TrainConfig
+    from kiln.train.trainer import fit
+
+    (tmp_path / "m.py").write_text(PLAIN)
+    spec = f"py:{tmp_path / 'm.py'}:plain"
+    steps = ["--dataset", "digits", "--epochs", "1", "--max-steps", "4", "--seed", "0", "--optimizer", "sgd",
+             "--lr", "0.05", "--threads", "1"]
+    plan = Plan(dp=2, microbatch=16)
+    args = train_args(spec, plan, 32, devices_per_node=1, out=str(tmp_path / "two")) + steps
+    help_text = subprocess.run([sys.executable, "-m", "kiln.cli.main", "train", "--help"], capture_output=True, text=True).stdout
+    if "--parallel" not in help_text:   # before the parallel modes land, DDP is what --nproc > 1 runs
+        i = args.index("--parallel")
+        del args[i:i + 2]
+    args[0:1] = [sys.executable, "-m", "kiln.cli.main"]
+    path = tmp_path / "launch.sh"
+    path.write_text(script(Emit.TORCHRUN, args, plan, 1, "test"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    nodes = [subprocess.Popen(["bash", str(path)], env=env | {"NODE_RANK": str(r)}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outputs = [n.communicate(timeout=500)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outputs
+    fit(TrainConfig(model=spec, dataset="digits", out=str(tmp_path / "one"), epochs=1, max_steps=4, seed=0,
+                    optimizer="sgd", lr=0.05, batch_size=32, threads=1), progress=False)
+    a, b = load_file(tmp_path / "one" / "last.safetensors"), load_file(tmp_path / "two" / "last.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.distributed
+def test_calibration_measures_gloo_and_saves_a_loadable_local_profile(tmp_path, monkeypatch):
+    from kiln.plan.calibrate import calibrate
+    from kiln.plan.cluster import save_cluster
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    profile, raw = calibrate((2,), sizes=(1 << 10, 16 << 10, 256 << 10, 1 << 20))
+    assert set(raw[2]) == {"all_reduce", "all_gather", "reduce_scatter", "broadcast", "p2p"}
+    assert all(t > 0 for per in raw[2].values() for t in per.values())
+    loaded = load_cluster(str(save_cluster(profile)))       # every figure has its source
+    assert loaded.config.collectives["all_reduce"].processes == (2,)
+    assert loaded.time(Collective.ALL_REDUCE, 1 << 20, 2) > 0

@@ -27,10 +27,11 @@ def nodes_for(plan: Plan, devices_per_node: int) -> tuple[int, int]:
     return math.ceil(plan.devices / per_node), per_node
 
 
-def train_args(spec: str, plan: Plan, global_batch: int, devices_per_node: int) -> list[str]:
+def train_args(spec: str, plan: Plan, global_batch: int, devices_per_node: int, out: str = "runs/plan") -> list[str]:
     """`kiln train` arguments for the plan (flag names as the parallel modes define them)."""
     nodes, per_node = nodes_for(plan, devices_per_node)
-    args = ["kiln", "train", spec, "--parallel", plan.mode, "--nproc", str(per_node), "--batch-size", str(global_batch)]
+    args = ["kiln", "train", spec, "--out", out, "--parallel", plan.mode, "--nproc", str(per_node),
+            "--batch-size", str(global_batch)]
     two = [d for d in (plan.dp, plan.tp, plan.pp) if d > 1]
     if len(two) == 2:
         args += ["--mesh", "x".join(map(str, two))]
