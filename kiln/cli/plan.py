@@ -90,7 +90,8 @@ def _print(report, top: int) -> None:
     r, w, c = report.ranking, report.workload, report.cluster
     console.print(f"{w.name}: {si(w.params)} parameters, {si(w.flops_per_sample, 'FLOP')} forward per sample "
                   f"({w.seq} tokens; {w.source}); cluster {c.name}: {c.config.device}, "
-                  f"{si(c.config.device_memory, 'B')} per device, {c.config.precision.value}")
+                  f"{si(c.config.device_memory, 'B')} per {'node, shared by its processes' if c.config.share_node else 'device'}, "
+                  f"{c.config.precision.value}")
     table = Table(title=f"plans that fit ({len(r.fitting)}; fastest first)")
     for col in ("#", "plan", "mode", "step", "compute", "bubble", "tp", "pp", "dp exposed", "memory/device", "time", "cost"):
         table.add_column(col)
@@ -132,7 +133,7 @@ def _emit(report, best, kind: str, path: Path) -> None:
     header = (f"kiln plan {report.config.spec} on {report.cluster.name}: {best.plan.describe()}, "
               f"predicted {best.step_s:.4g} s per step")
     text = script(Emit(kind), report.command(best), best.plan, report.cluster.config.devices_per_node, header,
-                  report.hours(best))
+                  report.hours(best), gpus=report.hardware.kind == "gpu")
     atomic_write_text(path, text)
     path.chmod(0o755)
     console.print(f"launch script ({kind}): {path}")

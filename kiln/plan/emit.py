@@ -53,8 +53,8 @@ def command_line(args: list[str]) -> str:
 
 
 def script(kind: Emit, args: list[str], plan: Plan, devices_per_node: int, header: str,
-           hours: float | None = None) -> str:
-    """The launch script's text."""
+           hours: float | None = None, gpus: bool = True) -> str:
+    """The launch script's text (`gpus`: the devices are GPUs, which SLURM allocates per node)."""
     nodes, per_node = nodes_for(plan, devices_per_node)
     line = command_line(args)
     if kind is Emit.TORCHRUN:
@@ -66,10 +66,10 @@ def script(kind: Emit, args: list[str], plan: Plan, devices_per_node: int, heade
             ': "${NODE_RANK:=0}"', ': "${MASTER_ADDR:=127.0.0.1}"', f': "${{MASTER_PORT:={RDZV_PORT}}}"',
             f'exec {line} --node-rank "$NODE_RANK" --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"', ""])
     limit = _slurm_time(hours * 1.2 + 0.25) if hours is not None else "24:00:00"   # 20% and 15 min of margin
-    gpus = [f"#SBATCH --gpus-per-node={per_node}"] if devices_per_node <= 64 else []
+    allocate = [f"#SBATCH --gpus-per-node={per_node}"] if gpus else [f"#SBATCH --cpus-per-task={per_node}"]
     return "\n".join([
         "#!/bin/bash", f"# {header}",
-        "#SBATCH --job-name=kiln-plan", f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1", *gpus,
+        "#SBATCH --job-name=kiln-plan", f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1", *allocate,
         f"#SBATCH --time={limit}", "#SBATCH --output=kiln-plan-%j.out", "set -euo pipefail",
         'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "export MASTER_ADDR",
