@@ -259,3 +259,27 @@ def test_calibration_measures_gloo_and_saves_a_loadable_local_profile(tmp_path, 
     loaded = load_cluster(str(save_cluster(profile)))       # every figure has its source
     assert loaded.config.collectives["all_reduce"].processes == (2,)
     assert loaded.time(Collective.ALL_REDUCE, 1 << 20, 2) > 0
+
+
+def test_cost_bills_whole_instances_and_the_deadline_picks_the_cheapest_in_time():
+    from kiln.plan.prices import instance_for, instances
+    from kiln.plan.run import PlanConfig, plan
+
+    table = instances()
+    assert len({i.name for i in table if i.device in ("a100", "h100", "a100-40gb")}) >= 6
+    assert all(i.published and i.source.startswith("https://") for i in table)
+    lam = instance_for("a100")
+    assert lam.usd_per_hour / lam.devices == min(i.usd_per_hour / i.devices for i in table if i.device == "a100")
+    assert lam.cost(9, 2.0) == 2 * lam.usd_per_hour * 2.0            # 9 GPUs: two 8-GPU instances
+    work = _toy(16)
+    steps = 1000
+    # brute force over the device counts the search considers (8, 4, 2, 1): the cheapest in time
+    report = plan(PlanConfig("toy", "dgx-a100-ib", 8, global_batch=64, steps=steps, deadline_h=1e-2), work)
+    cands = []
+    for n in (8, 4, 2, 1):
+        sub = plan(PlanConfig("toy", "dgx-a100-ib", n, global_batch=64, steps=steps), work)
+        cands += [(lam.cost(n, steps * p.step_s / 3600), p.step_s) for p in sub.ranking.fitting
+                  if steps * p.step_s / 3600 <= 1e-2]
+    best = report.cheapest
+    assert best is not None and report.dollars(best) == pytest.approx(min(cands)[0])
+    assert report.hours(best) <= 1e-2
