@@ -22,9 +22,18 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 
+from kiln.analysis.cost import AnnotateCost
 from kiln.errors import KilnError
+from kiln.graph.capture import capture
 from kiln.graph.graph import Graph
 from kiln.graph.node import NodeKind
+from kiln.graph.passes import PassManager
+# hf_config builds configs only on the way to a model: its helpers give the config with kiln's
+# tiny defaults and the query applied, exactly as the built model would get it (private names:
+# a public config-only entry point there would be better; the meta-capture work may add one)
+from kiln.models import hf_config as hc
+from kiln.models.inputs import with_input_shapes
+from kiln.models.spec import load, parse_query
 
 BACKWARD_PER_FORWARD = 2.0   # Kaplan et al. 2020, sec. 2.1: backward ~ twice the forward
 
@@ -220,12 +229,6 @@ def load_workload(spec: str, seq: int | None = None, from_config: bool = False, 
 
 
 def _captured(spec: str, seq: int | None) -> Workload:
-    from kiln.analysis.cost import AnnotateCost
-    from kiln.graph.capture import capture
-    from kiln.graph.passes import PassManager
-    from kiln.models.inputs import with_input_shapes
-    from kiln.models.spec import load
-
     loaded = load(spec)
     first = next(iter([*loaded.example_inputs, *loaded.example_kwargs.values()]), None)
     if seq is not None:
@@ -243,11 +246,6 @@ def _captured(spec: str, seq: int | None) -> Workload:
 def _hf_shape(spec: str, seq: int | None, head: bool = True) -> TransformerShape | None:
     """The decoder shape of an hf-config spec from its config object alone (no weights built);
     None for architectures that are not a plain decoder or encoder stack."""
-    # kiln.models.hf_config builds configs only on the way to a model: its helpers give the
-    # config with kiln's tiny defaults and the query applied, exactly as the model would get it
-    from kiln.models import hf_config as hc
-    from kiln.models.spec import parse_query
-
     model_type, _, query = spec.removeprefix("hf-config:").partition("?")
     recipe = hc.SUPPORTED.get(model_type)
     if recipe is None:
