@@ -4,7 +4,6 @@ pipeline bubbles, enumeration, cluster profiles, launch scripts and the CLI's be
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 

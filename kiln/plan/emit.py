@@ -10,7 +10,7 @@ import enum
 import math
 import shlex
 
-from kiln.plan.plans import Plan, Schedule
+from kiln.plan.plans import Plan
 
 
 class Emit(enum.Enum):

@@ -8,7 +8,7 @@ from kiln.errors import KilnError
 from kiln.hardware.profiles import HardwareProfile, load_profile
 from kiln.plan.cluster import Cluster, load_cluster
 from kiln.plan.emit import train_args
-from kiln.plan.plans import Plan, Prediction, Predictor, Ranking, enumerate_plans, plan_for_mode, rank
+from kiln.plan.plans import Prediction, Predictor, Ranking, enumerate_plans, plan_for_mode, rank
 from kiln.plan.prices import Budget, InstanceConfig, instance_for
 from kiln.plan.workload import Workload, load_workload
 
