@@ -110,6 +110,7 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
     from kiln.search.spaces.compress import CompressionConfig
     from kiln.search.spaces.python import PythonConfig
     from kiln.search.spaces.quant import MixedPrecisionConfig
+    from kiln.lowrank.lora import Bias, LoraConfig
     from kiln.timing import TimingConfig
     from kiln.train.config import Schedule, TrainConfig
 
@@ -156,6 +157,8 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
         plain(HParamsConfig(lr_range=(1e-3, 1e-2), samples=50)),
         plain(PythonConfig("py:f.py:g", {"x": [1, 2], "y": ["a"]})),
         plain(nas_space),
+        plain(LoraConfig(r=4, alpha=8.0, dropout=0.05, targets=("query", "value"), bias=Bias.LORA_ONLY, rslora=True,
+                         train=("head",), qlora=True, block=32, scaler_block=128)),
         plain(nas.DartsRun(dataset="mnist", seed=1, space=nas_space, retrain=Recipe(epochs=2.0, lr=0.1))),
         plain(nas.SampledRun(search=nas.SampledSearch(max_archs=5, proxy=Recipe(epochs=0.5)), space=nas_space)),
         plain(nas.SposRun(space=nas.SposSpace(layers=3, downsample_after=(0, 2)), search=nas.SposSearch(archs=10))),

@@ -12,7 +12,7 @@ from kiln.cli.common import check_fits, console, user_errors, validate, write_js
 
 OVERRIDES = ("dataset", "epochs", "lr", "batch_size", "seed", "optimizer", "weight_decay", "schedule",
              "warmup_fraction", "grad_clip", "bf16", "label_smoothing", "max_steps", "threads", "init", "quant",
-             "calib_batches", "teacher", "distill_alpha", "distill_temperature")
+             "calib_batches", "teacher", "distill_alpha", "distill_temperature", "lora", "qlora")
 
 
 def _config(spec, config, out, given: dict):
@@ -54,6 +54,9 @@ def train(
     teacher: Optional[str] = typer.Option(None, help="Distil from this model (spec, run or artifact directory)."),
     distill_alpha: Optional[float] = typer.Option(None, help="Weight of the distillation term (default 0.5)."),
     distill_temperature: Optional[float] = typer.Option(None, help="Softmax temperature of distillation (default 2)."),
+    lora: Optional[str] = typer.Option(None, help="LoRA adapters on a frozen base: r=8,alpha=16[,dropout=0.05,"
+                                       "targets=all-linear|query+value,bias=none|lora_only|all,rslora=1,train=head]."),
+    qlora: Optional[bool] = typer.Option(None, "--qlora/--no-qlora", help="LoRA on NF4 base weights (QLoRA; --lora sets the adapters)."),
     nproc: int = typer.Option(1, help="Data-parallel processes on this machine (torchrun, DDP)."),
     nnodes: int = typer.Option(1), node_rank: int = typer.Option(0),
     rdzv_endpoint: str = typer.Option("", help="host:port of the rendezvous for several machines."),
@@ -72,6 +75,10 @@ def train(
     validate(non_negative={"threads": cfg.threads}, positive={"eval_batch_size": cfg.eval_batch_size},
              new_dirs=[None if resume or not cfg.out else Path(cfg.out)], json_path=json_path)
     check_fits(cfg.model, cfg.dataset, cfg.teacher)
+    if cfg.lora or cfg.qlora:
+        from kiln.lowrank.lora import parse
+
+        parse(cfg.lora, cfg.qlora)   # a bad --lora is one line before any model loads
     if nproc > 1 or nnodes > 1:
         from kiln.train.distributed import launch
 
@@ -85,10 +92,31 @@ def train(
     key = metrics["metric"]
     console.print(f"test {key}: {metrics['after']:.4f}  (best val {metrics['val']:.4f} at epoch {metrics['best_epoch']}; "
                   f"{metrics['throughput_samples_s']:.0f} samples/s)")
+    if metrics.get("trainable_params", metrics["params"]) < metrics["params"]:
+        console.print(f"trained {metrics['trainable_params']:,} of {metrics['params']:,} parameters "
+                      f"({100 * metrics['trainable_params'] / metrics['params']:.2f}%)")
     if cfg.out:
         console.print(f"run: {cfg.out}")
     if json_path:
         write_json(json_path, metrics)
+
+
+@user_errors
+def merge(
+    run_dir: Path = typer.Argument(..., help="A `kiln train --lora/--qlora` run."),
+    out: Path = typer.Option(..., help="Run directory of the merged model (plain Linear layers)."),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Fold a LoRA run's adapters into its base weights: a plain model every command takes."""
+    from kiln.lowrank.lora import merge_run
+
+    validate(new_dirs=[out], json_path=json_path)
+    result = merge_run(run_dir, out)
+    change = result["max_abs_output_change"]
+    console.print(f"merged {result['adapters']} adapters of {run_dir} into {out}"
+                  + (f" (largest output change on the example input: {change:.2e})" if change is not None else ""))
+    if json_path:
+        write_json(json_path, result)
 
 
 @user_errors

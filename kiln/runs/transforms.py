@@ -28,7 +28,7 @@ class Transform:
 
 TRANSFORMS: Registry[Transform] = Registry("model transform", plugins=(
     "kiln.prune.structured", "kiln.prune.unstructured", "kiln.prune.nm",
-    "kiln.lowrank.restore", "kiln.adapt.restore", "kiln.quant.apply",
+    "kiln.lowrank.restore", "kiln.lowrank.lora", "kiln.adapt.restore", "kiln.quant.apply",
 ))
 
 

@@ -44,6 +44,9 @@ class TrainConfig:
     teacher: str = ""            # distil from this model (spec, run or artifact directory)
     distill_alpha: float = 0.5   # weight of the distillation term (with a teacher)
     distill_temperature: float = 2.0
+    lora: str = ""               # LoRA adapters: `r=8,alpha=16,...` (kiln.lowrank.lora.parse)
+    qlora: bool = False          # LoRA on NF4 base weights
+
 
     def __post_init__(self):
         checks = [
@@ -59,6 +62,7 @@ class TrainConfig:
             (self.calib_batches >= 1, "calib_batches must be >= 1"),
             (0 <= self.distill_alpha <= 1, "distill_alpha must be in [0, 1]"),
             (self.distill_temperature > 0, "distill_temperature must be > 0"),
+            (not ((self.lora or self.qlora) and self.quant), "lora/qlora and quant do not combine: --qlora is the quantized LoRA"),
         ]
         for ok, message in checks:
             if not ok:

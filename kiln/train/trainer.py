@@ -42,7 +42,7 @@ from kiln.train.optimizers import build_optimizer
 # aware training) and returns its transform record; the capability that owns the key registers
 # it, so the trainer needs no import of it.
 Prepare = Callable[[nn.Module, TrainConfig, object], TransformRecord]
-PREPARES: Registry[Prepare] = Registry("training preparation", plugins=("kiln.quant.run",))
+PREPARES: Registry[Prepare] = Registry("training preparation", plugins=("kiln.quant.run", "kiln.lowrank.lora"))
 LAST_FILE = "last.safetensors"
 
 
@@ -74,6 +74,8 @@ def build(cfg: TrainConfig, resume_dir: Path | None = None) -> Setup:
         if any(t.kind == "quant" for t in transforms):
             raise KilnError(f"init {cfg.init} is already quantized: train it without quant to run QAT from it")
         transforms.append(PREPARES.get("quant")(model, cfg, splits))
+    if (cfg.lora or cfg.qlora) and resume_dir is None:
+        transforms.append(PREPARES.get("lora")(model, cfg, splits))
     return Setup(model, splits, splits.task, dataset, transforms)
 
 
@@ -320,7 +322,8 @@ def _finish(cfg, setup, model, state, run: _RunDir | None, dist, metric_key) -> 
         metric_key, before=None, after=test, val=state["best"], model=cfg.model, source=cfg.init or cfg.model,
         dataset=setup.dataset, task=setup.task, eval_batch_size=cfg.eval_batch_size, best_epoch=state["best_epoch"],
         epochs=state["epoch"], steps=state["step"], world_size=dist.world,
-        params=sum(p.numel() for p in model.parameters()), train_time_s=state["train_time_s"],
+        params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad), train_time_s=state["train_time_s"],
         throughput_samples_s=state["samples"] * dist.world / state["train_time_s"] if state["train_time_s"] else 0.0,
         history=state["history"], config=to_dict(cfg))
     if run and run.published:
