@@ -19,7 +19,7 @@ from kiln.graph.capture import capture
 from kiln.graph.graph import Graph
 from kiln.graph.passes import PassManager
 from kiln.hardware.profiles import HardwareProfile
-from kiln.models.loaded import LoadedModel
+from kiln.models.loaded import LoadedModel, is_meta
 
 SCHEMA_VERSION = 1
 
@@ -37,6 +37,7 @@ class Analysis:
     params: int
     param_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
+    weights: bool = True      # False: built on the meta device, no weight materialised (kiln.models.meta)
 
     @property
     def flops(self) -> int:
@@ -88,6 +89,7 @@ class Analysis:
             "inputs": [{"name": n.name, "shape": list(n.shape), "dtype": n.dtype}
                        for n in self.graph.nodes if n.kind.value == "input"],
             "params": self.params, "param_bytes": self.param_bytes,
+            "weights_materialised": self.weights,
             "flops": self.flops, "macs": self.flops // 2, "bytes": self.cost.bytes,
             "peak_activation_bytes": self.memory.peak_activation_bytes,
             "peak_activation_at": self.memory.peak_at,
@@ -136,8 +138,12 @@ def _rollup(rows: list[dict], key, label: str, params_of) -> list[dict]:
 
 def analyze(loaded: LoadedModel, hardware: HardwareProfile, measure_time: bool = True,
             repeats: int = 5, progress=lambda stage: None) -> Analysis:
-    """Capture, cost, memory, roofline and (optionally) measured per-op time of a model."""
+    """Capture, cost, memory, roofline and (optionally) measured per-op time of a model.
+
+    A model without weights (meta device) is analysed from shapes alone: nothing is measured."""
     timings = {}
+    weights = not is_meta(loaded.model)
+    measure_time = measure_time and weights
     t0 = time.perf_counter()
     progress("capture")
     graph = capture(loaded)
@@ -159,5 +165,5 @@ def analyze(loaded: LoadedModel, hardware: HardwareProfile, measure_time: bool =
     return Analysis(
         loaded, graph, hardware, cost, memory, per_node, total, measured,
         params=sum(p.numel() for _, p in params),
-        param_bytes=sum(p.numel() * p.element_size() for _, p in params), timings=timings,
+        param_bytes=sum(p.numel() * p.element_size() for _, p in params), timings=timings, weights=weights,
     )

@@ -36,6 +36,8 @@ def analyze(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full analysis as JSON here."),
     measure: bool = typer.Option(True, help="Measure per-op and whole-model time on this CPU (kiln.timing)."),
     top: int = typer.Option(12, min=0, help="How many of the costliest ops to list."),
+    meta: Optional[bool] = typer.Option(None, "--meta/--weights", help="Build without weights (meta device) or "
+                                        "with them; default: without when a config-built model's weights would not fit."),
 ) -> None:
     """Shapes, parameters, FLOPs, bytes, memory, roofline and measured per-op time of a model."""
     from kiln.errors import KilnError
@@ -44,8 +46,8 @@ def analyze(
     if color_by not in ("bound", "cost"):
         raise KilnError(f"--color-by {color_by!r}: expected bound or cost")
     from kiln.analysis.report import analyze as run_analysis
-    from kiln.models.inputs import check_runs, parse_shape, with_input_shapes
-    from kiln.models.spec import load
+    from kiln.cli.analyze_source import load_model
+    from kiln.models.inputs import parse_shape
 
     from kiln.hardware.profiles import available, load_profile
 
@@ -53,11 +55,7 @@ def analyze(
         parse_shape(item.rpartition("=")[2])
     if hardware != "local" or "local" in available():
         load_profile(hardware)       # so does an unknown profile (a missing 'local' is measured later)
-    with progress(f"loading {spec}"):
-        loaded = load(spec)
-        loaded = with_input_shapes(loaded, list(input_shape or []))
-        if not input_shape:
-            check_runs(loaded)
+    loaded, no_weights = load_model(spec, list(input_shape or []), meta)
     hw = _hardware(hardware)
     with progress(f"analysing {spec}") as update:
         result = run_analysis(loaded, hw, measure_time=measure, progress=update)
@@ -68,7 +66,7 @@ def analyze(
         from kiln.graph.draw import render_svg
 
         outputs[svg] = ("svg", render_svg(result.graph, result.rows(), color_by))
-    _print(result, depth, top)
+    _print(result, depth, top, no_weights)
     _write(outputs)
 
 
@@ -102,13 +100,17 @@ def _over_peak_note() -> str:
     return f"[yellow]!: {ABOVE_PEAK}[/yellow]"
 
 
-def _print(a, depth: int, top: int) -> None:
+def _print(a, depth: int, top: int, no_weights: str = "") -> None:
     hw, m, flops = a.hardware, a.measured, a.flops
     here = hw.measured_here
     console.print(f"[bold]{a.loaded.spec}[/bold]  {a.loaded.description}")
     ins = ", ".join(f"{n.name} {'x'.join(map(str, n.shape))} {n.dtype}" for n in a.graph.nodes if n.kind.value == "input")
     console.print(f"inputs: {ins}")
     s = Table(show_header=False, box=None)
+    if no_weights:
+        from kiln.cli.analyze_source import weights_line
+
+        s.add_row("weights", weights_line(no_weights))
     for k, v in (
         ("parameters", f"{a.params:,} ({si(a.param_bytes, 'B')})"),
         ("FLOPs / MACs", f"{si(flops, 'FLOP')} / {si(flops // 2, 'MAC')}"),
