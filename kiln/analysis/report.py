@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.analysis.cost import AnnotateCost, CostRecord
+from kiln.analysis.execution import AsItRuns, Execution, as_it_runs
 from kiln.analysis.measure import MeasuredRecord, measure
 from kiln.analysis.memory import MemoryRecord, peak_activation
 from kiln.analysis.roofline import NodeRoofline, RooflineRecord, roofline
@@ -38,6 +39,7 @@ class Analysis:
     param_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
     weights: bool = True      # False: built on the meta device, no weight materialised (kiln.models.meta)
+    runs_as: AsItRuns | None = None   # a compressed artifact's cost as it runs (kiln.analysis.execution)
 
     @property
     def flops(self) -> int:
@@ -110,6 +112,7 @@ class Analysis:
                 "note": m.note,
             },
             "timings_s": self.timings,
+            "as_it_runs": self.runs_as.to_json() if self.runs_as else None,
         }
 
 
@@ -137,10 +140,11 @@ def _rollup(rows: list[dict], key, label: str, params_of) -> list[dict]:
 
 
 def analyze(loaded: LoadedModel, hardware: HardwareProfile, measure_time: bool = True,
-            repeats: int = 5, progress=lambda stage: None) -> Analysis:
+            repeats: int = 5, progress=lambda stage: None, execution: Execution | None = None) -> Analysis:
     """Capture, cost, memory, roofline and (optionally) measured per-op time of a model.
 
-    A model without weights (meta device) is analysed from shapes alone: nothing is measured."""
+    A model without weights (meta device) is analysed from shapes alone: nothing is measured.
+    `execution` (a compressed artifact's number formats and sparsity) adds its cost as it runs."""
     timings = {}
     weights = not is_meta(loaded.model)
     measure_time = measure_time and weights
@@ -154,6 +158,7 @@ def analyze(loaded: LoadedModel, hardware: HardwareProfile, measure_time: bool =
     cost = result.record[0][1]
     memory = peak_activation(graph)
     per_node, total = roofline(graph, hardware)
+    runs_as = as_it_runs(graph, execution, hardware) if execution is not None else None
     timings["analysis"] = time.perf_counter() - t0
     measured = None
     if measure_time:
@@ -166,4 +171,5 @@ def analyze(loaded: LoadedModel, hardware: HardwareProfile, measure_time: bool =
         loaded, graph, hardware, cost, memory, per_node, total, measured,
         params=sum(p.numel() for _, p in params),
         param_bytes=sum(p.numel() * p.element_size() for _, p in params), timings=timings, weights=weights,
+        runs_as=runs_as,
     )

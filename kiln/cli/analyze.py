@@ -27,7 +27,8 @@ def _hardware(name: str):
 
 @user_errors
 def analyze(
-    spec: str = typer.Argument(..., help="zoo:NAME, hf:PATH, hf-config:TYPE[?k=v&...] or py:FILE.py:FACTORY"),
+    spec: str = typer.Argument(..., help="zoo:NAME, hf:PATH, hf-config:TYPE[?k=v&...], py:FILE.py:FACTORY, "
+                                         "preset:NAME or a run directory (costed as it runs)"),
     hardware: str = typer.Option("local", "--hardware", "-H", help="Profile name or .toml (`kiln hardware`)."),
     input_shape: Optional[List[str]] = typer.Option(None, "--input-shape", help="DIMS or NAME=DIMS, e.g. 4x3x32x32; repeatable."),
     depth: int = typer.Option(2, min=0, help="Module depth of the per-module roll-up."),
@@ -46,7 +47,7 @@ def analyze(
     if color_by not in ("bound", "cost"):
         raise KilnError(f"--color-by {color_by!r}: expected bound or cost")
     from kiln.analysis.report import analyze as run_analysis
-    from kiln.cli.analyze_source import load_model
+    from kiln.cli.analyze_source import base_analysis, load_target, print_as_it_runs
     from kiln.models.inputs import parse_shape
 
     from kiln.hardware.profiles import available, load_profile
@@ -55,10 +56,12 @@ def analyze(
         parse_shape(item.rpartition("=")[2])
     if hardware != "local" or "local" in available():
         load_profile(hardware)       # so does an unknown profile (a missing 'local' is measured later)
-    loaded, no_weights = load_model(spec, list(input_shape or []), meta)
+    target = load_target(spec, list(input_shape or []), meta)
+    loaded, no_weights = target.loaded, target.no_weights
     hw = _hardware(hardware)
     with progress(f"analysing {spec}") as update:
-        result = run_analysis(loaded, hw, measure_time=measure, progress=update)
+        result = run_analysis(loaded, hw, measure_time=measure, progress=update, execution=target.execution)
+    base = base_analysis(target, list(input_shape or []), hw) if target.base_spec else None
     outputs = {}
     if json_path:
         outputs[json_path] = ("json", result.to_json(depth))
@@ -67,6 +70,8 @@ def analyze(
 
         outputs[svg] = ("svg", render_svg(result.graph, result.rows(), color_by))
     _print(result, depth, top, no_weights)
+    if result.runs_as is not None:
+        print_as_it_runs(result, base)
     _write(outputs)
 
 
