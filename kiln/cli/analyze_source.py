@@ -25,7 +25,12 @@ def load_target(src: str, input_shape: list[str], meta: bool | None) -> Target:
         return _load_run(src, input_shape)
     from kiln.models.inputs import check_runs, with_input_shapes
     from kiln.models.meta import load_for_analysis, with_meta_input_shapes
+    from kiln.models.presets import check_preset
+    from kiln.models.spec import parse_query
 
+    if src.startswith("preset:"):     # a bad name or field is one line, before any progress line
+        name, _, query = src.removeprefix("preset:").partition("?")
+        check_preset(name, parse_query(src, query), src)
     with progress(f"loading {src}"):
         loaded, no_weights = load_for_analysis(src, meta)
         if no_weights:

@@ -88,6 +88,11 @@ def get(name: str, spec: str = "") -> Preset:
     return preset
 
 
+def check_preset(name: str, query: dict[str, str], spec: str) -> None:
+    """Refuse an unknown preset or a bad field at once (before any model is built)."""
+    _config(get(name, spec), query, spec)
+
+
 def load_preset(name: str, query: dict[str, str], spec: str) -> LoadedModel:
     """Build the preset (weights on the current default device: meta under kiln.models.meta)."""
     preset = get(name, spec)
