@@ -32,7 +32,7 @@ from common import write_with_history  # noqa: E402
 from kiln.analysis.execution import as_it_runs as cost_as_it_runs  # noqa: E402
 from kiln.analysis.report import analyze  # noqa: E402
 from kiln.analysis.roofline import roofline  # noqa: E402
-from kiln.hardware.profiles import available, load_profile, save_profile  # noqa: E402
+from kiln.hardware.profiles import available, load_profile  # noqa: E402
 from kiln.runs.artifact import load_source  # noqa: E402
 from kiln.runs.execution import as_it_runs  # noqa: E402
 from kiln.timing import TimingConfig, measure  # noqa: E402
@@ -57,11 +57,13 @@ def make(runs: Path) -> None:
 
 
 def local_profile():
-    if "local" not in available():
-        from kiln.hardware.calibrate import calibrate
+    """The saved 'local' profile (`kiln hardware calibrate`, run on a quiet machine), else a quick
+    calibration kept to this run (not saved: a busy machine's peaks must not become the profile)."""
+    if "local" in available():
+        return load_profile("local")
+    from kiln.hardware.calibrate import calibrate
 
-        save_profile(calibrate("local", budget_s=2.0).profile)
-    return load_profile("local")
+    return calibrate("local", budget_s=2.0).profile
 
 
 def rooflines(name: str, run: Path, profiles: dict, rounds: int) -> dict:

@@ -12,7 +12,8 @@ against 2N.
   its peak activation must equal the 2-layer one.
 - GPT-3 175B (preset:gpt3-175b, 1x2048): forward FLOPs per token beside 2N (N all parameters)
   and 2N_non-embedding + 2 n_layer n_ctx d_model (Kaplan et al. 2020, table 1: the forward pass
-  per token; the attention term counts QK^T and PV at the full context, as flop_counter does).
+  per token; the attention term counts QK^T and PV at the full context, as flop_counter does),
+  and the exact account: 2 x the matmul weights + 4 n_layer n_ctx d_model + 2 vocab d_model.
 """
 from __future__ import annotations
 
@@ -80,7 +81,12 @@ def gpt3() -> dict:
     n_embed = cfg.vocab_size * cfg.n_embd + cfg.n_positions * cfg.n_embd
     kaplan = 2 * (n - n_embed) + 2 * cfg.n_layer * tokens * cfg.n_embd
     per_token = a.flops / tokens
-    return {"no_weights_because": why, "params": n, "tokens": tokens, "forward_flops": a.flops,
+    # the exact account: 2 x every matmul weight (2-D parameters but the embedding tables), both
+    # attention matmuls over the full context (2 x 2 n_layer n_ctx d_model), the tied LM head
+    matmul = sum(p.numel() for name, p in loaded.model.named_parameters()
+                 if p.dim() == 2 and not name.endswith(("wte.weight", "wpe.weight")))
+    account = 2 * matmul + 4 * cfg.n_layer * tokens * cfg.n_embd + 2 * cfg.vocab_size * cfg.n_embd
+    return {"exact_account_per_token": account, "account_equals": account * tokens == a.flops,"no_weights_because": why, "params": n, "tokens": tokens, "forward_flops": a.flops,
             "flops_per_token": per_token, "two_n": 2 * n, "ratio_to_2n": per_token / (2 * n),
             "kaplan_forward_per_token": kaplan, "ratio_to_kaplan": per_token / kaplan,
             "lm_head_flops_per_token": 2 * cfg.vocab_size * cfg.n_embd,
