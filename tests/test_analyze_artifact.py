@@ -143,3 +143,32 @@ def test_an_execution_merges_later_transforms_over_earlier_ones():
     merged = Execution({"a": sparse}, ("s",)).merged(Execution({"a": q}, ("q",)))
     assert merged.modules["a"] == ModuleExecution(q.weight, q.input, None, sparse.sparsity)
     assert merged.notes == ("s", "q")
+
+
+def test_unstructured_sparsity_counts_the_kept_weights_from_the_weights_themselves(tmp_path):
+    from kiln.prune.unstructured import prune_unstructured
+
+    def make(model):
+        result = prune_unstructured(model, 0.5, "magnitude", "local")
+        return result.model, TransformRecord.from_flat(result.record)
+
+    loaded, model, execution = _run(tmp_path, make)
+    a = _analyze(loaded, model, execution, H100)
+    kept = {fqn: int((model.get_submodule(fqn).weight != 0).sum()) for fqn in LINEARS}
+    assert a.runs_as.flops == sum(2 * k for k in kept.values())               # batch 1: 2 per kept weight
+    assert a.runs_as.weight_bytes == sum(round((32 * k + o * i) / 8) for k, (o, i) in zip(kept.values(), LINEARS.values())) \
+        + 4 * sum(o for o, _ in LINEARS.values())                           # kept fp32 values + a 1-bit mask
+
+
+def test_early_exit_is_costed_as_the_sample_that_runs_the_whole_backbone(tmp_path):
+    from kiln.adapt.early_exit import EarlyExit, heads_for, probe
+    from kiln.adapt.restore import record_of
+
+    def make(model):
+        names, shapes, classes = probe(model, ["layers.1"], (torch.randn(1, 1, 28, 28),), {})
+        ee = EarlyExit(model, names, heads_for(shapes, classes, 1, 0), "entropy", 0.5)
+        return ee, TransformRecord.from_flat(record_of(ee, shapes, classes, 1, 0))
+
+    loaded, model, execution = _run(tmp_path, make)
+    a = _analyze(loaded, model, execution, H100)
+    assert a.flops == a.runs_as.flops == flop_counter_flops(loaded) and "early exit" in execution.notes[0]
