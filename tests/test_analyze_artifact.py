@@ -172,3 +172,23 @@ def test_early_exit_is_costed_as_the_sample_that_runs_the_whole_backbone(tmp_pat
     loaded, model, execution = _run(tmp_path, make)
     a = _analyze(loaded, model, execution, H100)
     assert a.flops == a.runs_as.flops == flop_counter_flops(loaded) and "early exit" in execution.notes[0]
+
+
+def test_kiln_analyze_on_a_run_directory_prints_and_writes_it_as_it_runs(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from kiln.cli.main import app
+    from kiln.prune.nm import prune_nm
+
+    result = prune_nm(load("zoo:mlp").model, 2, 4)
+    run = save_artifact(tmp_path / "run", result.model, spec="zoo:mlp", dataset="mnist",
+                        transforms=[TransformRecord.from_flat(result.record)])
+    out = CliRunner().invoke(app, ["analyze", str(run), "--hardware", "h100", "--no-measure", "--json",
+                                   str(tmp_path / "a.json")])
+    assert out.exit_code == 0, out.output
+    data = json.loads((tmp_path / "a.json").read_text())
+    dense = sum(2 * o * i for o, i in LINEARS.values())
+    assert data["source"]["flops"] == data["flops"] == dense and data["as_it_runs"]["flops"] == dense // 2
+    assert "as it runs on h100" in out.output and "2:4 sparsity" in out.output

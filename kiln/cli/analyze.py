@@ -47,7 +47,7 @@ def analyze(
     if color_by not in ("bound", "cost"):
         raise KilnError(f"--color-by {color_by!r}: expected bound or cost")
     from kiln.analysis.report import analyze as run_analysis
-    from kiln.cli.analyze_source import base_analysis, load_target, print_as_it_runs
+    from kiln.cli.analyze_source import base_analysis, load_target, print_as_it_runs, source_json
     from kiln.models.inputs import parse_shape
 
     from kiln.hardware.profiles import available, load_profile
@@ -64,7 +64,7 @@ def analyze(
     base = base_analysis(target, list(input_shape or []), hw) if target.base_spec else None
     outputs = {}
     if json_path:
-        outputs[json_path] = ("json", result.to_json(depth))
+        outputs[json_path] = ("json", result.to_json(depth) | source_json(base))
     if svg:
         from kiln.graph.draw import render_svg
 

@@ -72,6 +72,14 @@ def base_analysis(target: Target, input_shape: list[str], hw):
         return analyze(with_input_shapes(load(target.base_spec), input_shape), hw, measure_time=False)
 
 
+def source_json(base) -> dict:
+    """The run directory's source spec, for the JSON beside `as_it_runs`."""
+    if base is None:
+        return {}
+    return {"source": {"spec": base.loaded.spec, "flops": base.flops, "bytes": base.cost.bytes,
+                       "param_bytes": base.param_bytes, "roofline_s": base.roofline.latency_s}}
+
+
 def print_as_it_runs(a, base) -> None:
     """Source spec, the artifact with dense float kernels, and the artifact as it runs."""
     r, hw = a.runs_as, a.hardware
