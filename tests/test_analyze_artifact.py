@@ -192,3 +192,22 @@ def test_kiln_analyze_on_a_run_directory_prints_and_writes_it_as_it_runs(tmp_pat
     dense = sum(2 * o * i for o, i in LINEARS.values())
     assert data["source"]["flops"] == data["flops"] == dense and data["as_it_runs"]["flops"] == dense // 2
     assert "as it runs on h100" in out.output and "2:4 sparsity" in out.output
+
+
+def test_a_factorised_linear_is_costed_as_its_two_factors(tmp_path):
+    from kiln.lowrank.apply import factorize
+    from kiln.lowrank.config import parse_config
+
+    def make(model):
+        plan = parse_config({"energy": 0.9, "rules": [{"match": "fqn:layers.0", "rank": 8}]}).plan(model)
+        model, _, record = factorize(model, plan)
+        return model, TransformRecord.from_flat(record)
+
+    loaded, model, execution = _run(tmp_path, make)
+    a = _analyze(loaded, model, execution, H100)
+    import dataclasses
+
+    o, i = LINEARS["layers.0"]
+    assert execution.modules == {} and a.runs_as.keys == {"fp32": 6}     # every Linear is now two
+    assert a.flops == a.runs_as.flops == flop_counter_flops(dataclasses.replace(loaded, model=model))
+    assert {n.shape for n in a.graph.ops if n.module.startswith("layers.0")} >= {(1, 8), (1, o)}
