@@ -59,6 +59,11 @@ CASES = [
     ("analyze", ["analyze", "zoo:mlp", "--hardware", "tpu-v9"], "tpu-v9"),
     ("analyze", ["analyze", "zoo:mlp", "--input-shape", "4xabc"], "4xabc"),
     ("analyze", ["analyze", "zoo:mlp", "--no-measure", "KILN_HOME=FILE"], "KILN_HOME"),
+    ("analyze", ["analyze", "preset:llama4-2t", "--no-measure"], "unknown preset 'llama4-2t'; known: bert-large"),
+    ("analyze", ["analyze", "preset:llama3-8b?hidden_sise=8", "--no-measure"], "hidden_sise"),
+    ("analyze", ["analyze", "CORRUPT_RUN", "--no-measure"], "CORRUPT_RUN/artifact.json is corrupt"),
+    ("analyze", ["analyze", "BAD_WEIGHTS", "--no-measure"], "BAD_WEIGHTS"),
+    ("analyze", ["analyze", "DIR", "--no-measure"], "not a kiln run directory"),
     ("train", ["train", "zoo:mlp", "--threads", "-2", "--out", "NEW"], "threads"),
     ("train", ["train", "zoo:mlp", "--batch-size", "-4", "--out", "NEW"], "batch"),
     ("train", ["train", "zoo:mlp", "--nproc", "0", "--out", "NEW"], "--nproc"),
@@ -179,6 +184,13 @@ def make_fixtures(where: Path, repo: Path) -> None:
     (where / "nofigure.toml").write_text(NO_FIGURE)
     (where / "nosource.toml").write_text(NO_SOURCE)
     shutil.copytree(repo / "configs", where / "configs")
+    # run directories: artifact.json that is not JSON; a good one over weights that are not safetensors
+    (where / "CORRUPT_RUN").mkdir()
+    (where / "CORRUPT_RUN" / "artifact.json").write_text("{not json")
+    (where / "BAD_WEIGHTS").mkdir()
+    (where / "BAD_WEIGHTS" / "artifact.json").write_text(
+        '{"format": 1, "spec": "zoo:mlp", "dataset": "mnist", "data_seed": 0, "transforms": []}')
+    (where / "BAD_WEIGHTS" / "model.safetensors").write_text("not safetensors")
 
 
 def split_env(argv: list[str]) -> tuple[list[str], dict[str, str]]:

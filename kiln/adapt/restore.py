@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from kiln.adapt.early_exit import KIND, EarlyExit, ExitHead
+from kiln.analysis.execution import Execution
 from kiln.errors import KilnError
 from kiln.runs.transforms import register_transform
 
@@ -14,7 +15,16 @@ def record_of(model: EarlyExit, shapes: list[tuple], classes: int, pool: int, hi
             "weights": list(model.weights), "freeze_backbone": model.freeze_backbone}
 
 
-@register_transform(KIND)
+def _execution(model: nn.Module, record: dict) -> tuple[nn.Module, Execution]:
+    # which exit a sample takes depends on its data: the graph is the full backbone, the bound of
+    # the sample that exits last; report.json holds the exact average FLOPs per threshold
+    model.threshold = None
+    note = ("early exit: costed as the sample that runs the whole backbone (the exits a sample takes depend on its "
+            "data; the run's report.json has the average FLOPs per threshold)")
+    return model, Execution({}, (note,))
+
+
+@register_transform(KIND, execution=_execution)
 def restore(model: nn.Module, record: dict) -> nn.Module:
     try:
         heads = [ExitHead(tuple(s), int(record["classes"]), int(record["pool"]), int(record["hidden"]))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.analysis.cost import AnnotateCost, CostRecord
+from kiln.analysis.execution import AsItRuns, Execution, as_it_runs
 from kiln.analysis.measure import MeasuredRecord, measure
 from kiln.analysis.memory import MemoryRecord, peak_activation
 from kiln.analysis.roofline import NodeRoofline, RooflineRecord, roofline
@@ -19,7 +20,7 @@ from kiln.graph.capture import capture
 from kiln.graph.graph import Graph
 from kiln.graph.passes import PassManager
 from kiln.hardware.profiles import HardwareProfile
-from kiln.models.loaded import LoadedModel
+from kiln.models.loaded import LoadedModel, is_meta
 
 SCHEMA_VERSION = 1
 
@@ -37,6 +38,8 @@ class Analysis:
     params: int
     param_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
+    weights: bool = True      # False: built on the meta device, no weight materialised (kiln.models.meta)
+    runs_as: AsItRuns | None = None   # a compressed artifact's cost as it runs (kiln.analysis.execution)
 
     @property
     def flops(self) -> int:
@@ -88,6 +91,7 @@ class Analysis:
             "inputs": [{"name": n.name, "shape": list(n.shape), "dtype": n.dtype}
                        for n in self.graph.nodes if n.kind.value == "input"],
             "params": self.params, "param_bytes": self.param_bytes,
+            "weights_materialised": self.weights,
             "flops": self.flops, "macs": self.flops // 2, "bytes": self.cost.bytes,
             "peak_activation_bytes": self.memory.peak_activation_bytes,
             "peak_activation_at": self.memory.peak_at,
@@ -108,6 +112,7 @@ class Analysis:
                 "note": m.note,
             },
             "timings_s": self.timings,
+            "as_it_runs": self.runs_as.to_json() if self.runs_as else None,
         }
 
 
@@ -135,9 +140,14 @@ def _rollup(rows: list[dict], key, label: str, params_of) -> list[dict]:
 
 
 def analyze(loaded: LoadedModel, hardware: HardwareProfile, measure_time: bool = True,
-            repeats: int = 5, progress=lambda stage: None) -> Analysis:
-    """Capture, cost, memory, roofline and (optionally) measured per-op time of a model."""
+            repeats: int = 5, progress=lambda stage: None, execution: Execution | None = None) -> Analysis:
+    """Capture, cost, memory, roofline and (optionally) measured per-op time of a model.
+
+    A model without weights (meta device) is analysed from shapes alone: nothing is measured.
+    `execution` (a compressed artifact's number formats and sparsity) adds its cost as it runs."""
     timings = {}
+    weights = not is_meta(loaded.model)
+    measure_time = measure_time and weights
     t0 = time.perf_counter()
     progress("capture")
     graph = capture(loaded)
@@ -148,6 +158,7 @@ def analyze(loaded: LoadedModel, hardware: HardwareProfile, measure_time: bool =
     cost = result.record[0][1]
     memory = peak_activation(graph)
     per_node, total = roofline(graph, hardware)
+    runs_as = as_it_runs(graph, execution, hardware) if execution is not None else None
     timings["analysis"] = time.perf_counter() - t0
     measured = None
     if measure_time:
@@ -159,5 +170,6 @@ def analyze(loaded: LoadedModel, hardware: HardwareProfile, measure_time: bool =
     return Analysis(
         loaded, graph, hardware, cost, memory, per_node, total, measured,
         params=sum(p.numel() for _, p in params),
-        param_bytes=sum(p.numel() * p.element_size() for _, p in params), timings=timings,
+        param_bytes=sum(p.numel() * p.element_size() for _, p in params), timings=timings, weights=weights,
+        runs_as=runs_as,
     )

@@ -46,8 +46,9 @@ class RooflineRecord:
     fallback_dtypes: tuple[str, ...]
 
 
-def node_roofline(cost: Cost, dtype: str, hw: HardwareProfile) -> NodeRoofline:
-    peak, key = hw.peak_for(dtype)
+def node_roofline(cost: Cost, dtype: str, hw: HardwareProfile, key: str | None = None) -> NodeRoofline:
+    """`key` (a profile key such as int8) overrides the peak the dtype would choose."""
+    peak, key = (hw.peak_flops[key], key) if key in hw.peak_flops else hw.peak_for(dtype)
     t_compute = cost.flops / peak
     t_memory = cost.bytes / hw.memory_bandwidth
     if t_compute == 0 and t_memory == 0:
@@ -56,13 +57,14 @@ def node_roofline(cost: Cost, dtype: str, hw: HardwareProfile) -> NodeRoofline:
     return NodeRoofline(max(t_compute, t_memory), bound, key)
 
 
-def roofline(graph: Graph, hw: HardwareProfile, as_dtype: str | None = None
-             ) -> tuple[dict[str, NodeRoofline], RooflineRecord]:
+def roofline(graph: Graph, hw: HardwareProfile, as_dtype: str | None = None,
+             effective: dict[str, tuple[Cost, str]] | None = None) -> tuple[dict[str, NodeRoofline], RooflineRecord]:
     """Per-node rooflines (by node name) and the model's total; needs the cost pass first.
 
     `as_dtype` (a torch dtype name, e.g. 'bfloat16'): cost every floating op as computing in it,
     its bytes scaled by the narrower element (an int8 path's wider outputs make the bound a
-    little optimistic, as a bound may be)."""
+    little optimistic, as a bound may be). `effective` (kiln.analysis.execution): node name ->
+    (cost, profile key) of the ops a compressed model runs differently."""
     per_node: dict[str, NodeRoofline] = {}
     compute = memory = 0.0
     fallback: set[str] = set()
@@ -72,11 +74,14 @@ def roofline(graph: Graph, hw: HardwareProfile, as_dtype: str | None = None
             scale = WIDTH[as_dtype] / WIDTH[dtype]
             cost = replace(cost, bytes_read=int(cost.bytes_read * scale), bytes_written=int(cost.bytes_written * scale))
             dtype = as_dtype
-        r = node_roofline(cost, dtype, hw)
+        key = None
+        if effective and n.name in effective:
+            cost, key = effective[n.name]
+        r = node_roofline(cost, dtype, hw, key)
         per_node[n.name] = r
         compute += r.latency_s if r.bound is Bound.COMPUTE else 0.0
         memory += r.latency_s if r.bound is Bound.MEMORY else 0.0
-        if cost.flops and DTYPE_KEYS.get(dtype) not in hw.peak_flops:
+        if cost.flops and (key or DTYPE_KEYS.get(dtype)) not in hw.peak_flops:
             fallback.add(dtype)
     total = compute + memory
     bound = Bound.COMPUTE if compute >= memory else Bound.MEMORY

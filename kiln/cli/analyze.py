@@ -27,7 +27,8 @@ def _hardware(name: str):
 
 @user_errors
 def analyze(
-    spec: str = typer.Argument(..., help="zoo:NAME, hf:PATH, hf-config:TYPE[?k=v&...] or py:FILE.py:FACTORY"),
+    spec: str = typer.Argument(..., help="zoo:NAME, hf:PATH, hf-config:TYPE[?k=v&...], py:FILE.py:FACTORY, "
+                                         "preset:NAME or a run directory (costed as it runs)"),
     hardware: str = typer.Option("local", "--hardware", "-H", help="Profile name or .toml (`kiln hardware`)."),
     input_shape: Optional[List[str]] = typer.Option(None, "--input-shape", help="DIMS or NAME=DIMS, e.g. 4x3x32x32; repeatable."),
     depth: int = typer.Option(2, min=0, help="Module depth of the per-module roll-up."),
@@ -36,6 +37,8 @@ def analyze(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full analysis as JSON here."),
     measure: bool = typer.Option(True, help="Measure per-op and whole-model time on this CPU (kiln.timing)."),
     top: int = typer.Option(12, min=0, help="How many of the costliest ops to list."),
+    meta: Optional[bool] = typer.Option(None, "--meta/--weights", help="Build without weights (meta device) or "
+                                        "with them; default: without when a config-built model's weights would not fit."),
 ) -> None:
     """Shapes, parameters, FLOPs, bytes, memory, roofline and measured per-op time of a model."""
     from kiln.errors import KilnError
@@ -44,8 +47,8 @@ def analyze(
     if color_by not in ("bound", "cost"):
         raise KilnError(f"--color-by {color_by!r}: expected bound or cost")
     from kiln.analysis.report import analyze as run_analysis
-    from kiln.models.inputs import check_runs, parse_shape, with_input_shapes
-    from kiln.models.spec import load
+    from kiln.cli.analyze_source import base_analysis, load_target, print_as_it_runs, source_json
+    from kiln.models.inputs import parse_shape
 
     from kiln.hardware.profiles import available, load_profile
 
@@ -53,22 +56,22 @@ def analyze(
         parse_shape(item.rpartition("=")[2])
     if hardware != "local" or "local" in available():
         load_profile(hardware)       # so does an unknown profile (a missing 'local' is measured later)
-    with progress(f"loading {spec}"):
-        loaded = load(spec)
-        loaded = with_input_shapes(loaded, list(input_shape or []))
-        if not input_shape:
-            check_runs(loaded)
+    target = load_target(spec, list(input_shape or []), meta)
+    loaded, no_weights = target.loaded, target.no_weights
     hw = _hardware(hardware)
     with progress(f"analysing {spec}") as update:
-        result = run_analysis(loaded, hw, measure_time=measure, progress=update)
+        result = run_analysis(loaded, hw, measure_time=measure, progress=update, execution=target.execution)
+    base = base_analysis(target, list(input_shape or []), hw) if target.base_spec else None
     outputs = {}
     if json_path:
-        outputs[json_path] = ("json", result.to_json(depth))
+        outputs[json_path] = ("json", result.to_json(depth) | source_json(base))
     if svg:
         from kiln.graph.draw import render_svg
 
         outputs[svg] = ("svg", render_svg(result.graph, result.rows(), color_by))
-    _print(result, depth, top)
+    _print(result, depth, top, no_weights)
+    if result.runs_as is not None:
+        print_as_it_runs(result, base)
     _write(outputs)
 
 
@@ -102,13 +105,17 @@ def _over_peak_note() -> str:
     return f"[yellow]!: {ABOVE_PEAK}[/yellow]"
 
 
-def _print(a, depth: int, top: int) -> None:
+def _print(a, depth: int, top: int, no_weights: str = "") -> None:
     hw, m, flops = a.hardware, a.measured, a.flops
     here = hw.measured_here
     console.print(f"[bold]{a.loaded.spec}[/bold]  {a.loaded.description}")
     ins = ", ".join(f"{n.name} {'x'.join(map(str, n.shape))} {n.dtype}" for n in a.graph.nodes if n.kind.value == "input")
     console.print(f"inputs: {ins}")
     s = Table(show_header=False, box=None)
+    if no_weights:
+        from kiln.cli.analyze_source import weights_line
+
+        s.add_row("weights", weights_line(no_weights))
     for k, v in (
         ("parameters", f"{a.params:,} ({si(a.param_bytes, 'B')})"),
         ("FLOPs / MACs", f"{si(flops, 'FLOP')} / {si(flops // 2, 'MAC')}"),

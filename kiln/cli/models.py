@@ -27,6 +27,23 @@ def models(
     for r in rows:
         table.add_row(r["spec"], r["family"], r["task"], si(r["params"]), r["dataset"], r["default_input"])
     console.print(table)
+    presets = _presets()
     console.print("Other specs: hf:PATH (local HF directory), hf-config:MODEL_TYPE[?key=value&...], py:FILE.py:FACTORY")
     if json_path:
-        write_json(json_path, {"models": rows})
+        write_json(json_path, {"models": rows, "presets": presets})
+
+
+def _presets() -> list[dict]:
+    """The published configurations (`preset:NAME`, kiln.models.presets), with their sources."""
+    from kiln.models.presets import PRESETS
+
+    rows = [{"spec": f"preset:{name}", "model_type": p.model_type, "params": p.params,
+             "default_input": f"1x{p.length}" if p.inputs == "text" else f"1x3x{p.length}x{p.length}",
+             "source": p.source, "note": p.note} for name, p in PRESETS.items()]
+    table = Table(title="presets: published configurations at full size (analysed without weights)")
+    for col in ("spec", "type", "params", "default input", "source"):
+        table.add_column(col, justify="right" if col == "params" else "left")
+    for r in rows:
+        table.add_row(r["spec"], r["model_type"], si(r["params"]), r["default_input"], r["source"])
+    console.print(table)
+    return rows

@@ -34,11 +34,9 @@ def _like(example: torch.Tensor, shape: tuple[int, ...], gen: torch.Generator) -
     return torch.randint(lo, hi + 1, shape, generator=gen, dtype=example.dtype)
 
 
-def with_input_shapes(loaded: LoadedModel, overrides: list[str]) -> LoadedModel:
-    """A copy of `loaded` whose example inputs have the requested shapes (and are checked)."""
-    if not overrides:
-        return loaded
-    tensors = {f"input{i}": x for i, x in enumerate(loaded.example_inputs)} | dict(loaded.example_kwargs)
+def requested_shapes(loaded: LoadedModel, overrides: list[str]) -> dict[str, tuple[int, ...]]:
+    """Input name -> the shape asked for, inputs that shared an overridden input's shape included."""
+    tensors = _inputs(loaded)
     names = list(tensors)
     wanted: dict[str, tuple[int, ...]] = {}
     for item in overrides:
@@ -52,11 +50,29 @@ def with_input_shapes(loaded: LoadedModel, overrides: list[str]) -> LoadedModel:
         for other, x in tensors.items():
             if other not in wanted and isinstance(x, torch.Tensor) and tuple(x.shape) == old:
                 wanted[other] = shape
+    return wanted
+
+
+def _inputs(loaded: LoadedModel) -> dict:
+    return {f"input{i}": x for i, x in enumerate(loaded.example_inputs)} | dict(loaded.example_kwargs)
+
+
+def replace_inputs(loaded: LoadedModel, new: dict) -> LoadedModel:
+    """A copy of `loaded` with the inputs named in `new` replaced."""
+    tensors = _inputs(loaded) | new
+    args = tuple(tensors[f"input{i}"] for i in range(len(loaded.example_inputs)))
+    kwargs = {k: tensors[k] for k in loaded.example_kwargs}
+    return dataclasses.replace(loaded, example_inputs=args, example_kwargs=kwargs)
+
+
+def with_input_shapes(loaded: LoadedModel, overrides: list[str]) -> LoadedModel:
+    """A copy of `loaded` whose example inputs have the requested shapes (and are checked)."""
+    if not overrides:
+        return loaded
+    wanted = requested_shapes(loaded, overrides)
     gen = torch.Generator().manual_seed(0)
-    new = {k: (_like(v, wanted[k], gen) if k in wanted else v) for k, v in tensors.items()}
-    args = tuple(new[f"input{i}"] for i in range(len(loaded.example_inputs)))
-    kwargs = {k: new[k] for k in loaded.example_kwargs}
-    result = dataclasses.replace(loaded, example_inputs=args, example_kwargs=kwargs)
+    tensors = _inputs(loaded)
+    result = replace_inputs(loaded, {k: _like(x, wanted[k], gen) for k, x in tensors.items() if k in wanted})
     check_runs(result, " with input shape " + " ".join(overrides))
     return result
 

@@ -1,6 +1,7 @@
 """What every model spec loads to: a module and inputs it runs on."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,3 +32,26 @@ class LoadedModel:
     def run(self) -> Any:
         with torch.no_grad():
             return self.model(*self.example_inputs, **self.example_kwargs)
+
+
+def available_bytes() -> int:
+    """Memory this process could still take (Linux MemAvailable; total RAM elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (a tied weight counted once)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def is_meta(model: torch.nn.Module) -> bool:
+    """Whether the model has no weights (a parameter or buffer on the meta device: kiln.models.meta)."""
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))

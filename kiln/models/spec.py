@@ -4,6 +4,7 @@
     hf:PATH                           a local Hugging Face directory, loaded offline
     hf-config:TYPE[?key=value&...]    any transformers architecture from its config
     py:FILE.py:FACTORY                a user's factory returning a module (and inputs)
+    preset:NAME[?key=value&...]       a published configuration at full size (kiln.models.presets)
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from kiln.errors import KilnError
 from kiln.models.hf import load_hf_dir
 from kiln.models.hf_config import load_hf_config
 from kiln.models.loaded import LoadedModel
+from kiln.models.presets import load_preset
 from kiln.models.pyfactory import load_factory
 from kiln.models.zoo import load_zoo
 
-ACCEPTED = "zoo:NAME, hf:PATH, hf-config:MODEL_TYPE[?key=value&...], py:FILE.py:FACTORY"
+ACCEPTED = "zoo:NAME, hf:PATH, hf-config:MODEL_TYPE[?key=value&...], py:FILE.py:FACTORY, preset:NAME"
 
 
 def parse_query(spec: str, query: str) -> dict[str, str]:
@@ -45,4 +47,7 @@ def load(spec: str) -> LoadedModel:
     if scheme == "py":
 
         return load_factory(rest, spec)
+    if scheme == "preset":
+        name, _, query = rest.partition("?")
+        return load_preset(name, parse_query(spec, query), spec)
     raise KilnError(f"unknown model spec scheme {scheme + ':'!r} in {spec!r}; accepted: {ACCEPTED}")

@@ -10,6 +10,7 @@ is skipped, and the report says so.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from kiln.errors import KilnError
 from kiln.prune.criteria import ScoreContext
 from kiln.prune.unstructured import (PruneResult, default_targets, check_target, restore_masks, scores,
-                                     set_mask, sparsity_report)
+                                     set_mask, sparse_execution, sparsity_report)
 from kiln.runs.transforms import register_transform
 
 KIND = "prune-nm"
@@ -73,7 +74,14 @@ def is_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool((groups <= n).all())
 
 
-@register_transform(KIND)
+def _execution(model: nn.Module, record: dict):
+    n, m = int(record.get("n", 2)), int(record.get("m", 4))
+    # each kept value carries its position in the group: log2(M) bits (NVIDIA's 2:4 metadata: 2 bits)
+    index_bits = (n / m) * max(1, math.ceil(math.log2(m)))
+    return sparse_execution(model, record.get("masks", []), f"{n}:{m}", index_bits, density=n / m)
+
+
+@register_transform(KIND, execution=_execution)
 def _restore(model: nn.Module, record: dict) -> nn.Module:
     if not record.get("permanent"):
         restore_masks(model, record.get("masks", []))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from kiln.analysis.execution import Execution, ModuleExecution, Sparsity
 from kiln.errors import KilnError
 from kiln.prune.criteria import CRITERIA, ScoreContext
 from kiln.runs.transforms import register_transform
@@ -236,7 +237,32 @@ def restore_masks(model: nn.Module, fqns: Iterable[str]) -> nn.Module:
     return model
 
 
-@register_transform(KIND)
+def sparse_execution(model: nn.Module, fqns: Iterable[str], pattern: str, index_bits: float,
+                     density: float | None = None) -> tuple[nn.Module, Execution]:
+    """The pruned model as a sparse kernel runs it: masks folded into the weights, and per
+    module its kept fraction (counted from the weights unless the pattern fixes it) and the
+    index bits per weight a sparse format stores."""
+    make_permanent(model)
+    modules = {}
+    for fqn in fqns:
+        w = check_target(model, fqn).weight
+        kept = density if density is not None else float((w != 0).sum()) / max(w.numel(), 1)
+        modules[fqn] = ModuleExecution(sparsity=Sparsity(kept, pattern, index_bits))
+    note = (f"{pattern} sparsity: FLOPs and weight bytes of the kept weights only (plus their index), assuming a "
+            f"kernel that skips the zeros" + (" (sparse tensor cores run 2:4)" if pattern == "2:4" else ""))
+    return model, Execution(modules, (note,))
+
+
+def _execution(model: nn.Module, record: dict) -> tuple[nn.Module, Execution]:
+    # a one-bit mask per weight, as `kiln prune` reports the stored size
+    model, execution = sparse_execution(model, record.get("masks", []), "unstructured", 1.0)
+    if record.get("activations"):
+        note = "activation sparsity not costed: its zeros are data-dependent"
+        execution = Execution(execution.modules, execution.notes + (note,))
+    return model, execution
+
+
+@register_transform(KIND, execution=_execution)
 def _restore(model: nn.Module, record: dict) -> nn.Module:
     if not record.get("permanent"):
         restore_masks(model, record.get("masks", []))

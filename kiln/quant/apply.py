@@ -12,6 +12,7 @@ from kiln.errors import KilnError
 from kiln.models.probe import record
 from kiln.models.zoo.layers import SelfAttention
 from kiln.quant.config import QuantConfig, parse_config, to_table
+from kiln.quant.execution import execution as quant_execution
 from kiln.quant.modules import HF_ATTENTION, OPS, QuantAttention, QuantOp, register_hf_attention
 from kiln.quant.quantizer import Quantizer
 from kiln.quant.smoothquant import SmoothedLinear
@@ -180,7 +181,7 @@ def quant_record(model: nn.Module, config: QuantConfig) -> TransformRecord:
     return TransformRecord.of(KIND, {"quant": to_table(config), "smoothed": _smoothed(model)})
 
 
-@register_transform(KIND)
+@register_transform(KIND, execution=quant_execution)
 def restore(model: nn.Module, config: dict) -> nn.Module:
     table, smoothed = config.get("quant"), config.get("smoothed", [])
     if not isinstance(table, dict) or not isinstance(smoothed, list):

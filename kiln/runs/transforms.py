@@ -4,7 +4,10 @@ A record is `{"kind": ..., "version": N, "config": {...}}`: what a transform did
 (never a path, never a copied file), enough for its restore function to rebuild the
 architecture on a freshly built model with no data and no randomness; the weights load after.
 Each transform registers its restore with `@register_transform(KIND, version=N)`; the registry
-imports the modules below when a kind is first looked up.
+imports the modules below when a kind is first looked up. A transform that changes how the
+model runs without changing its shapes (number formats, sparsity, exits) also registers an
+`execution(model, config) -> (model to capture, kiln.analysis.execution.Execution)`, so
+`kiln analyze` costs the artifact as it runs (kiln.runs.execution).
 """
 from __future__ import annotations
 
@@ -13,10 +16,12 @@ from typing import Any, Callable
 
 from torch import nn
 
+from kiln.analysis.execution import Execution
 from kiln.errors import KilnError
 from kiln.registry import Registry
 
 Restore = Callable[[nn.Module, dict], nn.Module]
+Executes = Callable[[nn.Module, dict], "tuple[nn.Module, Execution]"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,7 @@ class Transform:
     kind: str
     version: int
     restore: Restore
+    execution: Executes | None = None
 
 
 TRANSFORMS: Registry[Transform] = Registry("model transform", plugins=(
@@ -32,10 +38,11 @@ TRANSFORMS: Registry[Transform] = Registry("model transform", plugins=(
 ))
 
 
-def register_transform(kind: str, version: int = 1) -> Callable[[Restore], Restore]:
+def register_transform(kind: str, version: int = 1, execution: Executes | None = None
+                       ) -> Callable[[Restore], Restore]:
     """`@register_transform("lowrank")` on `restore(model, config) -> model`."""
     def deco(fn: Restore) -> Restore:
-        TRANSFORMS.register(kind)(Transform(kind, version, fn))
+        TRANSFORMS.register(kind)(Transform(kind, version, fn, execution))
         return fn
 
     return deco
