@@ -5,7 +5,8 @@ import logging
 
 import typer
 
-from kiln.cli import analyze, bench, compile, early_exit, hardware, lowrank, models, nas, prune, quantize, search, train
+from kiln.cli import (analyze, bench, compile, early_exit, federate, hardware, lowrank, models, nas, prune, quantize,
+                      search, train)
 from kiln.cli.common import KilnGroup
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app.command("prune")(prune.prune)
 app.command("lowrank")(lowrank.lowrank)
 app.command("early-exit")(early_exit.early_exit)
 app.command("nas")(nas.nas)
+app.command("federate")(federate.federate)
 app.add_typer(hardware.app, name="hardware")
 
 

@@ -51,7 +51,7 @@ def _attack(fed: Federation, pid: int, update: dict[str, torch.Tensor]) -> dict[
 def train_reply(fed: Federation, msg: Message, context: Context) -> Message:
     """One round of one client: train from the global weights, send the update."""
     pid = partition_id(context, fed)
-    round_ = int(msg.content["config"]["server-round"]) + int(msg.content["config"].get("round-offset", 0))
+    round_ = int(msg.content["config"]["server-round"])
     start = _load_global(fed, msg)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))   # FedProx's configure_train sends it
     metrics = local_train(fed, pid, round_, start, mu)

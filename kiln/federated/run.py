@@ -162,6 +162,13 @@ def _check_resumable(cfg: FederateConfig, out: Path) -> dict:
     return json.loads((out / STATE_FILE).read_text())
 
 
+def prepare(cfg: FederateConfig) -> Federation:
+    """Every check that needs no round: the config, then the model, the data and the partition
+    (built once per process: `federate` reuses them)."""
+    check_config(cfg)
+    return federation(cfg)
+
+
 def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = False,
              log: Callable[[str], None] = print) -> dict:
     """Run the federation `cfg` (into the run directory `out`); returns the final metrics."""
@@ -181,7 +188,7 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = 
         load_weights(fed.model, out / WEIGHTS_FILE)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
-    flwr_logger.setLevel(logging.WARNING)
+    flwr_logger.setLevel(logging.ERROR)   # Flower's per-round INFO and its notes
     try:
         return _serve(cfg, fed, run, out)
     except KeyboardInterrupt:

@@ -66,8 +66,9 @@ class KilnStrategy(fs.Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.current = arrays
-        config["round-offset"] = self.offset
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        # the inner strategy sees absolute rounds: FedAdam's bias correction and the clients'
+        # seeds depend on them, and a resumed run restarts Flower's count at 1
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
 
     def _decode(self, reply: Message) -> None:
         fmt = self.cfg.compression.format
@@ -87,16 +88,22 @@ class KilnStrategy(fs.Strategy):
             f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
         for r in replies:
             self._decode(r)
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        arrays, metrics = self.inner.aggregate_train(server_round + self.offset, replies)
+        if arrays is not None and self.current is not None:
+            # FedAdam's numpy arithmetic promotes to float64: the global model keeps the model's
+            # dtypes, as its checkpoint does, so a resumed run continues exactly
+            dtypes = {k: v.numpy().dtype for k, v in self.current.items()}
+            arrays = ArrayRecord({k: Array(np.ascontiguousarray(v.numpy().astype(dtypes.get(k, v.numpy().dtype))))
+                                  for k, v in arrays.items()})
         if metrics is not None:
             self.train_metrics[server_round + self.offset] = dict(metrics)
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        metrics = self.inner.aggregate_evaluate(server_round + self.offset, replies)
         if metrics is not None:
             self.eval_metrics[server_round + self.offset] = dict(metrics)
         return metrics
