@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
 
 from kiln.config import load_toml, to_dict, to_toml
 from kiln.errors import Interrupted, KilnError
@@ -48,8 +49,6 @@ def check_config(cfg: FederateConfig) -> None:
                         "with a compressed update; use privacy.mode central")
     if cfg.secagg and cfg.engine != Engine.DEPLOYMENT:
         raise KilnError("secagg needs the deployment engine (Flower's SecAgg+ runs only there)")
-    if cfg.engine == Engine.DEPLOYMENT:
-        raise KilnError("engine deployment is not available in this kiln yet; use engine simulation")
 
 
 def _seed_round(cfg: FederateConfig, round_: int) -> None:
@@ -170,8 +169,10 @@ def prepare(cfg: FederateConfig) -> Federation:
 
 
 def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = False,
-             log: Callable[[str], None] = print) -> dict:
-    """Run the federation `cfg` (into the run directory `out`); returns the final metrics."""
+             log: Callable[[str], None] = print, grid: Grid | None = None) -> dict:
+    """Run the federation `cfg` (into the run directory `out`); returns the final metrics. The
+    clients are virtual nodes in this process unless `grid` is given (a deployment's ServerApp
+    passes the Grid Flower gives it)."""
     check_config(cfg)
     out = Path(out) if out else None
     saved = None
@@ -190,7 +191,7 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = 
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)   # Flower's per-round INFO and its notes
     try:
-        return _serve(cfg, fed, run, out)
+        return _serve(cfg, fed, run, out, grid)
     except KeyboardInterrupt:
         if run.published and run.state["round"]:
             raise Interrupted(f"round {run.state['round']}'s global model in {out} is intact (use --resume)") from None
@@ -200,12 +201,12 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = 
         run.discard()
 
 
-def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None) -> dict:
+def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None, given: Grid | None) -> dict:
     done = run.state["round"]
     strategy = KilnStrategy(base_strategy(cfg), cfg, round_offset=done)
     if done and out is not None and (out / "strategy.pt").is_file():
         strategy.load_optimizer_state(torch.load(out / "strategy.pt", weights_only=False))
-    grid = CountingGrid(InProcessGrid(make_client_app(cfg), cfg, {}))
+    grid = CountingGrid(given if given is not None else InProcessGrid(make_client_app(cfg), cfg, {}))
     grid.up, grid.down = run.state["bytes_up"], run.state["bytes_down"]
     if not done:
         run.write_partition()

@@ -22,7 +22,7 @@ def base_strategy(cfg: FederateConfig) -> fs.Strategy:
     """The Flower strategy the config names, with its sampling."""
     s = cfg.strategy
     common = dict(fraction_train=s.fraction_train, min_train_nodes=s.min_train_clients,
-                  min_available_nodes=cfg.clients, fraction_evaluate=s.fraction_evaluate,
+                  min_available_nodes=s.min_train_clients, fraction_evaluate=s.fraction_evaluate,
                   min_evaluate_nodes=max(1, int(cfg.clients * s.fraction_evaluate)) if s.fraction_evaluate else 0)
     byz = s.byzantine or cfg.attack.clients
     build = {
