@@ -9,7 +9,9 @@ EXPERIMENT: central | noniid | prox | compress | attack | dp | overhead (each wr
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,6 +138,36 @@ def overhead(args) -> dict:
             "note": "wall_s of round 1 includes the server's test evaluation; threads=1"}
 
 
+def deployment(args) -> dict:
+    """The deployment engine on loopback against the simulation (same seed), and a run that
+    loses a SuperNode (SIGKILL) after round 1."""
+    import torch
+
+    from kiln.federated.deploy import run_deployment
+    from kiln.federated.task import federation
+    from kiln.runs.artifact import load_artifact
+
+    small = {"clients": 3, "local": {"max_steps": 5}}
+    c = cfg(args.rounds, 0, **small)
+    tmp = Path(tempfile.mkdtemp(prefix="kiln-fl-bench-"))
+    t0 = time.perf_counter()
+    run_deployment(c, tmp / "dep", False, print, timeout_s=1800)
+    dep_s = time.perf_counter() - t0
+    federate(c, log=lambda s: None)
+    sim = federation(c).model.state_dict()
+    dep = load_artifact(tmp / "dep").model.state_dict()
+    diff = max(float((sim[k] - dep[k]).abs().max()) for k in sim)
+    print(f"  deployment vs simulation after {args.rounds} rounds: max |diff| {diff:.3g} ({dep_s:.0f} s)", flush=True)
+    killed = cfg(args.rounds, 0, **small, strategy={"min_train_clients": 2})
+    run_deployment(killed, tmp / "killed", False, print, timeout_s=1800,
+                   on_round=lambda r, procs: procs.kill("supernode-2") if r == 1 else None)
+    hist = json.loads((tmp / "killed" / "metrics.json").read_text())["history"]
+    print(f"  killed SuperNode: rounds {[h['round'] for h in hist]}, failures {[h['failures'] for h in hist]}")
+    return {"clients": 3, "max_abs_diff": diff, "deployment_wall_s": dep_s,
+            "killed_run": {"rounds_done": len(hist), "failures": [h["failures"] for h in hist],
+                           "test_accuracy": [h["test_accuracy"] for h in hist]}}
+
+
 def _plot_curves(curves: dict, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -155,7 +187,7 @@ def _plot_curves(curves: dict, path: Path, title: str) -> None:
 
 
 EXPERIMENTS = {"central": central, "noniid": noniid, "prox": prox, "compress": compress_, "attack": attack,
-               "dp": dp, "overhead": overhead}
+               "dp": dp, "overhead": overhead, "deployment": deployment}
 
 
 def main() -> None:

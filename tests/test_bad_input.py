@@ -162,6 +162,9 @@ CASES = [
     ("federate", ["federate", "--config", "fl_fit.toml", "--out", "NEW"], "does not fit"),
     ("federate", ["federate", "--config", "fl_format.toml", "--out", "NEW"], "int33"),
     ("federate", ["federate", "--config", "fl_ok.toml", "--out", "NEW", "--resume"], "nothing to resume"),
+    ("federate", ["federate", "--config", "fl_ok.toml", "--out", "NEW", "--superlink", "127.0.0.1:1"],
+     "127.0.0.1:1 does not answer"),
+    ("federate", ["federate", "--config", "fl_ok.toml", "--out", "NEW", "--superlink", "nowhere"], "host:port"),
 ]
 
 

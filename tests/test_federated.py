@@ -151,6 +151,7 @@ def test_int8_updates_cut_uplink_bytes_nearly_fourfold(tmp_path):
     assert plain["bytes_down"] == int8["bytes_down"]
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_a_straight_run(tmp_path):
     from kiln.federated.run import federate
     from kiln.runs.artifact import load_artifact

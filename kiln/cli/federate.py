@@ -46,8 +46,17 @@ def federate(
     overrides = {"rounds": rounds, "seed": seed, "superlink": superlink,
                  "engine": "deployment" if deployment or superlink else None}
     cfg = load_config(config, overrides)
+    from kiln.federated.config import Engine
     from kiln.federated.run import federate as run_federation, prepare
 
+    deployed = cfg.engine == Engine.DEPLOYMENT
+    if deployed:
+        from kiln.federated.deploy import check_superlink, run_deployment
+
+        if out is None:
+            raise KilnError("the deployment engine needs --out: its ServerApp process writes the run there")
+        if cfg.superlink:
+            check_superlink(cfg.superlink)
     prepare(cfg)   # a model, dataset or partition that cannot work is refused before any output
 
     with progress("federate") as update:
@@ -57,7 +66,13 @@ def federate(
                 done, total = line.split()[1].split("/")
                 update(f"round {done} of {total}", fraction=int(done) / int(total) or None)
 
-        metrics = run_federation(cfg, out, resume=resume, log=log)
+        if deployed:
+            run_deployment(cfg, out, resume, log)
+            import json
+
+            metrics = json.loads((out / "metrics.json").read_text())
+        else:
+            metrics = run_federation(cfg, out, resume=resume, log=log)
     console.print(f"test accuracy: {metrics['before']:.4f} -> {metrics['after']:.4f} after {metrics['rounds']} rounds; "
                   f"uplink {metrics['bytes_up'] / 1e6:.2f} MB, downlink {metrics['bytes_down'] / 1e6:.2f} MB"
                   + (f"; epsilon {metrics['epsilon']:.3g} at delta {metrics['delta']:g}" if metrics["epsilon"] else ""))

@@ -86,6 +86,10 @@ class KilnStrategy(fs.Strategy):
         replies = list(replies)
         self.failures[server_round + self.offset] = [
             f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+        failed = self.failures[server_round + self.offset]
+        if replies and len(failed) == len(replies):
+            # nothing to aggregate: go on and every later round fails alike (a client that raises)
+            raise KilnError(f"round {server_round + self.offset}: every client failed, e.g. {failed[0]}")
         for r in replies:
             self._decode(r)
         arrays, metrics = self.inner.aggregate_train(server_round + self.offset, replies)
