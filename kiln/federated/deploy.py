@@ -72,8 +72,13 @@ def _main(grid: Grid, context: Context) -> None:
             raise KilnError(f"only {len(list(grid.get_node_ids()))} of {cfg.clients} SuperNodes connected "
                             f"in {NODE_WAIT_S:.0f} s")
         time.sleep(0.5)
-    federate(cfg, out, resume=bool(context.run_config["kiln-resume"]), grid=grid,
-             log=lambda line: print(f"kiln-log: {line}", flush=True))
+    try:
+        federate(cfg, out, resume=bool(context.run_config["kiln-resume"]), grid=grid,
+                 log=lambda line: print(f"kiln-log: {line}", flush=True))
+    except KilnError as exc:
+        print(f"kiln-error: {exc}", flush=True)   # the one line `kiln federate --deployment` reports
+        raise
+    print("kiln-done", flush=True)
 
 
 def free_port() -> int:
@@ -215,6 +220,7 @@ def flwr_run(appdir: Path, cfg_path: Path, out: Path | None, resume: bool, env: 
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                             start_new_session=True)
     tail: list[str] = []
+    done, failure = False, ""
     deadline = time.monotonic() + timeout_s
     try:
         for line in proc.stdout:
@@ -225,17 +231,21 @@ def flwr_run(appdir: Path, cfg_path: Path, out: Path | None, resume: bool, env: 
                 r = re.match(r"round (\d+)/", m.group(1))
                 if r:
                     on_round(int(r.group(1)))
+            done = done or "kiln-done" in line
+            failure = failure or (line.split("kiln-error: ", 1)[1].strip() if "kiln-error: " in line else "")
             if time.monotonic() > deadline:
                 raise KilnError(f"the deployment run did not finish within {timeout_s:.0f} s")
-            if re.search(r"Run finished|run .* finished|finished with status", line, re.I):
+            if done or failure or re.search(r"Run finished|finished with status", line, re.I):
                 break
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
-    errors = [t for t in tail if re.search(r"error|exception|failed", t, re.I)]
-    if errors and not (out and (out / "metrics.json").is_file()):
+    if failure:
+        raise KilnError(failure)
+    if not done:
+        errors = [t for t in tail if re.search(r"error|exception|failed", t, re.I)] or tail[-1:] or ["no output"]
         raise KilnError(f"the deployment run failed: {errors[-1].strip()[:300]}")
 
 

@@ -26,7 +26,7 @@ from kiln.config import load_toml, to_dict, to_toml
 from kiln.errors import Interrupted, KilnError
 from kiln.federated import compress
 from kiln.federated.client import make_client_app
-from kiln.federated.config import Engine, FederateConfig, PrivacyMode
+from kiln.federated.config import FederateConfig, PrivacyMode
 from kiln.federated.partition import histograms, plot_histograms
 from kiln.federated.server import CountingGrid, InProcessGrid, KilnStrategy, accountant_epsilon, base_strategy
 from kiln.federated.task import Federation, client_seed, federation
@@ -47,8 +47,11 @@ def check_config(cfg: FederateConfig) -> None:
     if cfg.privacy.mode == PrivacyMode.CLIENT and cfg.compression.format != compress.NONE:
         raise KilnError("privacy.mode client clips whole weights (Flower's fixedclipping_mod): it cannot be combined "
                         "with a compressed update; use privacy.mode central")
-    if cfg.secagg and cfg.engine != Engine.DEPLOYMENT:
-        raise KilnError("secagg needs the deployment engine (Flower's SecAgg+ runs only there)")
+    if cfg.secagg:
+        # Flower 1.42 has SecAgg+ only on its legacy path (flwr.server.workflow.SecAggPlusWorkflow
+        # with NumPyClient-style fit messages); kiln's apps use the Message API
+        raise KilnError("secagg: Flower 1.42's SecAgg+ runs only on its legacy Driver/NumPyClient path, which "
+                        "kiln's Message-API apps do not use yet; set secagg = false")
 
 
 def _seed_round(cfg: FederateConfig, round_: int) -> None:
