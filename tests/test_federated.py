@@ -205,3 +205,22 @@ def test_a_client_that_raises_is_named_in_one_line_and_nothing_is_written(tmp_pa
     assert result.exit_code == 2
     assert "client 0 raised RuntimeError: boom in local training" in result.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fl.toml", "m.py"]
+
+
+def test_ctrl_c_keeps_the_last_completed_round_loadable(tmp_path):
+    from kiln.errors import Interrupted
+    from kiln.federated.run import federate
+    from kiln.train.evaluation import evaluate_run
+
+    def log(line):
+        if line.startswith("round 1/"):
+            raise KeyboardInterrupt   # as Ctrl-C between round 1 and round 2
+
+    with pytest.raises(Interrupted, match="round 1's global model"):
+        federate(config(rounds=3), tmp_path / "run", log=log)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["round"] == 1
+    again = evaluate_run(tmp_path / "run")
+    assert again["reproduced"] and again["value"] == state["history"][0]["test_accuracy"]
+    resumed = federate(config(rounds=2), tmp_path / "run", resume=True, log=lambda s: None)
+    assert [h["round"] for h in resumed["history"]] == [1, 2]
