@@ -35,6 +35,21 @@ def make():
     return M(), (torch.randn(2, 4),)
 '''
 
+# federations that cannot run, each refused before anything is written (tests/test_federated.py
+# covers a client that raises mid-round)
+FL = 'model = "zoo:mlp"\ndataset = "mnist"\nclients = 3\nrounds = 1\n'
+FL_CONFIGS = {
+    "fl_ok.toml": FL,
+    "fl_strategy.toml": FL + '[strategy]\nname = "fedsgd"\n',
+    "fl_partition.toml": FL + '[partition]\nkind = "shards"\n',
+    "fl_alpha.toml": FL + '[partition]\nkind = "dirichlet"\nalpha = 0.0\n',
+    "fl_key.toml": FL + '[local]\nbogus = 1\n',
+    "fl_fraction.toml": FL + '[strategy]\nfraction_train = 0.1\n',
+    "fl_clients.toml": FL.replace("clients = 3", "clients = 5000"),
+    "fl_fit.toml": FL.replace('"mnist"', '"digits"'),
+    "fl_format.toml": FL + '[compression]\nformat = "int33"\n',
+}
+
 # (command, argv, what the message names: a fragment, or alternatives joined by |); NEW is an
 # output directory that must stay absent
 CASES = [
@@ -162,6 +177,22 @@ CASES = [
     ("cluster", ["cluster", "show", "nope"], "nope"),
     ("cluster", ["cluster", "calibrate", "--processes", "1"], "--processes"),
     ("cluster", ["cluster", "--json", "DIR"], "DIR"),
+    ("federate", ["federate", "--out", "NEW"], "no federation config"),
+    ("federate", ["federate", "--config", "missing.toml", "--out", "NEW"], "missing.toml"),
+    ("federate", ["federate", "--config", "fl_ok.toml", "--out", "FILE"], "FILE"),
+    ("federate", ["federate", "--config", "fl_ok.toml", "--out", "NEW", "--rounds", "0"], "--rounds"),
+    ("federate", ["federate", "--config", "fl_strategy.toml", "--out", "NEW"], "fedsgd"),
+    ("federate", ["federate", "--config", "fl_partition.toml", "--out", "NEW"], "shards"),
+    ("federate", ["federate", "--config", "fl_alpha.toml", "--out", "NEW"], "alpha"),
+    ("federate", ["federate", "--config", "fl_key.toml", "--out", "NEW"], "bogus"),
+    ("federate", ["federate", "--config", "fl_fraction.toml", "--out", "NEW"], "leaves no client"),
+    ("federate", ["federate", "--config", "fl_clients.toml", "--out", "NEW"], "5000 clients"),
+    ("federate", ["federate", "--config", "fl_fit.toml", "--out", "NEW"], "does not fit"),
+    ("federate", ["federate", "--config", "fl_format.toml", "--out", "NEW"], "int33"),
+    ("federate", ["federate", "--config", "fl_ok.toml", "--out", "NEW", "--resume"], "nothing to resume"),
+    ("federate", ["federate", "--config", "fl_ok.toml", "--out", "NEW", "--superlink", "127.0.0.1:1"],
+     "127.0.0.1:1 does not answer"),
+    ("federate", ["federate", "--config", "fl_ok.toml", "--out", "NEW", "--superlink", "nowhere"], "host:port"),
 ]
 # a cluster profile without its link figures, and one whose figure has no source
 NO_FIGURE = """name = "nofigure"
@@ -183,6 +214,8 @@ def make_fixtures(where: Path, repo: Path) -> None:
     (where / "capture_fails.py").write_text(CAPTURE_FAILS)
     (where / "nofigure.toml").write_text(NO_FIGURE)
     (where / "nosource.toml").write_text(NO_SOURCE)
+    for name, text in FL_CONFIGS.items():
+        (where / name).write_text(text)
     shutil.copytree(repo / "configs", where / "configs")
     # run directories: artifact.json that is not JSON; a good one over weights that are not safetensors
     (where / "CORRUPT_RUN").mkdir()

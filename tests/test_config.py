@@ -96,6 +96,7 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
     from kiln.compile.fusion import FusionConfig
     from kiln.compile.passes import DCEConfig, FoldConfig, NoConfig
     from kiln.compile.run import CompileConfig
+    from kiln.federated import config as fl
     from kiln.lowrank import config as lowrank
     from kiln.models.zoo.gpt import GPTConfig
     from kiln.plan import cluster as plan_cluster
@@ -118,7 +119,20 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
         return config, lambda t: from_dict(type(config), t, type(config).__name__), to_dict
 
     nas_space = nas.SpaceConfig(ops=("none", "skip_connect", "sep_conv_3x3"), nodes=3, channels=4, layers=2)
+    fl_parts = dict(
+        partition=fl.PartitionConfig(fl.Partitioner.PATHOLOGICAL, alpha=0.1, labels_per_client=3, min_size=4),
+        strategy=fl.StrategyConfig(fl.StrategyName.MULTIKRUM, fraction_train=0.5, min_train_clients=3,
+                                   fraction_evaluate=0.2, proximal_mu=0.1, server_lr=0.05, tau=1e-2, trim_beta=0.1,
+                                   byzantine=2, keep=4),
+        local=fl.LocalConfig(epochs=2, batch_size=8, lr=0.1, optimizer="adamw", momentum=0.5, weight_decay=0.1,
+                             max_steps=7),
+        compression=fl.UpdateCompressionConfig("topk", topk_fraction=0.05, error_feedback=True),
+        privacy=fl.PrivacyConfig(fl.PrivacyMode.CENTRAL, noise_multiplier=0.7, clipping_norm=2.0, delta=1e-6),
+        attack=fl.AttackConfig(fl.Attack.LABEL_FLIP, clients=2, scale=3.0))
     return [
+        plain(fl.FederateConfig("zoo:cnn", dataset="mnist", rounds=5, clients=9, seed=2, engine=fl.Engine.DEPLOYMENT,
+                                superlink="127.0.0.1:9092", eval_batch_size=64, threads=1, secagg=True, **fl_parts)),
+        *(plain(part) for part in fl_parts.values()),
         plain(TrainConfig(model="zoo:mlp", dataset="mnist", epochs=2, lr=3e-4, optimizer="sgd",
                           schedule=Schedule.ONECYCLE, bf16=True, grad_clip=1.0, quant="q.toml", teacher="zoo:cnn")),
         (prune.parse_config({"method": "structured", "criterion": "random", "reduction": "l2", "ratio": 0.3,

@@ -5,7 +5,8 @@ import logging
 
 import typer
 
-from kiln.cli import analyze, bench, compile, early_exit, hardware, lowrank, models, nas, plan, prune, quantize, search, train
+from kiln.cli import (analyze, bench, compile, early_exit, federate, hardware, lowrank, models, nas, plan, prune,
+                      quantize, search, train)
 from kiln.cli.common import KilnGroup
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ app.command("lowrank")(lowrank.lowrank)
 app.command("early-exit")(early_exit.early_exit)
 app.command("nas")(nas.nas)
 app.command("plan")(plan.plan)
+app.command("federate")(federate.federate)
 app.add_typer(hardware.app, name="hardware")
 app.add_typer(plan.cluster_app, name="cluster")
 

