@@ -68,8 +68,10 @@ class KilnGroup(TyperGroup):
     instead of click's five-line usage box."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        # typer 0.29 vendors click: its exception classes are only reachable under typer._click
-        import typer._click.exceptions as click_errors
+        try:   # typer 0.29 vendors click: its exception classes are only reachable under typer._click
+            import typer._click.exceptions as click_errors
+        except ModuleNotFoundError:   # typer < 0.21 (Flower pins it) uses the click package itself
+            import click.exceptions as click_errors
 
         console.stderr = False   # until a command's `--json -` says otherwise (one process may run many)
         try:
