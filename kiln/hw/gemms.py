@@ -12,9 +12,14 @@ from typing import Any
 
 import torch
 
+from kiln.errors import KilnError
+from kiln.graph.capture import capture
 from kiln.graph.graph import Graph
 from kiln.graph.node import NodeKind
 from kiln.hw.systolic import Gemm
+from kiln.models.inputs import with_input_shapes
+from kiln.models.loaded import LoadedModel
+from kiln.runs.artifact import load_source
 
 LINEAR = frozenset({"linear"})
 MATMUL = frozenset({"mm", "bmm", "matmul"})
@@ -85,4 +90,19 @@ def graph_gemms(graph: Graph) -> list[Gemm]:
     for fx_node, node in graph.fx_nodes():
         if node.kind is NodeKind.OP:
             gemms += node_gemms(fx_node, node.op, node.module or node.name)
+    return gemms
+
+
+def source_gemms(src: str, input_shapes: list[str] | None = None) -> list[Gemm]:
+    """Load a model spec or run directory, capture it on its example input (or `input_shapes`,
+    `DIMS` or `NAME=DIMS`) and list its GEMMs. A model torch.export cannot capture is a
+    KilnError naming the construct; one without any matrix product is one too."""
+    source = load_source(src)
+    loaded = source.loaded
+    loaded = LoadedModel(src, source.model.eval(), loaded.example_inputs, loaded.example_kwargs,
+                         loaded.family, loaded.task)
+    loaded = with_input_shapes(loaded, list(input_shapes or []))
+    gemms = graph_gemms(capture(loaded))
+    if not gemms:
+        raise KilnError(f"{src} has no matrix product (Linear, Conv, matmul, attention) for an array to run")
     return gemms

@@ -10,8 +10,6 @@ writes out every result, which Python compares with numpy's exact integer produc
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 
 from kiln.errors import KilnError
 from kiln.hw.systolic import Dataflow
+from kiln.hw.tools import run_tool
 
 ACC_BITS = 32
 
@@ -114,14 +113,5 @@ def simulate(out_dir: Path) -> SimResult:
 
 def _icarus(cwd: Path, sources: list[str]) -> str:
     """iverilog then vvp in `cwd`; the simulation's standard output."""
-    # TODO(merge): replace with kiln.hw.tools' runner once hwemit's branch lands
-    for tool in ("iverilog", "vvp"):
-        if shutil.which(tool) is None:
-            raise KilnError(f"{tool} not found: install Icarus Verilog (`apt-get install iverilog`)")
-    build = subprocess.run(["iverilog", "-g2012", "-o", "sim.vvp", *sources], cwd=cwd, capture_output=True, text=True)
-    if build.returncode:
-        raise KilnError(f"iverilog failed: {(build.stderr or build.stdout).strip().splitlines()[0]}")
-    run = subprocess.run(["vvp", "-n", "sim.vvp"], cwd=cwd, capture_output=True, text=True)
-    if run.returncode:
-        raise KilnError(f"vvp failed: {(run.stderr or run.stdout).strip().splitlines()[0]}")
-    return run.stdout
+    run_tool("iverilog", ["-g2012", "-o", "sim.vvp", *sources], cwd=cwd, timeout=300)
+    return run_tool("vvp", ["-n", "sim.vvp"], cwd=cwd, timeout=600)
