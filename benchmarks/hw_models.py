@@ -1,0 +1,165 @@
+"""Figures of kiln's accelerator cost models (issue 16, items 4 and 5).
+
+    PYTHONPATH=. python benchmarks/hw_models.py [--parts systolic,rtl,estimator,search]
+        [--mlp RUN] [--trials 16] [--json benchmarks/results/hw_models.json] [--refit]
+
+- systolic: kiln.hw.systolic's cycles against SCALE-Sim 3.0's compute model (its
+  systolic_compute_{ws,is,os} classes called directly: the CLI crashes with numpy 2.4) on a
+  grid of GEMMs and array sizes, every dataflow; and its SRAM request counts.
+- rtl: the systolic arrays kiln emits (kiln.hw.systolic_rtl), simulated in Icarus: products
+  exact and busy cycles equal to the model's.
+- estimator: kiln.hw.estimate against yosys on the calibration rows
+  (benchmarks/hw_calibrate.py); `--refit` fits the coefficients again and prints them.
+- search: a mixed-precision search of a trained zoo MLP (`--mlp`: a `kiln train zoo:mlp` run)
+  for accuracy against estimated LUTs (ice40), beside the uniform bit widths.
+Nothing here is timed: every figure is a count.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import merge_result  # noqa: E402
+
+from kiln.hw.systolic import Dataflow, Gemm, compute_cycles, sram_traffic  # noqa: E402
+
+GRID_MNK = [1, 5, 16, 37, 64]
+ARRAYS = [(4, 4), (8, 8), (16, 16), (8, 32), (32, 4)]
+
+
+def scalesim(df: Dataflow, m: int, n: int, k: int, rows: int, cols: int) -> tuple[int, tuple[int, int, int]]:
+    """SCALE-Sim's compute model: (cycles, (ifmap reads, filter reads, ofmap writes))."""
+    import importlib
+
+    from scalesim.scale_config import scale_config
+
+    cfg = scale_config()
+    cfg.set_arr_dims(rows, cols)
+    cfg.valid_conf_flag = True     # what read_conf_file sets
+    sim = getattr(importlib.import_module(f"scalesim.compute.systolic_compute_{df.value}"), f"systolic_compute_{df.value}")()
+    sim.set_params(config_obj=cfg, ifmap_op_mat=np.arange(m * k).reshape(m, k),
+                   filter_op_mat=np.arange(k * n).reshape(k, n) + m * k,
+                   ofmap_op_mat=np.arange(m * n).reshape(m, n) + m * k + k * n)
+    sim.create_demand_matrices()
+    return sim.ifmap_demand_matrix.shape[0], (sim.ifmap_reads, sim.filter_reads, sim.ofmap_writes)
+
+
+def part_systolic() -> dict:
+    from importlib.metadata import version
+
+    rows, mismatches, reads_equal, reads_total = 0, [], 0, 0
+    for (m, n, k), (r, c), df in itertools.product(itertools.product(GRID_MNK, repeat=3), ARRAYS, Dataflow):
+        ref_cycles, ref_traffic = scalesim(df, m, n, k, r, c)
+        ours = compute_cycles(Gemm("g", m, n, k), r, c, df)
+        rows += 1
+        if ours != ref_cycles:
+            mismatches.append({"mnk": [m, n, k], "array": [r, c], "dataflow": df.value, "kiln": ours, "scalesim": ref_cycles})
+        # SRAM reads; OS ofmap writes differ by design (SCALE-Sim adds R + C per fold, line 403)
+        t = sram_traffic(Gemm("g", m, n, k), r, c, df)
+        compared = 2 if df is Dataflow.OS else 3
+        reads_total += 1
+        reads_equal += t[:compared] == tuple(ref_traffic[:compared])
+    out = {"scalesim": version("scalesim"), "cases": rows, "cycles_equal": rows - len(mismatches),
+           "mismatches": mismatches[:10], "sram_counts_equal": reads_equal, "sram_counts_cases": reads_total,
+           "grid": {"m_n_k": GRID_MNK, "arrays": [f"{r}x{c}" for r, c in ARRAYS], "dataflows": [d.value for d in Dataflow]}}
+    print(f"systolic vs SCALE-Sim {out['scalesim']}: cycles equal in {out['cycles_equal']}/{rows} cases; "
+          f"SRAM request counts equal in {reads_equal}/{reads_total}", flush=True)
+    return out
+
+
+RTL_CASES = [(8, 8, 8, 4, 4), (10, 7, 5, 4, 3), (16, 12, 20, 4, 4), (5, 9, 11, 3, 4), (32, 16, 16, 8, 8), (24, 10, 7, 2, 5)]
+
+
+def part_rtl() -> dict:
+    from kiln.hw.systolic_rtl import emit, simulate
+    from kiln.hw.tools import tool_version
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for (m, n, k, r, c), df in itertools.product(RTL_CASES, Dataflow):
+        a, b = rng.integers(-128, 128, (m, k)), rng.integers(-128, 128, (k, n))
+        with tempfile.TemporaryDirectory() as d:
+            sim = simulate(emit(df, r, c, a, b, Path(d)))
+        model = compute_cycles(Gemm("g", m, n, k), r, c, df)
+        rows.append({"mnk": [m, n, k], "array": f"{r}x{c}", "dataflow": df.value, "simulated": sim.cycles,
+                     "model": model, "exact_product": bool(np.array_equal(sim.out, a @ b))})
+    equal = sum(r["simulated"] == r["model"] for r in rows)
+    exact = sum(r["exact_product"] for r in rows)
+    print(f"emitted arrays in {tool_version('iverilog')}: cycles equal to the model in {equal}/{len(rows)}, "
+          f"products exact in {exact}/{len(rows)}", flush=True)
+    return {"icarus": tool_version("iverilog"), "cases": rows, "cycles_equal": equal, "exact": exact}
+
+
+def part_estimator(calibration: Path, refit: bool) -> dict:
+    from kiln.hw.estimate import COEFFICIENTS, Target, estimate_features, fit
+
+    data = json.loads(calibration.read_text())["rows"]
+    coefficients = COEFFICIENTS
+    if refit:
+        coefficients = {t: {w: fit(data, t, w) for w in ("luts", "ffs")} for t in {r["target"] for r in data}}
+        print("COEFFICIENTS =", json.dumps(coefficients, indent=1))
+    rows = []
+    for r in data:
+        luts, ffs, dsps = estimate_features(r["features"], Target(r["target"]), coefficients)
+        rows.append({"design": r["design"], "layer": r["layer"], "target": r["target"], "yosys_luts": r["luts"],
+                     "est_luts": luts, "lut_error": (luts - r["luts"]) / max(r["luts"], 1), "yosys_dsps": r["dsps"],
+                     "est_dsps": dsps, "yosys_ffs": r["ffs"], "est_ffs": ffs})
+        print(f"  {r['target']:6} {r['design']:34} {r['layer']:8} LUTs {r['luts']:6} est {luts:6} "
+              f"({rows[-1]['lut_error']:+.1%})  DSPs {r['dsps']:3} est {dsps:3}  FFs {r['ffs']:5} est {ffs:5}", flush=True)
+    within = sum(abs(r["lut_error"]) <= 0.15 for r in rows)
+    dsp_exact = sum(r["yosys_dsps"] == r["est_dsps"] for r in rows)
+    print(f"estimator vs yosys: LUTs within 15% in {within}/{len(rows)} rows, DSPs exact in {dsp_exact}/{len(rows)}")
+    return {"yosys": data[0]["yosys"] if data else "", "rows": rows, "luts_within_15pct": within,
+            "dsps_exact": dsp_exact, "refit": refit}
+
+
+def part_search(mlp: str, trials: int, out_dir: Path) -> dict:
+    from kiln.search.config import parse_search_config
+    from kiln.search.run import run_search
+
+    table = {"study": "mlp-luts", "objectives": ["accuracy", "luts"], "sampler": "nsga2", "trials": trials,
+             "population": 8, "seed": 0,
+             "space": {"kind": "mixed-precision", "source": mlp, "bits": [2, 3, 4, 6, 8], "act_bits": 8,
+                       "granularity": "channel", "samples": 500, "seed_uniform": True,
+                       "hw": {"target": "ice40", "reuse": 0}}}
+    cfg = parse_search_config(table, "hw_models search")
+    summary = run_search(cfg, out_dir, progress=False, log=print)
+    return {"config": table, "summary": summary}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="systolic,rtl,estimator")
+    ap.add_argument("--calibration", default="benchmarks/results/hw_calibration.json")
+    ap.add_argument("--refit", action="store_true")
+    ap.add_argument("--mlp", default="", help="a `kiln train zoo:mlp` run for the search part")
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--search-out", default="runs/benchmarks/hw_search")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    results = {"date": date.today().isoformat()}
+    parts = args.parts.split(",")
+    if "systolic" in parts:
+        results["systolic_vs_scalesim"] = part_systolic()
+    if "rtl" in parts:
+        results["systolic_rtl"] = part_rtl()
+    if "estimator" in parts:
+        results["estimator_vs_yosys"] = part_estimator(Path(args.calibration), args.refit)
+    if "search" in parts:
+        results["search"] = part_search(args.mlp, args.trials, Path(args.search_out))
+    if args.json:   # one entry per part: parts run separately keep each other's figures
+        for name, entry in results.items():
+            if name != "date":
+                merge_result(args.json, name, {"date": results["date"], **entry})
+
+
+if __name__ == "__main__":
+    main()
