@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -68,9 +69,55 @@ def _print_systolic(spec: str, cost) -> None:
                   f"{cost.macs:,} MACs, utilisation {cost.utilisation:.1%}, energy {cost.energy_pj * 1e-6:,.2f} uJ")
 
 
+@user_errors
+def estimate(
+    src: str = typer.Argument(..., help="A design directory of `kiln hw emit`, or a quantized run (`kiln quantize`)."),
+    target: str = typer.Option("xilinx", "--target", help="xilinx (7-series) or ice40."),
+    reuse: int = typer.Option(0, "--reuse", help="For a quantized run: every dense layer's reuse factor "
+                              "(0: K; a factor a layer does not take becomes its largest valid one below)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the estimate as JSON here (- for stdout)."),
+) -> None:
+    """LUTs, flip-flops, DSPs and cycles of kiln hw emit's design, estimated without synthesis
+    (kiln.hw.estimate: calibrated on yosys)."""
+    from kiln.errors import KilnError
+    from kiln.hw.estimate import parse_target
+
+    validate(non_negative={"--reuse": reuse}, json_path=json_path)
+    tgt = parse_target(target)
+    from kiln.hw.design import DESIGN_FILE, load_design
+    from kiln.hw.estimate import estimate_layers, estimate_model
+    from kiln.runs.artifact import load_source
+
+    if (Path(src) / DESIGN_FILE).is_file():
+        if reuse:
+            raise KilnError(f"--reuse applies to a quantized run; {src} is an emitted design with its own "
+                            f"reuse factors (emit it again with `kiln hw emit --reuse`)")
+        est = estimate_layers(load_design(src)[1], tgt)
+    else:
+        with progress(f"lowering {src}"):
+            source = load_source(src)
+            if not source.quantized:
+                raise KilnError(f"{src} is not quantized: give a `kiln quantize` run or a `kiln hw emit` design")
+            est = estimate_model(source.model.eval(), source.example_inputs[0], tgt, reuse)
+    table = Table(title=f"{src}: estimated for {tgt.value} (no synthesis)")
+    for col in ("layer", "reuse", "multipliers", "LUTs", "FFs", "DSPs", "cycles"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for lay in est.layers:
+        table.add_row(lay.name, str(lay.reuse or "-"), str(lay.multipliers), f"{lay.luts:,}", f"{lay.ffs:,}",
+                      str(lay.dsps), f"{lay.cycles:,}")
+    console.print(table)
+    console.print(f"total: {est.luts:,} LUTs, {est.ffs:,} FFs, {est.dsps} DSPs; latency {est.latency:,} cycles, "
+                  f"a frame every {est.interval:,}")
+    if json_path:
+        write_json(json_path, {"source": src, "target": tgt.value, "luts": est.luts, "ffs": est.ffs, "dsps": est.dsps,
+                               "latency_cycles": est.latency, "interval_cycles": est.interval,
+                               "layers": [asdict(lay) for lay in est.layers]})
+
+
 def register(app: typer.Typer) -> None:
     """Add `systolic` and `estimate` to a Typer group (the `kiln hw` group)."""
     app.command("systolic")(systolic)
+    app.command("estimate")(estimate)
 
 
 app = typer.Typer(help="Hardware cost models: systolic arrays and FPGA resources.", no_args_is_help=True)
