@@ -99,21 +99,35 @@ def part_rtl() -> dict:
 
 
 def part_estimator(calibration: Path, refit: bool) -> dict:
-    from kiln.hw.estimate import COEFFICIENTS, Target, estimate_features, fit
+    from kiln.hw.estimate import COEFFICIENTS, Target, estimate_features, fit, write_coefficients
 
     data = json.loads(calibration.read_text())["rows"]
     coefficients = COEFFICIENTS
     if refit:
-        coefficients = {t: {w: fit(data, t, w) for w in ("luts", "ffs")} for t in {r["target"] for r in data}}
-        print("COEFFICIENTS =", json.dumps(coefficients, indent=1))
+        coefficients = {t: {w: fit(data, t, w) for w in ("luts", "ffs")} for t in sorted({r["target"] for r in data})}
+        print(f"coefficients written to {write_coefficients(coefficients)}:", json.dumps(coefficients))
     rows = []
     for r in data:
-        luts, ffs, dsps = estimate_features(r["features"], Target(r["target"]), coefficients)
+        luts, ffs, dsps, brams = estimate_features(r["features"], Target(r["target"]), coefficients)
         rows.append({"design": r["design"], "layer": r["layer"], "target": r["target"], "yosys_luts": r["luts"],
                      "est_luts": luts, "lut_error": (luts - r["luts"]) / max(r["luts"], 1), "yosys_dsps": r["dsps"],
-                     "est_dsps": dsps, "yosys_ffs": r["ffs"], "est_ffs": ffs})
+                     "est_dsps": dsps, "yosys_ffs": r["ffs"], "est_ffs": ffs, "yosys_brams": r["brams"], "est_brams": brams})
         print(f"  {r['target']:6} {r['design']:34} {r['layer']:8} LUTs {r['luts']:6} est {luts:6} "
               f"({rows[-1]['lut_error']:+.1%})  DSPs {r['dsps']:3} est {dsps:3}  FFs {r['ffs']:5} est {ffs:5}", flush=True)
+    # held out: each design's rows priced by a fit on the other designs' rows (same target)
+    for row in rows:
+        others = [r for r in data if r["target"] == row["target"] and r["design"] != row["design"]]
+        if len(others) >= 3:
+            held = {row["target"]: {w: fit(others, row["target"], w) for w in ("luts", "ffs")}}
+            f = next(r["features"] for r in data if (r["design"], r["layer"], r["target"]) ==
+                     (row["design"], row["layer"], row["target"]))
+            luts = estimate_features(f, Target(row["target"]), held)[0]
+            row["held_out_luts"], row["held_out_error"] = luts, (luts - row["yosys_luts"]) / max(row["yosys_luts"], 1)
+    held_rows = [r for r in rows if "held_out_error" in r]
+    if held_rows:
+        print(f"held out (fit without the row's design): LUTs within 15% in "
+              f"{sum(abs(r['held_out_error']) <= 0.15 for r in held_rows)}/{len(held_rows)} rows, worst "
+              f"{max(abs(r['held_out_error']) for r in held_rows):.1%}")
     within = sum(abs(r["lut_error"]) <= 0.15 for r in rows)
     dsp_exact = sum(r["yosys_dsps"] == r["est_dsps"] for r in rows)
     print(f"estimator vs yosys: LUTs within 15% in {within}/{len(rows)} rows, DSPs exact in {dsp_exact}/{len(rows)}")
@@ -122,17 +136,33 @@ def part_estimator(calibration: Path, refit: bool) -> dict:
 
 
 def part_search(mlp: str, trials: int, out_dir: Path) -> dict:
+    """NSGA-II over per-layer weight widths (2 to 8 bits, per channel) of a trained zoo MLP with
+    4-bit activations, for accuracy on 500 validation digits against the estimated LUTs of kiln
+    hw emit's xilinx design at reuse K; the uniform widths are run first (seed_uniform). With
+    4-bit inputs, yosys maps a 4 x w multiplier to a DSP48 only from w = 5 (a product of at
+    least 9 bits), so narrow weights trade DSPs for LUTs: both are recorded."""
     from kiln.search.config import parse_search_config
     from kiln.search.run import run_search
 
     table = {"study": "mlp-luts", "objectives": ["accuracy", "luts"], "sampler": "nsga2", "trials": trials,
-             "population": 8, "seed": 0,
-             "space": {"kind": "mixed-precision", "source": mlp, "bits": [2, 3, 4, 6, 8], "act_bits": 8,
+             "population": 6, "seed": 0,
+             "space": {"kind": "mixed-precision", "source": mlp, "bits": [2, 3, 4, 6, 8], "act_bits": 4,
                        "granularity": "channel", "samples": 500, "seed_uniform": True,
-                       "hw": {"target": "ice40", "reuse": 0}}}
+                       "hw": {"target": "xilinx", "reuse": 0}}}
     cfg = parse_search_config(table, "hw_models search")
     summary = run_search(cfg, out_dir, progress=False, log=print)
-    return {"config": table, "summary": summary}
+    points = [{"trial": t["number"], "bits": t["params"], "accuracy": t["attrs"]["accuracy"],
+               "luts": t["attrs"]["luts"], "dsps": t["attrs"]["dsps"], "fpga_cycles": t["attrs"]["fpga_cycles"],
+               "avg_bits": t["attrs"]["avg_bits"]}
+              for t in summary["trials_detail"] if t["state"] == "COMPLETE"]
+    front = [p for p in points if not any(q["accuracy"] >= p["accuracy"] and q["luts"] <= p["luts"]
+                                          and (q["accuracy"], q["luts"]) != (p["accuracy"], p["luts"]) for q in points)]
+    uniform = [p for p in points if len(set(p["bits"].values())) == 1]
+    for p in sorted(points, key=lambda p: p["luts"]):
+        tag = ("front " if p in front else "      ") + ("uniform" if p in uniform else "")
+        print(f"  {tag:14} bits {p['bits']}  accuracy {p['accuracy']:.3f}  LUTs {p['luts']:,.0f}  DSPs {p['dsps']:.0f}")
+    return {"config": table, "points": points, "front": [p["trial"] for p in front],
+            "uniform": [p["trial"] for p in uniform]}
 
 
 def main() -> None:

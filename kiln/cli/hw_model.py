@@ -100,17 +100,17 @@ def estimate(
                 raise KilnError(f"{src} is not quantized: give a `kiln quantize` run or a `kiln hw emit` design")
             est = estimate_model(source.model.eval(), source.example_inputs[0], tgt, reuse)
     table = Table(title=f"{src}: estimated for {tgt.value} (no synthesis)")
-    for col in ("layer", "reuse", "multipliers", "LUTs", "FFs", "DSPs", "cycles"):
+    for col in ("layer", "reuse", "multipliers", "LUTs", "FFs", "DSPs", "BRAMs", "cycles"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for lay in est.layers:
         table.add_row(lay.name, str(lay.reuse or "-"), str(lay.multipliers), f"{lay.luts:,}", f"{lay.ffs:,}",
-                      str(lay.dsps), f"{lay.cycles:,}")
+                      str(lay.dsps), str(lay.brams), f"{lay.cycles:,}")
     console.print(table)
-    console.print(f"total: {est.luts:,} LUTs, {est.ffs:,} FFs, {est.dsps} DSPs; latency {est.latency:,} cycles, "
+    console.print(f"total: {est.luts:,} LUTs, {est.ffs:,} FFs, {est.dsps} DSPs, {est.brams} block RAMs; latency {est.latency:,} cycles, "
                   f"a frame every {est.interval:,}")
     if json_path:
         write_json(json_path, {"source": src, "target": tgt.value, "luts": est.luts, "ffs": est.ffs, "dsps": est.dsps,
-                               "latency_cycles": est.latency, "interval_cycles": est.interval,
+                               "brams": est.brams, "latency_cycles": est.latency, "interval_cycles": est.interval,
                                "layers": [asdict(lay) for lay in est.layers]})
 
 

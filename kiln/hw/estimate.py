@@ -18,8 +18,11 @@ busy positions x reuse + 3 cycles.
 from __future__ import annotations
 
 import enum
+import json
 import math
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -108,10 +111,36 @@ def lut_multipliers(f: dict, target: Target) -> tuple[int, int]:
 
 
 def layer_dsps(f: dict, target: Target) -> int:
-    """DSPs of one dense layer: its PO x PI data multipliers and PO requantization multipliers."""
+    """DSPs of one dense layer: its PO x PI data multipliers, PO requantization multipliers, and
+    the weight ROM's address og * KC where KC is not a power of two (a variable times a
+    constant; a power of two is a shift, and og is constant 0 when G = 1)."""
     data = f["po"] * f["pi"] * dsp_count(f["ib"], f["wb"], target)
     requant = 0 if f["shift_only"] else f["po"] * dsp_count(f["ab"], 18, target)
-    return data + requant
+    kc = f["kc"]
+    address = dsp_count((f["g"] + 1).bit_length() + 1, kc.bit_length(), target) if f["g"] > 1 and kc & (kc - 1) else 0
+    return data + requant + address
+
+
+# Where yosys (memory_libmap) puts a weight ROM, measured on ROMs of kiln's shape (synchronous
+# read, $readmemh): synth_ice40 put even a 128 x 80-bit ROM into 5 SB_RAM40_4K (256 x 16 each);
+# synth_xilinx left it, and kiln's 256 x 64-bit ones, in LUTs (160 LUT6 for the first: bits / 64) and
+# put a 1,024 x 64-bit one in 2 RAMB36E1 and kiln's 25,088 x 64-bit one in 89
+# RAMB18E1. xilinx's switch-over lies between; ROM_BRAM_BITS is a guess inside that interval.
+ROM_BRAM_BITS = {"xilinx": 32768, "ice40": 0}
+
+
+def rom_bits(f: dict) -> int:
+    return f["g"] * f["kc"] * f["po"] * f["pi"] * f["wb"]
+
+
+def layer_brams(f: dict, target: Target) -> int:
+    """Block RAMs of the weight ROM: RAMB18E1 hold 18 Kb (xilinx); SB_RAM40_4K 256 x 16."""
+    bits = rom_bits(f)
+    if bits <= ROM_BRAM_BITS[target.value]:
+        return 0
+    if target is Target.ICE40:
+        return math.ceil(f["po"] * f["pi"] * f["wb"] / 16) * math.ceil(f["g"] * f["kc"] / 256)
+    return math.ceil(bits / 18432)
 
 
 def terms(f: dict, target: Target) -> dict[str, float]:
@@ -124,6 +153,7 @@ def terms(f: dict, target: Target) -> dict[str, float]:
         "requant": f["po"] * f["rb"] + lut_req * f["ab"] * 18,   # round and clamp; multipliers in LUTs
         "tables": f["po"] * (18 + 32) * f["g"],              # per-output multiplier and bias, G:1
         "outputs": f["no"],                                  # output frame write enables
+        "rom": 0 if layer_brams(f, target) else rom_bits(f), # a weight ROM left in LUTs
         "const": 1.0,
     }
 
@@ -135,12 +165,18 @@ def ff_terms(f: dict) -> dict[str, float]:
             "accumulate": f["po"] * f["ab"], "const": 1.0}
 
 
-# Least-squares fit (relative error, non-negative) on benchmarks/results/hw_calibration.json:
-# yosys 0.70 synth_xilinx -flatten / synth_ice40 on kiln hw emit's dense layers; refit with
-# `python benchmarks/hw_models.py --refit` after changing the emitter.
+# The terms each target's LUT fit uses (fewer than rows, so a held-out row tests the fit): on
+# ice40 every multiplier is LUTs and ROMs are block RAM; on xilinx 8-bit multipliers are DSPs.
+FIT_TERMS = {"xilinx": ("gather", "mult", "requant", "tables", "rom", "const"),
+             "ice40": ("gather", "mult", "requant", "tables", "const")}
+# Least-squares fits (relative error, non-negative) on benchmarks/results/hw_calibration.json:
+# yosys 0.70 synth_xilinx -flatten / synth_ice40 on kiln hw emit's dense layers, written by
+# `python benchmarks/hw_models.py --parts estimator --refit` (run it again after changing the
+# emitter). {target: {"luts"|"ffs": {term: coefficient}}}
+COEFFICIENTS_FILE = "estimate_coefficients.json"
 COEFFICIENTS: dict[str, dict[str, dict[str, float]]] = {
-    "xilinx": {"luts": {}, "ffs": {}},
-    "ice40": {"luts": {}, "ffs": {}},
+    "xilinx": {"luts": {}, "ffs": {}}, "ice40": {"luts": {}, "ffs": {}},
+    **json.loads(resources.files("kiln.hw").joinpath(COEFFICIENTS_FILE).read_text()),
 }
 
 
@@ -152,6 +188,7 @@ class LayerEstimate:
     luts: int
     ffs: int
     dsps: int
+    brams: int           # 18 Kb (xilinx) or 4 Kb (ice40) blocks holding the weight ROM
     cycles: int          # busy cycles per frame (kiln.hw.design.predict_cycles)
 
 
@@ -174,15 +211,20 @@ class DesignEstimate:
     def dsps(self) -> int:
         return sum(lay.dsps for lay in self.layers)
 
+    @property
+    def brams(self) -> int:
+        return sum(lay.brams for lay in self.layers)
+
 
 def _apply(coeffs: dict[str, float], t: dict[str, float]) -> int:
     return int(round(sum(coeffs.get(k, 0.0) * v for k, v in t.items())))
 
 
-def estimate_features(f: dict, target: Target, coefficients: dict | None = None) -> tuple[int, int, int]:
-    """(LUTs, FFs, DSPs) of one dense layer from its structural sizes."""
+def estimate_features(f: dict, target: Target, coefficients: dict | None = None) -> tuple[int, int, int, int]:
+    """(LUTs, FFs, DSPs, block RAMs) of one dense layer from its structural sizes."""
     c = (coefficients or COEFFICIENTS)[target.value]
-    return _apply(c["luts"], terms(f, target)), _apply(c["ffs"], ff_terms(f)), layer_dsps(f, target)
+    return (_apply(c["luts"], terms(f, target)), _apply(c["ffs"], ff_terms(f)), layer_dsps(f, target),
+            layer_brams(f, target))
 
 
 def estimate_layers(layers: list[Layer], target: Target) -> DesignEstimate:
@@ -191,11 +233,11 @@ def estimate_layers(layers: list[Layer], target: Target) -> DesignEstimate:
     out = []
     for lay in layers:
         if lay.kind != "dense":   # pooling: comparators/adders on the frame, no multiplier
-            out.append(LayerEstimate(lay.name, 0, 0, 0, 0, 0, cycles["per_layer"][lay.name]))
+            out.append(LayerEstimate(lay.name, 0, 0, 0, 0, 0, 0, cycles["per_layer"][lay.name]))
             continue
         f = layer_features(layer_record(lay))
-        luts, ffs, dsps = estimate_features(f, target)
-        out.append(LayerEstimate(lay.name, lay.reuse, f["po"] * f["pi"], luts, ffs, dsps, cycles["per_layer"][lay.name]))
+        luts, ffs, dsps, brams = estimate_features(f, target)
+        out.append(LayerEstimate(lay.name, lay.reuse, f["po"] * f["pi"], luts, ffs, dsps, brams, cycles["per_layer"][lay.name]))
     return DesignEstimate(target, tuple(out), cycles["latency"], cycles["interval"])
 
 
@@ -224,9 +266,16 @@ def fit(rows: list[dict], target: str, what: str) -> dict[str, float]:
     tgt = Target(target)
     rows = [r for r in rows if r["target"] == target]
     make = (lambda f: terms(f, tgt)) if what == "luts" else ff_terms
-    names = list(make(rows[0]["features"]))
+    names = list(FIT_TERMS[target]) if what == "luts" else list(ff_terms(rows[0]["features"]))
     a = np.array([[make(r["features"])[n] for n in names] for r in rows], dtype=float)
     y = np.array([r[what] for r in rows], dtype=float)
     w = 1.0 / np.maximum(y, 1.0)
     coef, _ = nnls(a * w[:, None], y * w)
     return {n: float(c) for n, c in zip(names, coef) if c > 0}
+
+
+def write_coefficients(coefficients: dict) -> Path:
+    """Store a refit where COEFFICIENTS is read from (the package's own file)."""
+    path = Path(__file__).with_name(COEFFICIENTS_FILE)
+    path.write_text(json.dumps(coefficients, indent=1, sort_keys=True) + "\n")
+    return path
