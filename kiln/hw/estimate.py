@@ -151,7 +151,7 @@ def terms(f: dict, target: Target) -> dict[str, float]:
         "mult": lut_data * f["ib"] * f["wb"],                # multipliers left in LUTs
         "accumulate": f["po"] * f["pi"] * f["ab"],           # adder tree and accumulators
         "requant": f["po"] * f["rb"] + lut_req * f["ab"] * 18,   # round and clamp; multipliers in LUTs
-        "tables": f["po"] * (18 + 32) * f["g"],              # per-output multiplier and bias, G:1
+        "tables": f["po"] * (18 + 32) * (f["g"] - 1),        # per-output multiplier and bias, G:1 (none at G = 1)
         "outputs": f["no"],                                  # output frame write enables
         "rom": 0 if layer_brams(f, target) else rom_bits(f), # a weight ROM left in LUTs
         "const": 1.0,
