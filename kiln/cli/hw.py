@@ -84,7 +84,7 @@ def verify(
     console.print(f"bit-exact: {rep['bit_exact']}/{rep['samples']} outputs equal the integer model's")
     console.print(f"accuracy: RTL {rep['accuracy_rtl']:.4f}, integer model {rep['accuracy_integer_model']:.4f}, "
                   f"fake-quantized model {rep.get('accuracy_fake_quant', float('nan')):.4f}")
-    console.print(f"latency: {lat['measured_min']}..{lat['measured_max']} cycles (predicted {lat['predicted']}); "
+    console.print(f"latency: {lat['measured']} cycles (predicted {lat['predicted']}); "
                   f"interval {ii['measured']} (predicted {ii['predicted']}); simulator {rep['simulator']}")
     if json_path:
         write_json(json_path, rep)
