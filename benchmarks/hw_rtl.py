@@ -65,8 +65,26 @@ def models() -> dict:
     mlp = trained("zoo:mlp", "mlp")
     cnn = trained(SMALL_CNN, "small_cnn")
     runs = {f"{n}{b}": quantized(src, f"{n}{b}", b) for n, src in (("mlp", mlp), ("cnn", cnn)) for b in (8, 4)}
-    runs |= {f"jet{b}": quantized(JET, f"jet{b}", b, dataset="mnist?size=4", evaluate=False) for b in (8, 4)}
     return runs
+
+
+def jet_design(bits: int, name: str, reuse: tuple[tuple[str, int], ...]) -> Path:
+    """The jet-shape MLP, quantized in memory (calibrated on seeded Gaussian features: no jet
+    data is offline, and resources do not depend on the data), emitted."""
+    import torch
+
+    from kiln.hw.design import emit_model
+    from kiln.quant.apply import calibrate, quantize
+    from hw_models import jet_mlp
+
+    model, (example,) = jet_mlp()
+    quantize(model, qconfig(bits))
+    g = torch.Generator().manual_seed(0)
+    calibrate(model, [torch.randn(64, 1, 4, 4, generator=g) for _ in range(4)], lambda m, b: m(b))
+    out = RUNS / "designs" / name
+    shutil.rmtree(out, ignore_errors=True)
+    emit_model(model, example, out, EmitConfig(layer_reuse=reuse))
+    return out
 
 
 def design(run: str, name: str, reuse: tuple[tuple[str, int], ...] = (), default: int = 0) -> Path:
@@ -111,12 +129,15 @@ def latency(runs: dict, samples: int) -> dict:
     return out
 
 
-def resources(runs: dict) -> dict:
+def resources(runs: dict, nets: tuple[str, ...] = ()) -> dict:
     out = {}
     for net, table in (("jet", JET_REUSE), ("cnn", CNN_REUSE)):
         for bits in (8, 4):
+            if nets and net not in nets:
+                continue
             for label, reuse in table.items():
-                d = design(runs[f"{net}{bits}"], f"{net}{bits}-{label}", reuse)
+                d = jet_design(bits, f"{net}{bits}-{label}", reuse) if net == "jet" else \
+                    design(runs[f"{net}{bits}"], f"{net}{bits}-{label}", reuse)
                 for target in (Target.XILINX, Target.ICE40):
                     t = time.time()
                     rep = synth(d, SynthConfig(target=target))
@@ -133,9 +154,11 @@ def main() -> None:
     ap.add_argument("exp", nargs="+", choices=["models", "exact", "latency", "resources"])
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--latency-samples", type=int, default=6)
+    ap.add_argument("--nets", default="", help="resources: only these (jet,cnn)")
     ap.add_argument("--json", default="benchmarks/results/hw_rtl.json")
     args = ap.parse_args()
-    runs = models()
+    jet_only = args.exp == ["resources"] and args.nets == "jet"
+    runs = {} if jet_only else models()       # the jet MLP needs no trained run
     for exp in args.exp:
         if exp == "models":
             result = runs
@@ -144,7 +167,7 @@ def main() -> None:
         elif exp == "latency":
             result = latency(runs, args.latency_samples)
         else:
-            result = resources(runs)
+            result = resources(runs, tuple(n for n in args.nets.split(",") if n))
         merge_result(args.json, exp, {"date": str(date.today()), "result": result})
 
 

@@ -76,8 +76,10 @@ def verify(
     """Run real test samples through the RTL in Icarus Verilog (cocotb); compare every output bit
     with the integer model and the cycles with the prediction."""
     validate(json_path=json_path, positive={"--samples": samples})
+    from kiln.hw.design import load_design
     from kiln.hw.verify import VerifyConfig, verify as run_verify
 
+    load_design(design_dir)      # a wrong directory is refused before the simulation starts
     err_console.print(f"[dim]simulating {samples} samples in Icarus Verilog...[/dim]")
     rep = run_verify(design_dir, VerifyConfig(samples=samples))
     lat, ii = rep["latency_cycles"], rep["interval_cycles"]
@@ -109,6 +111,9 @@ def synth(
         tgt = Target(target)
     except ValueError:
         raise KilnError(f"--target must be one of {', '.join(t.value for t in Target)}, got {target!r}") from None
+    from kiln.hw.design import load_design
+
+    load_design(design_dir)
     err_console.print(f"[dim]yosys {tgt.value} synthesis (WebAssembly: minutes for large designs)...[/dim]")
     rep = run_synth(design_dir, SynthConfig(target=tgt, pnr=pnr))
     table = Table(title=f"{rep['yosys']}, {rep['script']}")
