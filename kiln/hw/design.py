@@ -18,7 +18,7 @@ import torch
 from kiln.errors import KilnError
 from kiln.hw import rtl
 from kiln.hw.check import compare, first_op
-from kiln.hw.ir import Layer, lower, _grid
+from kiln.hw.ir import Layer, lower, quant_grid
 from kiln.io import atomic_dir, json_text
 from kiln.runs.artifact import load_source
 from kiln.train.evaluation import source_splits
@@ -149,7 +149,7 @@ def emit_model(model: torch.nn.Module, example: torch.Tensor, out: str | Path, c
     _check_widths(layers)
     op = first_op(model)
     check = compare(model, layers, *samples) if samples is not None else None
-    xg = _grid(op.input_q, "the first layer's input", per_channel_ok=False)
+    xg = quant_grid(op.input_q, "the first layer's input", per_channel_ok=False)
     design = {**(origin or {"source": None, "spec": None, "dataset": None, "data_seed": 0}),
               "input": {"scale": float(xg.scale[0]), "lo": layers[0].in_lo, "hi": layers[0].in_hi,
                         "shape": list(layers[0].in_shape)},

@@ -21,6 +21,12 @@ Integer arithmetic (the rounding conventions that make it match the fake-quantiz
   often (`agreement`), the RTL itself is compared bit for bit with the integer model.
 - The last layer's outputs are 16-bit codes on one scale shared by all classes (so argmax over
   codes is argmax over logits).
+- Accumulator widths are exact: per output channel the sum over k of max(w*lo, w*hi) (and min),
+  with [lo, hi] the input codes' range. Every range holds 0, so each term's max is >= 0 and its
+  min <= 0: partial sums (the RTL adds PI products per cycle) stay inside the full sum's range.
+- Max pooling commutes with the monotone rounding and clamp: exact on codes. Average pooling:
+  the layer before writes unclamped codes on a grid k*k*2^AVG_EXTRA_BITS times finer, the pool
+  sums, divides and rounds once; it differs from the float mean only near a rounding boundary.
 """
 from __future__ import annotations
 
@@ -132,7 +138,7 @@ class Layer:
         return int(np.minimum(*cands).min()), int(np.maximum(*cands).max())
 
 
-def _grid(q: Quantizer | None, what: str, per_channel_ok: bool) -> Grid:
+def quant_grid(q: Quantizer | None, what: str, per_channel_ok: bool) -> Grid:
     if q is None:
         raise KilnError(f"{what} is not quantized (float); the emitter needs integer or fixed-point "
                         f"formats: {'; '.join(SUPPORTED_FORMATS)}")
@@ -317,8 +323,8 @@ def lower(model: nn.Module, example: torch.Tensor) -> list[Layer]:
                 lay.mult, lay.bias, lay.shift = _fixed_point(np.array([1.0 / (k * k * f)]), np.zeros(1))
             layers.append(lay)
             continue
-        xg = _grid(it.op.input_q, f"layer {it.name} input", per_channel_ok=False)
-        wg = _grid(it.op.weight_q, f"layer {it.name} weight", per_channel_ok=True)
+        xg = quant_grid(it.op.input_q, f"layer {it.name} input", per_channel_ok=False)
+        wg = quant_grid(it.op.weight_q, f"layer {it.name} weight", per_channel_ok=True)
         w = codes(it.op.module.weight.detach(), it.op.weight_q).to(torch.int64).numpy()
         w = w.reshape(w.shape[0], w.shape[1], *(w.shape[2:] or (1, 1)))
         if layers and (layers[-1].out_lo < xg.lo or layers[-1].out_hi > xg.hi):
@@ -338,7 +344,7 @@ def lower(model: nn.Module, example: torch.Tensor) -> list[Layer]:
         s_acc = xg.scale[0] * np.broadcast_to(wg.scale, (lay.n,)) * it.a      # real value of one acc unit
         later = [i for i in denses if i > idx]
         if later:
-            nxt = _grid(items[later[0]].op.input_q, f"layer {items[later[0]].name} input", per_channel_ok=False)
+            nxt = quant_grid(items[later[0]].op.input_q, f"layer {items[later[0]].name} input", per_channel_ok=False)
             s_next, lo, hi = nxt.scale[0], nxt.lo, nxt.hi
         else:
             lo_a, hi_a = lay.acc_range()
