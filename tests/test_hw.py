@@ -184,6 +184,7 @@ TINY_CNN = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_emitted_cnn_in_icarus_is_bit_exact(tmp_path):
     """Conv2d with padding, folded BatchNorm, max and average pools, flatten, through the RTL."""
     from kiln.hw.verify import VerifyConfig, verify
@@ -200,3 +201,21 @@ def test_emitted_cnn_in_icarus_is_bit_exact(tmp_path):
     assert rep["bit_exact"] == 3
     assert rep["latency_cycles"]["measured"] == sum(b + 1 for b in busy) and rep["cycles_match"]
     assert rep["interval_cycles"]["measured"] == max(busy) + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["generic", "ice40"])
+def test_synth_counts_every_layer_and_at_least_its_frame_registers(tiny_run, tmp_path, target):
+    from kiln.hw.synth import SynthConfig, Target, synth
+
+    emit(str(tiny_run), tmp_path / "d", EmitConfig(layer_reuse=(("1", 196), ("3", 8)), check_samples=0))
+    design, layers = load_design(tmp_path / "d")
+    rep = synth(tmp_path / "d", SynthConfig(target=Target(target)))
+    assert rep["yosys"].startswith("Yosys 0.")
+    for row, lay in zip(rep["layers"], layers):
+        # the input and output frames are registers: at least their bits are flip-flops
+        frames = np.prod(lay.in_shape) * lay.in_bits + np.prod(lay.out_shape) * lay.out_bits
+        assert row["ff"] >= frames and row["lut"] > 0
+    assert rep["total"]["ff"] >= sum(r["ff"] for r in rep["layers"])
+    if target == "ice40":
+        assert rep["nextpnr"]["fits"] in (True, False)
