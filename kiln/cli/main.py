@@ -5,7 +5,7 @@ import logging
 
 import typer
 
-from kiln.cli import analyze, bench, compile, early_exit, hardware, hw_model, lowrank, models, nas, prune, quantize, search, train
+from kiln.cli import analyze, bench, compile, early_exit, hardware, hw, hw_model, lowrank, models, nas, prune, quantize, search, train
 from kiln.cli.common import KilnGroup
 
 app = typer.Typer(
@@ -35,7 +35,8 @@ app.command("lowrank")(lowrank.lowrank)
 app.command("early-exit")(early_exit.early_exit)
 app.command("nas")(nas.nas)
 app.add_typer(hardware.app, name="hardware")
-app.add_typer(hw_model.app, name="hw")   # at merge: hw_model.register(hw.app) instead
+hw_model.register(hw.app)     # kiln hw systolic / estimate beside emit / verify / synth
+app.add_typer(hw.app, name="hw")
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import torch
 from kiln.errors import KilnError
 from kiln.hw import rtl
 from kiln.hw.check import compare, first_op
-from kiln.hw.ir import Layer, lower
+from kiln.hw.ir import Layer, lower, quant_grid
 from kiln.io import atomic_dir, json_text
 from kiln.runs.artifact import load_source
 from kiln.train.evaluation import source_splits
@@ -134,18 +134,25 @@ def emit(src: str, out: str | Path, config: EmitConfig = EmitConfig()) -> dict:
     source = load_source(src)
     if not source.quantized:
         raise KilnError(f"{src} is not quantized: make it a kiln run with `kiln quantize {src} --out DIR`")
-    model = source.model.eval()
-    layers = lower(model, source.example_inputs[0])
+    samples = _test_samples(source, config.check_samples) if config.check_samples > 0 else None
+    origin = {"source": str(src), "spec": source.spec, "dataset": source.dataset, "data_seed": source.data_seed}
+    return emit_model(source.model, source.example_inputs[0], out, config, origin, samples)
+
+
+def emit_model(model: torch.nn.Module, example: torch.Tensor, out: str | Path, config: EmitConfig = EmitConfig(),
+               origin: dict | None = None, samples: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Emit an in-memory quantized model (kiln.quant); `samples` (inputs, labels) for the check
+    against the fake-quantized model; `origin` (source, spec, dataset, data_seed) for verify."""
+    model = model.eval()
+    layers = lower(model, example)
     _assign_reuse(layers, config)
     _check_widths(layers)
     op = first_op(model)
-    check = None
-    if config.check_samples > 0:
-        x, y = _test_samples(source, config.check_samples)
-        check = compare(model, layers, x, y)
-    design = {"source": str(src), "spec": source.spec, "dataset": source.dataset, "data_seed": source.data_seed,
-              "input": {"scale": float(op.input_q.scale.reshape(-1)[0]) if hasattr(op.input_q, "scale") else None,
-                        "lo": layers[0].in_lo, "hi": layers[0].in_hi, "shape": list(layers[0].in_shape)},
+    check = compare(model, layers, *samples) if samples is not None else None
+    xg = quant_grid(op.input_q, "the first layer's input", per_channel_ok=False)
+    design = {**(origin or {"source": None, "spec": None, "dataset": None, "data_seed": 0}),
+              "input": {"scale": float(xg.scale[0]), "lo": layers[0].in_lo, "hi": layers[0].in_hi,
+                        "shape": list(layers[0].in_shape)},
               "output": {"scale": layers[-1].meta.get("out_scale"), "bits": layers[-1].out_bits},
               "layers": [_layer_record(lay) for lay in layers], "cycles": predict_cycles(layers),
               "fake_quant_check": check}

@@ -17,7 +17,6 @@ busy positions x reuse + 3 cycles.
 """
 from __future__ import annotations
 
-import enum
 import json
 import math
 from dataclasses import dataclass
@@ -31,21 +30,17 @@ from kiln.errors import KilnError
 from kiln.hw.design import parallelism, predict_cycles, valid_reuse
 from kiln.hw.ir import Layer, lower
 from kiln.hw.rtl import requant_bits, weight_bits
+from kiln.hw.synth import Target
 
-# yosys commands per target: what `kiln hw synth` runs too
-SYNTH = {"xilinx": "synth_xilinx -flatten", "ice40": "synth_ice40"}
-
-
-class Target(enum.Enum):
-    XILINX = "xilinx"    # 7-series: LUT6, DSP48E1 (25 x 18), RAMB18E1
-    ICE40 = "ice40"      # LUT4, no DSP mapping without -dsp, SB_RAM40_4K
+# yosys commands per target, as `kiln hw synth` runs them (kiln.hw.synth.SCRIPTS) on one module
+SYNTH = {"xilinx": "synth_xilinx -family xc7", "ice40": "synth_ice40 -dsp"}
 
 
 def parse_target(text: str) -> Target:
-    try:
-        return Target(text.lower())
-    except ValueError:
-        raise KilnError(f"--target {text!r}: expected one of {', '.join(t.value for t in Target)}") from None
+    """xilinx or ice40 (the estimator has no coefficients for `generic`)."""
+    if text.lower() not in SYNTH:
+        raise KilnError(f"--target {text!r}: expected one of {', '.join(SYNTH)}")
+    return Target(text.lower())
 
 
 def cell_counts(stat: dict, target: str) -> dict:
@@ -89,13 +84,13 @@ def layer_record(lay: Layer) -> dict:
 
 
 def dsp_count(a_bits: int, b_bits: int, target: Target) -> int:
-    """DSP blocks yosys maps one signed a x b multiplier to (techlibs mul2dsp.v as synth_xilinx
-    and synth_ice40 -dsp call it): none below 2-bit operands or a product narrower than
-    DSP_Y_MINWIDTH (9 on xilinx), else one per 25 x 18 tile (xilinx; partial A tiles of 18).
-    synth_ice40 maps no multiplier to SB_MAC16 without -dsp, which kiln does not pass."""
-    if target is Target.ICE40:
-        return 0
+    """DSP blocks yosys maps one signed a x b multiplier to (techlibs/common/mul2dsp.v with the
+    limits synth_xilinx and synth_ice40 -dsp pass): none below 2-bit operands or a product
+    narrower than DSP_Y_MINWIDTH (9 on xilinx, 11 on ice40); else one DSP48E1 per 25 x 18
+    tile (xilinx; partial A tiles of 18) or one SB_MAC16 per 16 x 16 tile (ice40)."""
     a, b = max(a_bits, b_bits), min(a_bits, b_bits)
+    if target is Target.ICE40:
+        return 0 if b < 2 or a + b < 11 else math.ceil(a / 16) * math.ceil(b / 16)
     if b < 2 or a + b < 9:
         return 0
     if a <= 25 and b <= 18:
@@ -166,12 +161,12 @@ def ff_terms(f: dict) -> dict[str, float]:
 
 
 # The terms each target's LUT fit uses (fewer than rows, so a held-out row tests the fit): on
-# ice40 every multiplier is LUTs and ROMs are block RAM; on xilinx 8-bit multipliers are DSPs.
+# ice40 ROMs are block RAM; multipliers go to DSPs by dsp_count on both targets.
 FIT_TERMS = {"xilinx": ("gather", "mult", "requant", "tables", "rom", "const"),
              "ice40": ("gather", "mult", "requant", "tables", "const")}
 # Least-squares fits (relative error, non-negative) on benchmarks/results/hw_calibration.json:
-# yosys 0.70 synth_xilinx -flatten / synth_ice40 on kiln hw emit's dense layers, written by
-# `python benchmarks/hw_models.py --parts estimator --refit` (run it again after changing the
+# yosys 0.70 (SYNTH below) on kiln hw emit's dense layers, one module at a time, written by
+# `python benchmarks/hw_cost_models.py --parts estimator --refit` (run it again after changing the
 # emitter). {target: {"luts"|"ffs": {term: coefficient}}}
 COEFFICIENTS_FILE = "estimate_coefficients.json"
 COEFFICIENTS: dict[str, dict[str, dict[str, float]]] = {

@@ -21,6 +21,12 @@ Integer arithmetic (the rounding conventions that make it match the fake-quantiz
   often (`agreement`), the RTL itself is compared bit for bit with the integer model.
 - The last layer's outputs are 16-bit codes on one scale shared by all classes (so argmax over
   codes is argmax over logits).
+- Accumulator widths are exact: per output channel the sum over k of max(w*lo, w*hi) (and min),
+  with [lo, hi] the input codes' range. Every range holds 0, so each term's max is >= 0 and its
+  min <= 0: partial sums (the RTL adds PI products per cycle) stay inside the full sum's range.
+- Max pooling commutes with the monotone rounding and clamp: exact on codes. Average pooling:
+  the layer before writes unclamped codes on a grid k*k*2^AVG_EXTRA_BITS times finer, the pool
+  sums, divides and rounds once; it differs from the float mean only near a rounding boundary.
 """
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ from kiln.quant.quantizer import Granularity, Quantizer
 
 MULT_BITS = 18        # requantization multiplier, signed: one DSP48 input (25x18) / SB_MAC16 pair
 OUT_BITS = 16         # the last layer's output codes
+AVG_EXTRA_BITS = 6    # fraction bits kept into an average pool: a rounding differs from the
+                      # fake-quantized model's (mean in float) only within 2^-7 of a boundary
 SUPPORTED = ("Linear", "Conv2d (groups=1, dilation=1)", "BatchNorm after a Conv2d/Linear", "ReLU",
              "MaxPool2d", "AvgPool2d", "Flatten", "Dropout/Identity (eval)")
 SUPPORTED_FORMATS = ("int (signed or unsigned, symmetric, per-tensor or per-channel weight scales, "
@@ -130,7 +138,7 @@ class Layer:
         return int(np.minimum(*cands).min()), int(np.maximum(*cands).max())
 
 
-def _grid(q: Quantizer | None, what: str, per_channel_ok: bool) -> Grid:
+def quant_grid(q: Quantizer | None, what: str, per_channel_ok: bool) -> Grid:
     if q is None:
         raise KilnError(f"{what} is not quantized (float); the emitter needs integer or fixed-point "
                         f"formats: {'; '.join(SUPPORTED_FORMATS)}")
@@ -306,13 +314,17 @@ def lower(model: nn.Module, example: torch.Tensor) -> list[Layer]:
         if not isinstance(it, _Dense):
             kind, name, ins, outs, k, s = it
             prev = layers[-1]
-            lay = Layer(name, kind, ins, outs, prev.out_lo, prev.out_hi, prev.out_lo, prev.out_hi, (k, k), s)
-            if kind == "avgpool":     # the mean of k*k codes, rounded half to even (exact for k*k a power of two)
-                lay.mult, lay.bias, lay.shift = _fixed_point(np.array([1.0 / (k * k)]), np.zeros(1))
+            f = prev.meta.get("avg_factor", 1)
+            out_lo, out_hi = prev.meta.get("pool_range", (prev.out_lo, prev.out_hi))
+            lay = Layer(name, kind, ins, outs, prev.out_lo, prev.out_hi, out_lo, out_hi, (k, k), s)
+            if kind == "avgpool":
+                # the layer before wrote unclamped codes on a k*k*2^AVG_EXTRA_BITS finer grid:
+                # the mean is sum / (k*k*f), rounded half to even (a shift for k*k a power of two)
+                lay.mult, lay.bias, lay.shift = _fixed_point(np.array([1.0 / (k * k * f)]), np.zeros(1))
             layers.append(lay)
             continue
-        xg = _grid(it.op.input_q, f"layer {it.name} input", per_channel_ok=False)
-        wg = _grid(it.op.weight_q, f"layer {it.name} weight", per_channel_ok=True)
+        xg = quant_grid(it.op.input_q, f"layer {it.name} input", per_channel_ok=False)
+        wg = quant_grid(it.op.weight_q, f"layer {it.name} weight", per_channel_ok=True)
         w = codes(it.op.module.weight.detach(), it.op.weight_q).to(torch.int64).numpy()
         w = w.reshape(w.shape[0], w.shape[1], *(w.shape[2:] or (1, 1)))
         if layers and (layers[-1].out_lo < xg.lo or layers[-1].out_hi > xg.hi):
@@ -332,15 +344,27 @@ def lower(model: nn.Module, example: torch.Tensor) -> list[Layer]:
         s_acc = xg.scale[0] * np.broadcast_to(wg.scale, (lay.n,)) * it.a      # real value of one acc unit
         later = [i for i in denses if i > idx]
         if later:
-            nxt = _grid(items[later[0]].op.input_q, f"layer {items[later[0]].name} input", per_channel_ok=False)
+            nxt = quant_grid(items[later[0]].op.input_q, f"layer {items[later[0]].name} input", per_channel_ok=False)
             s_next, lo, hi = nxt.scale[0], nxt.lo, nxt.hi
         else:
             lo_a, hi_a = lay.acc_range()
             bound = float(np.max(np.maximum(abs(lo_a), abs(hi_a)) * np.abs(s_acc) + np.abs(it.b)))
             s_next, lo, hi = max(bound, 1e-30) / (2 ** (OUT_BITS - 1) - 1), -(2 ** (OUT_BITS - 1) - 1), 2 ** (OUT_BITS - 1) - 1
             lay.meta["out_scale"] = s_next
-        lay.mult, lay.bias, lay.shift = _fixed_point(s_acc / s_next, it.b / s_next)
+        nxt_item = items[idx + 1] if idx + 1 < len(items) else None
+        # before an average pool: codes on a grid AVG_EXTRA_BITS finer than the mean needs
+        f = nxt_item[4] ** 2 << AVG_EXTRA_BITS if isinstance(nxt_item, tuple) and nxt_item[0] == "avgpool" else 1
+        if f > 1:          # an average pool follows: codes on a k*k finer grid (see the pool branch)
+            lay.meta["avg_factor"] = f
+        lay.mult, lay.bias, lay.shift = _fixed_point(s_acc * f / s_next, it.b * f / s_next)
         lay.out_lo, lay.out_hi = (max(lo, 0) if it.relu else lo), hi
+        if f > 1:
+            # no clamp before the mean (the fake-quantized model clamps the mean): the range is
+            # what acc * m + b can reach, rounded
+            lay.meta["pool_range"] = (lay.out_lo, lay.out_hi)
+            p_lo, p_hi = lay.product_range()
+            lay.out_lo = max(lay.out_lo if it.relu else p_lo >> lay.shift, p_lo >> lay.shift)
+            lay.out_hi = -((-p_hi) >> lay.shift)
         lay.meta["shift_only"] = bool(np.all(np.abs(lay.mult) == 1))
         layers.append(lay)
     return layers

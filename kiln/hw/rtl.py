@@ -139,14 +139,7 @@ def dense_module(name: str, lay: Layer, po: int, pi: int, rom_file: str) -> str:
          "    generate for (gi = 0; gi < NO; gi = gi + 1) begin : pack\n"
          "        assign out_data[gi*OB +: OB] = ybuf[gi];\n    end endgenerate\n",
          gather]
-    # multiply-accumulate per output lane: sum over the PI inputs of this cycle
-    for o in range(po):
-        terms = " + ".join(f"$signed(xreg[{j}]) * $signed(wreg[{(o * pi + j) * wb} +: WB])" for j in range(pi))
-        s.append(f"    wire signed [AB-1:0] dot_{o} = {terms};\n")
-        s.append(f"    wire signed [MB-1:0] m_{o} = MT[(s2_og*PO + {o})*MB +: MB];\n"
-                 f"    wire signed [BB-1:0] b_{o} = BT[(s2_og*PO + {o})*BB +: BB];\n"
-                 f"    wire signed [RB-1:0] v_{o} = $signed(acc[{o}]) * m_{o} + b_{o};\n")
-        s.append(_rounding(f"y_{o}", f"v_{o}", rb, lay.shift, lay.out_lo, lay.out_hi, ob))
+    s.append(_requant_function(lay, rb, mb, bb, ab, ob))
     s.append("    integer i;\n    always @(posedge clk) begin\n"
              "        if (rst) begin\n            state <= 0; s1_v <= 0; s2_v <= 0;\n        end else begin\n"
              "            s1_v <= (state == 1);\n            s2_v <= s1_v && s1_last;\n"
@@ -174,11 +167,35 @@ def dense_module(name: str, lay: Layer, po: int, pi: int, rom_file: str) -> str:
              "            2: if (!s1_v && !s2_v) state <= 3;\n"
              "            3: if (out_ready) state <= 0;\n            endcase\n")
     s.append("            if (s1_v) begin\n")
-    s.append("".join(f"                acc[{o}] <= (s1_first ? 0 : acc[{o}]) + dot_{o};\n" for o in range(po)))
+    # multiply-accumulate per output lane, over the PI inputs of this cycle (procedural: a
+    # simulator evaluates it only here, not on every change of its operands)
+    for o in range(po):
+        terms = " + ".join(f"$signed(xreg[{j}]) * $signed(wreg[{(o * pi + j) * wb} +: WB])" for j in range(pi))
+        s.append(f"                acc[{o}] <= (s1_first ? 0 : acc[{o}]) + {terms};\n")
     s.append("            end\n            if (s2_v) begin\n")
-    s.append("".join(f"                ybuf[(s2_og*PO + {o})*P + s2_pos] <= y_{o};\n" for o in range(po)))
+    s.append("".join(f"                ybuf[(s2_og*PO + {o})*P + s2_pos] <= rq(acc[{o}], MT[(s2_og*PO + {o})*MB +: MB], "
+                     f"BT[(s2_og*PO + {o})*BB +: BB]);\n" for o in range(po)))
     s.append("            end\n        end\n    end\nendmodule\n")
     return "".join(s)
+
+
+def _requant_function(lay: Layer, rb: int, mb: int, bb: int, ab: int, ob: int) -> str:
+    """Verilog function rq(acc, m, b) = clamp(round_half_even((acc * m + b) / 2^shift), lo, hi)."""
+    sh = lay.shift
+    body = [f"    function signed [{ob - 1}:0] rq(input signed [{ab - 1}:0] a, input signed [{mb - 1}:0] m, "
+            f"input signed [{bb - 1}:0] b);\n",
+            f"        reg signed [{rb - 1}:0] v, f;\n        reg up;\n        begin\n",
+            "            v = a * m + b;   // every operand signed and extended to RB bits: exact\n"]
+    if sh:
+        half = 1 << (sh - 1)
+        body.append(f"            f = v >>> {sh};\n"
+                    f"            up = (v[{sh - 1}:0] > {sh}'d{half}) || ((v[{sh - 1}:0] == {sh}'d{half}) && f[0]);\n"
+                    f"            f = f + $signed({{1'b0, up}});\n")
+    else:
+        body.append("            f = v;\n")
+    body.append(f"            rq = (f < {lay.out_lo}) ? {lay.out_lo} : (f > {lay.out_hi}) ? {lay.out_hi} : f[{ob - 1}:0];\n"
+                "        end\n    endfunction\n")
+    return "".join(body)
 
 
 def pool_module(name: str, lay: Layer) -> str:

@@ -15,7 +15,7 @@ and runs ceil(Sr / R) * ceil(Sc / C) folds one after another, each fold taking
     OS:     R + C + T - 2    (operands skewed in from two edges; each PE holds its sum)
 
 cycles, partially filled folds taking as long as full ones. SCALE-Sim's `systolic_compute_*`
-classes, called directly, give exactly these counts (benchmarks/hw_models.py checks a grid).
+classes, called directly, give exactly these counts (benchmarks/hw_cost_models.py checks a grid).
 
 SRAM traffic (words) is SCALE-Sim's demand-matrix count: the streamed operand is read once per
 fold of the other array dimension, the stationary one once, and partial sums are written once

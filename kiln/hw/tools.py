@@ -6,10 +6,10 @@ Verilog is Debian's `iverilog` (the Makefile installs it); cocotb 2.1 drives Ica
 drive Debian's Verilator 5.006, see shared ENGINES.md). A missing tool is a one-line KilnError
 naming it and the command that installs it; a yosys failure is its first `ERROR:` line.
 
-The API is small on purpose (other kiln.hw modules use it):
-`find_tool(name)`, `tool_version(name)`, `run_tool(name, args, cwd=, timeout=)`,
-`run_yosys(script, cwd=)`, `yosys_stat(...)` lives with synthesis, `nextpnr_ice40(...)`,
-`icarus_runner()`.
+The API is small on purpose (other kiln.hw modules use it): `find_tool(name)`,
+`tool_version(name)`, `yosys_version()`, `run_tool(name, args, cwd=, timeout=)`,
+`run_yosys(script, cwd=, timeout=)`, `nextpnr_ice40(netlist_json, device=, package=, cwd=)`,
+`icarus_runner()`, `first_error_line(text)`.
 """
 
 from __future__ import annotations

@@ -75,6 +75,9 @@ def simulate(design_dir: str | Path, frames: np.ndarray, max_cycles: int) -> dic
 
 
 def _inputs(design: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not design.get("dataset"):
+        raise KilnError(f"the design in {design.get('source')} records no dataset to take test samples from "
+                        "(emit it from a kiln run directory)")
     splits = load_dataset(design["dataset"], seed=design["data_seed"])
     n = min(n, len(splits.test))
     xs, ys = zip(*[splits.test[i] for i in range(n)])
@@ -111,10 +114,12 @@ def verify(design_dir: str | Path, config: VerifyConfig = VerifyConfig()) -> dic
               "first_mismatch": next((i for i, e in enumerate(exact) if not e), None),
               "accuracy_rtl": float((got.argmax(1) == lab).mean()),
               "accuracy_integer_model": float((expect.argmax(1) == lab).mean()),
-              "latency_cycles": {"measured_min": min(lat), "measured_max": max(lat), "predicted": cyc["latency"]},
+              # the first frame meets an empty pipeline (the latency); later ones may queue
+              # behind the slowest layer (their in-to-out time grows until the interval settles)
+              "latency_cycles": {"measured": lat[0], "predicted": cyc["latency"], "with_queueing_max": max(lat)},
               "interval_cycles": {"measured": max(gaps[1:]) if len(gaps) > 1 else (gaps[0] if gaps else None),
                                   "predicted": cyc["interval"]}}
-    report["cycles_match"] = (min(lat) == max(lat) == cyc["latency"]) and \
+    report["cycles_match"] = lat[0] == cyc["latency"] and \
         (report["interval_cycles"]["measured"] in (None, cyc["interval"]))
     if config.fake_quant:
         model = load_source(design["source"]).model.eval()
