@@ -4,8 +4,8 @@ kiln.hw.estimate is calibrated on (benchmarks/results/hw_calibration.json).
 
     PYTHONPATH=. python benchmarks/hw_calibrate.py [--out benchmarks/results/hw_calibration.json]
 
-Each row is one layer module synthesized alone (`synth_xilinx -flatten` / `synth_ice40`, yosys
-`stat -json`); rows already in the output file are kept (the script resumes).
+Each row is one layer module synthesized alone (kiln.hw.estimate.SYNTH: `kiln hw synth`'s
+commands, yosys `stat -json`); rows already in the output file are kept (the script resumes).
 """
 from __future__ import annotations
 

@@ -87,10 +87,13 @@ def dsp_count(a_bits: int, b_bits: int, target: Target) -> int:
     """DSP blocks yosys maps one signed a x b multiplier to (techlibs/common/mul2dsp.v with the
     limits synth_xilinx and synth_ice40 -dsp pass): none below 2-bit operands or a product
     narrower than DSP_Y_MINWIDTH (9 on xilinx, 11 on ice40); else one DSP48E1 per 25 x 18
-    tile (xilinx; partial A tiles of 18) or one SB_MAC16 per 16 x 16 tile (ice40)."""
+    tile (xilinx; partial A tiles of 18) or one SB_MAC16 per 16 x 16 piece (ice40)."""
     a, b = max(a_bits, b_bits), min(a_bits, b_bits)
     if target is Target.ICE40:
-        return 0 if b < 2 or a + b < 11 else math.ceil(a / 16) * math.ceil(b / 16)
+        # split into 16-bit pieces; a piece product below the minimums stays in LUTs (a 21 x 18
+        # multiplier: 16x16, 16x2, 5x16 in SB_MAC16s, 5x2 in LUTs: 3)
+        pieces = lambda n: [16] * (n // 16) + ([n % 16] if n % 16 else [])   # noqa: E731
+        return sum(1 for x in pieces(a) for y in pieces(b) if min(x, y) >= 2 and x + y >= 11)
     if b < 2 or a + b < 9:
         return 0
     if a <= 25 and b <= 18:
@@ -122,6 +125,8 @@ def layer_dsps(f: dict, target: Target) -> int:
 # put a 1,024 x 64-bit one in 2 RAMB36E1 and kiln's 25,088 x 64-bit one in 89
 # RAMB18E1. xilinx's switch-over lies between; ROM_BRAM_BITS is a guess inside that interval.
 ROM_BRAM_BITS = {"xilinx": 32768, "ice40": 0}
+# synth_ice40 also left kiln's 64 x 256-bit ROM in LUTs (and put 128- to 256-deep ones in blocks)
+ICE40_LUT_ROM_WORDS = 64
 
 
 def rom_bits(f: dict) -> int:
@@ -134,6 +139,8 @@ def layer_brams(f: dict, target: Target) -> int:
     if bits <= ROM_BRAM_BITS[target.value]:
         return 0
     if target is Target.ICE40:
+        if f["g"] * f["kc"] <= ICE40_LUT_ROM_WORDS:   # a shallow ROM would fill a quarter of each block
+            return 0
         return math.ceil(f["po"] * f["pi"] * f["wb"] / 16) * math.ceil(f["g"] * f["kc"] / 256)
     return math.ceil(bits / 18432)
 
@@ -163,7 +170,7 @@ def ff_terms(f: dict) -> dict[str, float]:
 # The terms each target's LUT fit uses (fewer than rows, so a held-out row tests the fit): on
 # ice40 ROMs are block RAM; multipliers go to DSPs by dsp_count on both targets.
 FIT_TERMS = {"xilinx": ("gather", "mult", "requant", "tables", "rom", "const"),
-             "ice40": ("gather", "mult", "requant", "tables", "const")}
+             "ice40": ("gather", "mult", "requant", "tables", "rom", "const")}
 # Least-squares fits (relative error, non-negative) on benchmarks/results/hw_calibration.json:
 # yosys 0.70 (SYNTH below) on kiln hw emit's dense layers, one module at a time, written by
 # `python benchmarks/hw_cost_models.py --parts estimator --refit` (run it again after changing the
