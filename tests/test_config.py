@@ -97,6 +97,9 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
     from kiln.compile.passes import DCEConfig, FoldConfig, NoConfig
     from kiln.compile.run import CompileConfig
     from kiln.federated import config as fl
+    from kiln.hw.design import EmitConfig
+    from kiln.hw.synth import SynthConfig, Target
+    from kiln.hw.verify import VerifyConfig
     from kiln.lowrank import config as lowrank
     from kiln.models.zoo.gpt import GPTConfig
     from kiln.plan import cluster as plan_cluster
@@ -104,7 +107,9 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
     from kiln.plan.run import PlanConfig
     from kiln.prune import config as prune
     from kiln.quant import config as quant
+    from kiln.hw.systolic import ArrayConfig, Dataflow, Energy
     from kiln.search.config import SearchConfig
+    from kiln.search.objectives import HwConfig
     from kiln.search.nas import config as nas
     from kiln.search.nas.fit import Recipe
     from kiln.search.spaces.arch import CNNConfig, HParamsConfig, ViTConfig
@@ -165,8 +170,14 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
                            early_stop=False)),
         plain(MixedPrecisionConfig(source="zoo:mlp", bits=(4, 8), group="re:.*fc.*", granularity="tensor",
                                    act_bits=0, seed_uniform=True)),
+        plain(ArrayConfig(8, 32, Dataflow.OS, ifmap_sram_kb=32.0, bandwidth=4.0, word_bits=4,
+                          energy=Energy(dram_64bit_pj=2600.0))),
+        plain(HwConfig(target="xilinx", reuse=64, array="8x8", dataflow="is")),
         plain(CompressionConfig(source="zoo:mlp", bits=(8,), sparsity=(0.0, 0.25), budgets=(1.0, 0.75))),
         plain(CNNConfig(depth=(1, 2), steps=10, compress="q.toml")),
+        plain(EmitConfig(reuse=4, layer_reuse=(("fc1", 8), ("fc2", 2)), check_samples=16)),
+        plain(VerifyConfig(samples=7, fake_quant=False)),
+        plain(SynthConfig(target=Target.ICE40, pnr=False, device="hx8k", timeout_s=60.0)),
         plain(ViTConfig(patch=4, dim=(16,), lr=1e-3)),
         plain(HParamsConfig(lr_range=(1e-3, 1e-2), samples=50)),
         plain(PythonConfig("py:f.py:g", {"x": [1, 2], "y": ["a"]})),

@@ -5,8 +5,8 @@ import logging
 
 import typer
 
-from kiln.cli import (analyze, bench, compile, early_exit, federate, hardware, lowrank, models, nas, plan, prune,
-                      quantize, search, train)
+from kiln.cli import (analyze, bench, compile, early_exit, federate, hardware, hw, hw_model, lowrank, models, nas, plan,
+                      prune, quantize, search, train)
 from kiln.cli.common import KilnGroup
 
 app = typer.Typer(
@@ -40,6 +40,8 @@ app.command("plan")(plan.plan)
 app.command("federate")(federate.federate)
 app.add_typer(hardware.app, name="hardware")
 app.add_typer(plan.cluster_app, name="cluster")
+hw_model.register(hw.app)     # kiln hw systolic / estimate beside emit / verify / synth
+app.add_typer(hw.app, name="hw")
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ keeps the values of the objectives its config names, in that order. The cost mea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -17,6 +17,8 @@ from kiln.errors import KilnError
 from kiln.graph.capture import capture
 from kiln.graph.passes import PassManager
 from kiln.hardware.profiles import load_profile
+from kiln.hw.estimate import estimate_model, parse_target
+from kiln.hw.systolic import ArrayConfig, Gemm, layer_cost, parse_array, parse_dataflow
 from kiln.models.loaded import LoadedModel
 from kiln.registry import Registry
 from kiln.timing import TimingConfig, measure
@@ -47,6 +49,54 @@ _objective("params", "min", "", "parameter count")
 _objective("flops", "min", "FLOP", "FLOPs of one forward on the example input (torch.utils.flop_counter)")
 _objective("latency_ms", "min", "ms", "measured eager forward time on the example input, median")
 _objective("roofline_ms", "min", "ms", "roofline latency of the captured graph on a hardware profile")
+_objective("luts", "min", "", "FPGA LUTs of kiln hw emit's design, estimated (kiln.hw.estimate, calibrated on yosys)")
+_objective("dsps", "min", "", "FPGA DSP blocks of kiln hw emit's design (yosys's mapping rules)")
+_objective("fpga_cycles", "min", "cycles", "latency in cycles of kiln hw emit's design, input to output")
+_objective("systolic_cycles", "min", "cycles", "cycles on a systolic array (kiln.hw.systolic, SCALE-Sim's compute model)")
+_objective("systolic_energy_uj", "min", "uJ", "energy on a systolic array from per-access energies (Horowitz ISSCC 2014)")
+FPGA_OBJECTIVES = frozenset({"luts", "dsps", "fpga_cycles"})
+SYSTOLIC_OBJECTIVES = frozenset({"systolic_cycles", "systolic_energy_uj"})
+
+
+@dataclass(frozen=True)
+class HwConfig:
+    """Where the hardware objectives price a candidate: the FPGA `target` of kiln hw emit's
+    design at reuse factor `reuse` per dense layer (0: K, one multiplier per output), and a
+    systolic `array` (ROWSxCOLS) with its `dataflow`; the SRAMs and bandwidth are
+    kiln.hw.systolic.ArrayConfig's defaults."""
+
+    target: str = "ice40"
+    reuse: int = 0
+    array: str = "16x16"
+    dataflow: str = "ws"
+
+    def __post_init__(self):
+        parse_target(self.target)
+        parse_array(self.array)
+        parse_dataflow(self.dataflow)
+        if self.reuse < 0:
+            raise KilnError(f"hw: reuse must be >= 0 (0: K per layer), got {self.reuse}")
+
+
+def fpga_scores(qmodel: nn.Module, example, wanted: set[str], hw: HwConfig) -> Scores:
+    """LUTs, DSPs and cycles of the design kiln hw emit would make of a quantized model, from
+    the estimator (no synthesis)."""
+    if not wanted & FPGA_OBJECTIVES:
+        return {}
+    est = estimate_model(qmodel, example, parse_target(hw.target), hw.reuse)
+    return {"luts": float(est.luts), "dsps": float(est.dsps), "fpga_cycles": float(est.latency)}
+
+
+def systolic_scores(gemms: list[Gemm], bits_of: dict[str, int], wanted: set[str], hw: HwConfig) -> Scores:
+    """Cycles and energy of a model's GEMMs on a systolic array, each at its layer's operand
+    width (`bits_of` by module FQN; 8 where absent); cycles do not depend on width."""
+    if not wanted & SYSTOLIC_OBJECTIVES:
+        return {}
+    rows, cols = parse_array(hw.array)
+    cfg = ArrayConfig(rows, cols, parse_dataflow(hw.dataflow))
+    costs = [layer_cost(g, replace(cfg, word_bits=int(bits_of.get(g.name, 8)))) for g in gemms]
+    return {"systolic_cycles": float(sum(c.cycles for c in costs)),
+            "systolic_energy_uj": sum(c.energy_pj for c in costs) * 1e-6}
 
 
 def resolve(names: tuple[str, ...]) -> list[Objective]:

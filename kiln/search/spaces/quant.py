@@ -47,12 +47,16 @@ from torch import nn
 from kiln.config import to_toml
 from kiln.data import load_dataset
 from kiln.errors import KilnError
+from kiln.graph.capture import capture
+from kiln.hw.gemms import graph_gemms
 from kiln.io import atomic_write_text
+from kiln.models.loaded import LoadedModel
 from kiln.quant.apply import calibrate, quantize, report
 from kiln.quant.config import parse_config
 from kiln.quant.formats import parse_format
 from kiln.quant.modules import QuantOp
 from kiln.runs.artifact import load_source
+from kiln.search.objectives import FPGA_OBJECTIVES, SYSTOLIC_OBJECTIVES, HwConfig, fpga_scores, systolic_scores
 from kiln.search.spaces import Report, Space, register_space
 from kiln.train.evaluation import calibration_batches, check_batches, evaluate_model
 from kiln.train.tasks import forward as model_forward
@@ -80,6 +84,7 @@ class MixedPrecisionConfig:
     eval_batch_size: int = 100
     seed_uniform: bool = False
     seed_sensitivity: int = 0
+    hw: HwConfig = HwConfig()        # where luts/dsps/fpga_cycles and systolic_* price a trial
 
     def __post_init__(self):
         checks = [
@@ -170,6 +175,10 @@ class QuantSpaceBase(Space):
         check_batches(self.model, self.batches, f"dataset {source.dataset}")
         self.linears = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and n]
         self.groups = layer_groups(self.linears, c.include, c.group)
+        self.example = tuple(source.example_inputs)
+        self.gemms = []
+        if self.ctx.wanted & SYSTOLIC_OBJECTIVES:   # shapes only: captured once, priced per trial
+            self.gemms = graph_gemms(capture(LoadedModel(c.source, self.model, self.example)))
         torch.manual_seed(self.ctx.seed)
 
     def quant_table(self, bits_of: dict[str, int | str]) -> dict[str, Any]:
@@ -201,7 +210,21 @@ class QuantSpaceBase(Space):
                                         self.config.eval_batch_size)
         rep = report(model, qmodel, lambda m: None)     # bits and bytes only: no SQNR forwards
         return {"accuracy" if key == "accuracy" else key: value, "avg_bits": rep["avg_weight_bits"],
-                "model_bytes": float(rep["model_bytes"])}
+                "model_bytes": float(rep["model_bytes"]), **self.hw_scores(qmodel, table)}
+
+    def hw_scores(self, qmodel: nn.Module, table: dict) -> dict[str, float]:
+        """The hardware objectives the study wants (kiln.hw's estimator and systolic model):
+        each Linear's operands at max(its weight bits, the input bits)."""
+        wanted = set(self.ctx.wanted)
+        out = fpga_scores(qmodel, self.example[0], wanted, self.config.hw) if wanted & FPGA_OBJECTIVES else {}
+        if wanted & SYSTOLIC_OBJECTIVES:
+            c = self.config
+            fixed = c.choice_bits(c.fixed_bits) if c.fixed_bits else 32
+            weight = {r["match"][4:]: c.choice_bits(c.choice(r["weight"].get("bits") or r["weight"]["format"]))
+                      for r in table.get("rules", []) if "weight" in r}
+            bits = {n: max(weight.get(n, fixed), c.act_bits or 32) for n in self.linears}
+            out |= systolic_scores(self.gemms, bits, wanted, c.hw)
+        return out
 
 
 def outputs(model: nn.Module, batches: list) -> list:

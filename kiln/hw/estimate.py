@@ -1,0 +1,283 @@
+"""An FPGA resource and latency estimator for kiln hw emit's layers, calibrated against yosys,
+so that a search can price a design without synthesizing it.
+
+A dense layer (kiln.hw.rtl) is: an input frame buffer (NI codes of IB bits), a gather of PI
+codes per cycle out of it (a KC:1 multiplexer per lane), PO x PI multipliers IB x WB bits and
+their adder tree into PO accumulators of AB bits, a weight ROM (G*KC words of PO*PI*WB bits),
+PO requantizers (AB x 18-bit multiply, round, clamp) and an output frame buffer (NO codes of
+OB bits) written PO at a time. Each part's cost in the target's cells is a count of the
+part's bits times a per-target coefficient, fitted by least squares on yosys's counts of
+emitted layers (benchmarks/hw_calibrate.py writes the rows; COEFFICIENTS below are that fit).
+DSPs are not fitted: they follow yosys's mapping rules (a multiplier goes to a DSP when both
+operands are at least 2 bits and the product reaches the target's minimum width; wider ones
+take more), so they come out exact.
+
+Cycles come from the emitter's own structure (kiln.hw.design.predict_cycles): a dense layer is
+busy positions x reuse + 3 cycles.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kiln.errors import KilnError
+from kiln.hw.design import parallelism, predict_cycles, valid_reuse
+from kiln.hw.ir import Layer, lower
+from kiln.hw.rtl import requant_bits, weight_bits
+from kiln.hw.synth import Target
+
+# yosys commands per target, as `kiln hw synth` runs them (kiln.hw.synth.SCRIPTS) on one module
+SYNTH = {"xilinx": "synth_xilinx -family xc7", "ice40": "synth_ice40 -dsp"}
+
+
+def parse_target(text: str) -> Target:
+    """xilinx or ice40 (the estimator has no coefficients for `generic`)."""
+    if text.lower() not in SYNTH:
+        raise KilnError(f"--target {text!r}: expected one of {', '.join(SYNTH)}")
+    return Target(text.lower())
+
+
+def cell_counts(stat: dict, target: str) -> dict:
+    """LUTs, flip-flops, DSPs, block RAMs (18 Kb / 4 Kb units) and carry cells from yosys
+    `stat -json` (its `design` totals)."""
+    cells = stat["design"]["num_cells_by_type"]
+
+    def total(pred) -> int:
+        return int(sum(v for k, v in cells.items() if pred(k)))
+
+    if target == "xilinx":
+        return {"luts": total(lambda c: c.startswith("LUT")), "ffs": total(lambda c: c.startswith("FD")),
+                "dsps": total(lambda c: c.startswith("DSP48")),
+                "brams": total(lambda c: c == "RAMB18E1") + 2 * total(lambda c: c == "RAMB36E1"),
+                "lutram": total(lambda c: c.startswith(("RAM32", "RAM64", "RAM128", "RAM256"))),
+                "carry": total(lambda c: c == "CARRY4")}
+    return {"luts": total(lambda c: c == "SB_LUT4"), "ffs": total(lambda c: c.startswith("SB_DFF")),
+            "dsps": total(lambda c: c == "SB_MAC16"), "brams": total(lambda c: c.startswith("SB_RAM40")),
+            "lutram": 0, "carry": total(lambda c: c == "SB_CARRY")}
+
+
+def layer_features(rec: dict) -> dict:
+    """The structural sizes of one dense layer, from its design.json record."""
+    c, h, w = rec["in_shape"]
+    n, oh, ow = rec["out_shape"]
+    k = c * rec["kernel"] ** 2
+    po, pi = rec["po"], rec["pi"]
+    return {"k": k, "n": n, "positions": oh * ow, "ni": c * h * w, "no": n * oh * ow, "po": po, "pi": pi,
+            "g": n // po, "kc": k // pi, "ib": rec["in_bits"], "wb": rec["weight_bits"], "ab": rec["acc_bits"],
+            "ob": rec["out_bits"], "rb": rec["requant_bits"], "reuse": rec["reuse"],
+            "conv": int(rec["kernel"] > 1 or h * w > 1), "shift_only": int(bool(rec.get("shift_only")))}
+
+
+def layer_record(lay: Layer) -> dict:
+    """What layer_features reads, from an integer layer (design.json's fields)."""
+    po, pi = parallelism(lay, lay.reuse)
+    return {"in_shape": list(lay.in_shape), "out_shape": list(lay.out_shape), "kernel": lay.kernel[0], "po": po,
+            "pi": pi, "in_bits": lay.in_bits, "weight_bits": weight_bits(lay), "acc_bits": lay.acc_bits,
+            "out_bits": lay.out_bits, "requant_bits": requant_bits(lay), "reuse": lay.reuse,
+            "shift_only": lay.meta.get("shift_only", False)}
+
+
+def dsp_count(a_bits: int, b_bits: int, target: Target) -> int:
+    """DSP blocks yosys maps one signed a x b multiplier to (techlibs/common/mul2dsp.v with the
+    limits synth_xilinx and synth_ice40 -dsp pass): none below 2-bit operands or a product
+    narrower than DSP_Y_MINWIDTH (9 on xilinx, 11 on ice40); else one DSP48E1 per 25 x 18
+    tile (xilinx; partial A tiles of 18) or one SB_MAC16 per 16 x 16 piece (ice40)."""
+    a, b = max(a_bits, b_bits), min(a_bits, b_bits)
+    if target is Target.ICE40:
+        # split into 16-bit pieces; a piece product below the minimums stays in LUTs (a 21 x 18
+        # multiplier: 16x16, 16x2, 5x16 in SB_MAC16s, 5x2 in LUTs: 3)
+        pieces = lambda n: [16] * (n // 16) + ([n % 16] if n % 16 else [])   # noqa: E731
+        return sum(1 for x in pieces(a) for y in pieces(b) if min(x, y) >= 2 and x + y >= 11)
+    if b < 2 or a + b < 9:
+        return 0
+    if a <= 25 and b <= 18:
+        return 1
+    return math.ceil(max(a - 25, 0) / 18 + 1) * math.ceil(b / 18)
+
+
+def lut_multipliers(f: dict, target: Target) -> tuple[int, int]:
+    """(data multipliers, requantization multipliers) of a layer that go to LUTs, not DSPs."""
+    data = f["po"] * f["pi"] if dsp_count(f["ib"], f["wb"], target) == 0 else 0
+    requant = f["po"] if not f["shift_only"] and dsp_count(f["ab"], 18, target) == 0 else 0
+    return data, requant
+
+
+def layer_dsps(f: dict, target: Target) -> int:
+    """DSPs of one dense layer: its PO x PI data multipliers, PO requantization multipliers, and
+    the weight ROM's address og * KC where KC is not a power of two (a variable times a
+    constant; a power of two is a shift, and og is constant 0 when G = 1)."""
+    data = f["po"] * f["pi"] * dsp_count(f["ib"], f["wb"], target)
+    requant = 0 if f["shift_only"] else f["po"] * dsp_count(f["ab"], 18, target)
+    kc = f["kc"]
+    address = dsp_count((f["g"] + 1).bit_length() + 1, kc.bit_length(), target) if f["g"] > 1 and kc & (kc - 1) else 0
+    return data + requant + address
+
+
+# Where yosys (memory_libmap) puts a weight ROM, measured on ROMs of kiln's shape (synchronous
+# read, $readmemh): synth_ice40 put even a 128 x 80-bit ROM into 5 SB_RAM40_4K (256 x 16 each);
+# synth_xilinx left it, and kiln's 256 x 64-bit ones, in LUTs (160 LUT6 for the first: bits / 64) and
+# put a 1,024 x 64-bit one in 2 RAMB36E1 and kiln's 25,088 x 64-bit one in 89
+# RAMB18E1. xilinx's switch-over lies between; ROM_BRAM_BITS is a guess inside that interval.
+ROM_BRAM_BITS = {"xilinx": 32768, "ice40": 0}
+# synth_ice40 also left kiln's 64 x 256-bit ROM in LUTs (and put 128- to 256-deep ones in blocks)
+ICE40_LUT_ROM_WORDS = 64
+
+
+def rom_bits(f: dict) -> int:
+    return f["g"] * f["kc"] * f["po"] * f["pi"] * f["wb"]
+
+
+def layer_brams(f: dict, target: Target) -> int:
+    """Block RAMs of the weight ROM: RAMB18E1 hold 18 Kb (xilinx); SB_RAM40_4K 256 x 16."""
+    bits = rom_bits(f)
+    if bits <= ROM_BRAM_BITS[target.value]:
+        return 0
+    if target is Target.ICE40:
+        if f["g"] * f["kc"] <= ICE40_LUT_ROM_WORDS:   # a shallow ROM would fill a quarter of each block
+            return 0
+        return math.ceil(f["po"] * f["pi"] * f["wb"] / 16) * math.ceil(f["g"] * f["kc"] / 256)
+    return math.ceil(bits / 18432)
+
+
+def terms(f: dict, target: Target) -> dict[str, float]:
+    """The bit counts each LUT coefficient multiplies (see the module docstring)."""
+    lut_data, lut_req = lut_multipliers(f, target)
+    return {
+        "gather": f["pi"] * f["ib"] * f["kc"],              # PI lanes, each a KC:1 mux of IB bits
+        "mult": lut_data * f["ib"] * f["wb"],                # multipliers left in LUTs
+        "accumulate": f["po"] * f["pi"] * f["ab"],           # adder tree and accumulators
+        "requant": f["po"] * f["rb"] + lut_req * f["ab"] * 18,   # round and clamp; multipliers in LUTs
+        "tables": f["po"] * (18 + 32) * (f["g"] - 1),        # per-output multiplier and bias, G:1 (none at G = 1)
+        "outputs": f["no"],                                  # output frame write enables
+        "rom": 0 if layer_brams(f, target) else rom_bits(f), # a weight ROM left in LUTs
+        "const": 1.0,
+    }
+
+
+def ff_terms(f: dict) -> dict[str, float]:
+    """Register bits: the input and output frames, the weight word, the gathered inputs, the
+    accumulators; control counters are the constant."""
+    return {"frames": f["ni"] * f["ib"] + f["no"] * f["ob"], "pipeline": f["po"] * f["pi"] * f["wb"] + f["pi"] * f["ib"],
+            "accumulate": f["po"] * f["ab"], "const": 1.0}
+
+
+# The terms each target's LUT fit uses (fewer than rows, so a held-out row tests the fit): on
+# ice40 ROMs are block RAM; multipliers go to DSPs by dsp_count on both targets.
+FIT_TERMS = {"xilinx": ("gather", "mult", "requant", "tables", "rom", "const"),
+             "ice40": ("gather", "mult", "requant", "tables", "rom", "const")}
+# Least-squares fits (relative error, non-negative) on benchmarks/results/hw_calibration.json:
+# yosys 0.70 (SYNTH below) on kiln hw emit's dense layers, one module at a time, written by
+# `python benchmarks/hw_cost_models.py --parts estimator --refit` (run it again after changing the
+# emitter). {target: {"luts"|"ffs": {term: coefficient}}}
+COEFFICIENTS_FILE = "estimate_coefficients.json"
+COEFFICIENTS: dict[str, dict[str, dict[str, float]]] = {
+    "xilinx": {"luts": {}, "ffs": {}}, "ice40": {"luts": {}, "ffs": {}},
+    **json.loads(resources.files("kiln.hw").joinpath(COEFFICIENTS_FILE).read_text()),
+}
+
+
+@dataclass(frozen=True)
+class LayerEstimate:
+    name: str
+    reuse: int
+    multipliers: int
+    luts: int
+    ffs: int
+    dsps: int
+    brams: int           # 18 Kb (xilinx) or 4 Kb (ice40) blocks holding the weight ROM
+    cycles: int          # busy cycles per frame (kiln.hw.design.predict_cycles)
+
+
+@dataclass(frozen=True)
+class DesignEstimate:
+    target: Target
+    layers: tuple[LayerEstimate, ...]
+    latency: int         # cycles from input handshake to output handshake
+    interval: int        # cycles between frames once the pipeline is full
+
+    @property
+    def luts(self) -> int:
+        return sum(lay.luts for lay in self.layers)
+
+    @property
+    def ffs(self) -> int:
+        return sum(lay.ffs for lay in self.layers)
+
+    @property
+    def dsps(self) -> int:
+        return sum(lay.dsps for lay in self.layers)
+
+    @property
+    def brams(self) -> int:
+        return sum(lay.brams for lay in self.layers)
+
+
+def _apply(coeffs: dict[str, float], t: dict[str, float]) -> int:
+    return int(round(sum(coeffs.get(k, 0.0) * v for k, v in t.items())))
+
+
+def estimate_features(f: dict, target: Target, coefficients: dict | None = None) -> tuple[int, int, int, int]:
+    """(LUTs, FFs, DSPs, block RAMs) of one dense layer from its structural sizes."""
+    c = (coefficients or COEFFICIENTS)[target.value]
+    return (_apply(c["luts"], terms(f, target)), _apply(c["ffs"], ff_terms(f)), layer_dsps(f, target),
+            layer_brams(f, target))
+
+
+def estimate_layers(layers: list[Layer], target: Target) -> DesignEstimate:
+    """Every layer of a lowered design (reuse factors already set), and its cycle counts."""
+    cycles = predict_cycles(layers)
+    out = []
+    for lay in layers:
+        if lay.kind != "dense":   # pooling: comparators/adders on the frame, no multiplier
+            out.append(LayerEstimate(lay.name, 0, 0, 0, 0, 0, 0, cycles["per_layer"][lay.name]))
+            continue
+        f = layer_features(layer_record(lay))
+        luts, ffs, dsps, brams = estimate_features(f, target)
+        out.append(LayerEstimate(lay.name, lay.reuse, f["po"] * f["pi"], luts, ffs, dsps, brams, cycles["per_layer"][lay.name]))
+    return DesignEstimate(target, tuple(out), cycles["latency"], cycles["interval"])
+
+
+def nearest_reuse(lay: Layer, reuse: int) -> int:
+    """`reuse` where the layer takes it, else the largest valid reuse factor below it (0: K)."""
+    if reuse == 0:
+        return lay.k
+    return max((r for r in valid_reuse(lay) if r <= reuse), default=1)
+
+
+def estimate_model(qmodel: nn.Module, example: torch.Tensor, target: Target, reuse: int = 0) -> DesignEstimate:
+    """Resources and cycles of the design kiln hw emit would make of a quantized model."""
+    layers = lower(qmodel, example)
+    for lay in layers:
+        if lay.kind == "dense":
+            lay.reuse = nearest_reuse(lay, reuse)
+    return estimate_layers(layers, target)
+
+
+def fit(rows: list[dict], target: str, what: str) -> dict[str, float]:
+    """Non-negative coefficients minimising the relative error of `what` (luts or ffs) over
+    calibration rows of one target."""
+    import numpy as np
+    from scipy.optimize import nnls   # calibration only: scipy is not needed to estimate
+
+    tgt = Target(target)
+    rows = [r for r in rows if r["target"] == target]
+    make = (lambda f: terms(f, tgt)) if what == "luts" else ff_terms
+    names = list(FIT_TERMS[target]) if what == "luts" else list(ff_terms(rows[0]["features"]))
+    a = np.array([[make(r["features"])[n] for n in names] for r in rows], dtype=float)
+    y = np.array([r[what] for r in rows], dtype=float)
+    w = 1.0 / np.maximum(y, 1.0)
+    coef, _ = nnls(a * w[:, None], y * w)
+    return {n: float(c) for n, c in zip(names, coef) if c > 0}
+
+
+def write_coefficients(coefficients: dict) -> Path:
+    """Store a refit where COEFFICIENTS is read from (the package's own file)."""
+    path = Path(__file__).with_name(COEFFICIENTS_FILE)
+    path.write_text(json.dumps(coefficients, indent=1, sort_keys=True) + "\n")
+    return path
