@@ -21,6 +21,7 @@ from kiln.models.zoo.cnn import MnistCNN
 from kiln.models.zoo.gpt import GPT, GPTConfig
 from kiln.models.zoo.vit import ViT
 from kiln.train.parallel.chain import balance, chain
+from kiln.train.parallel.checkpoint import load_sharded
 from kiln.train.parallel.config import Mode, ParallelConfig, PipeSchedule
 from kiln.train.parallel.pp import check_pipeline, stage_starts
 from kiln.train.parallel.tp import check_tensor_parallel, deinterleave, interleave
@@ -39,6 +40,19 @@ FACTORIES = textwrap.dedent('''
     def cnn():
         torch.manual_seed(0)
         return MnistCNN(widths=(8, 16), dropout=0.0), (torch.randn(1, 1, 28, 28),)
+
+    class Dies(MnistCNN):
+        """Rank 1 exits hard once the run has saved a checkpoint (KILN_TEST_DIE_AFTER names it)."""
+        def forward(self, x):
+            import os
+            flag = os.environ.get("KILN_TEST_DIE_AFTER")
+            if flag and os.environ.get("RANK") == "1" and self.training and os.path.exists(flag):
+                os._exit(3)
+            return super().forward(x)
+
+    def dies():
+        torch.manual_seed(0)
+        return Dies(widths=(8, 16), dropout=0.0), (torch.randn(1, 1, 28, 28),)
 ''')
 
 
@@ -157,7 +171,8 @@ def test_global_batch_norm_alone_is_batch_norm(tmp_path):
 def specs(tmp_path_factory):
     path = tmp_path_factory.mktemp("factories") / "zoo_nodropout.py"
     path.write_text(FACTORIES)
-    return {"gpt": (f"py:{path}:gpt", "rt-lm?block=16"), "cnn": (f"py:{path}:cnn", "mnist")}
+    return {"gpt": (f"py:{path}:gpt", "rt-lm?block=16"), "cnn": (f"py:{path}:cnn", "mnist"),
+            "dies": (f"py:{path}:dies", "mnist")}
 
 
 def config(specs, which, out, **kw):
@@ -282,6 +297,10 @@ def test_a_run_saved_by_two_processes_resumes_in_one_and_back(specs, tmp_path, p
     fit(config(specs, "gpt", tmp_path / "one", **first), progress=False)
     fit(config(specs, "gpt", tmp_path / "one", **second), resume=True, progress=False)
     launch(config(specs, "gpt", tmp_path / "n_to_1", **first), nproc=2, parallel=PLANS[plan])
+    plain = small_gpt()            # the sharded (DCP) checkpoint, read by one process
+    load_sharded(tmp_path / "n_to_1", plain)
+    saved = load_file(tmp_path / "n_to_1" / "last.safetensors")
+    assert all(torch.equal(saved[k], t) for k, t in plain.state_dict().items() if k in saved)
     fit(config(specs, "gpt", tmp_path / "n_to_1", **second), resume=True, progress=False)
     fit(config(specs, "gpt", tmp_path / "1_to_n", **first), progress=False)
     launch(config(specs, "gpt", tmp_path / "1_to_n", **second), nproc=2, resume=True, parallel=PLANS[plan])
@@ -315,3 +334,18 @@ def test_two_launchers_as_two_nodes_match_one_process(specs, one, tmp_path):
     assert [n.returncode for n in nodes] == [0, 0], errors
     assert max_diff(one["gpt"][0], tmp_path / "node0") < 1e-5
     assert not (tmp_path / "node1").exists()
+
+
+@pytest.mark.distributed
+def test_a_rank_that_dies_stops_the_job_in_one_line_and_the_checkpoint_stays_loadable(specs, tmp_path, monkeypatch):
+    from kiln.train.checkpoint import load_state
+    from kiln.train.distributed import launch
+    from kiln.train.evaluation import evaluate_run
+
+    run = tmp_path / "run"
+    monkeypatch.setenv("KILN_TEST_DIE_AFTER", str(run / "state.pt"))
+    with pytest.raises(KilnError, match=r"^rank 1 failed .* keeps the last completed epoch$"):
+        launch(config(specs, "dies", run, epochs=3, max_steps=0, batch_size=512), nproc=2,
+               parallel=PLANS["fsdp"])
+    assert load_state(run / "state.pt")["epoch"] == 1
+    assert evaluate_run(run)["reproduced"]

@@ -21,6 +21,7 @@ from kiln.errors import KilnError
 from kiln.train.config import TrainConfig
 from kiln.train.parallel.config import Mode, ParallelConfig
 from kiln.train.parallel.pp import check_pipeline
+from kiln.train.parallel.registry import make_engine
 from kiln.train.parallel.tp import check_tensor_parallel
 from kiln.train.trainer import build, fit
 
@@ -133,8 +134,6 @@ def _run(cmd: list[str], env: dict, out: Path | None) -> int:
 
 def rank_main(config: str, plan: str, resume: bool) -> None:
     import torch.distributed as dist
-
-    from kiln.train.parallel.registry import make_engine
 
     cfg = load_toml(TrainConfig, config)
     parallel = load_toml(ParallelConfig, plan)

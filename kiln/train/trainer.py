@@ -241,7 +241,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
                 if better:
                     state["best"], state["best_epoch"] = val, epoch + 1
                 state["epoch"] = epoch + 1
-                opt_state = engine.optimizer_state(opt, train_model)   # collective: every rank
+                opt_state = engine.checkpoint(run.path if run else None, opt, train_model)   # collective
                 if run:
                     run.checkpoint(model, state, opt_state, sched, better)
                 if dist.main and progress:

@@ -84,6 +84,7 @@ class FSDPEngine(ShardedEngine):
 
         work = copy.deepcopy(model)
         self.levels = 1 if hasattr(model, "loss") else 0
+        self.fused = self.ctx.fused
         if self.ctx.config.checkpoint_activations:
             checkpoint_blocks(work)
         train = _trainable(work, self.ctx)

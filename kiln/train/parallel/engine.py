@@ -9,6 +9,7 @@ run forward and backward of one step, copy the trained weights back into the pla
 """
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kiln.train import tasks
+from kiln.train.parallel.checkpoint import save_sharded
 from kiln.train.optimizers import build_optimizer
 
 # wrappers that add a level to parameter names: DDP, LossForward, checkpoint_wrapper, compile
@@ -98,13 +100,50 @@ class Engine:
         self.bytes = self.local_bytes(train_model, opt)
         return opt.state_dict()
 
+    def checkpoint(self, run_path, opt: torch.optim.Optimizer, train_model: nn.Module) -> dict:
+        """Collective: the full optimizer state for state.pt, and in a parallel run each rank's
+        shards written through DCP under rank 0's `run_path` (checkpoint.py)."""
+        full_state = self.optimizer_state(opt, train_model)
+        if dist.is_initialized():
+            save_sharded(self.sharded_state(opt, train_model), run_path)
+        return full_state
+
+    def named(self, train_model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """(plain name, trained parameter), one per distinct parameter, the same order on every rank."""
+        seen, out = set(), []
+        for name, p in train_model.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append((plain_name(name, self.levels), p))
+        return out
+
+    def named_buffers(self, train_model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [(plain_name(n, self.levels), b) for n, b in train_model.named_buffers()]
+
+    def dcp_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A tensor as DCP saves it: its shard as it lies, unless its layout is not the plain
+        model's (tensor parallel's fused QKV: saved whole)."""
+        return t
+
+    def sharded_state(self, opt, train_model: nn.Module) -> dict:
+        """Weights, buffers and optimizer states keyed by plain names: what DCP saves."""
+        model = {n: self.dcp_tensor(n, p.detach()) for n, p in self.named(train_model)}
+        model |= dict(self.named_buffers(train_model))
+        states = opt_state(opt)
+        optim = {f"{n}.{k}": self.dcp_tensor(n, v) if v.dim() else v
+                 for n, p in self.named(train_model) if p in states
+                 for k, v in states[p].items() if torch.is_tensor(v)}
+        return {"model": model, "optim": optim}
+
     bytes: dict = {}
     _describe: dict | None = None
 
     @property
     def rank_report(self) -> dict:
-        """What this rank measured: its bytes of model states at the last checkpoint."""
-        return {"rank": self.where.rank, **{f"{k}_bytes": v for k, v in self.bytes.items()}}
+        """What this rank measured: its bytes of model states at the last checkpoint, and its
+        process's peak resident memory (getrusage: kilobytes on Linux)."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"rank": self.where.rank, **{f"{k}_bytes": v for k, v in self.bytes.items()}, "peak_rss_bytes": peak}
 
     @property
     def describe(self) -> dict | None:
@@ -166,18 +205,14 @@ class ShardedEngine(Engine):
 
     disjoint = False   # True: each rank holds states of only some parameters (ZeRO-1, pipeline)
 
-    def named(self, train_model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        """(plain name, trained parameter), one per distinct parameter, the same order on every rank."""
-        seen, out = set(), []
-        for name, p in train_model.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((plain_name(name, self.levels), p))
-        return out
-
     def to_full(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """A trained tensor in the plain model's layout (tensor parallel permutes fused QKV)."""
         return full(t)
+
+    fused: set | frozenset = frozenset()   # plain names whose trained layout differs (tensor parallel's QKV)
+
+    def dcp_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return self.to_full(name, t) if name in self.fused else t
 
     def to_trained(self, name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A plain-layout tensor in the trained parameter's layout (its shard)."""

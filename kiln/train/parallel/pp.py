@@ -201,6 +201,9 @@ class PPEngine(ShardedEngine):
                 out.append((self.names[id(p)], p))
         return out
 
+    def named_buffers(self, train_model):
+        return list({id(b): (self.names[id(b)], b) for b in train_model.buffers()}.values())
+
     def clip(self, train_model, max_norm: float) -> None:
         clip_norm(self.named(train_model), max_norm, self.ctx.pp_group,
                   counted=lambda name: self.holders[name][0] == self.r)

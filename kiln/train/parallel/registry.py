@@ -29,6 +29,7 @@ class Context:
     pp_rank: int = 0
     pp_size: int = 1
     # tensor parallel under fsdp: applied before sharding, and its layout conversions
+    fused: set = field(default_factory=set)
     before_shard: Callable = field(default=lambda m: m)
     to_full: Callable = field(default=lambda name, t: full(t))
     to_trained: Callable = field(default=lambda name, t: t)

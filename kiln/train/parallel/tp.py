@@ -94,7 +94,7 @@ class TensorPlan:
 
         check_tensor_parallel(model, self.n)
         for name, module, (kind, *_rest) in tp_blocks(model):
-            prefix = f"{name}." if name else ""
+            prefix = f"{name}.".replace("_checkpoint_wrapped_module.", "") if name else ""
             parallelize_module(module, self.mesh, self._plan(kind, module, prefix))
             if kind == "zoo" and self.sp:
                 parallelize_module(module, self.mesh, _block_io())
@@ -102,8 +102,8 @@ class TensorPlan:
 
     def _plan(self, kind: str, module: nn.Module, prefix: str) -> dict:
         from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
-                                                       RowwiseParallel, SequenceParallel)
+        from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                       SequenceParallel)
 
         if kind == "llama":
             return {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
@@ -167,6 +167,7 @@ class TPEngine(ShardedEngine):
         super().__init__(ctx.where)
         self.ctx = ctx
         self.plan = TensorPlan(ctx.tp_mesh, ctx.config.sequence_parallel)
+        self.fused = self.plan.fused
 
     def prepare(self, model, cfg):
         work = copy.deepcopy(model)
@@ -205,6 +206,7 @@ def clip_norm(named, max_norm: float, group=None, counted=lambda name: True) -> 
 def attach(ctx: Context) -> None:
     """fsdp x tp: the tensor-parallel plan applied before FSDP shards along the data dimension."""
     plan = TensorPlan(ctx.tp_mesh, ctx.config.sequence_parallel)
+    ctx.fused = plan.fused
     ctx.before_shard = plan.apply
     ctx.to_full = plan.to_full
     ctx.to_trained = plan.to_trained
