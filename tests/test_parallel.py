@@ -349,3 +349,18 @@ def test_a_rank_that_dies_stops_the_job_in_one_line_and_the_checkpoint_stays_loa
                parallel=PLANS["fsdp"])
     assert load_state(run / "state.pt")["epoch"] == 1
     assert evaluate_run(run)["reproduced"]
+
+
+@pytest.mark.parametrize("spec, kind", [("hf-config:llama", "llama"), ("hf-config:bert", "bert")])
+def test_tensor_parallel_plans_cover_transformers_decoders_and_encoders(spec, kind):
+    from kiln.models.spec import load
+    from kiln.train.parallel.tp import tp_blocks
+
+    model = load(spec).model
+    blocks = tp_blocks(model)
+    cfg = model.config
+    assert len(blocks) == cfg.num_hidden_layers and {b[2][0] for b in blocks} == {kind}
+    kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    check_tensor_parallel(model, kv)
+    with pytest.raises(KilnError, match="does not divide"):
+        check_tensor_parallel(model, 2 * cfg.num_attention_heads)
