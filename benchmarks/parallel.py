@@ -10,6 +10,7 @@ re-run on a quiet machine before quoting the times.
 
     .venv/bin/python benchmarks/parallel.py [--model zoo:gpt] [--steps 30] [--batch 32] [--json PATH]
     .venv/bin/python benchmarks/parallel.py --small     # a 2-layer GPT, 4 steps: checks the script runs
+    .venv/bin/python benchmarks/parallel.py --wide --steps 4 --batch 8   # memory: 25 M parameters
 """
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ SMALL = textwrap.dedent('''
     def gpt():
         torch.manual_seed(0)
         return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, dropout=0.0)), (torch.randint(0, 256, (1, 16)),)
+
+    def wide():
+        torch.manual_seed(0)
+        return GPT(GPTConfig(n_layer=8, n_head=8, n_embd=512, block_size=64, dropout=0.0)), (torch.randint(0, 256, (1, 64)),)
 ''')
 
 
@@ -77,14 +82,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--small", action="store_true", help="a 2-layer GPT for 4 steps: checks the script runs")
+    parser.add_argument("--wide", action="store_true",
+                        help="zoo:gpt's architecture at 8 layers x 512 wide (25 M parameters, 400 MB of AdamW model "
+                             "states): memory large enough to see in each process's peak RSS")
     parser.add_argument("--only", nargs="*", help="modes to run (default: all)")
     parser.add_argument("--json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "small.py")
+        open(path, "w").write(SMALL)
         if args.small:
-            path = os.path.join(tmp, "small.py")
-            open(path, "w").write(SMALL)
             args.model, args.dataset, args.steps, args.batch = f"py:{path}:gpt", "rt-lm?block=16", 4, 8
+        if args.wide:
+            args.model, args.dataset = f"py:{path}:wide", "rt-lm"
         dataset = args.dataset or default_dataset(args.model)
         base = dict(model=args.model, dataset=dataset, epochs=1, max_steps=args.steps, batch_size=args.batch,
                     schedule="constant", seed=0)
@@ -96,7 +106,7 @@ def main() -> None:
         r["vs_1_process_2_threads"] = r["samples_s"] / plain["throughput_samples_s"]
         r["vs_ddp"] = r["samples_s"] / ddp["samples_s"] if ddp else None
         r["model_states_vs_1_process"] = [b / one["model_state_bytes_per_rank"][0] for b in r["model_state_bytes_per_rank"]]
-    result = {"date": date.today().isoformat(), "model": args.model, "dataset": dataset, "global_batch": args.batch,
+    result = {"date": date.today().isoformat(), "model": "wide GPT (8 x 512)" if args.wide else args.model, "dataset": dataset, "global_batch": args.batch,
               "steps": args.steps, "cores": os.cpu_count(), "one_process_2_threads_samples_s": plain["throughput_samples_s"],
               "note": "2 processes x 1 thread share the 2 cores the 1-process baseline uses with 2 threads; "
                       "times need a quiet machine", "modes": rows}

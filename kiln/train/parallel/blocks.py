@@ -20,9 +20,12 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def checkpoint_blocks(model: nn.Module) -> int:
-    """Wrap each repeated block so its activations are recomputed in backward; returns how many."""
+    """Wrap each repeated block so its activations are recomputed in backward; returns how many.
+    A block holding batch norm is left alone: recomputing it would update the running
+    statistics a second time each step."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-    blocks = {id(m) for _, m in repeated_blocks(model)}
+    blocks = {id(m) for _, m in repeated_blocks(model)
+              if not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())}
     apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
     return len(blocks)
