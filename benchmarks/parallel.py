@@ -10,7 +10,8 @@ re-run on a quiet machine before quoting the times.
 
     .venv/bin/python benchmarks/parallel.py [--model zoo:gpt] [--steps 30] [--batch 32] [--json PATH]
     .venv/bin/python benchmarks/parallel.py --small     # a 2-layer GPT, 4 steps: checks the script runs
-    .venv/bin/python benchmarks/parallel.py --wide --steps 4 --batch 8   # memory: 25 M parameters
+    .venv/bin/python benchmarks/parallel.py --wide --steps 4 --batch 8 --dataset "rt-lm?path=README.md"
+        # memory at 25 M parameters; README.md as the corpus keeps the per-epoch evaluation short
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def main() -> None:
         if args.small:
             args.model, args.dataset, args.steps, args.batch = f"py:{path}:gpt", "rt-lm?block=16", 4, 8
         if args.wide:
-            args.model, args.dataset = f"py:{path}:wide", "rt-lm"
+            args.model, args.dataset = f"py:{path}:wide", args.dataset or "rt-lm"
         dataset = args.dataset or default_dataset(args.model)
         base = dict(model=args.model, dataset=dataset, epochs=1, max_steps=args.steps, batch_size=args.batch,
                     schedule="constant", seed=0)

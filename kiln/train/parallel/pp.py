@@ -87,14 +87,14 @@ class PPEngine(ShardedEngine):
 
     def __init__(self, ctx: Context):
         super().__init__(ctx.where)
-        self.ctx, self.p, self.r = ctx, ctx.pp_size, ctx.pp_rank
+        self.ctx, self.p, self.r, self.data_group = ctx, ctx.pp_size, ctx.pp_rank, ctx.data_group
         self.busy_s, self.wall_s, self.steps, self._busy = 0.0, 0.0, 0, 0.0
 
     def _global(self, pp_rank: int) -> int:
         return dist.get_global_rank(self.ctx.pp_group, pp_rank)
 
     def prepare(self, model, cfg):
-        from torch.distributed.pipelining import PipelineStage, schedules
+        from torch.distributed.pipelining import schedules
 
         config = self.ctx.config
         units = chain(model)
@@ -108,11 +108,7 @@ class PPEngine(ShardedEngine):
                 checkpoint_blocks(m)
         self.names = {id(p): n for n, p in model.named_parameters()} | {id(b): n for n, b in model.named_buffers()}
         self._holders(groups)
-        wrapped = {s: self._data_parallel(m) for s, m in modules.items()}
-        self.stages = [PipelineStage(wrapped[s], s, self.stages_total, torch.device("cpu"), group=self.ctx.pp_group)
-                       for s in mine]
-        for stage in self.stages:
-            self._time(stage)
+        self.wrapped, self.groups, self.mine = {s: self._data_parallel(m) for s, m in modules.items()}, groups, mine
         self.first, self.last = 0 in mine, self.stages_total - 1 in mine
         self.loss_fn = None
         m = microbatches(config, self.stages_total)
@@ -121,6 +117,32 @@ class PPEngine(ShardedEngine):
         train = nn.ModuleList(modules[s] for s in mine)
         self.stage_modules = list(train)
         return train, build_optimizer(cfg, train)
+
+    def _build_stages(self, x, m: int) -> None:
+        """The PipelineStages, with each stage's input and output given (static metadata): the
+        runtime inference would run an extra training-mode forward, and batch norm would count
+        it in its running statistics. Every rank holds the whole plain model, so each runs the
+        units once on a micro-batch, in eval mode without gradients."""
+        from torch.distributed.pipelining import PipelineStage
+
+        shapes, h = [], x[: x.shape[0] // m]
+        modes = [u.training for g in self.groups for u in g]
+        with torch.no_grad():
+            for group in self.groups:
+                for u in group:
+                    u.eval()
+                inp = h
+                for u in group:
+                    h = u(h)
+                # activations between stages carry gradients back; the data does not
+                grad = lambda t: t.detach().requires_grad_(t.is_floating_point())   # noqa: E731
+                shapes.append((inp if not shapes else grad(inp), grad(h)))
+        for u, mode in zip([u for g in self.groups for u in g], modes):
+            u.train(mode)
+        self.stages = [PipelineStage(self.wrapped[s], s, self.stages_total, torch.device("cpu"), input_args=shapes[s][0],
+                                     output_args=shapes[s][1], group=self.ctx.pp_group) for s in self.mine]
+        for stage in self.stages:
+            self._time(stage)
 
     def _data_parallel(self, module: nn.Module) -> nn.Module:
         if self.ctx.data_group is None or self.where.data_world == 1:
@@ -169,6 +191,7 @@ class PPEngine(ShardedEngine):
         if self.loss_fn is None:   # the task's loss of the last stage's output
             self.loss_fn = lambda out, target: step_loss(_Given(out), None, target)
             cls, m = self.schedule_args
+            self._build_stages(x, m)
             stages = self.stages if cls.__name__ in ("ScheduleInterleaved1F1B", "ScheduleInterleavedZeroBubble") \
                 else self.stages[0]
             self.schedule = cls(stages, n_microbatches=m, loss_fn=self.loss_fn)
@@ -185,7 +208,7 @@ class PPEngine(ShardedEngine):
                 dist.all_reduce(p.grad, group=group)
         loss = torch.stack([l.detach() for l in losses]).mean() if losses else torch.zeros(())
         dist.broadcast(loss, src=self._global((self.stages_total - 1) % self.p), group=self.ctx.pp_group)
-        return loss
+        return self.mean_loss(loss)   # across pipelines (ddp,pp)
 
     def _param(self, train_model, name):
         for p in train_model.parameters():
