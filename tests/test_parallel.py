@@ -347,8 +347,8 @@ def test_a_rank_that_dies_stops_the_job_in_one_line_and_the_checkpoint_stays_loa
     with pytest.raises(KilnError, match=r"^rank 1 failed .* keeps the last completed epoch$"):
         launch(config(specs, "dies", run, epochs=3, max_steps=0, batch_size=512), nproc=2,
                parallel=PLANS["fsdp"])
-    assert load_state(run / "state.pt")["epoch"] == 1
-    assert evaluate_run(run)["reproduced"]
+    assert load_state(run / "state.pt")["epoch"] == 1   # epoch 1's checkpoint, whole
+    assert 0.1 < evaluate_run(run)["value"] <= 1.0       # and kiln eval measures it (no metrics.json yet)
 
 
 @pytest.mark.parametrize("spec, kind", [("hf-config:llama", "llama"), ("hf-config:bert", "bert")])

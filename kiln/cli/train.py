@@ -106,6 +106,9 @@ def train(
         from kiln.train.parallel.config import ParallelConfig
 
         launch(cfg, nproc, resume, nnodes, node_rank, rdzv_endpoint, plan or ParallelConfig())
+        if node_rank > 0:   # global rank 0, on node 0, writes the run
+            console.print(f"node {node_rank} finished; node 0 wrote the run in its --out")
+            return
         metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
     else:
         metrics = fit(cfg, resume=resume)
