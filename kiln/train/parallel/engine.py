@@ -236,15 +236,20 @@ class ShardedEngine(Engine):
     def optimizer_state(self, opt, train_model) -> dict:
         self.bytes = self.local_bytes(train_model, opt)
         states = opt_state(opt)
+        # only rank 0 writes state.pt: the others gather each tensor (a collective) and drop it,
+        # so their peak holds one full tensor at a time, not the whole state
+        keep = not dist.is_initialized() or dist.get_rank() == 0 or self.disjoint
         mine = {}
         for name, p in self.named(train_model):
             if p in states:
-                mine[name] = {k: self.to_full(name, v) if torch.is_tensor(v) and v.dim() else full(v)
-                              for k, v in states[p].items()}
+                entry = {k: self.to_full(name, v) if torch.is_tensor(v) and v.dim() else full(v)
+                         for k, v in states[p].items()}
+                if keep:
+                    mine[name] = entry
         if self.disjoint and dist.is_initialized():
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, mine)
-            mine = {k: v for part in parts for k, v in part.items()}
+            parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(mine, parts, dst=0)
+            mine = {k: v for part in parts for k, v in part.items()} if parts else {}
         group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
         return {"by_name": mine, "group": group}
 
