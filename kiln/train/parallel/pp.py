@@ -22,7 +22,7 @@ from kiln.errors import KilnError
 from kiln.train.optimizers import build_optimizer
 from kiln.train.parallel.blocks import checkpoint_blocks
 from kiln.train.parallel.chain import Unit, balance, chain, unit_flops
-from kiln.train.parallel.config import Mode, ParallelConfig, PipeSchedule
+from kiln.train.parallel.config import ParallelConfig, PipeSchedule
 from kiln.train.parallel.engine import ShardedEngine
 from kiln.train.parallel.registry import MODES, Context
 from kiln.train.parallel.tp import clip_norm
