@@ -48,7 +48,7 @@ def check(cfg: TrainConfig, parallel: ParallelConfig, world: int) -> ParallelCon
     return parallel
 
 
-def check_endpoint(endpoint: str, node_rank: int, wait_s: float = 20.0) -> None:
+def check_endpoint(endpoint: str, node_rank: int, wait_s: float = 300.0) -> None:
     """The rendezvous host must resolve; node 0 must be that host (it serves the rendezvous), the
     others must reach it within `wait_s` (the first node may start a little later)."""
     host, _, port = endpoint.rpartition(":")
