@@ -119,6 +119,8 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
     from kiln.lowrank.lora import Bias, LoraConfig
     from kiln.timing import TimingConfig
     from kiln.train.config import Schedule, TrainConfig
+    from kiln.train.parallel.config import Mode as ParallelMode
+    from kiln.train.parallel.config import ParallelConfig, PipeSchedule
 
     def plain(config):
         return config, lambda t: from_dict(type(config), t, type(config).__name__), to_dict
@@ -140,6 +142,8 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
         *(plain(part) for part in fl_parts.values()),
         plain(TrainConfig(model="zoo:mlp", dataset="mnist", epochs=2, lr=3e-4, optimizer="sgd",
                           schedule=Schedule.ONECYCLE, bf16=True, grad_clip=1.0, quant="q.toml", teacher="zoo:cnn")),
+        plain(ParallelConfig(modes=(ParallelMode.DDP, ParallelMode.PP), mesh=(2, 2), schedule=PipeSchedule.INTERLEAVED,
+                             microbatches=8, split=("blocks.1", "blocks.2", "blocks.3"), checkpoint_activations=True)),
         (prune.parse_config({"method": "structured", "criterion": "random", "reduction": "l2", "ratio": 0.3,
                              "scope": "local", "round_to": 4, "rules": [{"match": "fqn:fc2", "ratio": 0.5},
                                                                        {"match": "type:Conv2d", "skip": True}],

@@ -31,6 +31,22 @@ def _config(spec, config, out, given: dict):
     return from_dict(TrainConfig, data, str(config) if config else "train options")
 
 
+def _parallel(modes: str, mesh, reshard, schedule, microbatches, split, stages_per_rank, checkpoint, sp):
+    """The parallel plan the flags ask for; None for plain data parallel with default options."""
+    from kiln.errors import KilnError
+    from kiln.train.parallel.config import ParallelConfig, PipeSchedule, parse_mesh, parse_modes
+
+    try:
+        schedule = PipeSchedule(schedule)
+    except ValueError:
+        raise KilnError(f"--pp-schedule {schedule!r}: accepted: {', '.join(PipeSchedule)}") from None
+    plan = ParallelConfig(modes=parse_modes(modes), mesh=parse_mesh(mesh) if mesh else (),
+                          reshard_after_forward=reshard, schedule=schedule, microbatches=microbatches,
+                          split=tuple(s.strip() for s in split.split(",")) if split else (),
+                          stages_per_rank=stages_per_rank, checkpoint_activations=checkpoint, sequence_parallel=sp)
+    return None if plan == ParallelConfig() else plan
+
+
 @user_errors
 def train(
     spec: Optional[str] = typer.Argument(None, help="Model spec, e.g. zoo:cnn (or `model` in --config)."),
@@ -57,16 +73,29 @@ def train(
     lora: Optional[str] = typer.Option(None, help="LoRA adapters on a frozen base: r=8,alpha=16[,dropout=0.05,"
                                        "targets=all-linear|query+value,bias=none|lora_only|all,rslora=1,train=head]."),
     qlora: Optional[bool] = typer.Option(None, "--qlora/--no-qlora", help="LoRA on NF4 base weights (QLoRA; --lora sets the adapters)."),
-    nproc: int = typer.Option(1, help="Data-parallel processes on this machine (torchrun, DDP)."),
+    nproc: int = typer.Option(1, help="Processes on this machine (torchrun; gloo on CPU)."),
     nnodes: int = typer.Option(1), node_rank: int = typer.Option(0),
     rdzv_endpoint: str = typer.Option("", help="host:port of the rendezvous for several machines."),
+    parallel: str = typer.Option("ddp", help="ddp, zero1, fsdp, hsdp, tp, pp, or a pair on a 2-D mesh: fsdp,tp or ddp,pp."),
+    mesh: Optional[str] = typer.Option(None, help="Processes per mode, outermost first, e.g. 2x2 (2-D plans)."),
+    reshard_after_forward: bool = typer.Option(True, "--reshard-after-forward/--no-reshard-after-forward",
+                                               help="fsdp: free gathered weights after forward (ZeRO-3) or keep them (ZeRO-2-like)."),
+    pp_schedule: str = typer.Option("1f1b", help="pp: gpipe, 1f1b, interleaved-1f1b or zero-bubble."),
+    microbatches: int = typer.Option(0, help="pp: micro-batches per step (0: twice the stages)."),
+    pp_split: Optional[str] = typer.Option(None, help="pp: comma-separated modules where stages begin (default: balanced by FLOPs)."),
+    stages_per_rank: int = typer.Option(1, help="pp: stages per rank for the looped schedules (default 2 there)."),
+    checkpoint_activations: bool = typer.Option(False, help="Recompute each block's activations in backward."),
+    sequence_parallel: bool = typer.Option(False, help="tp: shard norms and residuals along the sequence."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the final metrics here."),
 ) -> None:
     """Train a model on a dataset, with validation each epoch and best/last checkpoints."""
     from kiln.train.trainer import fit
 
-    validate(positive={"--nproc": nproc, "--nnodes": nnodes}, non_negative={"--node-rank": node_rank},
+    validate(positive={"--nproc": nproc, "--nnodes": nnodes, "--stages-per-rank": stages_per_rank},
+             non_negative={"--node-rank": node_rank, "--microbatches": microbatches},
              new_dirs=[None if resume else out], json_path=json_path)
+    plan = _parallel(parallel, mesh, reshard_after_forward, pp_schedule, microbatches, pp_split, stages_per_rank,
+                     checkpoint_activations, sequence_parallel)
     if resume and out and (out / "config.toml").is_file() and not config:
         config = out / "config.toml"
     local = dict(locals())
@@ -79,13 +108,14 @@ def train(
         from kiln.lowrank.lora import parse
 
         parse(cfg.lora, cfg.qlora)   # a bad --lora is one line before any model loads
-    if nproc > 1 or nnodes > 1:
+    if nproc > 1 or nnodes > 1 or plan is not None:
         from kiln.train.distributed import launch
+        from kiln.train.parallel.config import ParallelConfig
 
-        from kiln.errors import KilnError
-
-        if launch(cfg, nproc, resume, nnodes, node_rank, rdzv_endpoint):
-            raise KilnError(f"data-parallel training failed in a rank (its message is above); {cfg.out} keeps the last completed epoch")
+        launch(cfg, nproc, resume, nnodes, node_rank, rdzv_endpoint, plan or ParallelConfig())
+        if node_rank > 0:   # global rank 0, on node 0, writes the run
+            console.print(f"node {node_rank} finished; node 0 wrote the run in its --out")
+            return
         metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
     else:
         metrics = fit(cfg, resume=resume)

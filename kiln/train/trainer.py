@@ -36,7 +36,7 @@ from kiln.train import distill, tasks
 from kiln.train.checkpoint import load_state, save_state
 from kiln.train.config import TrainConfig
 from kiln.train.evaluation import eval_loader
-from kiln.train.optimizers import build_optimizer
+from kiln.train.parallel.engine import Engine, Where
 
 # A preparation turns the model into what a config key asks to train (`quant`: quantization-
 # aware training) and returns its transform record; the capability that owns the key registers
@@ -189,10 +189,16 @@ Hook = Callable[[nn.Module, int, int], None]
 
 
 def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: bool = True,
-        wrap: Callable[[nn.Module], nn.Module] = lambda m: m, hooks: Sequence[Hook] = ()) -> dict:
+        wrap: Callable[[nn.Module], nn.Module] = lambda m: m, hooks: Sequence[Hook] = (),
+        engine: Engine | None = None) -> dict:
     """Train `cfg.model` on `cfg.dataset` into `cfg.out`; returns the final metrics. Each hook is
     called as `hook(model, step, total_steps)` after every optimizer step (pruning schedules,
-    mask re-application)."""
+    mask re-application). `engine` (kiln.train.parallel) trains a sharded, split or wrapped
+    copy of the model and syncs it back before each evaluation and checkpoint; by default the
+    model itself is trained, through `wrap`."""
+    engine = engine or Engine(Where(dist.rank, dist.world, dist.rank, dist.world), wrap)
+    where = engine.where
+    dist = Dist(where.rank, where.world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out) if cfg.out else None
@@ -207,19 +213,19 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
     if cfg.teacher:
         distill.dry_run(step_loss, model, splits)
     # each rank draws its own dropout masks and noise; the data order is seeded separately
-    torch.manual_seed(cfg.seed + dist.rank)
-    if setup.task == "node-classification" and dist.world > 1:
-        raise KilnError(f"dataset {setup.dataset} is one graph: it cannot be split across {dist.world} processes")
-    sampler = GlobalBatches(len(splits.train), cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    torch.manual_seed(cfg.seed + where.data_rank)
+    if setup.task == "node-classification" and where.data_world > 1:
+        raise KilnError(f"dataset {setup.dataset} is one graph: it cannot be split across {where.data_world} processes")
+    sampler = GlobalBatches(len(splits.train), cfg.batch_size, cfg.seed, where.data_rank, where.data_world)
     epochs_steps = len(sampler) * cfg.epochs
     total = min(epochs_steps, cfg.max_steps) if cfg.max_steps else epochs_steps
-    opt = build_optimizer(cfg, model)
+    saved = _resume_model(out, model) if resume else None
+    train_model, opt = engine.prepare(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": 0, "history": [], "train_time_s": 0.0, "samples": 0}
     if resume:
-        state = _resume(out, model, opt, sched)
+        state = _resume(out, saved, engine, model, train_model, opt, sched)
     run = _RunDir(out, cfg, setup, resume) if out and dist.main else None
-    train_model = wrap(tasks.LossForward(model) if hasattr(model, "loss") else model)
     after_step = lambda step: [hook(model, step, total) for hook in hooks]   # noqa: E731
     metric = lambda: tasks.metric_for(setup.task, model)   # noqa: E731
     bar = _progress(progress and dist.main)
@@ -228,16 +234,18 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
             for epoch in range(state["epoch"], cfg.epochs):
                 if cfg.max_steps and state["step"] >= cfg.max_steps:
                     break
-                _train_epoch(cfg, train_model, step_loss, _train_loader(splits.train, sampler, setup.task),
+                _train_epoch(cfg, engine, train_model, step_loss, _train_loader(splits.train, sampler, setup.task),
                              sampler, epoch, opt, sched, state, bar, after_step)
+                engine.sync(model, train_model)
                 val = tasks.evaluate(model, setup.task, eval_loader(splits.val, setup.task, cfg.eval_batch_size), metric())
                 state["history"][-1]["val_" + metric().key] = val
                 better = metric().better(val, state["best"])
                 if better:
                     state["best"], state["best_epoch"] = val, epoch + 1
                 state["epoch"] = epoch + 1
+                opt_state = engine.checkpoint(run.path if run else None, opt, train_model)   # collective
                 if run:
-                    run.checkpoint(model, state, opt, sched, better)
+                    run.checkpoint(model, state, opt_state, sched, better)
                 if dist.main and progress:
                     bar.console.print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {state['history'][-1]['train_loss']:.4f}  "
                                       f"val {metric().key} {val:.4f}{'  (best)' if better else ''}")
@@ -248,7 +256,7 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
     finally:
         if run:
             run.discard()
-    return _finish(cfg, setup, model, state, run, dist, metric().key)
+    return _finish(cfg, setup, model, state, run, dist, metric().key, where.data_world, getattr(engine, "describe", None))
 
 
 class _RunDir:
@@ -264,7 +272,7 @@ class _RunDir:
     def published(self) -> bool:
         return self.staged is None or self.staged.published
 
-    def checkpoint(self, model: nn.Module, state: dict, opt, sched, better: bool) -> None:
+    def checkpoint(self, model: nn.Module, state: dict, opt_state: dict, sched, better: bool) -> None:
         atomic_write_text(self.path / "config.toml", to_toml(self.cfg))
         write_meta(self.path, spec=self.cfg.model, dataset=self.setup.dataset, transforms=self.setup.transforms,
                    data_seed=self.cfg.seed)
@@ -273,7 +281,7 @@ class _RunDir:
         save_weights(model, self.path / LAST_FILE)
         # state.pt carries its own copy of the weights: it alone is what --resume reads, so a
         # kill between two files can never pair one epoch's weights with another's state
-        save_state({**state, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        save_state({**state, "model": model.state_dict(), "optimizer": opt_state,
                     "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}, self.path / "state.pt")
         if self.staged is not None:
             self.path = self.staged.publish()
@@ -283,7 +291,7 @@ class _RunDir:
             self.staged.discard()
 
 
-def _train_epoch(cfg, train_model, step_loss, loader, sampler, epoch, opt, sched, state, bar, after_step) -> None:
+def _train_epoch(cfg, engine, train_model, step_loss, loader, sampler, epoch, opt, sched, state, bar, after_step) -> None:
     sampler.epoch = epoch
     train_model.train()
     seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
@@ -291,12 +299,11 @@ def _train_epoch(cfg, train_model, step_loss, loader, sampler, epoch, opt, sched
     for x, y in loader:
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             break
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = step_loss(train_model, x, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = engine.step(train_model, step_loss, x, y)   # forward and backward
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(train_model.parameters(), cfg.grad_clip)
+            engine.clip(train_model, cfg.grad_clip)
         opt.step()
         sched.step()
         state["step"] += 1
@@ -313,7 +320,7 @@ def _train_epoch(cfg, train_model, step_loss, loader, sampler, epoch, opt, sched
                              "samples_per_s": seen / elapsed if elapsed else 0.0})
 
 
-def _finish(cfg, setup, model, state, run: _RunDir | None, dist, metric_key) -> dict:
+def _finish(cfg, setup, model, state, run: _RunDir | None, dist, metric_key, data_world=1, parallel=None) -> dict:
     if run and (run.path / WEIGHTS_FILE).is_file():
         load_weights(model, run.path / WEIGHTS_FILE)
     test = tasks.evaluate(model, setup.task, eval_loader(setup.splits.test, setup.task, cfg.eval_batch_size),
@@ -321,10 +328,10 @@ def _finish(cfg, setup, model, state, run: _RunDir | None, dist, metric_key) -> 
     metrics = metric_record(
         metric_key, before=None, after=test, val=state["best"], model=cfg.model, source=cfg.init or cfg.model,
         dataset=setup.dataset, task=setup.task, eval_batch_size=cfg.eval_batch_size, best_epoch=state["best_epoch"],
-        epochs=state["epoch"], steps=state["step"], world_size=dist.world,
+        epochs=state["epoch"], steps=state["step"], world_size=dist.world, **({"parallel": parallel} if parallel else {}),
         params=sum(p.numel() for p in model.parameters()),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad), train_time_s=state["train_time_s"],
-        throughput_samples_s=state["samples"] * dist.world / state["train_time_s"] if state["train_time_s"] else 0.0,
+        throughput_samples_s=state["samples"] * data_world / state["train_time_s"] if state["train_time_s"] else 0.0,
         history=state["history"], config=to_dict(cfg))
     if run and run.published:
         atomic_write_json(run.path / "metrics.json", metrics)
@@ -349,11 +356,19 @@ def _check_resumable(cfg: TrainConfig, out: Path | None) -> None:
                             f"only {', '.join(RESUMABLE_CHANGES[:2])} may change")
 
 
-def _resume(out: Path, model, opt, sched) -> dict:
+def _resume_model(out: Path, model) -> dict:
+    """The saved state, its weights loaded into the plain model (before any engine copies it)."""
     state = load_state(out / "state.pt")
     try:
         model.load_state_dict(state.pop("model"))
-        opt.load_state_dict(state.pop("optimizer"))
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise KilnError(f"trainer state {out / 'state.pt'} does not fit the model: {first_line(exc)}") from None
+    return state
+
+
+def _resume(out: Path, state: dict, engine: Engine, model, train_model, opt, sched) -> dict:
+    try:
+        engine.load_optimizer_state(opt, train_model, state.pop("optimizer"), model)
         sched.load_state_dict(state.pop("scheduler"))
         torch.set_rng_state(state.pop("rng"))   # dropout draws continue as if never stopped
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:

@@ -23,13 +23,14 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        b, t, _ = x.shape
+        # heads and width from the projection, not x: under tensor parallel a rank holds some heads
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         dropout = self.dropout if self.training else 0.0
         quant = getattr(self, "kiln_attention", None)   # kiln.quant's attention quantizers, when set
         y = quant.attend(q, k, v, causal=self.causal, dropout=dropout) if quant is not None else \
             F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class Block(nn.Module):

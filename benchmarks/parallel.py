@@ -1,0 +1,118 @@
+"""Parallel training on this machine: throughput of each mode at 2 processes against DDP and
+against 1 process, per-rank model-state bytes and peak memory against 1 process, and each
+pipeline rank's measured idle share against the bubble (p-1)/(m+p-1).
+
+Every time is the trainer's own measured step time (metrics.json `throughput_samples_s`,
+`train_time_s`); memory is each rank's model states counted tensor by tensor (exact) and its
+process's peak RSS (getrusage). The 2 processes run 1 thread each; the 1-process baseline runs 2
+threads: both use the same 2 cores. On a 2-core CPU this measures overheads, not speed-ups:
+re-run on a quiet machine before quoting the times.
+
+    .venv/bin/python benchmarks/parallel.py [--model zoo:gpt] [--steps 30] [--batch 32] [--json PATH]
+    .venv/bin/python benchmarks/parallel.py --small     # a 2-layer GPT, 4 steps: checks the script runs
+    .venv/bin/python benchmarks/parallel.py --wide --steps 4 --batch 8 --dataset "rt-lm?path=README.md"
+        # memory at 25 M parameters; README.md as the corpus keeps the per-epoch evaluation short
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import textwrap
+from datetime import date
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import report  # noqa: E402
+
+from kiln.runs.artifact import default_dataset  # noqa: E402
+from kiln.train.config import TrainConfig  # noqa: E402
+from kiln.train.distributed import launch  # noqa: E402
+from kiln.train.parallel.config import Mode, ParallelConfig, PipeSchedule  # noqa: E402
+from kiln.train.trainer import fit  # noqa: E402
+
+PLANS = {
+    "ddp": ParallelConfig(),
+    "zero1": ParallelConfig(modes=(Mode.ZERO1,)),
+    "fsdp (ZeRO-3)": ParallelConfig(modes=(Mode.FSDP,)),
+    "fsdp (ZeRO-2-like)": ParallelConfig(modes=(Mode.FSDP,), reshard_after_forward=False),
+    "tp": ParallelConfig(modes=(Mode.TP,)),
+    "pp gpipe m=4": ParallelConfig(modes=(Mode.PP,), schedule=PipeSchedule.GPIPE, microbatches=4),
+    "pp 1f1b m=4": ParallelConfig(modes=(Mode.PP,), schedule=PipeSchedule.ONE_F_ONE_B, microbatches=4),
+    "pp 1f1b m=8": ParallelConfig(modes=(Mode.PP,), schedule=PipeSchedule.ONE_F_ONE_B, microbatches=8),
+}
+SMALL = textwrap.dedent('''
+    import torch
+    from kiln.models.zoo.gpt import GPT, GPTConfig
+
+    def gpt():
+        torch.manual_seed(0)
+        return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, dropout=0.0)), (torch.randint(0, 256, (1, 16)),)
+
+    def wide():
+        torch.manual_seed(0)
+        return GPT(GPTConfig(n_layer=8, n_head=8, n_embd=512, block_size=64, dropout=0.0)), (torch.randint(0, 256, (1, 64)),)
+''')
+
+
+def states(ranks: list[dict]) -> list[int]:
+    return [r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"] for r in ranks]
+
+
+def run_mode(base: dict, tmp: str, name: str, plan: ParallelConfig, nproc: int = 2) -> dict:
+    out = os.path.join(tmp, name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", ""))
+    launch(TrainConfig(**base, out=out, threads=1), nproc=nproc, parallel=plan)
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    ranks = m["parallel"]["ranks"]
+    row = {"mode": name, "processes": nproc, "samples_s": m["throughput_samples_s"],
+           "step_s": m["train_time_s"] / m["steps"], "model_state_bytes_per_rank": states(ranks),
+           "peak_rss_mb_per_rank": [round(r["peak_rss_bytes"] / 2**20, 1) for r in ranks]}
+    if "idle_fraction" in ranks[0]:
+        row["pipeline"] = [{"rank": r["pp_rank"], "idle_measured": r["idle_fraction"], "bubble_theory": r["bubble_theory"],
+                            "microbatches": r["microbatches"], "units": r["units"]} for r in ranks]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="zoo:gpt")
+    parser.add_argument("--dataset")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--small", action="store_true", help="a 2-layer GPT for 4 steps: checks the script runs")
+    parser.add_argument("--wide", action="store_true",
+                        help="zoo:gpt's architecture at 8 layers x 512 wide (25 M parameters, 400 MB of AdamW model "
+                             "states): memory large enough to see in each process's peak RSS")
+    parser.add_argument("--only", nargs="*", help="modes to run (default: all)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "small.py")
+        open(path, "w").write(SMALL)
+        if args.small:
+            args.model, args.dataset, args.steps, args.batch = f"py:{path}:gpt", "rt-lm?block=16", 4, 8
+        if args.wide:
+            args.model, args.dataset = f"py:{path}:wide", args.dataset or "rt-lm"
+        dataset = args.dataset or default_dataset(args.model)
+        base = dict(model=args.model, dataset=dataset, epochs=1, max_steps=args.steps, batch_size=args.batch,
+                    schedule="constant", seed=0)
+        plain = fit(TrainConfig(**base, out=os.path.join(tmp, "plain"), threads=2), progress=False)
+        one = run_mode(base, tmp, "1 process (ddp engine, world 1)", ParallelConfig(), nproc=1)
+        rows = [one] + [run_mode(base, tmp, name, plan) for name, plan in PLANS.items() if not args.only or name in args.only]
+    ddp = next((r for r in rows if r["mode"] == "ddp"), None)
+    for r in rows:
+        r["vs_1_process_2_threads"] = r["samples_s"] / plain["throughput_samples_s"]
+        r["vs_ddp"] = r["samples_s"] / ddp["samples_s"] if ddp else None
+        r["model_states_vs_1_process"] = [b / one["model_state_bytes_per_rank"][0] for b in r["model_state_bytes_per_rank"]]
+    result = {"date": date.today().isoformat(), "model": "wide GPT (8 x 512)" if args.wide else args.model, "dataset": dataset, "global_batch": args.batch,
+              "steps": args.steps, "cores": os.cpu_count(), "one_process_2_threads_samples_s": plain["throughput_samples_s"],
+              "note": "2 processes x 1 thread share the 2 cores the 1-process baseline uses with 2 threads; "
+                      "times need a quiet machine", "modes": rows}
+    report(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
