@@ -68,6 +68,22 @@ def _sdpa(op, ins, outs, args) -> int:
     return sdpa_flops(ins[0], ins[1], ins[2])
 
 
+@_register("convolution_backward")
+def _conv_backward(op, ins, outs, args) -> int:
+    # the input gradient is a transposed convolution and the weight gradient a convolution of
+    # the same size as the forward: each costs the forward's FLOPs, counted when asked for
+    # (output_mask: input, weight, bias)
+    fwd = _conv("convolution", [ins[1], ins[2]], [ins[0]], (None,) * 6 + (args[7],))
+    return fwd * (int(bool(args[10][0])) + int(bool(args[10][1])))
+
+
+@_register("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
+           "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention_backward")
+def _sdpa_backward(op, ins, outs, args) -> int:
+    # the gradients of both matmuls (Q K^T and P V) each take two matmuls of the forward's size
+    return 2 * sdpa_flops(ins[1], ins[2], ins[3])
+
+
 def sdpa_flops(q: Shape, k: Shape, v: Shape) -> int:
     """Q @ K^T then P @ V: 2*B*H*Sq*Sk*(Dqk + Dv); K and V may have fewer heads (GQA)."""
     *batch, s_q, d_qk = q

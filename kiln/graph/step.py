@@ -14,6 +14,7 @@ are graph inputs shaped as the real optimizer makes them, not zeros created insi
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class StepGraph:
     precision: Precision
     checkpointed: tuple[str, ...] = ()
     model_params: dict[str, int] = field(default_factory=dict)   # FQN -> numel
+    counter_bytes: int = 0               # the optimizer's 0-d states (step counters), kept out of the graph
 
 
 def default_loss(output: Any) -> torch.Tensor:
@@ -238,8 +240,9 @@ def capture_step(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
         a, kw = pytree.tree_unflatten(list(it), in_spec)
         leaves = [p_vals[n].requires_grad_() for n in trainable]
         # the traced weights stay in the model through the backward: checkpointing's recompute reads them there
-        with tagger, _wrapped(model, checkpointed, tagger), _reparametrize_module(model, {**p_vals, **b_vals}):
-            out = model(*(_cast(x, dtype) for x in a), **{k: _cast(v, dtype) for k, v in kw.items()})
+        with tagger, checkpointed_forwards(model, checkpointed, tagger.stack), _reparametrize_module(model, {**p_vals, **b_vals}, tie_weights=True):
+            with autocast(dtype):
+                out = model(*(_cast(x, dtype) for x in a), **{k: _cast(v, dtype) for k, v in kw.items()})
             loss = loss_fn(out)
             tagger.phase = Phase.BACKWARD
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -259,11 +262,13 @@ def capture_step(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
     finally:
         for h in handles:
             h.remove()
+    counters = sum(t.numel() * t.element_size() for n in trainable for t in layouts[n].values() if t.dim() == 0)
     return _step_graph(gm, name, tagger, kinds, list(params) + bnames, trainable, result["grads"],
-                       optimizer, precision, checkpointed, {n: p.numel() for n, p in params.items()})
+                       optimizer, precision, checkpointed, {n: p.numel() for n, p in params.items()}, counters)
 
 
-def _step_graph(gm, name, tagger, kinds, fqns, trainable, grads, optimizer, precision, checkpointed, numels) -> StepGraph:
+def _step_graph(gm, name, tagger, kinds, fqns, trainable, grads, optimizer, precision, checkpointed, numels,
+                counters) -> StepGraph:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     input_kinds = {n.name: k for n, k in zip(placeholders, kinds)}
     to_param = {n.name: f for n, f, k in zip(placeholders, fqns, kinds) if k is InputKind.WEIGHT}
@@ -278,7 +283,7 @@ def _step_graph(gm, name, tagger, kinds, fqns, trainable, grads, optimizer, prec
             tags[n.name] = last = tagger.tags.get(n.name, last)
     program = _TracedProgram(gm, _SignatureShim(to_param, to_buffer, {}))
     graph = Graph(program, name=name)    # kiln's Graph reads only the program's graph and signature
-    return StepGraph(graph, tags, input_kinds, gradients, optimizer, precision, checkpointed, numels)
+    return StepGraph(graph, tags, input_kinds, gradients, optimizer, precision, checkpointed, numels, counters)
 
 
 def _update(optimizer, trainable, leaves, grads, layouts, s_vals, m_vals, untraced: set[int]) -> None:
@@ -296,25 +301,33 @@ def _update(optimizer, trainable, leaves, grads, layouts, s_vals, m_vals, untrac
         p.detach().copy_(m)
 
 
+def autocast(dtype):
+    """bf16 runs also autocast the forward, so a model that makes fp32 tensors of its own (a
+    mask, a position table) still meets its bf16 weights in bf16 matmuls."""
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def _cast(x, dtype):
     if dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
         return x.to(dtype)
     return x
 
 
-class _wrapped:
-    """Runs the named submodules' forwards under torch.utils.checkpoint (non-reentrant)."""
+class checkpointed_forwards:
+    """Runs the named submodules' forwards under torch.utils.checkpoint (non-reentrant), in
+    the traced step and in a measured eager one alike; `stack` (the tracer's module stack)
+    learns whose ops a recomputation runs."""
 
-    def __init__(self, model: torch.nn.Module, names: tuple[str, ...], tagger: _Tagger):
+    def __init__(self, model: torch.nn.Module, names: tuple[str, ...], stack: list[str] | None = None):
         self.mods = [(n, model.get_submodule(n)) for n in names]
-        self.tagger = tagger
+        self.stack = stack if stack is not None else []
 
     def __enter__(self):
         for name, m in self.mods:
             m.forward = self._checkpointed(name, m.forward)
 
     def _checkpointed(self, name: str, inner: Callable) -> Callable:
-        stack = self.tagger.stack
+        stack = self.stack
 
         def run(*a, **k):   # the recomputation bypasses the module's hooks: say whose ops they are
             stack.append(name)
