@@ -80,8 +80,10 @@ def _conv_backward(op, ins, outs, args) -> int:
 @_register("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
            "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention_backward")
 def _sdpa_backward(op, ins, outs, args) -> int:
-    # the gradients of both matmuls (Q K^T and P V) each take two matmuls of the forward's size
-    return 2 * sdpa_flops(ins[1], ins[2], ins[3])
+    # as flop_counter counts a fused kernel's backward: the scores Q K^T recomputed, then two
+    # matmuls for the gradients of each of the forward's two: 2*B*H*Sq*Sk*(3*Dqk + 2*Dv)
+    q, k, v = ins[1], ins[2], ins[3]
+    return 2 * prod(q[:-2]) * q[-2] * k[-2] * (3 * q[-1] + 2 * v[-1])
 
 
 def sdpa_flops(q: Shape, k: Shape, v: Shape) -> int:
