@@ -125,8 +125,10 @@ class _Tagger(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if tensors and all(id(t) in self.untraced for t in tensors):
-            # a step counter: counted and read with .item() by the optimizer, kept out of the graph
+        if (tensors and all(id(t) in self.untraced for t in tensors)) or func is torch.ops.aten._local_scalar_dense.default:
+            # a step counter, counted and read with .item() by the optimizer, is kept out of the
+            # graph; a data-dependent scalar (a mask check's .item()) is read from the example
+            # batch, so the graph is specialised to it, as torch.export specialises on its input
             with disable_proxy_modes_tracing():
                 return func(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
