@@ -58,6 +58,8 @@ CASES = [
     ("analyze", ["analyze", "zoo:mlp", "--hardware", "FILE"], "FILE"),
     ("analyze", ["analyze", "zoo:mlp", "--hardware", "tpu-v9"], "tpu-v9"),
     ("analyze", ["analyze", "zoo:mlp", "--input-shape", "4xabc"], "4xabc"),
+    ("analyze", ["analyze", "zoo:mlp", "--train", "--optimizer", "adamx"], "adamx"),
+    ("analyze", ["analyze", "zoo:mlp", "--train", "--mixed-precision", "fp8"], "fp8"),
     ("analyze", ["analyze", "zoo:mlp", "--no-measure", "KILN_HOME=FILE"], "KILN_HOME"),
     ("train", ["train", "zoo:mlp", "--threads", "-2", "--out", "NEW"], "threads"),
     ("train", ["train", "zoo:mlp", "--batch-size", "-4", "--out", "NEW"], "batch"),

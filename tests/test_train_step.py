@@ -2,6 +2,7 @@
 eager PyTorch: FLOPs against torch.utils.flop_counter on `loss.backward()`, memory against
 storage accounting of a real step (kiln.analysis.step_oracle), ZeRO's 2+2+12 bytes."""
 import copy
+import json
 
 import pytest
 import torch
@@ -165,3 +166,20 @@ HF_TYPES = ["bert", "roberta", "albert", "deberta-v2", "modernbert", "gpt2", "ll
 @pytest.mark.parametrize("spec", _zoo() + [f"hf-config:{t}" for t in HF_TYPES])
 def test_backward_flops_equal_flop_counter_everywhere(spec):
     _exact(spec)
+
+
+def test_cli_train_json_is_the_analysis_and_prints_zeros_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from kiln.cli.main import app
+
+    out = tmp_path / "step.json"
+    result = CliRunner().invoke(app, ["analyze", "zoo:mlp", "--train", "-H", "h100", "--mixed-precision", "bf16",
+                                      "--optimizer", "adam", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2 + 2 + 12 = 16 bytes" in result.output
+    data = json.loads(out.read_text())
+    loaded = load("zoo:mlp")
+    a = analyze_step(loaded.model, loaded.example_inputs, loaded.example_kwargs, precision="bf16", optimizer="adam")
+    assert data["backward"]["flops"] == a.backward.flops and data["memory"]["peak_bytes"] == a.memory.peak_bytes
+    assert data["backward"]["roofline_s"] > 0 and data["bytes_per_param"]["optimizer_states"] == 12.0
