@@ -48,6 +48,7 @@ class ModuleCost:
     forward_flops: int
     backward_flops: int      # autograd's backward ops attributed to this module's forward
     recompute_flops: int     # its forward re-run in the backward by activation checkpointing
+    saved_bytes: int = 0     # activations its forward ops made that the backward reads
 
 
 @dataclass(frozen=True)
@@ -120,13 +121,15 @@ class StepAnalysis:
     def by_module(self, depth: int | None = None) -> dict[str, ModuleCost]:
         """Module costs rolled up to `depth` dotted components (None: as recorded)."""
         out: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        saved: dict[str, int] = defaultdict(int)
         for m in self.modules:
             key = m.module if depth is None else ".".join(m.module.split(".")[:depth])
             row = out[key]
             row[0] += m.forward_flops
             row[1] += m.backward_flops
             row[2] += m.recompute_flops
-        return {k: ModuleCost(k, *v) for k, v in out.items()}
+            saved[key] += m.saved_bytes
+        return {k: ModuleCost(k, *v, saved[k]) for k, v in out.items()}
 
     def to_json(self) -> dict:
         phase = lambda p: {"flops": p.flops, "bytes": p.bytes, "roofline_s": p.roofline_s}  # noqa: E731
@@ -141,7 +144,7 @@ class StepAnalysis:
                        "step_counter_bytes": mem.counter_bytes},
             "bytes_per_param": self.bytes_per_param(),
             "modules": [{"module": m.module, "forward_flops": m.forward_flops, "backward_flops": m.backward_flops,
-                         "recompute_flops": m.recompute_flops} for m in self.modules],
+                         "recompute_flops": m.recompute_flops, "saved_bytes": m.saved_bytes} for m in self.modules],
             "uncounted_ops": list(self.uncounted_ops),
         }
 
@@ -183,10 +186,12 @@ def analyze_step_graph(step: StepGraph, hardware: HardwareProfile | None = None)
     backward = PhaseCost(bwd.flops + rec.flops, bwd.bytes + rec.bytes,
                          bwd.roofline_s + rec.roofline_s if rf else None)
     trainable = sum(step.model_params.get(f, 0) for f in step.gradients)
+    memory, saved = _memory(step)
+    names = list(modules) + [k for k in saved if k not in modules]
     return StepAnalysis(
         step.optimizer, step.precision.value, step.checkpointed, trainable,
         cost[Phase.FORWARD], backward, rec, cost[Phase.OPTIMIZER],
-        tuple(ModuleCost(k, *v) for k, v in modules.items()), step_memory(step),
+        tuple(ModuleCost(k, *modules.get(k, (0, 0, 0)), saved.get(k, 0)) for k in names), memory,
         hardware.name if hardware else None, record.uncounted_ops)
 
 
@@ -207,6 +212,11 @@ def _aliased_input(fx_node: torch.fx.Node) -> torch.fx.Node | None:
 
 def step_memory(step: StepGraph) -> StepMemory:
     """Liveness of every allocation over the step's schedule, each with its kind (module doc)."""
+    return _memory(step)[0]
+
+
+def _memory(step: StepGraph) -> tuple[StepMemory, dict[str, int]]:
+    """The step's memory, and the saved activations' bytes per module that made them."""
     graph = step.graph
     owner: dict[str, str | None] = {}          # node -> the allocation it lives in (None: persistent)
     size: dict[str, int] = {}
@@ -251,7 +261,11 @@ def step_memory(step: StepGraph) -> StepMemory:
     kind = {o: "gradients" if o in grads else "activations" if o in read_in_backward else "temporaries"
             for o in size}
     persistent["optimizer_states"] += step.counter_bytes
-    return _timeline(nodes, step, size, born, last, kind, dict(persistent))
+    saved: dict[str, int] = defaultdict(int)
+    for o, k in kind.items():
+        if k == "activations":
+            saved[step.tags[o].module] += size[o]
+    return _timeline(nodes, step, size, born, last, kind, dict(persistent)), dict(saved)
 
 
 def _timeline(nodes, step, size, born, last, kind, persistent) -> StepMemory:
