@@ -25,8 +25,7 @@ import torch
 
 from kiln.analysis.cost import AnnotateCost
 from kiln.analysis.roofline import _compute_dtype, node_roofline
-from kiln.graph.node import NodeKind
-from kiln.graph.step import InputKind, Phase, Precision, StepGraph, capture_step, checkpoint_targets, default_loss
+from kiln.graph.step import Phase, Precision, StepGraph, capture_step, checkpoint_targets, default_loss
 from kiln.hardware.profiles import HardwareProfile
 
 
