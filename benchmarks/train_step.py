@@ -2,7 +2,7 @@
 torch.utils.flop_counter on `loss.backward()` (share of models exact), and the memory of a
 step per kind against storage accounting of a real eager step (error per kind).
 
-    .venv/bin/python benchmarks/train_step.py [--json PATH] [--specs zoo:gpt,hf-config:bert] [--quick]
+    .venv/bin/python benchmarks/train_step.py [--json PATH [--append]] [--specs zoo:gpt,hf-config:bert] [--quick]
 
 Every zoo model and every transformers type in --types (default: the 28 of the FLOPs
 benchmark) runs one AdamW step (fp32; and for zoo:gpt also bf16 and checkpointed). Nothing
@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import write_with_history  # noqa: E402
 from kiln.analysis.step_oracle import measure_step  # noqa: E402
 from kiln.analysis.train_step import KINDS, analyze_step  # noqa: E402
 from kiln.models.spec import load  # noqa: E402
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--specs", default=None, help="comma-separated specs (default: every zoo model and HF type)")
     ap.add_argument("--quick", action="store_true", help="three small models only (a check that it runs)")
+    ap.add_argument("--append", action="store_true", help="add to the rows already in --json (runs split over processes)")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.quick:
@@ -100,19 +102,21 @@ def main() -> None:
     else:
         specs = [f"zoo:{n}" for n in ZOO.names()] + [f"hf-config:{t}" for t in HF_TYPES]
     rows = []
-    for spec in specs:
-        rows.append(one(spec))
-        r = rows[-1]
-        print(spec, r.get("error") or f"backward {'exact' if r['backward_exact'] else 'DIFF'} "
-              f"{r['backward_flops']} vs {r['backward_flops_measured']}; peak {r['peak_error']:+.1%}", flush=True)
+    runs = [(s, False, "fp32") for s in specs]
     if "zoo:gpt" in specs:
-        for ck, prec in ((True, "fp32"), (False, "bf16"), (True, "bf16")):
-            rows.append(one("zoo:gpt", ck, prec))
-            print("zoo:gpt", ck, prec, rows[-1].get("error") or rows[-1]["kind_error"], flush=True)
-    summary = summarise(rows)
-    print(summary)
-    if args.json:
-        write_with_history(args.json, {"summary": summary, "rows": rows})
+        runs += [("zoo:gpt", True, "fp32"), ("zoo:gpt", False, "bf16"), ("zoo:gpt", True, "bf16")]
+    for spec, ck, prec in runs:
+        rows.append(one(spec, ck, prec))
+        r = rows[-1]
+        print(spec, ck, prec, r.get("error") or f"backward {'exact' if r['backward_exact'] else 'DIFF'} "
+              f"{r['backward_flops']} vs {r['backward_flops_measured']}; peak {r['peak_error']:+.1%}", flush=True)
+        if args.json:   # after every model: a long run cut short keeps what it measured
+            path = Path(args.json)
+            done = json.loads(path.read_text()).get("rows", []) if args.append and path.is_file() else []
+            keep = [d for d in done if (d["spec"], d["checkpoint"], d["precision"]) != (spec, ck, prec)]
+            all_rows = keep + [r] if args.append else rows
+            path.write_text(json.dumps({"summary": summarise(all_rows), "rows": all_rows}, indent=2))
+    print(summarise(rows))
 
 
 if __name__ == "__main__":

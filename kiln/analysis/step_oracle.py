@@ -3,7 +3,8 @@
 - FLOPs: torch.utils.flop_counter's FlopCounterMode around the forward and loss, and around
   `loss.backward()` alone (checkpointing's recomputation runs there), with the CPU fused
   attention ops given flop_counter's GPU formulas (as `kiln.analysis.oracle` does) and its
-  grouped-convolution weight gradient divided by the groups it over-counts by.
+  grouped-convolution weight gradient divided by the groups it over-counts by; a
+  mixture-of-experts model runs its experts as the eager loop flop_counter can see.
 - Memory: every storage the step allocates is seen as it is made (a TorchDispatchMode over
   the step's ops) and as it is freed (a weakref callback on the storage), giving the live
   bytes after each op. Weights, buffers, the optimizer's states and the batch exist before
@@ -25,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop, sdpa_backward_flop_count
 
 from kiln.analysis.flops import sdpa_custom_mapping
+from kiln.analysis.oracle import eager_experts
 from kiln.analysis.train_step import KINDS, MemoryByKind
 from kiln.graph.step import Precision, autocast, checkpointed_forwards, default_loss, make_optimizer
 
@@ -105,7 +107,7 @@ def measure_step(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     kwargs = dict(kwargs or {})
     precision = Precision(precision)
     dtype = torch.bfloat16 if precision is Precision.BF16 else None
-    model = model.train()
+    model = eager_experts(model).train()   # flop_counter cannot see the grouped-matmul experts
     if dtype:
         model = model.to(dtype)
     params = [p for p in model.parameters() if p.requires_grad]
