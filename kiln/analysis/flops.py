@@ -47,8 +47,14 @@ def _addmm(op, ins, outs, args) -> int:
 def _grouped_mm(op, ins, outs, args) -> int:
     # mixture-of-experts: tokens (S, K) sorted by expert times per-expert weights (E, K, N);
     # every token row meets exactly one expert's matrix, so 2*S*K*N
-    x, w = ins[0], ins[1]
-    return 2 * prod(outs[0]) * x[-1] if len(x) == 2 and len(w) == 3 else 2 * prod(outs[0]) * w[-2]
+    x, w, out = ins[0], ins[1], outs[0]
+    if len(x) == 2 and len(w) == 3:
+        return 2 * prod(out) * x[-1]
+    if len(x) == 2 and len(w) == 2 and len(out) == 3:
+        # the weight gradient (K, S) x (S, N) -> (E, K, N): each token's row contributes to its
+        # own expert's gradient only, so 2*K*N*S, not E times that
+        return 2 * prod(out[1:]) * x[-1]
+    return 2 * prod(out) * w[-2]
 
 
 @_register("convolution", "_convolution", "conv1d", "conv2d", "conv3d",
