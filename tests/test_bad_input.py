@@ -73,6 +73,8 @@ CASES = [
     ("analyze", ["analyze", "zoo:mlp", "--hardware", "FILE"], "FILE"),
     ("analyze", ["analyze", "zoo:mlp", "--hardware", "tpu-v9"], "tpu-v9"),
     ("analyze", ["analyze", "zoo:mlp", "--input-shape", "4xabc"], "4xabc"),
+    ("analyze", ["analyze", "zoo:mlp", "--train", "--optimizer", "adamx"], "adamx"),
+    ("analyze", ["analyze", "zoo:mlp", "--train", "--mixed-precision", "fp8"], "fp8"),
     ("analyze", ["analyze", "zoo:mlp", "--no-measure", "KILN_HOME=FILE"], "KILN_HOME"),
     ("analyze", ["analyze", "preset:llama4-2t", "--no-measure"], "unknown preset 'llama4-2t'; known: bert-large"),
     ("analyze", ["analyze", "preset:llama3-8b?hidden_sise=8", "--no-measure"], "hidden_sise"),

@@ -47,8 +47,14 @@ def _addmm(op, ins, outs, args) -> int:
 def _grouped_mm(op, ins, outs, args) -> int:
     # mixture-of-experts: tokens (S, K) sorted by expert times per-expert weights (E, K, N);
     # every token row meets exactly one expert's matrix, so 2*S*K*N
-    x, w = ins[0], ins[1]
-    return 2 * prod(outs[0]) * x[-1] if len(x) == 2 and len(w) == 3 else 2 * prod(outs[0]) * w[-2]
+    x, w, out = ins[0], ins[1], outs[0]
+    if len(x) == 2 and len(w) == 3:
+        return 2 * prod(out) * x[-1]
+    if len(x) == 2 and len(w) == 2 and len(out) == 3:
+        # the weight gradient (K, S) x (S, N) -> (E, K, N): each token's row contributes to its
+        # own expert's gradient only, so 2*K*N*S, not E times that
+        return 2 * prod(out[1:]) * x[-1]
+    return 2 * prod(out) * w[-2]
 
 
 @_register("convolution", "_convolution", "conv1d", "conv2d", "conv3d",
@@ -66,6 +72,24 @@ def _conv(op, ins, outs, args) -> int:
            "_scaled_dot_product_cudnn_attention")
 def _sdpa(op, ins, outs, args) -> int:
     return sdpa_flops(ins[0], ins[1], ins[2])
+
+
+@_register("convolution_backward")
+def _conv_backward(op, ins, outs, args) -> int:
+    # the input gradient is a transposed convolution and the weight gradient a convolution of
+    # the same size as the forward: each costs the forward's FLOPs, counted when asked for
+    # (output_mask: input, weight, bias)
+    fwd = _conv("convolution", [ins[1], ins[2]], [ins[0]], (None,) * 6 + (args[7],))
+    return fwd * (int(bool(args[10][0])) + int(bool(args[10][1])))
+
+
+@_register("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
+           "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention_backward")
+def _sdpa_backward(op, ins, outs, args) -> int:
+    # as flop_counter counts a fused kernel's backward: the scores Q K^T recomputed, then two
+    # matmuls for the gradients of each of the forward's two: 2*B*H*Sq*Sk*(3*Dqk + 2*Dv)
+    q, k, v = ins[1], ins[2], ins[3]
+    return 2 * prod(q[:-2]) * q[-2] * k[-2] * (3 * q[-1] + 2 * v[-1])
 
 
 def sdpa_flops(q: Shape, k: Shape, v: Shape) -> int:

@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from kiln.analysis.flops import sdpa_custom_mapping
 from kiln.models.loaded import LoadedModel
 
 
-def flop_counter_flops(loaded: LoadedModel, count_cpu_attention: bool = True) -> int:
-    model = loaded.model
+def eager_experts(model: torch.nn.Module) -> torch.nn.Module:
+    """The model (a copy where it changes) running its mixture-of-experts as the eager loop of
+    plain matmuls flop_counter sees, instead of transformers' opaque grouped-matmul op."""
     config = getattr(model, "config", None)
     if getattr(config, "_experts_implementation", None) not in (None, "eager"):
         model = copy.deepcopy(model)
         for module in model.modules():
             if hasattr(module, "config"):
                 module.config._experts_implementation = "eager"
+    return model
+
+
+def flop_counter_flops(loaded: LoadedModel, count_cpu_attention: bool = True) -> int:
+    model = eager_experts(loaded.model)
     mapping = sdpa_custom_mapping() if count_cpu_attention else {}
     # not under no_grad: flop_counter's module tracker trips on some models (deberta-v2) there
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:

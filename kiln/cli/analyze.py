@@ -39,6 +39,10 @@ def analyze(
     top: int = typer.Option(12, min=0, help="How many of the costliest ops to list."),
     meta: Optional[bool] = typer.Option(None, "--meta/--weights", help="Build without weights (meta device) or "
                                         "with them; default: without when a config-built model's weights would not fit."),
+    train: bool = typer.Option(False, "--train", help="Analyse a whole training step (forward, loss, backward, optimizer)."),
+    optimizer: str = typer.Option("adamw", help="With --train: a torch.optim optimizer (adamw, adam, sgd, ...)."),
+    checkpoint_activations: bool = typer.Option(False, "--checkpoint-activations", help="With --train: checkpoint the repeated blocks."),
+    mixed_precision: str = typer.Option("fp32", "--mixed-precision", help="With --train: fp32 or bf16 (bf16 weights/grads, fp32 master)."),
 ) -> None:
     """Shapes, parameters, FLOPs, bytes, memory, roofline and measured per-op time of a model."""
     from kiln.errors import KilnError
@@ -52,6 +56,12 @@ def analyze(
 
     from kiln.hardware.profiles import available, load_profile
 
+    if train:   # bad step options fail before the model loads
+        from kiln.graph.step import Precision, optimizer_class
+
+        optimizer_class(optimizer)
+        if mixed_precision not in {p.value for p in Precision}:
+            raise KilnError(f"--mixed-precision {mixed_precision!r}: expected {' or '.join(p.value for p in Precision)}")
     for item in input_shape or []:   # malformed shapes fail before the model loads
         parse_shape(item.rpartition("=")[2])
     if hardware != "local" or "local" in available():
@@ -59,6 +69,14 @@ def analyze(
     target = load_target(spec, list(input_shape or []), meta)
     loaded, no_weights = target.loaded, target.no_weights
     hw = _hardware(hardware)
+    if train:
+        from kiln.cli import analyze_train
+
+        with progress(f"analysing a training step of {spec}"):
+            step = analyze_train.run(loaded, hw, optimizer, checkpoint_activations, mixed_precision)
+        analyze_train.print_step(loaded.spec, step)
+        _write({json_path: ("json", step.to_json())} if json_path else {})
+        return
     with progress(f"analysing {spec}") as update:
         result = run_analysis(loaded, hw, measure_time=measure, progress=update, execution=target.execution)
     base = base_analysis(target, list(input_shape or []), hw) if target.base_spec else None
