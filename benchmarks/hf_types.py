@@ -16,6 +16,7 @@ through the generic path too, to see which recipes it makes unnecessary.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -55,7 +56,10 @@ def measure(model_type: str, generic: bool) -> dict:
         loaded = load_hf_config(model_type, {}, f"hf-config:{model_type}", generic=generic)
     except KilnError as exc:
         return row | {"stage": _load_stage(str(exc)), "error": str(exc), "seconds": time.perf_counter() - t0}
+    modal = {"input_ids", "pixel_values", "input_values", "input_features", "pixel_values_videos"}
+    accepted = set(inspect.signature(loaded.model.forward).parameters)
     row |= {"family": loaded.family, "params": sum(p.numel() for p in loaded.model.parameters()),
+            "unused_modalities": sorted((modal & accepted) - set(loaded.example_kwargs)),
             "inputs": {k: list(v.shape) for k, v in loaded.example_kwargs.items() if isinstance(v, torch.Tensor)}}
     try:
         graph = capture(loaded)
@@ -182,6 +186,7 @@ def summarise(rows: dict, types: list[str]) -> dict:
         "captured": len(captured), "captured_and_exact": len(ok),
         "share_exact_of_surveyed": round(len(ok) / max(len(main), 1), 4),
         "within_1pct": sum(r.get("rel_error", 1) <= 0.01 for r in captured),
+        "exact_with_a_modality_unused": sorted(r["type"] for r in ok if r.get("unused_modalities")),
         "failures_by_cause": dict(Counter(cause(r) for r in main if r["stage"] != "ok").most_common()),
         "recipes_the_generic_path_matches": sorted(t for t in types if rows.get((t, True), {}).get("stage") == "ok"),
     }
@@ -194,6 +199,7 @@ def main() -> None:
     parser.add_argument("--rows", default=str(ROWS))
     parser.add_argument("--generic", action="store_true", help="also build recipe types the generic way")
     parser.add_argument("--no-write", action="store_true", help="leave the summary and survey.json alone")
+    parser.add_argument("--report", action="store_true", help="measure nothing: summarise the rows so far")
     parser.add_argument("--retry", default="", help="comma-separated stages whose rows are measured again")
     parser.add_argument("--shard", default="0/1", help="I/N: only every N-th type from the I-th (for N runs at once)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -215,8 +221,9 @@ def main() -> None:
         keep = [line for line in rows.read_text().splitlines()
                 if line.strip() and normalise(json.loads(line))["stage"] not in again]
         rows.write_text("".join(line + "\n" for line in keep))
-    run_all(types[index::count], rows, args.timeout, False)
-    if args.generic:
+    if not args.report:
+        run_all(types[index::count], rows, args.timeout, False)
+    if args.generic and not args.report:
         run_all([t for t in types if t in SUPPORTED], rows, args.timeout, True)
     found = done_rows(rows)
     summary = summarise(found, types)

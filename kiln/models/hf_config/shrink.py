@@ -27,7 +27,7 @@ _WIDTH = re.compile(
     r"intermediate_size|ffn_dim|d_ff|d_inner|n_inner|projection_dim|out_hidden_size|mlp_dim|"
     r"kv_lora_rank|q_lora_rank|conv_dim|neck_hidden_sizes|word_embed_proj_dim|codevector_dim|"
     r"classifier_proj_size|feedforward_dim|dim_feedforward|ffn_hidden_size|kv_channels|"
-    r"proj_codevector_dim|output_hidden_size|channels|filters|hidden_units)$")
+    r"proj_codevector_dim|output_hidden_size|channels|filters|hidden_units|out_features)$")
 # Input channels, sample counts and the like that must keep their value although they match.
 _NOT_WIDTH = re.compile(r"^(num_channels|in_channels|audio_channels|input_channels|num_input_channels|"
                         r"out_channels|output_channels|image_channels|num_mel_bins|feature_size)$")
@@ -45,6 +45,7 @@ _SHARED_EXPERTS = re.compile(r"^(n_shared_experts|num_shared_experts|moe_num_sha
 _GROUPS = re.compile(r"^(n_group|topk_group|num_expert_group)$")  # DeepSeek's grouped routing: one group
 _DENSE_FIRST = re.compile(r"^(first_k_dense_replace|num_dense_layers)$")  # keep one dense, one MoE layer
 
+_FEATURE_LAYER = re.compile(r"^vision_feature_layers?$")  # a layer index: must stay inside the shrunk tower
 MAX_IMAGE = 512
 LAYERS, EXPERTS, ACTIVE = 2, 4, 2
 
@@ -61,6 +62,15 @@ class Factors:
         return self.width // self.heads
 
 
+def field(config, name: str) -> Any:
+    """config.name, or None where reading it raises (gemma4's per-layer attributes refuse the
+    config-wide read: each layer's config has its own)."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - any refusal means: not a plain field here
+        return None
+
+
 def is_config(value: Any) -> bool:
     return hasattr(value, "to_dict") and hasattr(value, "model_type") and dataclasses.is_dataclass(value)
 
@@ -69,7 +79,7 @@ def walk(config) -> list:
     """The config and every nested sub-config (text, vision, audio, decoder, ...)."""
     out = [config]
     for f in dataclasses.fields(config):
-        value = getattr(config, f.name, None)
+        value = field(config, f.name)
         if is_config(value):
             out += walk(value)
     return out
@@ -98,7 +108,7 @@ def choose_width(config, target: int = 64) -> int:
     """The one width divisor of the whole tree: brings the widest hidden size near `target`
     (one divisor for all sub-configs keeps the widths that must match across them equal)."""
     hidden = [v for c in walk(config) for n in ("hidden_size", "d_model", "n_embd", "embed_dim", "hidden_sizes")
-              for v in _ints(getattr(c, n, None))]
+              for v in _ints(field(c, n))]
     return 1 << max(0, int(math.log2(max(hidden) / target))) if hidden else 1
 
 
@@ -107,7 +117,7 @@ def node_factors(config, width: int) -> Factors:
     as large (smaller ones become 1, so grouped-query ratios still divide), at most `width`,
     stopping once per-head sizes are divided by 8 or less."""
     counts = [v for f in dataclasses.fields(config) if _kind(f.name) == "heads"
-              for v in _ints(getattr(config, f.name, None)) if v > 0]
+              for v in _ints(field(config, f.name)) if v > 0]
     heads = 1
     while heads * 2 <= width and width // heads > 8 and all(c % (heads * 2) == 0 or c < heads * 2 for c in counts):
         heads *= 2
@@ -143,6 +153,8 @@ def shrink_value(name: str, value: Any, factors: Factors) -> Any:
         return type(value)(min(v, 1) for v in value)
     if isinstance(value, int):
         return _count(name, value)
+    if _FEATURE_LAYER.match(name):
+        return type(value)(_count(name, v) for v in value)
     return value
 
 
@@ -155,6 +167,8 @@ def _count(name: str, value: int) -> int:
         return min(value, ACTIVE)
     if (_SHARED_EXPERTS.match(name) or _GROUPS.match(name)) and value > 0:
         return 1
+    if _FEATURE_LAYER.match(name) and value >= LAYERS:
+        return LAYERS - 1
     if _DENSE_FIRST.match(name) and value > 0:
         return min(value, LAYERS - 1)
     return value
@@ -166,10 +180,20 @@ def _rope(params: dict, factors: Factors) -> dict:
     for key, value in params.items():
         if isinstance(value, dict):
             out[key] = _rope(value, factors)
-        elif key in ("mrope_section", "rotary_dim") and _ints(value):
+        elif key == "mrope_section" and _ints(value) and len(_ints(value)) == len(value):
+            out[key] = _split(list(value), factors.head_dim)
+        elif key == "rotary_dim" and _ints(value):
             out[key] = _scaled(value, factors.head_dim)
         else:
             out[key] = value
+    return out
+
+
+def _split(parts: list[int], by: int) -> list[int]:
+    """Sections that still sum to their total / `by` (the rotary half of the shrunk head)."""
+    total = max(len(parts), sum(parts) // by)
+    out = [max(1, p * total // sum(parts)) for p in parts]
+    out[0] += total - sum(out)
     return out
 
 
@@ -186,9 +210,10 @@ def _image(config, kwargs: dict) -> None:
 
 
 def _per_layer(value: Any, old: int, new: int) -> Any:
-    """A per-layer list (layer_types, block types...): one of each kind first, then in order."""
+    """A per-layer list (layer_types, block types...): one of each kind (at most 4), then in order."""
     if not isinstance(value, (list, tuple)) or len(value) != old or new >= old:
         return value
+    new = max(new, min(len(set(map(repr, value))), 4))
     picked, seen = [], []
     for i, v in enumerate(value):
         if v not in seen:
@@ -207,9 +232,13 @@ def shrink_kwargs(config, width: int) -> dict:
     for f in dataclasses.fields(config):
         if f.name.startswith("_") or not f.init:
             continue
-        value = getattr(config, f.name, None)
-        if is_config(value) or f.default is None:
+        value = field(config, f.name)
+        if is_config(value) or (f.default is None and not isinstance(value, dict)):
             continue  # sub-configs are rebuilt by the caller; None-defaults are derived
+        if f.default is None:  # a derived rope dict: only its sections are rescaled
+            if _rope(value, factors) != value:
+                out[f.name] = _rope(value, factors)
+            continue
         new = shrink_value(f.name, value, factors)
         if new is not value and new != value or _differs(f, value):
             out[f.name] = new
@@ -219,6 +248,11 @@ def shrink_kwargs(config, width: int) -> dict:
         for name, value in list(out.items()):
             if name not in ("depths",):
                 out[name] = _per_layer(value, layers_old, layers_new)
+        longest = max((len(v) for n, v in out.items() if isinstance(v, (list, tuple))
+                       and len(v) > layers_new and len(v) < layers_old), default=0)
+        for name in ("num_hidden_layers", "num_layers", "n_layer"):
+            if name in out and longest:
+                out[name] = longest  # one layer of each kind (zamba: mamba, hybrid, attention)
     _image(config, out)
     return out
 
