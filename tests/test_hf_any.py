@@ -125,6 +125,21 @@ def test_survey_file_matches_what_kiln_models_hf_reads():
     assert sum(v.stage != "not surveyed" for v in verdicts) == len(set(data["types"]) & set(all_types()))
 
 
+def test_kiln_models_hf_lists_every_type_with_its_verdict(tmp_path):
+    from typer.testing import CliRunner
+
+    from kiln.cli.main import app
+
+    result = CliRunner().invoke(app, ["models", "--hf", "--json", str(tmp_path / "t.json")])
+    assert result.exit_code == 0, result.output
+    assert "capture with FLOPs exact" in result.output
+    data = json.loads((tmp_path / "t.json").read_text())
+    rows = {r["type"]: r for r in data["types"]}
+    assert set(rows) == set(all_types())
+    assert all(r["flops_exact"] <= r["captures"] for r in rows.values())
+    assert all(r["cause"] for r in rows.values() if r["stage"] not in ("ok", "not surveyed"))
+
+
 @pytest.mark.slow
 def test_a_bigger_sample_of_surveyed_ok_types_still_captures_exactly():
     """40 types the survey found exact, drawn at random: still exact (the survey is not stale)."""

@@ -13,6 +13,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
+import importlib.util
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +45,9 @@ def load_hf_config(model_type: str, query: dict[str, str], spec: str, generic: b
     `generic=True` ignores a hand-written recipe (the survey uses it to check which recipes
     the generic path makes unnecessary)."""
     check_sizes(query, spec)   # before transformers is imported (seconds): a bad size fails at once
+    known = _mapped_types_unimported()
+    if known and model_type not in SUPPORTED and model_type not in known:
+        _unknown(model_type, sorted(known | set(SUPPORTED)), spec)
     cls = _config_class(model_type, spec)
     recipe = None if generic else SUPPORTED.get(model_type)
     if recipe is not None:
@@ -123,16 +130,36 @@ def _quiet_transformers():
         logging.set_verbosity(level)
 
 
+@functools.lru_cache(maxsize=1)
+def _mapped_types_unimported() -> frozenset[str]:
+    """MODEL_MAPPING_NAMES's keys read from its source, without importing transformers (tens of
+    seconds on a busy machine): an unknown type fails at once. Empty if the file cannot be read,
+    and then the import decides."""
+    spec = importlib.util.find_spec("transformers")
+    source = Path(spec.origin).parent / "models/auto/modeling_auto.py" if spec and spec.origin else None
+    try:
+        text = source.read_text()
+        block = text[text.index("MODEL_MAPPING_NAMES = OrderedDict("):]
+        block = block[: block.index("\n    ]\n")]
+    except (AttributeError, OSError, ValueError):
+        return frozenset()
+    return frozenset(re.findall(r'^\s*\("([\w.-]+)",', block, flags=re.M))
+
+
 def _config_class(model_type: str, spec: str):
     from transformers import CONFIG_MAPPING
 
     known = all_types()
     if model_type not in known or model_type not in CONFIG_MAPPING:
-        close = difflib.get_close_matches(model_type, known, n=5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise KilnError(f"{spec}: unknown model type {model_type!r} for hf-config; {hint}"
-                        f"{len(known)} types are known (`kiln models --hf` lists them)")
+        _unknown(model_type, known, spec)
     return CONFIG_MAPPING[model_type]
+
+
+def _unknown(model_type: str, known: list[str], spec: str) -> None:
+    close = difflib.get_close_matches(model_type, known, n=5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise KilnError(f"{spec}: unknown model type {model_type!r} for hf-config; {hint}"
+                    f"{len(known)} types are known (`kiln models --hf` lists them)")
 
 
 def _construct(cls, kwargs: dict, spec: str):
