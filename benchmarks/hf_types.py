@@ -164,6 +164,12 @@ def cause(row: dict) -> str:
     text = row.get("error", "")
     if "requires the timm library" in text:
         return f"{row['stage']}: needs timm (not installed: it pulls torchvision and another torch)"
+    argument = re.search(r"forward argument '(\w+)'", text)
+    if argument:
+        return f"inputs: the forward needs {argument.group(1)!r}, which kiln does not build"
+    exported = re.search(r"torch\.export: (\w+)", text)
+    if exported:
+        return f"capture: {exported.group(1)}"
     if row["stage"] == "timeout":
         return "timeout: over the per-type limit (machine shared)"
     found = re.search(r"(\w+(Error|Exception|Exit)|TimeoutError|Unsupported)\b", text)

@@ -27,6 +27,7 @@ from kiln.models.hf_config.generic import default_config, width_ladder, generic_
 from kiln.models.hf_config.inputs import INPUTS, example_inputs, generic_inputs, image_token_counts, with_image_tokens
 from kiln.models.hf_config.query import check_sizes, squash
 from kiln.models.hf_config.recipes import SUPPORTED, recipe_kwargs
+from kiln.models.hf_config.shrink import field
 from kiln.models.loaded import LoadedModel
 
 __all__ = ["SUPPORTED", "all_types", "example_inputs", "load_hf_config"]
@@ -68,9 +69,18 @@ def _generic(cls, query: dict[str, str], spec: str):
     """The shrink ladder (shrink.py): the first size whose model builds and runs wins; a failure
     of every size reports the first one's error (the smallest config's)."""
     base = default_config(cls, spec)
+    try:
+        ladder = width_ladder(base)
+    except Exception as exc:  # noqa: BLE001 - a config the name-based shrink cannot read
+        raise KilnError(f"{spec}: shrinking {cls.__name__} failed: {squash(exc)}") from None
     first_error = None
-    for width in width_ladder(base):
-        config = generic_config(base, width, query, spec)  # a bad query key fails here, at once
+    for width in ladder:
+        try:
+            config = generic_config(base, width, query, spec)  # a bad query key fails here, at once
+        except KilnError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a config the name-based shrink cannot read
+            raise KilnError(f"{spec}: shrinking {cls.__name__} failed: {squash(exc)}") from None
         check_constraints(config, query, spec)
         try:
             with _quiet_transformers():
@@ -205,7 +215,7 @@ _LAYERS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_la
 def _first(config, names: tuple[str, ...]) -> Any:
     for cfg in (config, getattr(config, "vision_config", None), getattr(config, "text_config", None)):
         for name in names:
-            value = getattr(cfg, name, None) if cfg is not None else None
+            value = field(cfg, name) if cfg is not None else None
             if value is not None:
                 return value
     return None
@@ -220,7 +230,7 @@ def _describe(model_type: str, model: torch.nn.Module, config, family: str) -> s
         parts.append(f"hidden {hidden[-1] if isinstance(hidden, (list, tuple)) else hidden}")
     if layers is not None:
         layers = sum(layers) if isinstance(layers, (list, tuple)) else layers
-        decoder = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None)
+        decoder = field(config, "decoder_layers") or field(config, "num_decoder_layers")
         parts.append(f"{layers}+{decoder} layers" if decoder else f"{layers} layers")
     parts.append(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params")
     return ", ".join(parts)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Callable
 
 from kiln.errors import KilnError
-from kiln.models.hf_config.shrink import walk
+from kiln.models.hf_config.shrink import field, walk
 
 _EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _ACTIVE = ("num_experts_per_tok", "num_experts_per_token", "moe_topk")
@@ -18,7 +18,7 @@ _KV = ("num_key_value_heads",)
 
 def _pick(config, names: tuple[str, ...]) -> tuple[str, int] | None:
     for name in names:
-        value = getattr(config, name, None)
+        value = field(config, name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return name, value
     return None
@@ -49,7 +49,7 @@ def _kv_divides(config, queried: set) -> tuple[tuple[str, ...], str] | None:
 
 
 def _patches_tile(config, queried: set) -> tuple[tuple[str, ...], str] | None:
-    image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    image, patch = field(config, "image_size"), field(config, "patch_size")
     if isinstance(image, int) and isinstance(patch, int) and patch > 0 and image % patch:
         return ("image_size", "patch_size"), (f"image_size={image} is not a multiple of patch_size={patch}: "
                                               "the patches must tile the image")

@@ -11,7 +11,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.models.hf_config.query import canonical, known_keys, parse_value, squash, suggest
-from kiln.models.hf_config.shrink import choose_width, is_config, placeholders_in_vocab, shrink_kwargs
+from kiln.models.hf_config.shrink import choose_width, field, is_config, placeholders_in_vocab, shrink_kwargs
 
 
 def default_config(cls, spec: str):
@@ -43,8 +43,8 @@ def generic_config(base, width: int, query: dict[str, str], spec: str):
 def _rebuild(config, width: int, query: dict, spec: str, where: str):
     cls = type(config)
     kwargs = shrink_kwargs(config, width)
-    subs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if is_config(getattr(config, f.name, None))}
+    subs = {f.name: field(config, f.name) for f in dataclasses.fields(config)
+            if is_config(field(config, f.name))}
     for name, sub in subs.items():
         kwargs[name] = _rebuild(sub, width, query.get(name, {}), spec, f"{where}{name}.")
     placeholders_in_vocab(config, kwargs)

@@ -16,7 +16,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.models.hf_config.recipes import SUPPORTED
-from kiln.models.hf_config.shrink import walk
+from kiln.models.hf_config.shrink import field, walk
 
 BATCH, SEQ, DEC_SEQ, AUDIO_SAMPLES = 2, 16, 8, 8000
 
@@ -110,7 +110,7 @@ def generic_inputs(model: torch.nn.Module, config, multimodal: bool = True) -> d
 def _sub(config, *names: str):
     for c in walk(config):
         for name in names:
-            value = getattr(c, name, None)
+            value = field(c, name)
             if value is not None and not isinstance(value, bool):
                 return c, value
     return None, None
@@ -143,7 +143,7 @@ def _pixels(config, gen: torch.Generator) -> torch.Tensor:
     if isinstance(size, dict):
         size = (size.get("height", 224), size.get("width", 224))
     h, w = (size, size) if isinstance(size, int) else tuple(size or (224, 224))[:2]
-    channels = getattr(holder, "num_channels", None) or _sub(config, "num_channels")[1] or 3
+    channels = field(holder, "num_channels") or _sub(config, "num_channels")[1] or 3
     return torch.randn(BATCH, channels, h, w, generator=gen)
 
 
