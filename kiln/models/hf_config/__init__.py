@@ -94,6 +94,7 @@ def _generic(cls, query: dict[str, str], spec: str):
 def _run_generic(model: torch.nn.Module, config, spec: str) -> dict:
     """The generic inputs, or the first variant that runs: image placeholders as many as the
     vision tower yields, mel features time-major (B, frames, bins) instead of (B, bins, frames),
+    raw audio with a channel axis (B, 1, samples),
     the main input alone (the text of a vision-language model). The first error is reported."""
     first = generic_inputs(model, config)
     try:
@@ -102,6 +103,8 @@ def _run_generic(model: torch.nn.Module, config, spec: str) -> dict:
         variants = [with_image_tokens(config, first, n) for n in image_token_counts(config, exc)]
         if "input_features" in first:
             variants.append(dict(first, input_features=first["input_features"].transpose(1, 2).contiguous()))
+        if "input_values" in first:  # codecs take (batch, channels, samples)
+            variants.append(dict(first, input_values=first["input_values"].unsqueeze(1)))
         variants.append(None)  # the main input alone, built only if needed
         for kw in variants:
             with contextlib.suppress(Exception):

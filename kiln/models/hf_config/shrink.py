@@ -27,7 +27,7 @@ _WIDTH = re.compile(
     r"intermediate_size|ffn_dim|d_ff|d_inner|n_inner|projection_dim|out_hidden_size|mlp_dim|"
     r"kv_lora_rank|q_lora_rank|conv_dim|neck_hidden_sizes|word_embed_proj_dim|codevector_dim|"
     r"classifier_proj_size|feedforward_dim|dim_feedforward|ffn_hidden_size|kv_channels|"
-    r"proj_codevector_dim|output_hidden_size|channels|filters|hidden_units|out_features)$")
+    r"proj_codevector_dim|output_hidden_size|channels|filters|hidden_units|out_features|num_groups)$")
 # Input channels, sample counts and the like that must keep their value although they match.
 _NOT_WIDTH = re.compile(r"^(num_channels|in_channels|audio_channels|input_channels|num_input_channels|"
                         r"out_channels|output_channels|image_channels|num_mel_bins|feature_size)$")
@@ -125,7 +125,8 @@ def node_factors(config, width: int) -> Factors:
 
 
 def _div(value: int, by: int) -> int:
-    return max(1, -(-value // by))
+    # 4 or less is an input's channel count (the 3 leading a stem's channel list), not a width
+    return value if value <= 4 else max(1, -(-value // by))
 
 
 def _scaled(value: Any, by: int) -> Any:
@@ -254,7 +255,19 @@ def shrink_kwargs(config, width: int) -> dict:
             if name in out and longest:
                 out[name] = longest  # one layer of each kind (zamba: mamba, hybrid, attention)
     _image(config, out)
+    _mrope_default(config, out, factors)
     return out
+
+
+def _mrope_default(config, out: dict, factors: Factors) -> None:
+    """The qwen2-vl family's modeling code falls back to mrope_section [16, 24, 24] (a 128 head
+    dimension) when the config has none; the released configs carry it. A config class that
+    exempts mrope_section from rope validation gets that default, shrunk with the head."""
+    if "mrope_section" not in (getattr(type(config), "ignore_keys_at_rope_validation", None) or ()):
+        return
+    rope = out.get("rope_parameters", field(config, "rope_parameters"))
+    if isinstance(rope, dict) and "mrope_section" not in rope and "full_attention" not in rope:
+        out["rope_parameters"] = dict(rope, mrope_section=_split([16, 24, 24], factors.head_dim))
 
 
 def placeholders_in_vocab(config, kwargs: dict) -> None:
