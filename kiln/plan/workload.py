@@ -28,9 +28,7 @@ from kiln.graph.capture import capture
 from kiln.graph.graph import Graph
 from kiln.graph.node import NodeKind
 from kiln.graph.passes import PassManager
-# hf_config builds configs only on the way to a model: its helpers give the config with kiln's
-# tiny defaults and the query applied, exactly as the built model would get it (private names:
-# a public config-only entry point there would be better; the meta-capture work may add one)
+# the config a recipe type would be built from (kiln's CPU sizes, the query applied), no model
 from kiln.models import hf_config as hc
 from kiln.models.inputs import with_input_shapes
 from kiln.models.spec import load, parse_query
@@ -247,16 +245,9 @@ def _hf_shape(spec: str, seq: int | None, head: bool = True) -> TransformerShape
     """The decoder shape of an hf-config spec from its config object alone (no weights built);
     None for architectures that are not a plain decoder or encoder stack."""
     model_type, _, query = spec.removeprefix("hf-config:").partition("?")
-    recipe = hc.SUPPORTED.get(model_type)
-    if recipe is None:
+    config = hc.recipe_config(model_type, parse_query(spec, query), spec)
+    if config is None:
         return None
-    params = parse_query(spec, query)
-    hc._check_sizes(params, spec)
-    cls = hc._config_class(model_type, spec)
-    try:
-        config = cls(**hc._config_kwargs(cls, recipe, params, spec))
-    except Exception as exc:  # a config's own validation
-        raise KilnError(f"{spec}: transformers rejected the config: {hc._squash(exc)}") from None
     get = lambda *names: next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
     layers, hidden, heads = get("num_hidden_layers", "n_layer"), get("hidden_size", "n_embd"), get("num_attention_heads", "n_head")
     vocab = get("vocab_size")

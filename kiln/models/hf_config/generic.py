@@ -1,0 +1,70 @@
+"""Any transformers model type's config at CPU size: its defaults shrunk (shrink.py), then the query.
+
+Sub-configs are shrunk and rebuilt one by one with the same width divisor and passed to the parent
+as config objects, so the parent keeps them as they are; a dotted query key reaches into them
+(`vision_config.image_size=64`, `text_config.vision_config.x=...` for nested ones).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from kiln.errors import KilnError
+from kiln.models.hf_config.query import canonical, known_keys, parse_value, squash, suggest
+from kiln.models.hf_config.shrink import choose_width, field, is_config, placeholders_in_vocab, shrink_kwargs
+
+
+def default_config(cls, spec: str):
+    try:
+        return cls()
+    except Exception as exc:  # a config class that cannot build its own defaults
+        raise KilnError(f"{spec}: {cls.__name__}() with its defaults failed: {squash(exc)}") from None
+
+
+def width_ladder(base) -> list[int]:
+    """Width divisors to try in turn: the full shrink, then widths 4x larger (some models round
+    a width in ways the ratios do not keep; wider sizes avoid the rounding)."""
+    first = choose_width(base)
+    return [first, first // 4] if first >= 4 else [first]
+
+
+def generic_config(base, width: int, query: dict[str, str], spec: str):
+    """`base` (a default config) its widths divided by `width`, with `query` applied over it."""
+    tree: dict[str, dict] = {}
+    for key, text in query.items():
+        node = tree
+        *path, name = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[name] = text
+    return _rebuild(base, width, tree, spec, "")
+
+
+def _rebuild(config, width: int, query: dict, spec: str, where: str):
+    cls = type(config)
+    kwargs = shrink_kwargs(config, width)
+    subs = {f.name: field(config, f.name) for f in dataclasses.fields(config)
+            if is_config(field(config, f.name))}
+    for name, sub in subs.items():
+        kwargs[name] = _rebuild(sub, width, query.get(name, {}), spec, f"{where}{name}.")
+    placeholders_in_vocab(config, kwargs)
+    known = known_keys(cls)
+    for key, text in query.items():
+        if isinstance(text, dict):
+            if key not in subs:
+                raise KilnError(f"{spec}: {cls.__name__} has no sub-config {where + key!r}; "
+                                f"sub-configs: {', '.join(subs) or 'none'}")
+            continue
+        if key not in known:
+            raise KilnError(f"{spec}: {cls.__name__} has no attribute {key!r}; {suggest(key, known)}")
+        kwargs[canonical(cls, key)] = parse_value(where + key, text, known[key], spec)
+    if "use_cache" in known:
+        kwargs["use_cache"] = False  # even over the query: export fails on a returned DynamicCache
+    return construct(cls, kwargs, spec)
+
+
+def construct(cls, kwargs: dict[str, Any], spec: str):
+    try:
+        return cls(**kwargs)
+    except Exception as exc:  # strict dataclass validation, or a config's own checks
+        raise KilnError(f"{spec}: transformers rejected the config: {squash(exc)}") from None

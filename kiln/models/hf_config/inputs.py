@@ -1,0 +1,188 @@
+"""Example inputs: the recipes' named builders, and the generic one read off the forward signature.
+
+The generic builder gives what the model's forward names (token ids, pixel values, raw audio,
+mel features, decoder ids) sized from the config tree: ids drawn away from every special token
+id (an image placeholder in random text would ask for image features), images at the vision
+config's size and channels, mel features as long as the encoder's positions allow. A
+vision-language model gets as many image placeholders as its vision tower yields features.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, Callable
+
+import torch
+
+from kiln.errors import KilnError
+from kiln.models.hf_config.recipes import SUPPORTED
+from kiln.models.hf_config.shrink import field, walk
+
+BATCH, SEQ, DEC_SEQ, AUDIO_SAMPLES = 2, 16, 8, 8000
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _ids(vocab: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, vocab, (BATCH, length), generator=gen)
+
+
+def _text(model, config, gen=None, mask=True) -> dict:
+    gen = gen or torch.Generator().manual_seed(0)
+    kw = {"input_ids": _ids(config.vocab_size, SEQ, gen)}
+    if mask and _accepts(model, "attention_mask"):
+        kw["attention_mask"] = torch.ones(BATCH, SEQ, dtype=torch.long)
+    return kw
+
+
+def _seq2seq(model, config) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    vocab = getattr(config, "decoder_vocab_size", None) or config.vocab_size
+    return _text(model, config, gen) | {"decoder_input_ids": _ids(vocab, DEC_SEQ, gen)}
+
+
+def _image(model, config, gen=None) -> dict:
+    gen = gen or torch.Generator().manual_seed(0)
+    size = getattr(config, "image_size", None) or 64
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (BATCH, getattr(config, "num_channels", 3), h, w)
+    return {"pixel_values": torch.randn(shape, generator=gen)}
+
+
+def _text_image(model, config) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return _text(model, config.text_config, gen) | _image(model, config.vision_config, gen)
+
+
+def _audio(model, config) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {"input_values": torch.randn(BATCH, AUDIO_SAMPLES, generator=gen)}
+
+
+def _whisper(model, config) -> dict:
+    # Whisper's encoder convs halve the frames and insist on exactly max_source_positions.
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(BATCH, config.num_mel_bins, 2 * config.max_source_positions, generator=gen)
+    return {"input_features": feats, "decoder_input_ids": _ids(config.vocab_size, DEC_SEQ, gen)}
+
+
+INPUTS: dict[str, Callable[[torch.nn.Module, Any], dict]] = {
+    "text": _text, "seq2seq": _seq2seq, "image": _image, "text+image": _text_image,
+    "audio": _audio, "whisper": _whisper,
+    "ids": lambda model, config: _text(model, config, mask=False),  # rwkv warns that it ignores a mask
+}
+
+
+def example_inputs(model: torch.nn.Module, config) -> dict:
+    """Tiny example inputs for a transformers model of any type (used by hf:PATH)."""
+    recipe = SUPPORTED.get(config.model_type)
+    if recipe is not None:
+        return INPUTS[recipe.inputs](model, config)
+    return generic_inputs(model, config)
+
+
+def generic_inputs(model: torch.nn.Module, config, multimodal: bool = True) -> dict:
+    """Inputs named by the forward signature; `multimodal=False` keeps only the main input's kind."""
+    params = inspect.signature(model.forward).parameters
+    main = getattr(model, "main_input_name", "input_ids")
+    gen = torch.Generator().manual_seed(0)
+    wanted = {name for name in _BUILDERS if name in params and (multimodal or name == main)}
+    kw: dict[str, Any] = {}
+    for name in _BUILDERS:
+        if name in wanted:
+            value = _BUILDERS[name](config, gen)
+            if value is not None:
+                kw[name] = value
+    if "input_ids" in kw and "attention_mask" in params:
+        kw["attention_mask"] = torch.ones_like(kw["input_ids"])
+    if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
+        kw["decoder_input_ids"] = _safe_ids(config, _vocab(config), DEC_SEQ, gen)
+    missing = [p.name for p in params.values() if p.default is p.empty and p.name not in kw
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if missing or not kw:
+        raise KilnError(f"no example input for {type(model).__name__}'s forward argument "
+                        f"{(missing or [main])[0]!r} (kiln builds {', '.join(_BUILDERS)}, decoder_input_ids)")
+    return kw
+
+
+def _sub(config, *names: str):
+    for c in walk(config):
+        for name in names:
+            value = field(c, name)
+            if value is not None and not isinstance(value, bool):
+                return c, value
+    return None, None
+
+
+def _vocab(config) -> int | None:
+    return _sub(config, "vocab_size")[1]
+
+
+def _special_ids(config) -> set[int]:
+    out = set()
+    for c in walk(config):
+        for name, value in vars(c).items():
+            if re.search(r"(token_id|token_index|_id)$", name) and isinstance(value, int) and not isinstance(value, bool):
+                out.add(value)
+    return out
+
+
+def _safe_ids(config, vocab: int | None, length: int, gen: torch.Generator) -> torch.Tensor | None:
+    """Token ids away from every special id (pad, bos, image/audio placeholders)."""
+    if not vocab:
+        return None
+    special = _special_ids(config)
+    allowed = torch.tensor([i for i in range(min(vocab, 4096)) if i not in special][:1000] or [0])
+    return allowed[torch.randint(0, len(allowed), (BATCH, length), generator=gen)]
+
+
+def _pixels(config, gen: torch.Generator) -> torch.Tensor:
+    holder, size = _sub(config, "image_size")
+    if isinstance(size, dict):
+        size = (size.get("height", 224), size.get("width", 224))
+    h, w = (size, size) if isinstance(size, int) else tuple(size or (224, 224))[:2]
+    channels = field(holder, "num_channels") or _sub(config, "num_channels")[1] or 3
+    return torch.randn(BATCH, channels, h, w, generator=gen)
+
+
+def _mel(config, gen: torch.Generator) -> torch.Tensor:
+    bins = _sub(config, "num_mel_bins", "feature_size", "input_feat_per_channel")[1] or 80
+    positions = _sub(config, "max_source_positions")[1]
+    frames = 2 * positions if positions else 64  # whisper's convs halve the frames to its positions
+    return torch.randn(BATCH, bins, frames, generator=gen)
+
+
+_BUILDERS: dict[str, Callable[[Any, torch.Generator], Any]] = {
+    "input_ids": lambda config, gen: _safe_ids(config, _vocab(config), SEQ, gen),
+    "pixel_values": _pixels,
+    "input_values": lambda config, gen: torch.randn(BATCH, AUDIO_SAMPLES, generator=gen),
+    "input_features": _mel,
+}
+
+
+def image_token_counts(config, error: Exception) -> list[int]:
+    """Image placeholders per sample to try, read off the model's mismatch error ('Image features
+    and image tokens do not match, tokens: 0, features: 73728'): the count is of features or of
+    feature elements (x hidden size), over the batch."""
+    found = re.search(r"features:?\s*(\d+)", str(error))
+    if not found or _image_token(config) is None:
+        return []
+    total = int(found.group(1))
+    hidden = _sub(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size")[1] or 1
+    return [n for n in dict.fromkeys((total // BATCH, total // (BATCH * hidden))) if n > 0]
+
+
+def _image_token(config):
+    token = getattr(config, "image_token_id", None)
+    return getattr(config, "image_token_index", None) if token is None else token
+
+
+def with_image_tokens(config, kw: dict, n: int) -> dict:
+    """`n` image placeholders in front of each sample's text."""
+    ids = torch.cat([torch.full((BATCH, n), _image_token(config), dtype=kw["input_ids"].dtype), kw["input_ids"]], 1)
+    out = dict(kw, input_ids=ids)
+    if "attention_mask" in kw:
+        out["attention_mask"] = torch.ones_like(ids)
+    return out

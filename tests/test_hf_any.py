@@ -1,0 +1,155 @@
+"""hf-config builds any transformers model type through the generic path (shrink.py, inputs.py):
+a sample of types from every family captures with FLOPs exactly equal to flop_counter's (the
+oracle: kiln.analysis.oracle, the CPU attention formula given and MoE experts as the eager
+loop); shrinking keeps the model's own constraints; bad input is one line. The whole survey
+is benchmarks/hf_types.py."""
+import json
+import random
+
+import pytest
+
+from kiln.analysis.cost import AnnotateCost
+from kiln.analysis.oracle import flop_counter_flops
+from kiln.errors import KilnError
+from kiln.graph.capture import capture
+from kiln.models.hf_config import SUPPORTED, all_types, load_hf_config
+from kiln.models.hf_config.shrink import _split, node_factors, shrink_value
+from kiln.models.hf_config.survey import SURVEY, read_survey
+
+# One or two per family; recipe types (bert, llama, ...) are built here WITHOUT their recipe.
+SAMPLE = [
+    "bert", "roformer",          # text encoders
+    "llama", "olmo",             # decoder LLMs
+    "mixtral", "deepseek_v3",    # mixture of experts (DeepSeek: latent attention, grouped routing)
+    "t5", "plbart",              # encoder-decoders
+    "vit", "resnet",             # vision transformer, CNN
+    "wav2vec2", "whisper",       # audio: raw samples, mel features
+    "clip", "paligemma",         # multimodal: two towers, image placeholders in the text
+    "mamba",                     # state-space
+]
+
+
+def _generic(model_type: str, **query):
+    return load_hf_config(model_type, {k.replace("__", "."): str(v) for k, v in query.items()},
+                          f"hf-config:{model_type}", generic=True)
+
+
+@pytest.mark.parametrize("model_type", SAMPLE)
+def test_generic_type_captures_with_flops_equal_to_flop_counter(model_type):
+    loaded = _generic(model_type)
+    assert not loaded.model.training and loaded.example_kwargs
+    assert sum(p.numel() for p in loaded.model.parameters()) < 20e6  # CPU size
+    expected = flop_counter_flops(loaded)
+    assert expected > 0
+    assert AnnotateCost()(capture(loaded)).record.flops == expected
+
+
+def test_vision_language_model_gets_its_image_placeholders():
+    loaded = _generic("paligemma")
+    ids, config = loaded.example_kwargs["input_ids"], loaded.model.config
+    assert "pixel_values" in loaded.example_kwargs
+    assert int((ids == config.image_token_id).sum()) > 0
+
+
+def test_one_width_divisor_keeps_heads_times_head_dim():
+    """Oracle: the default config's own ratios (llama-7B: 32 heads x 128 = 4096, 8... kv heads)."""
+    from transformers import LlamaConfig
+
+    small = _generic("llama").model.config
+    big = LlamaConfig()
+    assert small.num_attention_heads * small.head_dim == small.hidden_size
+    assert big.hidden_size // small.hidden_size == big.intermediate_size // small.intermediate_size
+    assert small.num_hidden_layers == 2 and small.vocab_size == big.vocab_size
+
+
+def test_head_divisor_leaves_grouped_query_ratios_dividing():
+    import dataclasses
+
+    # a gemma-like config node: 8 heads sharing 1 key/value head
+    Node = dataclasses.make_dataclass("Node", [("num_attention_heads", int, 8), ("num_key_value_heads", int, 1)])
+    factors = node_factors(Node(), 32)
+    heads = shrink_value("num_attention_heads", 8, factors)
+    kv = shrink_value("num_key_value_heads", 1, factors)
+    assert heads % kv == 0 and kv == 1
+
+
+def test_rope_sections_still_sum_to_half_the_shrunk_head():
+    assert sum(_split([24, 20, 20], 8)) == 64 // 8
+    assert sum(_split([16, 24, 24], 16)) == 64 // 16
+
+
+def test_query_overrides_a_generic_type_and_derived_fields_follow():
+    model = _generic("olmo", hidden_size=128, num_hidden_layers=3).model
+    assert (model.config.hidden_size, len(model.layers)) == (128, 3)
+    attention = model.layers[0].self_attn
+    assert attention.head_dim * model.config.num_attention_heads == 128  # derived again, not stale
+    assert tuple(attention.q_proj.weight.shape) == (128, 128)
+
+
+@pytest.mark.parametrize("query, words", [
+    ({"num_attention_heads": 5}, "hidden_size=64 is not a multiple of num_attention_heads=5"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
+    ({"hiden_size": 3}, "has no attribute 'hiden_size'; did you mean hidden_size"),
+    ({"foo_config__x": 1}, "no sub-config 'foo_config'"),
+])
+def test_bad_query_on_a_generic_type_is_one_line_naming_it(query, words):
+    with pytest.raises(KilnError) as info:
+        _generic("olmo", **query)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_constraint_across_a_sub_config_and_experts_are_named():
+    with pytest.raises(KilnError, match="image_size=336 is not a multiple of patch_size=15"):
+        _generic("llava", vision_config__patch_size=15)
+    with pytest.raises(KilnError, match="cannot be routed to more experts than there are"):
+        _generic("mixtral", num_local_experts=2, num_experts_per_tok=3)
+
+
+def test_unknown_type_suggests_close_ones():
+    with pytest.raises(KilnError, match=r"unknown model type 'olmoo'.*did you mean olmo"):
+        _generic("olmoo")
+
+
+def test_every_mapped_type_is_known():
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    assert set(MODEL_MAPPING_NAMES) <= set(all_types()) and set(SUPPORTED) <= set(all_types())
+
+
+def test_survey_file_matches_what_kiln_models_hf_reads():
+    meta, verdicts = read_survey(all_types())
+    if not SURVEY.is_file():
+        pytest.skip("no survey has been made")
+    data = json.loads(SURVEY.read_text())
+    assert meta["types_surveyed"] == len(data["types"])
+    assert sum(v.stage != "not surveyed" for v in verdicts) == len(set(data["types"]) & set(all_types()))
+
+
+def test_kiln_models_hf_lists_every_type_with_its_verdict(tmp_path):
+    from typer.testing import CliRunner
+
+    from kiln.cli.main import app
+
+    result = CliRunner().invoke(app, ["models", "--hf", "--json", str(tmp_path / "t.json")])
+    assert result.exit_code == 0, result.output
+    assert "capture with FLOPs exact" in result.output
+    data = json.loads((tmp_path / "t.json").read_text())
+    rows = {r["type"]: r for r in data["types"]}
+    assert set(rows) == set(all_types())
+    assert all(r["flops_exact"] <= r["captures"] for r in rows.values())
+    assert all(r["cause"] for r in rows.values() if r["stage"] not in ("ok", "not surveyed"))
+
+
+@pytest.mark.slow
+def test_a_bigger_sample_of_surveyed_ok_types_still_captures_exactly():
+    """40 types the survey found exact, drawn at random: still exact (the survey is not stale)."""
+    _, verdicts = read_survey(all_types())
+    ok = [v.model_type for v in verdicts if v.stage == "ok"]
+    if not ok:
+        pytest.skip("no survey has been made")
+    failures = []
+    for model_type in random.Random(1).sample(ok, min(40, len(ok))):
+        loaded = load_hf_config(model_type, {}, f"hf-config:{model_type}")
+        if AnnotateCost()(capture(loaded)).record.flops != flop_counter_flops(loaded):
+            failures.append(model_type)
+    assert not failures
