@@ -76,6 +76,44 @@ def run_mode(base: dict, tmp: str, name: str, plan: ParallelConfig, nproc: int =
     return row
 
 
+# the benchmark's mode names -> `kiln plan`'s (the plan a `--parallel MODE --nproc 2` run executes)
+PREDICTED = {"ddp": "ddp", "zero1": "zero1", "fsdp (ZeRO-3)": "fsdp", "tp": "tp", "pp 1f1b m=4": "pp"}
+
+
+def predicted_vs_measured(spec: str, batch: int, rows: list[dict]) -> dict:
+    """kiln plan's step time for each mode at 2 processes beside the measured one; the error and
+    whether the planner ranks the modes as the measurement does."""
+    from kiln.plan.run import predict_mode
+    from kiln.plan.workload import load_workload
+
+    workload = load_workload(spec)
+    out = []
+    for r in rows:
+        mode = PREDICTED.get(r["mode"])
+        if mode is None:
+            continue
+        micro = 4 if mode == "pp" else 0
+        predicted = predict_mode(spec, mode, 2, batch, workload=workload) if not micro else \
+            _predict_pp(spec, batch, micro, workload)
+        out.append({"mode": r["mode"], "measured_step_s": r["step_s"], "predicted_step_s": predicted.step_s,
+                    "error": predicted.step_s / r["step_s"] - 1})
+    measured_rank = [o["mode"] for o in sorted(out, key=lambda o: o["measured_step_s"])]
+    predicted_rank = [o["mode"] for o in sorted(out, key=lambda o: o["predicted_step_s"])]
+    return {"rows": out, "within_30pct": sum(abs(o["error"]) <= 0.30 for o in out), "of": len(out),
+            "measured_ranking": measured_rank, "predicted_ranking": predicted_rank,
+            "rankings_agree": measured_rank == predicted_rank}
+
+
+def _predict_pp(spec: str, batch: int, microbatches: int, workload):
+    from kiln.hardware.profiles import load_profile
+    from kiln.plan.cluster import load_cluster
+    from kiln.plan.plans import Predictor, plan_for_mode
+
+    cluster = load_cluster("local")
+    return Predictor(workload, cluster, load_profile(cluster.config.device), batch).predict(
+        plan_for_mode("pp", 2, batch, microbatches))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="zoo:gpt")
@@ -87,6 +125,9 @@ def main() -> None:
                         help="zoo:gpt's architecture at 8 layers x 512 wide (25 M parameters, 400 MB of AdamW model "
                              "states): memory large enough to see in each process's peak RSS")
     parser.add_argument("--only", nargs="*", help="modes to run (default: all)")
+    parser.add_argument("--predict", action="store_true",
+                        help="beside each measured ddp/zero1/fsdp/tp/pp step, kiln plan's prediction for this machine "
+                             "(the calibrated `local` cluster) and whether the two rankings agree")
     parser.add_argument("--json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,10 +148,13 @@ def main() -> None:
         r["vs_1_process_2_threads"] = r["samples_s"] / plain["throughput_samples_s"]
         r["vs_ddp"] = r["samples_s"] / ddp["samples_s"] if ddp else None
         r["model_states_vs_1_process"] = [b / one["model_state_bytes_per_rank"][0] for b in r["model_state_bytes_per_rank"]]
+    predictions = predicted_vs_measured(args.model, args.batch, rows) if args.predict else None
     result = {"date": date.today().isoformat(), "model": "wide GPT (8 x 512)" if args.wide else args.model, "dataset": dataset, "global_batch": args.batch,
               "steps": args.steps, "cores": os.cpu_count(), "one_process_2_threads_samples_s": plain["throughput_samples_s"],
               "note": "2 processes x 1 thread share the 2 cores the 1-process baseline uses with 2 threads; "
                       "times need a quiet machine", "modes": rows}
+    if predictions:
+        result["planner"] = predictions
     report(result, args.json)
 
 

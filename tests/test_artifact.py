@@ -60,6 +60,19 @@ def _lowrank(model):
     return model, record
 
 
+def _lora(qlora: bool):
+    def apply(model):
+        from kiln.lowrank.lora import LoraConfig, LoraLinear, apply as adapt
+
+        record = adapt(model, LoraConfig(r=4, alpha=8, qlora=qlora, block=16, scaler_block=4))
+        torch.manual_seed(2)
+        for m in model.modules():   # trained adapters: B away from its zero start
+            if isinstance(m, LoraLinear):
+                torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+        return model, record
+    return apply
+
+
 def _early_exit(model):
     from kiln.adapt.early_exit import EarlyExit, heads_for, probe
     from kiln.adapt.restore import record_of
@@ -90,6 +103,8 @@ CASES: dict[str, tuple[str, Callable]] = {
     "prune-nm": ("zoo:cnn", _nm),
     "prune-structured": ("zoo:cnn", _structured),
     "lowrank": ("zoo:cnn", _lowrank),
+    "lora/float": ("zoo:mlp", _lora(False)),
+    "lora/nf4": ("zoo:mlp", _lora(True)),
     "early-exit": ("zoo:cnn", _early_exit),
     "quant/int4-int8": ("zoo:cnn", _quant({"weight": {"format": "int", "bits": 4},
                                           "input": {"format": "int", "bits": 8, "calib": "percentile"}})),
