@@ -135,7 +135,8 @@ def emit(src: str, out: str | Path, config: EmitConfig = EmitConfig()) -> dict:
     if not source.quantized:
         raise KilnError(f"{src} is not quantized: make it a kiln run with `kiln quantize {src} --out DIR`")
     samples = _test_samples(source, config.check_samples) if config.check_samples > 0 else None
-    origin = {"source": str(src), "spec": source.spec, "dataset": source.dataset, "data_seed": source.data_seed}
+    # a run directory is recorded absolute: verify reloads it from wherever it runs
+    origin = {"source": str(Path(src).resolve()) if Path(src).is_dir() else str(src), "spec": source.spec, "dataset": source.dataset, "data_seed": source.data_seed}
     return emit_model(source.model, source.example_inputs[0], out, config, origin, samples)
 
 

@@ -132,7 +132,9 @@ def nextpnr_ice40(netlist_json: str | Path, device: str = "up5k", package: str =
     nextpnr failure is a KilnError with its first error line.
     """
     exe = find_tool("nextpnr-ice40")
-    args = [str(exe), f"--{device}", "--package", package, "--json", str(netlist_json),
+    # the yowasp (WebAssembly) build sees only its working directory's tree: no absolute paths
+    cwd = Path(cwd) if cwd is not None else Path(netlist_json).parent
+    args = [str(exe), f"--{device}", "--package", package, "--json", os.path.relpath(netlist_json, cwd),
             "--timing-allow-fail"]  # not --quiet: it hides the "Max frequency" lines
     try:
         proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
