@@ -141,7 +141,6 @@ def test_kiln_models_hf_lists_every_type_with_its_verdict(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy   # benchmarks/ measures the same on every type; CI leaves it out for time
 def test_a_bigger_sample_of_surveyed_ok_types_still_captures_exactly():
     """40 types the survey found exact, drawn at random: still exact (the survey is not stale)."""
     _, verdicts = read_survey(all_types())

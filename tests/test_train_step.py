@@ -169,7 +169,6 @@ KNOWN = {"hf-config:wav2vec2": "backward 3.4% under flop_counter's, not yet expl
 
 
 @pytest.mark.slow
-@pytest.mark.heavy   # benchmarks/ measures the same on every type; CI leaves it out for time
 @pytest.mark.parametrize("spec", [pytest.param(s, marks=pytest.mark.xfail(reason=KNOWN[s], strict=True)) if s in KNOWN else s
                                   for s in _zoo() + [f"hf-config:{t}" for t in HF_TYPES]])
 def test_backward_flops_equal_flop_counter_everywhere(spec):
