@@ -92,9 +92,8 @@ def predicted_vs_measured(spec: str, batch: int, rows: list[dict]) -> dict:
         mode = PREDICTED.get(r["mode"])
         if mode is None:
             continue
-        micro = 4 if mode == "pp" else 0
-        predicted = predict_mode(spec, mode, 2, batch, workload=workload) if not micro else \
-            _predict_pp(spec, batch, micro, workload)
+        # the benchmark's pipeline runs 4 micro-batches
+        predicted = predict_mode(spec, mode, 2, batch, workload=workload, microbatches=4 if mode == "pp" else 0)
         out.append({"mode": r["mode"], "measured_step_s": r["step_s"], "predicted_step_s": predicted.step_s,
                     "error": predicted.step_s / r["step_s"] - 1})
     measured_rank = [o["mode"] for o in sorted(out, key=lambda o: o["measured_step_s"])]
@@ -102,16 +101,6 @@ def predicted_vs_measured(spec: str, batch: int, rows: list[dict]) -> dict:
     return {"rows": out, "within_30pct": sum(abs(o["error"]) <= 0.30 for o in out), "of": len(out),
             "measured_ranking": measured_rank, "predicted_ranking": predicted_rank,
             "rankings_agree": measured_rank == predicted_rank}
-
-
-def _predict_pp(spec: str, batch: int, microbatches: int, workload):
-    from kiln.hardware.profiles import load_profile
-    from kiln.plan.cluster import load_cluster
-    from kiln.plan.plans import Predictor, plan_for_mode
-
-    cluster = load_cluster("local")
-    return Predictor(workload, cluster, load_profile(cluster.config.device), batch).predict(
-        plan_for_mode("pp", 2, batch, microbatches))
 
 
 def main() -> None:

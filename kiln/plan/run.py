@@ -128,10 +128,11 @@ def _cheapest(config: PlanConfig, workload, cluster, hw, steps: int) -> tuple[Pr
 
 
 def predict_mode(spec: str, mode: str, nproc: int, global_batch: int, cluster: str = "local",
-                 workload: Workload | None = None) -> Prediction:
+                 workload: Workload | None = None, microbatches: int = 0) -> Prediction:
     """The planner's prediction for a `kiln train --parallel MODE --nproc N` run on this machine
     (or another cluster): what a measured step time of that run is compared with."""
     cluster_obj = load_cluster(cluster)
     hw = load_profile(cluster_obj.config.device)
     workload = workload or load_workload(spec)
-    return Predictor(workload, cluster_obj, hw, global_batch).predict(plan_for_mode(mode, nproc, global_batch))
+    plan = plan_for_mode(mode, nproc, global_batch, microbatches)
+    return Predictor(workload, cluster_obj, hw, global_batch).predict(plan)
