@@ -8,7 +8,7 @@ A tutorial (docs/tutorials/*.md) shows sessions in ```console blocks:
     ...
 
 Every `$ ` line runs in bash, in order, in one working directory per page (so later commands
-see what earlier ones wrote). The lines after it, up to the next `$ `, are its expected
+see what earlier ones wrote; `configs/` there is the repository's). The lines after it, up to the next `$ `, are its expected
 standard output: a line `...` matches any number of lines, `...` inside a line matches any
 text, trailing spaces do not count. A command must exit 0 unless its line ends with
 `# exit N`. Standard error (progress bars) is not compared.
@@ -86,6 +86,13 @@ def environment(home: Path) -> dict:
     return env
 
 
+def _workdir(cwd: Path) -> None:
+    """A page runs as if from the repository's root: `configs/` is there."""
+    link = cwd / "configs"
+    if not link.exists():
+        link.symlink_to(ROOT / "configs")
+
+
 def run(step: Step, cwd: Path, env: dict, timeout: float = 900) -> tuple[int, list[str], str]:
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", step.command], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -95,6 +102,7 @@ def run(step: Step, cwd: Path, env: dict, timeout: float = 900) -> tuple[int, li
 def check_page(page: Path, cwd: Path, home: Path) -> None:
     """Run every step of a page; raise AssertionError at the first that drifts from the page."""
     env = environment(home)
+    _workdir(cwd)
     for step in steps(page):
         code, lines, err = run(step, cwd, env)
         where = f"{page.name}:{step.line}: $ {step.command}"
@@ -110,6 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cwd, home = Path(tmp) / "work", Path(os.environ.get("KILN_HOME", Path(tmp) / "home"))
         cwd.mkdir()
+        _workdir(cwd)
         env = environment(home)
         for step in steps(page):
             code, lines, err = run(step, cwd, env)
