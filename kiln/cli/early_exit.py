@@ -57,6 +57,6 @@ def early_exit(
     cfg = parse_config(read_toml(config), str(config))
     result = early_exit_run(src, cfg, out, dataset, log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     print_report(result["report"])
-    console.print(f"artifact: {out}")
+    console.print(f"run: {out}")
     if json_path:
         write_json(json_path, {"metrics": result["metrics"], "report": result["report"]})
