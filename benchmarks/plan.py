@@ -108,24 +108,34 @@ def local_modes(spec: str = "zoo:gpt", batch: int = 16) -> dict:
 
 
 def collectives_figure(processes: tuple[int, ...]) -> dict:
-    from kiln.plan.calibrate import EVAL_SIZES, FIT_SIZES, fit_all, measure_collectives
+    """Every collective at the fit and the evaluation sizes in one measurement per process count
+    (kiln.plan.calibrate's routine); the model fitted at FIT_SIZES alone, read at EVAL_SIZES."""
+    from kiln.plan.calibrate import EVAL_SIZES, FIT_SIZES, SPLIT_BYTES, fit_all, measure_collectives
     from kiln.plan.collectives import Collective, fitted_time
 
     sizes = tuple(sorted(set(FIT_SIZES) | set(EVAL_SIZES)))
-    measured = {n: measure_collectives(n, sizes) for n in processes}
+    measured, fastest = {}, {}
+    for n in processes:
+        fastest[n] = {}
+        measured[n] = measure_collectives(n, sizes, fastest[n])
     fits = fit_all({n: {c: {s: t for s, t in per.items() if s in FIT_SIZES} for c, per in d.items()}
                     for n, d in measured.items()})
     rows, within = {}, []
     for n, per_op in measured.items():
         for name, times in per_op.items():
             for size in EVAL_SIZES:
-                predicted = fitted_time(Collective(name), size, n, fits[name].fits)
+                predicted = fitted_time(Collective(name), size, n, fits[name].fits(Collective(name)))
                 err = predicted / times[size] - 1
                 within.append(abs(err) <= 0.25)
                 rows[f"{name} n={n} {size >> 10} KiB"] = {"measured_s": times[size], "model_s": predicted,
-                                                         "error": round(err, 3)}
+                                                         "error": round(err, 3),
+                                                         "fastest_s": fastest[n][name][size]}
+    raw = {str(n): {name: {str(s): t for s, t in per.items()} for name, per in d.items()} for n, d in measured.items()}
     return {"rows": rows, "within_25pct": f"{sum(within)}/{len(within)}", "fit_sizes": list(FIT_SIZES),
-            "eval_sizes": list(EVAL_SIZES), "fits": {k: vars(v) for k, v in fits.items()},
+            "eval_sizes": list(EVAL_SIZES), "split_bytes": SPLIT_BYTES, "measured_all_sizes_s": raw,
+            "fits": {k: vars(v) for k, v in fits.items()},
+            "method": "per collective, barrier, 2 untimed calls, samples of repeats_for(size) back-to-back calls; "
+                      "slowest rank's median (kiln.plan.calibrate)",
             "note": "timing: re-run on a quiet machine; this machine was shared when measured"}
 
 

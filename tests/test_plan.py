@@ -9,7 +9,7 @@ import pytest
 
 from kiln.errors import KilnError
 from kiln.plan.cluster import Cluster, ClusterConfig, LinkConfig, Precision, available, load_cluster
-from kiln.plan.collectives import (Algorithm, Collective, Link, best_all_reduce, collective_time,
+from kiln.plan.collectives import (Algorithm, Collective, Link, best_all_reduce, bus_factor, collective_time,
                                    fit_latency_bandwidth)
 from kiln.plan.emit import Emit, script, train_args
 from kiln.plan.memory import model_state_bytes
@@ -39,7 +39,22 @@ def test_latency_bandwidth_fit_recovers_exact_figures():
     sizes = [1e3, 1.6e4, 2.56e5, 4e6, 3.2e7]
     times = [5e-4 + 1.5 * s / 2e9 for s in sizes]      # 4 processes: all-reduce bus factor 1.5
     fit = fit_latency_bandwidth(Collective.ALL_REDUCE, 4, sizes, times)
-    assert fit.latency_s == pytest.approx(5e-4) and fit.bus_bandwidth == pytest.approx(2e9)
+    # ring all-reduce at 4 processes: 2(n-1) = 6 steps share the 500 us
+    assert fit.latency_s == pytest.approx(5e-4 / 6) and fit.bus_bandwidth == pytest.approx(2e9)
+    assert fit.time(Collective.ALL_REDUCE, 1e6) == pytest.approx(5e-4 + 1.5 * 1e6 / 2e9)
+
+
+def test_a_calibrated_collective_at_another_process_count_follows_its_algorithm():
+    """Measured at 2 processes (1 ring step of all-gather, 2 of all-reduce), read at 8: the
+    per-step latency and per-process bandwidth stay, the steps and bus factor follow n."""
+    from kiln.plan.collectives import fitted_time, steps
+
+    sizes = [1e3, 1e5, 1e7]
+    for op in (Collective.ALL_GATHER, Collective.ALL_REDUCE):
+        times = [steps(op, 2) * 1e-4 + bus_factor(op, 2) * s / 1e9 for s in sizes]
+        fit = fit_latency_bandwidth(op, 2, sizes, times)
+        ring = collective_time(op, 4e6, 8, Link(1e-4, 1e9))
+        assert fitted_time(op, 4e6, 8, (fit,)) == pytest.approx(ring)
 
 
 @pytest.mark.parametrize("stage,expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
@@ -189,9 +204,15 @@ def test_calibration_fits_small_and_large_messages_apart_exactly():
     def t(s):
         return 5e-5 + s / 1e9 if s <= SPLIT_BYTES else large_latency + s / 4e9
     ops = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "p2p")
-    fit = fit_all({2: {op: {s: t(s) for s in FIT_SIZES} for op in ops}})["p2p"].fits[0]   # p2p: bus factor 1
+    fitted = fit_all({2: {op: {s: t(s) for s in FIT_SIZES} for op in ops}})
+    fit = fitted["p2p"].fits(Collective.P2P)[0]   # p2p: 1 step, bus factor 1
     assert fit.pair(1e3) == pytest.approx((5e-5, 1e9), rel=1e-6)
     assert fit.pair(1e7) == pytest.approx((large_latency, 4e9), rel=1e-6)
+    # the profile keeps a collective's whole latency at n; its fits hold the per-step share
+    ar = fitted["all_reduce"]
+    assert ar.small_latency_s[0] == pytest.approx(5e-5, rel=1e-6)
+    assert ar.fits(Collective.ALL_REDUCE)[0].small_latency_s == pytest.approx(5e-5 / 2, rel=1e-6)
+    assert load_cluster("local").time(Collective.ALL_REDUCE, 1e6, 2) > 0     # stored profiles still read
 
 
 PLAIN = """
