@@ -129,6 +129,49 @@ def test_data_parallel_compute_divides_by_the_replicas_and_memory_rejects_with_t
     assert not tight.fits and tight.reason.startswith("out of memory on device 0 by 0.00") and tight.memory.total == need
 
 
+def test_tensor_parallel_splits_the_sharded_ops_and_repeats_the_replicated_ones():
+    """Per sample 1e9 FLOPs split by TP and 2e8 replicated (a norm): at t = 2 the compute is
+    1e9/2 + 2e8 per sample, exactly, where splitting everything would give 6e8."""
+    block = LayerCost("blocks.0", 1000, (OpCost(1e9, 0.0), OpCost(2e8, 0.0, replicated=True)), 1e6, 1e3, tp_collectives=2)
+    w = Workload("toy", (block,), seq=1, hidden=64, heads=8, weight_bytes=4)
+    one = Predictor(w, _cluster(), _hw(), 8).predict(Plan(microbatch=8))
+    two = Predictor(w, _cluster(), _hw(), 8).predict(Plan(tp=2, microbatch=8))
+    assert one.parts["compute"] == pytest.approx(3 * 8 * 1.2e9 / 1e12)
+    assert two.parts["compute"] == pytest.approx(3 * 8 * (0.5e9 + 2e8) / 1e12)
+
+
+def test_kiln_tp_plans_leave_norms_residuals_embeddings_and_heads_whole():
+    from kiln.plan.workload import tp_replicated
+
+    w = load_workload("zoo:gpt")
+    split = {l.name: [op.replicated for op in l.ops] for l in w.layers}
+    assert all(split["lm_head"]) and all(split["wte"])                  # outside any block
+    assert any(split["blocks.0"]) and not all(split["blocks.0"])        # norms and adds whole, the rest split
+    assert tp_replicated("blocks.0", "blocks.0.ln1") and tp_replicated("blocks.0", "blocks.0")
+    assert not tp_replicated("blocks.0", "blocks.0.attn.qkv") and not tp_replicated("blocks.0", "blocks.0.mlp.0")
+    assert tp_replicated("model.layers.2", "model.layers.2.post_attention_layernorm")
+
+
+def test_calibrated_efficiency_reproduces_the_measured_one_device_step():
+    from kiln.plan.plans import calibrated_efficiency
+
+    w, c, hw = _toy(), _cluster(), _hw()
+    roofline = Predictor(w, c, hw, 8).predict(Plan(microbatch=8)).step_s
+    e = calibrated_efficiency(w, c, hw, 8, 4 * roofline)
+    assert Predictor(w, c, hw, 8, e).predict(Plan(microbatch=8)).step_s == pytest.approx(4 * roofline, rel=1e-9)
+    assert e == pytest.approx(0.25, rel=1e-6)       # all compute-bound: a quarter of the peak
+    assert calibrated_efficiency(w, c, hw, 8, roofline / 2) == 1.0     # faster than the roofline: capped
+
+
+def test_measured_engine_overhead_adds_to_its_mode_alone():
+    w, c, hw = _toy(), _cluster(), _hw()
+    plain = Predictor(w, c, hw, 8)
+    extra = Predictor(w, c, hw, 8, overheads={"fsdp": 0.5})
+    fsdp, ddp = Plan(dp=2, zero=3, microbatch=4), Plan(dp=2, microbatch=4)
+    assert extra.predict(fsdp).step_s == pytest.approx(plain.predict(fsdp).step_s + 0.5)
+    assert extra.predict(ddp).step_s == plain.predict(ddp).step_s
+
+
 def test_enumeration_covers_each_2d_layout_once_per_variant():
     plans = enumerate_plans(8, 16)
     assert all(p.devices == 8 and sum(d > 1 for d in (p.dp, p.tp, p.pp)) <= 2 for p in plans)
@@ -265,6 +308,15 @@ def test_emitted_torchrun_script_on_two_nodes_matches_one_process(tmp_path):
                     optimizer="sgd", lr=0.05, batch_size=32, threads=1), progress=False)
     a, b = load_file(tmp_path / "one" / "last.safetensors"), load_file(tmp_path / "two" / "last.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.distributed
+def test_engine_overheads_are_measured_on_one_process_against_ddp():
+    from kiln.plan.overhead import engine_overheads
+
+    got = engine_overheads("zoo:gpt", {"ddp": 2, "fsdp": 2}, rounds=3)
+    assert set(got["overhead_s"]) == {"ddp", "fsdp"} and got["overhead_s"]["ddp"] == 0.0
+    assert got["overhead_s"]["fsdp"] >= 0 and set(got["median_s"]) == {"ddp@2", "fsdp@2"}
 
 
 @pytest.mark.distributed

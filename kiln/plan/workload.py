@@ -38,11 +38,14 @@ BACKWARD_PER_FORWARD = 2.0   # Kaplan et al. 2020, sec. 2.1: backward ~ twice th
 
 @dataclass(frozen=True)
 class OpCost:
-    """One op per sample: FLOPs and activation bytes scale with the batch, weight bytes don't."""
+    """One op per sample: FLOPs and activation bytes scale with the batch, weight bytes don't.
+    `replicated`: tensor parallelism leaves the op whole on every rank (norms, residual adds,
+    embeddings and heads in kiln's TP plans) instead of splitting it by the TP degree."""
 
     flops: float
     bytes: float
     weight_bytes: float = 0.0
+    replicated: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,21 @@ def layer_key(module: str) -> str:
     return m.group(1) if m else module.split(".")[0]
 
 
+_NORM = re.compile(r"(^|_)(ln|norm|layernorm|layer_norm|rmsnorm)(_?\d*|f)$", re.IGNORECASE)
+
+
+def tp_replicated(layer: str, module: str) -> bool:
+    """Whether kiln's tensor-parallel plans (kiln.train.parallel.tp) leave an op whole on every
+    rank: anything outside a block (embeddings, final norm, head: `layer` is not a list item),
+    and inside a block its norms and the block's own ops (the residual adds), which run on the
+    full activations between the row-wise output's all-reduce and the next column-wise input.
+    The projections, the attention between them and the MLP's activation are split."""
+    if not layer.rsplit(".", 1)[-1].isdigit():
+        return True
+    inner = module[len(layer):].lstrip(".")
+    return not inner or any(_NORM.search(part) for part in inner.split("."))
+
+
 def from_graph(graph: Graph, model, batch: int, seq: int, name: str) -> Workload:
     """Per-layer costs from an analysed Graph (the cost pass run) of `model` at `batch` samples."""
     ops: dict[str, list[OpCost]] = defaultdict(list)
@@ -181,7 +199,8 @@ def from_graph(graph: Graph, model, batch: int, seq: int, name: str) -> Workload
     for n in graph.ops:
         key = layer_key(n.module)
         weights = sum(graph[i].out_bytes for i in n.inputs if graph[i].kind in (NodeKind.PARAM, NodeKind.BUFFER))
-        ops[key].append(OpCost(n.cost.flops / batch, max(n.cost.bytes - weights, 0) / batch, weights))
+        ops[key].append(OpCost(n.cost.flops / batch, max(n.cost.bytes - weights, 0) / batch, weights,
+                               replicated=tp_replicated(key, n.module)))
         if not n.is_view:
             saved[key] += n.out_bytes / batch
             last_out[key] = n.out_bytes / batch
