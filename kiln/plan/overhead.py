@@ -25,6 +25,12 @@ import time
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.models.spec import load
+from kiln.timing import TimingConfig, measure
+from kiln.train.config import TrainConfig
+from kiln.train.distributed import torchrun_command
+from kiln.train.parallel.config import Mode, ParallelConfig
+from kiln.train.parallel.registry import make_engine
 
 REFERENCE = "ddp"          # the engine whose 1-process step the efficiency calibration measured
 
@@ -43,12 +49,6 @@ def rank_main(spec: str, batches: dict[str, int], rounds: int, out: str) -> None
     at its batch beside the reference engine at the same batch; write the medians (s)."""
     import torch
     import torch.distributed as dist
-
-    from kiln.models.spec import load
-    from kiln.train.config import TrainConfig
-    from kiln.train.parallel.config import Mode, ParallelConfig
-    from kiln.train.parallel.registry import make_engine
-    from kiln.timing import TimingConfig, measure
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -86,8 +86,6 @@ def rank_main(spec: str, batches: dict[str, int], rounds: int, out: str) -> None
 def engine_overheads(spec: str, batches: dict[str, int], rounds: int = 10) -> dict:
     """{"overhead_s": {mode: s per step beyond the reference engine at that mode's batch}, and
     the raw medians}, measured on one process under torchrun (kiln's one launcher)."""
-    from kiln.train.distributed import torchrun_command
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "overheads.json"
         cmd = torchrun_command(1) + ["-m", "kiln.plan.overhead", "--spec", spec, "--out", str(out),
