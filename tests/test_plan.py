@@ -75,7 +75,7 @@ def test_gpt3_175b_from_its_config_and_its_training_compute():
 @pytest.mark.parametrize("spec", ["hf-config:gpt2", "hf-config:llama", "hf-config:gpt2?n_layer=3&n_embd=96&n_head=6"])
 def test_transformer_formulas_equal_the_analysis_of_the_built_model(spec):
     formula = load_workload(spec, from_config=True, head=False)
-    captured = load_workload(spec)
+    captured = load_workload(spec, step_memory=False)
     assert formula.params == captured.params
     assert formula.flops_per_sample == captured.flops_per_sample
 
@@ -143,7 +143,7 @@ def test_tensor_parallel_splits_the_sharded_ops_and_repeats_the_replicated_ones(
 def test_kiln_tp_plans_leave_norms_residuals_embeddings_and_heads_whole():
     from kiln.plan.workload import tp_replicated
 
-    w = load_workload("zoo:gpt")
+    w = load_workload("zoo:gpt", step_memory=False)
     split = {l.name: [op.replicated for op in l.ops] for l in w.layers}
     assert all(split["lm_head"]) and all(split["wte"])                  # outside any block
     assert any(split["blocks.0"]) and not all(split["blocks.0"])        # norms and adds whole, the rest split
@@ -170,6 +170,27 @@ def test_measured_engine_overhead_adds_to_its_mode_alone():
     fsdp, ddp = Plan(dp=2, zero=3, microbatch=4), Plan(dp=2, microbatch=4)
     assert extra.predict(fsdp).step_s == pytest.approx(plain.predict(fsdp).step_s + 0.5)
     assert extra.predict(ddp).step_s == plain.predict(ddp).step_s
+
+
+@pytest.mark.parametrize("spec", ["zoo:cnn", pytest.param("zoo:gpt", marks=pytest.mark.slow)])
+def test_planner_memory_of_one_device_is_the_training_step_analysis(spec):
+    """The planner's per-device memory for one device at the example batch equals kiln's
+    training-step analysis (kiln.analysis.train_step) kind by kind: fp32 AdamW model states
+    (4 + 4 + 8 bytes per parameter; the step counters aside) and the activations saved for
+    backward, which the workload now takes from that analysis."""
+    from kiln.analysis.train_step import analyze_step
+    from kiln.models.spec import load
+
+    loaded = load(spec)
+    batch = loaded.example_inputs[0].shape[0]
+    step = analyze_step(loaded.model, tuple(loaded.example_inputs))
+    w = load_workload(spec)
+    memory = Predictor(w, _cluster(), _hw(), batch).predict(Plan(microbatch=batch)).memory
+    kinds = step.memory.max_by_kind
+    assert memory.weights == kinds.weights and memory.gradients == kinds.gradients
+    assert memory.optimizer == kinds.optimizer_states - step.memory.counter_bytes
+    assert memory.activations == pytest.approx(kinds.activations, rel=1e-12)
+    assert "training step" in w.source
 
 
 def test_enumeration_covers_each_2d_layout_once_per_variant():
