@@ -188,13 +188,14 @@ def main() -> None:
         plain = fit(TrainConfig(**base, out=os.path.join(tmp, "plain"), threads=2), progress=False)
         one = run_mode(base, tmp, "1 process (ddp engine, world 1)", ParallelConfig(), nproc=1)
         rows = [one] + [run_mode(base, tmp, name, plan) for name, plan in PLANS.items() if not args.only or name in args.only]
+        # inside the temporary directory: a --small or --wide model's factory lives there
+        predictions = predicted_vs_measured(args.model, args.batch, rows, os.cpu_count(),
+                                            overheads=overheads_for(args.model, args.batch)) if args.predict else None
     ddp = next((r for r in rows if r["mode"] == "ddp"), None)
     for r in rows:
         r["vs_1_process_2_threads"] = r["samples_s"] / plain["throughput_samples_s"]
         r["vs_ddp"] = r["samples_s"] / ddp["samples_s"] if ddp else None
         r["model_states_vs_1_process"] = [b / one["model_state_bytes_per_rank"][0] for b in r["model_state_bytes_per_rank"]]
-    predictions = predicted_vs_measured(args.model, args.batch, rows, os.cpu_count(),
-                                        overheads=overheads_for(args.model, args.batch)) if args.predict else None
     result = {"date": date.today().isoformat(), "model": "wide GPT (8 x 512)" if args.wide else args.model, "dataset": dataset, "global_batch": args.batch,
               "steps": args.steps, "cores": os.cpu_count(), "one_process_2_threads_samples_s": plain["throughput_samples_s"],
               "note": "2 processes x 1 thread share the 2 cores the 1-process baseline uses with 2 threads; "
