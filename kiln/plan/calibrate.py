@@ -2,9 +2,9 @@
 to t = steps(op, n) * latency + bus_factor(op, n) * S / bus_bandwidth per process count
 (kiln.plan.collectives), small and large messages apart.
 
-How a collective is timed (the figure that the earlier routine got wrong at 4 KB: 3.4 ms where
-64 KB took 0.5 ms on a quiet machine, a figure that neither that routine nor a plain loop
-reproduced here, at 0.15-0.35 ms under load):
+How a collective is timed (the earlier routine's quiet figure at 4 KB, 3.4 ms where 64 KB took
+0.5 ms, reproduced neither with that routine nor with a plain loop here, 0.12-0.35 ms; what
+follows removes what a figure should not depend on):
 - point-to-point as a ping-pong, half the round trip per message;
 - one collective at a time, never interleaved with the others: broadcast and point-to-point
   return on the sender before the receiver is done, so whatever ran next on the sender waited
