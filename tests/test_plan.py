@@ -9,7 +9,7 @@ import pytest
 
 from kiln.errors import KilnError
 from kiln.plan.cluster import Cluster, ClusterConfig, LinkConfig, Precision, available, load_cluster
-from kiln.plan.collectives import (Algorithm, Collective, Link, best_all_reduce, collective_time,
+from kiln.plan.collectives import (Algorithm, Collective, Link, best_all_reduce, bus_factor, collective_time,
                                    fit_latency_bandwidth)
 from kiln.plan.emit import Emit, script, train_args
 from kiln.plan.memory import model_state_bytes
@@ -39,7 +39,22 @@ def test_latency_bandwidth_fit_recovers_exact_figures():
     sizes = [1e3, 1.6e4, 2.56e5, 4e6, 3.2e7]
     times = [5e-4 + 1.5 * s / 2e9 for s in sizes]      # 4 processes: all-reduce bus factor 1.5
     fit = fit_latency_bandwidth(Collective.ALL_REDUCE, 4, sizes, times)
-    assert fit.latency_s == pytest.approx(5e-4) and fit.bus_bandwidth == pytest.approx(2e9)
+    # ring all-reduce at 4 processes: 2(n-1) = 6 steps share the 500 us
+    assert fit.latency_s == pytest.approx(5e-4 / 6) and fit.bus_bandwidth == pytest.approx(2e9)
+    assert fit.time(Collective.ALL_REDUCE, 1e6) == pytest.approx(5e-4 + 1.5 * 1e6 / 2e9)
+
+
+def test_a_calibrated_collective_at_another_process_count_follows_its_algorithm():
+    """Measured at 2 processes (1 ring step of all-gather, 2 of all-reduce), read at 8: the
+    per-step latency and per-process bandwidth stay, the steps and bus factor follow n."""
+    from kiln.plan.collectives import fitted_time, steps
+
+    sizes = [1e3, 1e5, 1e7]
+    for op in (Collective.ALL_GATHER, Collective.ALL_REDUCE):
+        times = [steps(op, 2) * 1e-4 + bus_factor(op, 2) * s / 1e9 for s in sizes]
+        fit = fit_latency_bandwidth(op, 2, sizes, times)
+        ring = collective_time(op, 4e6, 8, Link(1e-4, 1e9))
+        assert fitted_time(op, 4e6, 8, (fit,)) == pytest.approx(ring)
 
 
 @pytest.mark.parametrize("stage,expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
@@ -60,7 +75,7 @@ def test_gpt3_175b_from_its_config_and_its_training_compute():
 @pytest.mark.parametrize("spec", ["hf-config:gpt2", "hf-config:llama", "hf-config:gpt2?n_layer=3&n_embd=96&n_head=6"])
 def test_transformer_formulas_equal_the_analysis_of_the_built_model(spec):
     formula = load_workload(spec, from_config=True, head=False)
-    captured = load_workload(spec)
+    captured = load_workload(spec, step_memory=False)
     assert formula.params == captured.params
     assert formula.flops_per_sample == captured.flops_per_sample
 
@@ -112,6 +127,70 @@ def test_data_parallel_compute_divides_by_the_replicas_and_memory_rejects_with_t
     need = 8 * 1e6 * 8 + 16 * 8000
     tight = Predictor(_toy(), _cluster(memory=need - 1e6), hw, 8).predict(Plan(microbatch=8))
     assert not tight.fits and tight.reason.startswith("out of memory on device 0 by 0.00") and tight.memory.total == need
+
+
+def test_tensor_parallel_splits_the_sharded_ops_and_repeats_the_replicated_ones():
+    """Per sample 1e9 FLOPs split by TP and 2e8 replicated (a norm): at t = 2 the compute is
+    1e9/2 + 2e8 per sample, exactly, where splitting everything would give 6e8."""
+    block = LayerCost("blocks.0", 1000, (OpCost(1e9, 0.0), OpCost(2e8, 0.0, replicated=True)), 1e6, 1e3, tp_collectives=2)
+    w = Workload("toy", (block,), seq=1, hidden=64, heads=8, weight_bytes=4)
+    one = Predictor(w, _cluster(), _hw(), 8).predict(Plan(microbatch=8))
+    two = Predictor(w, _cluster(), _hw(), 8).predict(Plan(tp=2, microbatch=8))
+    assert one.parts["compute"] == pytest.approx(3 * 8 * 1.2e9 / 1e12)
+    assert two.parts["compute"] == pytest.approx(3 * 8 * (0.5e9 + 2e8) / 1e12)
+
+
+def test_kiln_tp_plans_leave_norms_residuals_embeddings_and_heads_whole():
+    from kiln.plan.workload import tp_replicated
+
+    w = load_workload("zoo:gpt", step_memory=False)
+    split = {l.name: [op.replicated for op in l.ops] for l in w.layers}
+    assert all(split["lm_head"]) and all(split["wte"])                  # outside any block
+    assert any(split["blocks.0"]) and not all(split["blocks.0"])        # norms and adds whole, the rest split
+    assert tp_replicated("blocks.0", "blocks.0.ln1") and tp_replicated("blocks.0", "blocks.0")
+    assert not tp_replicated("blocks.0", "blocks.0.attn.qkv") and not tp_replicated("blocks.0", "blocks.0.mlp.0")
+    assert tp_replicated("model.layers.2", "model.layers.2.post_attention_layernorm")
+
+
+def test_calibrated_efficiency_reproduces_the_measured_one_device_step():
+    from kiln.plan.plans import calibrated_efficiency
+
+    w, c, hw = _toy(), _cluster(), _hw()
+    roofline = Predictor(w, c, hw, 8).predict(Plan(microbatch=8)).step_s
+    e = calibrated_efficiency(w, c, hw, 8, 4 * roofline)
+    assert Predictor(w, c, hw, 8, e).predict(Plan(microbatch=8)).step_s == pytest.approx(4 * roofline, rel=1e-9)
+    assert e == pytest.approx(0.25, rel=1e-6)       # all compute-bound: a quarter of the peak
+    assert calibrated_efficiency(w, c, hw, 8, roofline / 2) == 1.0     # faster than the roofline: capped
+
+
+def test_measured_engine_overhead_adds_to_its_mode_alone():
+    w, c, hw = _toy(), _cluster(), _hw()
+    plain = Predictor(w, c, hw, 8)
+    extra = Predictor(w, c, hw, 8, overheads={"fsdp": 0.5})
+    fsdp, ddp = Plan(dp=2, zero=3, microbatch=4), Plan(dp=2, microbatch=4)
+    assert extra.predict(fsdp).step_s == pytest.approx(plain.predict(fsdp).step_s + 0.5)
+    assert extra.predict(ddp).step_s == plain.predict(ddp).step_s
+
+
+@pytest.mark.parametrize("spec", ["zoo:cnn", pytest.param("zoo:gpt", marks=pytest.mark.slow)])
+def test_planner_memory_of_one_device_is_the_training_step_analysis(spec):
+    """The planner's per-device memory for one device at the example batch equals kiln's
+    training-step analysis (kiln.analysis.train_step) kind by kind: fp32 AdamW model states
+    (4 + 4 + 8 bytes per parameter; the step counters aside) and the activations saved for
+    backward, which the workload now takes from that analysis."""
+    from kiln.analysis.train_step import analyze_step
+    from kiln.models.spec import load
+
+    loaded = load(spec)
+    batch = loaded.example_inputs[0].shape[0]
+    step = analyze_step(loaded.model, tuple(loaded.example_inputs))
+    w = load_workload(spec)
+    memory = Predictor(w, _cluster(), _hw(), batch).predict(Plan(microbatch=batch)).memory
+    kinds = step.memory.max_by_kind
+    assert memory.weights == kinds.weights and memory.gradients == kinds.gradients
+    assert memory.optimizer == kinds.optimizer_states - step.memory.counter_bytes
+    assert memory.activations == pytest.approx(kinds.activations, rel=1e-12)
+    assert "training step" in w.source
 
 
 def test_enumeration_covers_each_2d_layout_once_per_variant():
@@ -189,9 +268,15 @@ def test_calibration_fits_small_and_large_messages_apart_exactly():
     def t(s):
         return 5e-5 + s / 1e9 if s <= SPLIT_BYTES else large_latency + s / 4e9
     ops = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "p2p")
-    fit = fit_all({2: {op: {s: t(s) for s in FIT_SIZES} for op in ops}})["p2p"].fits[0]   # p2p: bus factor 1
+    fitted = fit_all({2: {op: {s: t(s) for s in FIT_SIZES} for op in ops}})
+    fit = fitted["p2p"].fits(Collective.P2P)[0]   # p2p: 1 step, bus factor 1
     assert fit.pair(1e3) == pytest.approx((5e-5, 1e9), rel=1e-6)
     assert fit.pair(1e7) == pytest.approx((large_latency, 4e9), rel=1e-6)
+    # the profile keeps a collective's whole latency at n; its fits hold the per-step share
+    ar = fitted["all_reduce"]
+    assert ar.small_latency_s[0] == pytest.approx(5e-5, rel=1e-6)
+    assert ar.fits(Collective.ALL_REDUCE)[0].small_latency_s == pytest.approx(5e-5 / 2, rel=1e-6)
+    assert load_cluster("local").time(Collective.ALL_REDUCE, 1e6, 2) > 0     # stored profiles still read
 
 
 PLAIN = """
@@ -244,6 +329,15 @@ def test_emitted_torchrun_script_on_two_nodes_matches_one_process(tmp_path):
                     optimizer="sgd", lr=0.05, batch_size=32, threads=1), progress=False)
     a, b = load_file(tmp_path / "one" / "last.safetensors"), load_file(tmp_path / "two" / "last.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.distributed
+def test_engine_overheads_are_measured_on_one_process_against_ddp():
+    from kiln.plan.overhead import engine_overheads
+
+    got = engine_overheads("zoo:gpt", {"ddp": 2, "fsdp": 2}, rounds=3)
+    assert set(got["overhead_s"]) == {"ddp", "fsdp"} and got["overhead_s"]["ddp"] == 0.0
+    assert got["overhead_s"]["fsdp"] >= 0 and set(got["median_s"]) == {"ddp@2", "fsdp@2"}
 
 
 @pytest.mark.distributed

@@ -225,7 +225,7 @@ def calibrate_cluster(
     with progress("measuring gloo collectives") as update:
         profile, raw = calibrate(counts, progress=update)
     path = save_cluster(profile)
-    table = Table(title="gloo collectives on this machine (t = latency + bus factor x bytes / bus bandwidth)")
+    table = Table(title="gloo collectives on this machine, messages from 2 MiB (t = latency of all the algorithm's steps + bus factor x bytes / bus bandwidth)")
     for col in ("collective", *(f"{n} processes" for n in counts)):
         table.add_column(col)
     for name, cal in profile.collectives.items():

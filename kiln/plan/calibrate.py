@@ -1,10 +1,24 @@
 """`kiln cluster calibrate`: measure this machine's gloo collectives under torchrun and fit each
-to t = latency + bus_factor(n) * S / bus_bandwidth per process count (kiln.plan.collectives).
+to t = steps(op, n) * latency + bus_factor(op, n) * S / bus_bandwidth per process count
+(kiln.plan.collectives), small and large messages apart.
 
+How a collective is timed (the earlier routine's quiet figure at 4 KB, 3.4 ms where 64 KB took
+0.5 ms, reproduced neither with that routine nor with a plain loop here, 0.12-0.35 ms; what
+follows removes what a figure should not depend on):
+- point-to-point as a ping-pong, half the round trip per message;
+- one collective at a time, never interleaved with the others: broadcast and point-to-point
+  return on the sender before the receiver is done, so whatever ran next on the sender waited
+  for the receiver and was charged the skew;
+- a barrier before each collective's samples and two untimed calls (gloo's first call at a
+  size allocates and connects its buffers);
+- each sample is `repeats_for(size)` back-to-back calls (16 up to 64 KB): a sample spans a
+  few milliseconds, so one late thread wake-up (an idle vCPU halts; waking it goes through
+  the hypervisor) is shared by the calls instead of being the sample;
+- the figure of a size is the slowest rank's median (a collective ends when its last rank
+  does); the slowest rank's fastest sample is kept beside it.
 Every rank runs the same calls in the same order through kiln.timing.measure, configured so
 that no rank decides on its own to call again (no re-measure, no run-off, no extra untimed
-call for short calls): a collective whose ranks disagree on the call count would hang. The
-figure of a size is the slowest rank's median (a collective ends when its last rank does).
+call for short calls): a collective whose ranks disagree on the call count would hang.
 """
 from __future__ import annotations
 
@@ -23,18 +37,28 @@ from kiln.plan.collectives import Collective, fit_latency_bandwidth
 from kiln.timing import TimingConfig, measure
 from kiln.train.distributed import torchrun_command
 
-# bytes per message for the fit: apart from the figure's evaluation sizes (4 KB ... 64 MB)
-FIT_SIZES = (1 << 10, 16 << 10, 256 << 10, 4 << 20, 32 << 20)
+# bytes per message for the fit: apart from the figure's evaluation sizes (4 KB ... 64 MB), and
+# bracketing them (128 MiB: the 64 MB figure is read between fitted sizes, not beyond them)
+FIT_SIZES = (1 << 10, 16 << 10, 256 << 10, 2 << 20, 8 << 20, 32 << 20, 128 << 20)
 EVAL_SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20)
 PROCESSES = (2, 4)
-SPLIT_BYTES = 256 << 10      # small and large messages are fitted apart (both sides hold 3 FIT_SIZES)
+# small and large messages are fitted apart at a core's L2 cache (2 MiB per core on this
+# machine's Xeon, lscpu): up to it a message is copied cache to cache, beyond it through L3 and
+# memory at another rate. Each side holds 4 FIT_SIZES (the split size belongs to both).
+SPLIT_BYTES = 2 << 20
 MEASURED = (Collective.ALL_REDUCE, Collective.ALL_GATHER, Collective.REDUCE_SCATTER,
             Collective.BROADCAST, Collective.P2P)
 
 
 def rounds_for(size: int) -> int:
-    """Fewer rounds for large messages (a 64 MB gloo reduce-scatter at 4 ranks takes ~1 s here)."""
-    return 3 if size >= 16 << 20 else 6 if size >= 1 << 20 else 12
+    """Fewer samples for large messages (a 128 MB gloo reduce-scatter at 4 ranks takes ~0.4 s)."""
+    return 5 if size >= 16 << 20 else 8 if size >= 1 << 20 else 15
+
+
+def repeats_for(size: int) -> int:
+    """Back-to-back calls per sample: 16 up to 64 KB, fewer up to 1 MB, then 1 (the same on every
+    rank: it depends on the size alone)."""
+    return max(1, min(16, (1 << 20) // size))
 
 
 def _calls(size: int, rank: int, world: int) -> dict:
@@ -47,9 +71,14 @@ def _calls(size: int, rank: int, world: int) -> dict:
     peer = rank ^ 1                         # pairs (0, 1), (2, 3): every rank sends or receives
 
     def p2p():
+        # ping-pong (OSU's osu_latency): the even rank sends and waits for the reply, so a call is
+        # two one-way messages end to end; one-way sends back to back would time the sender's
+        # queue, not a message's flight (a pipeline stage waits for each one)
         if peer >= world:
             return
-        (dist.isend if rank % 2 == 0 else dist.irecv)(full, peer).wait()
+        first, second = (dist.isend, dist.irecv) if rank % 2 == 0 else (dist.irecv, dist.isend)
+        first(full, peer).wait()
+        second(full, peer).wait()
 
     return {
         Collective.ALL_REDUCE.value: lambda: dist.all_reduce(full),
@@ -61,7 +90,8 @@ def _calls(size: int, rank: int, world: int) -> dict:
 
 
 def rank_main(sizes: list[int], out: str) -> None:
-    """One rank: time every collective at every size; rank 0 writes {collective: {size: s}}."""
+    """One rank: time every collective at every size; rank 0 writes {collective: {size: s}}
+    (the slowest rank's median per call) and the same of the fastest samples."""
     import torch
     import torch.distributed as dist
 
@@ -69,23 +99,30 @@ def rank_main(sizes: list[int], out: str) -> None:
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         result: dict[str, dict[str, float]] = {c.value: {} for c in MEASURED}
+        fastest: dict[str, dict[str, float]] = {c.value: {} for c in MEASURED}
         for size in sizes:
-            calls = _calls(size, rank, world)
-            cfg = TimingConfig(rounds=rounds_for(size), warmup=1, short_call_s=0.0, remeasure=False,
+            k = repeats_for(size)
+            cfg = TimingConfig(rounds=rounds_for(size), warmup=2, short_call_s=0.0, remeasure=False,
                                runoff_margin=0.0, rotate=False)
-            m = measure(calls, cfg)
-            medians = torch.tensor([m[name].median for name in calls], dtype=torch.float64)
-            dist.all_reduce(medians, op=dist.ReduceOp.MAX)
-            for name, value in zip(calls, medians.tolist()):
-                result[name][str(size)] = value
+            for name, fn in _calls(size, rank, world).items():
+                def block(fn=fn):
+                    for _ in range(k):
+                        fn()
+                dist.barrier()
+                # a point-to-point call is a round trip: two messages
+                t = measure({name: block}, cfg)[name].per(k * (2 if name == Collective.P2P.value else 1))
+                figures = torch.tensor([t.median, t.min], dtype=torch.float64)
+                dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+                result[name][str(size)], fastest[name][str(size)] = figures.tolist()
         if rank == 0:
-            Path(out).write_text(json.dumps({"processes": world, "times_s": result}))
+            Path(out).write_text(json.dumps({"processes": world, "times_s": result, "fastest_s": fastest}))
     finally:
         dist.destroy_process_group()
 
 
-def measure_collectives(processes: int, sizes: tuple[int, ...]) -> dict[str, dict[int, float]]:
-    """{collective: {bytes: seconds}} measured with `processes` gloo ranks under torchrun."""
+def measure_collectives(processes: int, sizes: tuple[int, ...], fastest: dict | None = None) -> dict[str, dict[int, float]]:
+    """{collective: {bytes: seconds}} measured with `processes` gloo ranks under torchrun (the
+    slowest rank's median); `fastest`, when given, receives the slowest rank's fastest samples."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "times.json"
         cmd = torchrun_command(processes) + ["-m", "kiln.plan.calibrate", "--out", str(out),
@@ -95,14 +132,16 @@ def measure_collectives(processes: int, sizes: tuple[int, ...]) -> dict[str, dic
         if done.returncode or not out.is_file():
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise KilnError(f"collective calibration with {processes} processes failed: {tail}")
-        times = json.loads(out.read_text())["times_s"]
-    return {name: {int(s): t for s, t in per.items()} for name, per in times.items()}
+        data = json.loads(out.read_text())
+    if fastest is not None:
+        fastest.update({name: {int(s): t for s, t in per.items()} for name, per in data["fastest_s"].items()})
+    return {name: {int(s): t for s, t in per.items()} for name, per in data["times_s"].items()}
 
 
 def fit_all(measured: dict[int, dict[str, dict[int, float]]], split: int = SPLIT_BYTES) -> dict[str, CalibratedConfig]:
-    """Per collective and process count, two (latency, bus bandwidth) fits: messages up to
-    `split` bytes and from it on (the split size belongs to both), as gloo changes algorithm
-    with the size; one fit over all sizes when either side has fewer than two sizes."""
+    """Per collective and process count, two (per-step latency, bus bandwidth) fits: messages up
+    to `split` bytes and from it on (the split size belongs to both); one fit over all sizes
+    when either side has fewer than two sizes."""
     out = {}
     for op in MEASURED:
         large, small = [], []
@@ -115,9 +154,7 @@ def fit_all(measured: dict[int, dict[str, dict[int, float]]], split: int = SPLIT
             fit = lambda chosen: fit_latency_bandwidth(op, n, [float(s) for s in chosen], [times[s] for s in chosen])
             large.append(fit(hi))
             small.append(fit(lo))
-        out[op.value] = CalibratedConfig(
-            tuple(f.processes for f in large), tuple(f.latency_s for f in large), tuple(f.bus_bandwidth for f in large),
-            float(split), tuple(f.latency_s for f in small), tuple(f.bus_bandwidth for f in small))
+        out[op.value] = CalibratedConfig.of(op, large, small, split)
     return out
 
 

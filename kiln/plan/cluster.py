@@ -17,7 +17,7 @@ from pathlib import Path
 from kiln.config import from_dict, to_dict, to_toml
 from kiln.errors import KilnError
 from kiln.io import atomic_write_text
-from kiln.plan.collectives import Collective, Fitted, Link, best_all_reduce, collective_time, fitted_time
+from kiln.plan.collectives import Collective, Fitted, Link, best_all_reduce, collective_time, fitted_time, steps
 
 BUILTIN_DIR = Path(__file__).with_name("clusters")
 
@@ -56,7 +56,9 @@ class LinkConfig:
 
 @dataclass(frozen=True)
 class CalibratedConfig:
-    """One collective measured on this machine: per process count, latency and bus bandwidth."""
+    """One collective measured on this machine: per process count, the whole collective's
+    latency (all its algorithm's steps) and its bus bandwidth, for messages above split_bytes
+    and (small_*) up to it."""
 
     processes: tuple[int, ...]
     latency_s: tuple[float, ...]
@@ -71,12 +73,22 @@ class CalibratedConfig:
         if self.split_bytes and not (len(self.small_latency_s) == len(self.small_bus_bandwidth) == len(self.processes)):
             raise ValueError("split_bytes needs small_latency_s and small_bus_bandwidth for each process count")
 
-    @property
-    def fits(self) -> tuple[Fitted, ...]:
+    def fits(self, op: Collective) -> tuple[Fitted, ...]:
+        """The fits as `op`'s algorithm sees them: latency per step (the profile's latency at n
+        over the algorithm's step count at n)."""
         small = zip(self.small_latency_s, self.small_bus_bandwidth) if self.split_bytes else \
             [(0.0, 0.0)] * len(self.processes)
-        return tuple(Fitted(n, a, b, self.split_bytes, sa, sb)
+        per = lambda latency, n: latency / max(steps(op, n), 1)
+        return tuple(Fitted(n, per(a, n), b, self.split_bytes, per(sa, n), sb)
                      for (n, a, b), (sa, sb) in zip(zip(self.processes, self.latency_s, self.bus_bandwidth), small))
+
+    @classmethod
+    def of(cls, op: Collective, large: list[Fitted], small: list[Fitted], split: float) -> "CalibratedConfig":
+        """The profile entry of per-step fits (one per process count, large and small messages)."""
+        total = lambda f: f.latency_s * max(steps(op, f.processes), 1)
+        return cls(tuple(f.processes for f in large), tuple(total(f) for f in large),
+                   tuple(f.bus_bandwidth for f in large), float(split), tuple(total(f) for f in small),
+                   tuple(f.bus_bandwidth for f in small))
 
 
 @dataclass(frozen=True)
@@ -145,7 +157,7 @@ class Cluster:
             return 0.0
         measured = self.config.collectives.get(op.value)
         if measured is not None:
-            return fitted_time(op, size, group, measured.fits)
+            return fitted_time(op, size, group, measured.fits(op))
         link = self.link(group if op is not Collective.P2P else 2, stride)
         if op is Collective.ALL_REDUCE:
             return best_all_reduce(size, group, link)[0]

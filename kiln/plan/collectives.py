@@ -11,9 +11,10 @@ reduce-scatter):
 - ring reduce-scatter    (n-1) alpha + (n-1)/n * S/B     (S: the full input size)
 - broadcast (binomial)   ceil(log2 n) (alpha + S/B)
 - point-to-point         alpha + S/B
-A calibrated backend (gloo here) is instead described per collective by a measured
-(latency, bus bandwidth) pair per process count, because gloo's algorithms are not the ring
-of the formulas (its reduce-scatter runs one all-reduce per rank: pytorch PR 149869).
+A calibrated backend (gloo here) keeps these step counts and bus factors but gets its own
+per-step latency and per-process bandwidth for each collective and process count, measured
+(`Fitted`), because gloo's collectives are not equally good implementations of the formulas
+(its reduce-scatter runs one all-reduce per rank: pytorch PR 149869).
 """
 from __future__ import annotations
 
@@ -83,9 +84,13 @@ def best_all_reduce(size: float, n: int, link: Link) -> tuple[float, Algorithm]:
 
 @dataclass(frozen=True)
 class Fitted:
-    """A calibrated collective at one process count: t = latency_s + bus_factor * S / bus_bandwidth,
-    with a second (latency, bandwidth) pair for messages up to `split_bytes` where one was fitted:
-    a backend switches algorithms with the size (NCCL's LL and Simple protocols; gloo's)."""
+    """A calibrated collective at one process count, as its algorithm's alpha-beta cost:
+    t = steps(op, n) * latency_s + bus_factor(op, n) * S / bus_bandwidth, with latency_s the
+    cost of one of the algorithm's steps (ring all-reduce: 2(n-1) of them, all-gather and
+    reduce-scatter n-1, binomial broadcast ceil(log2 n), point-to-point 1) and bus_bandwidth the
+    bytes per second one process moves. A second (latency, bandwidth) pair holds for messages up
+    to `split_bytes`: a message that stays in a core's cache moves at another rate than one that
+    does not (and backends switch algorithm with the size: NCCL's LL and Simple protocols)."""
 
     processes: int
     latency_s: float
@@ -99,27 +104,29 @@ class Fitted:
             return self.small_latency_s, self.small_bus_bandwidth
         return self.latency_s, self.bus_bandwidth
 
-    def time(self, op: Collective, size: float) -> float:
+    def time(self, op: Collective, size: float, n: int | None = None) -> float:
+        """Seconds at n processes (default: the calibrated count): the step count and the bus
+        factor follow n, the per-step latency and the per-process bandwidth stay."""
+        n = self.processes if n is None else n
         latency, bandwidth = self.pair(size)
-        return latency + bus_factor(op, self.processes) * size / bandwidth
+        return steps(op, n) * latency + bus_factor(op, n) * size / bandwidth
 
 
 def fitted_time(op: Collective, size: float, n: int, fits: tuple[Fitted, ...]) -> float:
-    """A calibrated collective's time at n processes: the fit at n, else the nearest fit with
-    its latency scaled by the ring's step count (bandwidth per process unchanged)."""
+    """A calibrated collective's time at n processes: the fit at n, else the nearest fit's
+    per-step latency and per-process bandwidth with n's step count and bus factor."""
     if n <= 1 and op is not Collective.P2P:
         return 0.0
     near = min(fits, key=lambda f: (abs(f.processes - n), -f.processes))
-    scale = steps(op, n) / max(steps(op, near.processes), 1) if op is not Collective.P2P else 1.0
-    latency, bandwidth = near.pair(size)
-    return latency * scale + bus_factor(op, n) * size / bandwidth
+    return near.time(op, size, n)
 
 
 def fit_latency_bandwidth(op: Collective, n: int, sizes: list[float], times: list[float]) -> Fitted:
-    """Least squares of relative error for t = a + bus_factor * S * b over measured (S, t):
-    every size weighs alike, so the 4 KB and the 64 MB points both count."""
-    k = bus_factor(op, n)
-    # minimise sum(((a + x b) - t)/t)^2: weighted linear least squares, weights 1/t^2
+    """Least squares of relative error for t = steps * a + bus_factor * S * b over measured
+    (S, t): every size weighs alike, so the 1 KB and the 128 MB points both count. Returns the
+    per-step latency a and the bus bandwidth 1/b."""
+    k, m = bus_factor(op, n), max(steps(op, n), 1)
+    # minimise sum(((m a + x b) - t)/t)^2: weighted linear least squares in (m a, b), weights 1/t^2
     w = [1 / t ** 2 for t in times]
     x = [k * s for s in sizes]
     sw, sx, sxx = sum(w), sum(wi * xi for wi, xi in zip(w, x)), sum(wi * xi * xi for wi, xi in zip(w, x))
@@ -129,4 +136,6 @@ def fit_latency_bandwidth(op: Collective, n: int, sizes: list[float], times: lis
     a = (st - sx * b) / sw
     if b <= 0:   # flat times: all latency; bandwidth from the largest point alone
         b = max(times[-1] - min(times), 1e-12) / max(x[-1], 1)
-    return Fitted(n, max(a, 0.0), 1 / b)
+    if a < 0:    # no latency to speak of: the bandwidth alone, through the points
+        a, b = 0.0, sum(wi * xi * t for wi, xi, t in zip(w, x, times)) / sxx
+    return Fitted(n, a / m, 1 / b)

@@ -19,6 +19,9 @@ Step time of one optimizer step (global batch B = dp * m * b samples):
   cluster whose devices share one machine's cores (local, gloo) nothing overlaps: the
   collectives run on the cores that compute.
 - optimizer: reading and writing the device's model states once, at memory bandwidth.
+- framework: where measured (kiln.plan.overhead), the seconds per step a mode's engine spends
+  beyond the engine the efficiency was calibrated on (FSDP2's hooks and copies, DTensor's
+  dispatch under TP), added as they are: they are per op, not per sample.
 """
 from __future__ import annotations
 
@@ -114,14 +117,16 @@ class _Device:
     memory: float
 
 
-def device_of(cluster: Cluster, hw: HardwareProfile, devices: int, efficiency: float = 1.0) -> _Device:
+def device_of(cluster: Cluster, hw: HardwareProfile, devices: int, efficiency: float = 1.0,
+              share: int | None = None) -> _Device:
     """The device's peak (times a measured `efficiency`, the share of peak its kernels reach),
-    bandwidth and memory; where devices share a machine, each one's share of it."""
+    bandwidth and memory; where devices share a machine, each one's share of it (1/`share`,
+    default: 1/devices up to the node's count)."""
     c = cluster.config
     peak = hw.peak_for(c.precision.dtype)[0] * efficiency
     if not c.share_node:
         return _Device(peak, hw.memory_bandwidth, c.device_memory)
-    share = min(devices, c.devices_per_node)
+    share = share or min(devices, c.devices_per_node)
     return _Device(peak / share, hw.memory_bandwidth / share, c.device_memory / share)
 
 
@@ -157,23 +162,28 @@ class Predictor:
     """Predicts plans of one workload on one cluster at one global batch."""
 
     def __init__(self, workload: Workload, cluster: Cluster, hw: HardwareProfile, global_batch: int,
-                 efficiency: float = 1.0):
+                 efficiency: float = 1.0, share: int | None = None, overheads: dict[str, float] | None = None):
         self.w, self.cluster, self.hw, self.batch = workload, cluster, hw, global_batch
-        self.efficiency = efficiency
+        self.efficiency, self.share = efficiency, share
+        # seconds per step a mode's engine spends beyond the calibrated one (kiln.plan.overhead)
+        self.overheads = overheads or {}
         self.precision = cluster.config.precision
         # activations as analysed are at the workload's element width; train at the cluster's
         self.act_scale = self.precision.weight_bytes / workload.weight_bytes
         self._partition = lru_cache(maxsize=None)(lambda pp: partition([max(l.flops, 1.0) for l in self.w.layers], pp))
 
     def forward_s(self, layer_index: int, b: int, tp: int, dev: _Device) -> float:
-        """One layer's forward roofline time on a micro-batch of b samples, split tp ways."""
+        """One layer's forward roofline time on a micro-batch of b samples: the ops TP splits
+        run on 1/tp of the work, the replicated ones (norms, residual adds, embeddings, heads
+        in kiln's plans) whole on every rank."""
         total = 0.0
         for op in self.w.layers[layer_index].ops:
-            total += max(b * op.flops / dev.peak, (b * op.bytes * self.act_scale + op.weight_bytes * self.act_scale) / dev.bandwidth)
-        return total / tp
+            t = max(b * op.flops / dev.peak, (b * op.bytes * self.act_scale + op.weight_bytes * self.act_scale) / dev.bandwidth)
+            total += t if op.replicated and tp > 1 else t / tp
+        return total
 
     def predict(self, plan: Plan) -> Prediction:
-        dev = device_of(self.cluster, self.hw, plan.devices, self.efficiency)
+        dev = device_of(self.cluster, self.hw, plan.devices, self.efficiency, self.share)
         reason = self._infeasible(plan)
         if reason:
             return Prediction(plan, MemoryBreakdown(0, 0, 0, 0, 0), 0, dev.memory, reason=reason)
@@ -246,7 +256,9 @@ class Predictor:
         states = max(sum(model_state_bytes(sum(l.params for l in w.layers[a:b]) / plan.tp, self.precision,
                                            plan.zero, plan.dp).values()) for a, b in stages)
         parts["optimizer"] = 2 * states / dev.bandwidth
-        return replace(pred, step_s=pipeline + parts["dp"] + parts["optimizer"], parts=parts, dp_comm_s=dp_comm)
+        parts["framework"] = self.overheads.get(plan.mode, 0.0)
+        return replace(pred, step_s=pipeline + parts["dp"] + parts["optimizer"] + parts["framework"], parts=parts,
+                       dp_comm_s=dp_comm)
 
     def _p2p(self, plan: Plan, boundary: float) -> float:
         """One stage-to-stage message per micro-batch (the activation forward, or its gradient
@@ -271,6 +283,24 @@ class Predictor:
             scatters = 1 if plan.zero == 1 else plan.microbatches
             return t(Collective.REDUCE_SCATTER, scatters) + t(Collective.ALL_GATHER)
         return t(Collective.ALL_GATHER, 2 * plan.microbatches) + t(Collective.REDUCE_SCATTER, plan.microbatches)
+
+
+def calibrated_efficiency(workload: Workload, cluster: Cluster, hw: HardwareProfile, batch: int,
+                          step_s: float, share: int | None = None) -> float:
+    """The efficiency (share of the device's peak FLOP/s) at which the planner's one-device
+    plan of `batch` samples takes `step_s`, a measured step of the same model on one device
+    (on a shared node: one process on 1/`share` of it, e.g. 1 thread of 2 cores -> share 2).
+    Profiling one device and composing its figure with the collectives and schedules is how
+    the multi-device prediction stays honest: nothing of a multi-device run enters it. 1 when
+    the measured step beats the roofline."""
+    at = lambda e: Predictor(workload, cluster, hw, batch, e, share).predict(Plan(microbatch=batch)).step_s
+    if at(1.0) >= step_s:
+        return 1.0
+    lo, hi = 1e-6, 1.0          # the step time falls as the efficiency rises: bisect on it
+    for _ in range(60):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if at(mid) > step_s else (lo, mid)
+    return hi
 
 
 # -- enumeration -------------------------------------------------------------------------------

@@ -127,12 +127,15 @@ def _cheapest(config: PlanConfig, workload, cluster, hw, steps: int) -> tuple[Pr
     return best, counts
 
 
-def predict_mode(spec: str, mode: str, nproc: int, global_batch: int, cluster: str = "local",
-                 workload: Workload | None = None, microbatches: int = 0) -> Prediction:
+def predict_mode(spec: str, mode: str, nproc: int, global_batch: int, cluster: str | Cluster = "local",
+                 workload: Workload | None = None, microbatches: int = 0, efficiency: float = 1.0,
+                 overheads: dict[str, float] | None = None) -> Prediction:
     """The planner's prediction for a `kiln train --parallel MODE --nproc N` run on this machine
-    (or another cluster): what a measured step time of that run is compared with."""
-    cluster_obj = load_cluster(cluster)
+    (or another cluster): what a measured step time of that run is compared with. `efficiency`:
+    the share of peak the model's kernels reach (kiln.plan.plans.calibrated_efficiency);
+    `overheads`: each mode's engine overhead per step (kiln.plan.overhead)."""
+    cluster_obj = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
     hw = load_profile(cluster_obj.config.device)
     workload = workload or load_workload(spec)
     plan = plan_for_mode(mode, nproc, global_batch, microbatches)
-    return Predictor(workload, cluster_obj, hw, global_batch).predict(plan)
+    return Predictor(workload, cluster_obj, hw, global_batch, efficiency, overheads=overheads).predict(plan)

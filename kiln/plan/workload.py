@@ -5,8 +5,9 @@ layer boundary (a pipeline's point-to-point message, tensor parallelism's all-re
 Two sources fill it:
 - `from_graph`: kiln's inference analysis of the captured model (kiln.analysis.cost), rolled up
   per layer (a module path up to its first list index, e.g. `blocks.3`), divided by the example
-  batch. Saved activations are every op output of the layer (an upper bound: train_step's
-  partitioned joint graph will replace it).
+  batch; the activations saved for backward come from the training step's analysis
+  (kiln.analysis.train_step's joint graph, `with_saved_activations`), or, where the step cannot
+  be captured, every op output of the layer (an upper bound).
 - `transformer`: closed-form formulas for a GPT-style decoder from its config, so huge models
   (GPT-3 175B) are planned without building them: parameters 12h^2 + 13h per layer (Megatron-LM,
   arXiv 2104.04473, sec. 5.1), forward FLOPs per token 24h^2 + 4sh per layer plus 2hV for the
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kiln.analysis.cost import AnnotateCost
+from kiln.analysis.train_step import analyze_step
 from kiln.errors import KilnError
 from kiln.graph.capture import capture
 from kiln.graph.graph import Graph
@@ -38,11 +40,14 @@ BACKWARD_PER_FORWARD = 2.0   # Kaplan et al. 2020, sec. 2.1: backward ~ twice th
 
 @dataclass(frozen=True)
 class OpCost:
-    """One op per sample: FLOPs and activation bytes scale with the batch, weight bytes don't."""
+    """One op per sample: FLOPs and activation bytes scale with the batch, weight bytes don't.
+    `replicated`: tensor parallelism leaves the op whole on every rank (norms, residual adds,
+    embeddings and heads in kiln's TP plans) instead of splitting it by the TP degree."""
 
     flops: float
     bytes: float
     weight_bytes: float = 0.0
+    replicated: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,21 @@ def layer_key(module: str) -> str:
     return m.group(1) if m else module.split(".")[0]
 
 
+_NORM = re.compile(r"(^|_)(ln|norm|layernorm|layer_norm|rmsnorm)(_?\d*|f)$", re.IGNORECASE)
+
+
+def tp_replicated(layer: str, module: str) -> bool:
+    """Whether kiln's tensor-parallel plans (kiln.train.parallel.tp) leave an op whole on every
+    rank: anything outside a block (embeddings, final norm, head: `layer` is not a list item),
+    and inside a block its norms and the block's own ops (the residual adds), which run on the
+    full activations between the row-wise output's all-reduce and the next column-wise input.
+    The projections, the attention between them and the MLP's activation are split."""
+    if not layer.rsplit(".", 1)[-1].isdigit():
+        return True
+    inner = module[len(layer):].lstrip(".")
+    return not inner or any(_NORM.search(part) for part in inner.split("."))
+
+
 def from_graph(graph: Graph, model, batch: int, seq: int, name: str) -> Workload:
     """Per-layer costs from an analysed Graph (the cost pass run) of `model` at `batch` samples."""
     ops: dict[str, list[OpCost]] = defaultdict(list)
@@ -181,7 +201,8 @@ def from_graph(graph: Graph, model, batch: int, seq: int, name: str) -> Workload
     for n in graph.ops:
         key = layer_key(n.module)
         weights = sum(graph[i].out_bytes for i in n.inputs if graph[i].kind in (NodeKind.PARAM, NodeKind.BUFFER))
-        ops[key].append(OpCost(n.cost.flops / batch, max(n.cost.bytes - weights, 0) / batch, weights))
+        ops[key].append(OpCost(n.cost.flops / batch, max(n.cost.bytes - weights, 0) / batch, weights,
+                               replicated=tp_replicated(key, n.module)))
         if not n.is_view:
             saved[key] += n.out_bytes / batch
             last_out[key] = n.out_bytes / batch
@@ -210,11 +231,13 @@ def _attention_shape(model) -> tuple[int | None, int | None]:
 CAPTURE_LIMIT = 300_000_000
 
 
-def load_workload(spec: str, seq: int | None = None, from_config: bool = False, head: bool = True) -> Workload:
+def load_workload(spec: str, seq: int | None = None, from_config: bool = False, head: bool = True,
+                  step_memory: bool = True) -> Workload:
     """The workload of a model spec: an `hf-config:` transformer above CAPTURE_LIMIT parameters
     (or with `from_config`) from its config's closed form, with an LM head unless `head` is
     False (training a language model needs one; hf-config's captured AutoModel has none);
-    anything else captured and analysed."""
+    anything else captured and analysed, its saved activations from the training step's
+    analysis unless `step_memory` is False (then every forward output: no joint graph built)."""
     if spec.startswith("hf-config:"):
         shape = _hf_shape(spec, seq, head)
         if shape is not None:
@@ -223,10 +246,10 @@ def load_workload(spec: str, seq: int | None = None, from_config: bool = False, 
                 return formula
     elif from_config:
         raise KilnError(f"--from-config needs an hf-config: transformer spec, got {spec}")
-    return _captured(spec, seq)
+    return _captured(spec, seq, step_memory)
 
 
-def _captured(spec: str, seq: int | None) -> Workload:
+def _captured(spec: str, seq: int | None, step_memory: bool = True) -> Workload:
     loaded = load(spec)
     first = next(iter([*loaded.example_inputs, *loaded.example_kwargs.values()]), None)
     if seq is not None:
@@ -238,7 +261,27 @@ def _captured(spec: str, seq: int | None) -> Workload:
     PassManager([AnnotateCost()]).run(graph)
     batch = int(first.shape[0]) if first is not None and first.dim() else 1
     tokens = int(first.shape[1]) if first is not None and first.dim() == 2 and not first.is_floating_point() else 1
-    return from_graph(graph, loaded.model, batch, tokens, spec)
+    w = from_graph(graph, loaded.model, batch, tokens, spec)
+    return with_saved_activations(w, loaded, batch) if step_memory else w
+
+
+def with_saved_activations(w: Workload, loaded, batch: int) -> Workload:
+    """The workload with each layer's activations saved for backward as the training step's
+    analysis counts them (kiln.analysis.train_step: the joint graph's forward outputs that the
+    backward reads, per module) instead of every forward output; unchanged, and saying so,
+    where the step cannot be captured."""
+    try:
+        step = analyze_step(loaded.model, tuple(loaded.example_inputs), dict(loaded.example_kwargs) or None)
+    except Exception as exc:   # any capture failure: the forward graph's upper bound stands
+        return replace(w, source=f"{w.source}; activations: every forward output (the training step was not "
+                                 f"captured: {type(exc).__name__})")
+    saved: dict[str, float] = defaultdict(float)
+    for m in step.modules:
+        saved[layer_key(m.module)] += m.saved_bytes / batch
+    layers = tuple(replace(layer, activation_bytes=saved.pop(layer.name, 0.0)) for layer in w.layers)
+    if saved:   # saved by a module no forward op belongs to: counted on the first layer
+        layers = (replace(layers[0], activation_bytes=layers[0].activation_bytes + sum(saved.values())),) + layers[1:]
+    return replace(w, layers=layers, source=f"{w.source}; activations saved for backward from the training step's analysis")
 
 
 def _hf_shape(spec: str, seq: int | None, head: bool = True) -> TransformerShape | None:
