@@ -103,7 +103,7 @@ def run(tmp_path_factory):
         return m
 
     out = tmp_path_factory.mktemp("optimize") / "cnn"
-    cfg = OptimizeConfig(src="zoo:cnn", max_drop=0.02, budget_min=1.0, val_samples=200, rounds=3, loadgen_s=1.0)
+    cfg = OptimizeConfig(src="zoo:cnn", max_drop=0.02, budget_min=4.0, val_samples=200, rounds=3, loadgen_s=1.0)
     mp = pytest.MonkeyPatch()
     mp.setattr(phases, "measure", recording)
     try:
@@ -210,3 +210,31 @@ def test_the_report_renders_in_headless_chromium_with_its_charts_and_no_console_
         assert figures[name]["svg"] and figures[name]["paths"] > 5 and figures[name]["width"] > 100
     assert page["tables"] >= 4 and page["title"].startswith("kiln optimize")
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_the_cost_model_of_a_trial_is_kiln_analyze_of_the_artifact_it_becomes(tmp_path):
+    """Off `local`, a trial's latency is the roofline of the candidate as it runs; rebuilt by
+    kiln's own commands into an artifact, `kiln analyze`'s as-it-runs figure must be the same."""
+    import dataclasses
+
+    from kiln.analysis.report import analyze
+    from kiln.hardware.profiles import load_profile
+    from kiln.optimize.phases import none_choice, rebuild
+    from kiln.optimize.run import make_space
+    from kiln.runs.artifact import load_artifact, load_source
+    from kiln.runs.execution import as_it_runs
+
+    cfg = OptimizeConfig(src="zoo:cnn", target="h100", val_samples=50)
+    source = load_source(cfg.src)
+    space = make_space(cfg, source, {"metric": "accuracy", "backend": "eager"})
+    space.ensure_setup()
+    choice = none_choice(space, "int8", "onnxruntime:dtype=int8") | {"fc:budget": 0.5, "fc:bits": 4}
+    trial = space.cost(space.build(choice), {"roofline_ms", "model_bytes"})
+    rebuild(space, choice, cfg.src, tmp_path, lambda s: None)
+    art = load_artifact(tmp_path / "model")
+    assert [t.kind for t in art.transforms] == ["lowrank", "quant"]
+    model, execution = as_it_runs(art.model, art.transforms)
+    loaded = dataclasses.replace(art.loaded, model=model.eval())
+    a = analyze(loaded, load_profile("h100"), measure_time=False, execution=execution)
+    assert trial["roofline_ms"] == pytest.approx(1e3 * a.runs_as.roofline.latency_s, rel=1e-12)

@@ -19,15 +19,13 @@ from kiln.compile.auto import at_batch, call, select
 from kiln.compile.backends import Precision, build, parse_backend
 from kiln.compile.run import CompileConfig, compile_run
 from kiln.errors import KilnError
-from kiln.graph.capture import capture
-from kiln.hw.gemms import graph_gemms
 from kiln.config import to_toml
 from kiln.io import atomic_write_json, atomic_write_text
 from kiln.lowrank.config import parse_config as parse_lowrank
 from kiln.lowrank.run import lowrank_run
 from kiln.models.loaded import LoadedModel
 from kiln.optimize.config import Constraint, OptimizeConfig
-from kiln.optimize.space import FP32, INT8, Built, OptimizeSpace, roofline_as_it_runs, roofline_point
+from kiln.optimize.space import FP32, INT8, Built, OptimizeSpace, energy_uj, roofline_as_it_runs, roofline_point
 from kiln.prune.config import parse_config as parse_prune
 from kiln.prune.run import prune_run
 from kiln.quant.apply import calibrate, quantize
@@ -35,7 +33,7 @@ from kiln.quant.config import parse_config as parse_quant
 from kiln.quant.run import quantize_run
 from kiln.runs.artifact import load_artifact, save_source
 from kiln.runs.metrics import metric_record
-from kiln.search.objectives import HwConfig, count_flops, fp32_bytes, systolic_scores
+from kiln.search.objectives import count_flops, fp32_bytes
 from kiln.search.spaces.quant import frozen_weights
 from kiln.timing import TimingConfig, measure
 from kiln.train.evaluation import evaluate_model
@@ -53,14 +51,6 @@ def check_metric(source, splits, cfg: OptimizeConfig) -> str:
     return key
 
 
-def energy_uj(model: nn.Module, loaded: LoadedModel, bits: int) -> float | None:
-    """The model's GEMMs on kiln's systolic-array model at `bits` operands (None: no GEMM)."""
-    gemms = graph_gemms(capture(dataclasses.replace(loaded, model=model.eval())))
-    if not gemms:
-        return None
-    return systolic_scores(gemms, {g.name: bits for g in gemms}, {"systolic_energy_uj"}, HwConfig())["systolic_energy_uj"]
-
-
 def baseline(source, splits, cfg: OptimizeConfig, backends: tuple[str, ...], log: Log) -> dict:
     """The float model: validation and test metric, graph cost and roofline on the target, and
     (target `local`) the fastest of `backends` at the batch, timed by kiln.timing."""
@@ -73,7 +63,7 @@ def baseline(source, splits, cfg: OptimizeConfig, backends: tuple[str, ...], log
     roof = roofline_point(loaded, cfg.target)
     out = {"metric": key, "val": val, "test": test, "flops": count_flops(model, tuple(loaded.example_inputs)),
            "model_bytes": fp32_bytes(model), "roofline": roof, "roofline_ms": 1e3 * roof["latency_s"],
-           "energy_uj": energy_uj(model, loaded, 32), "batch": cfg.batch,
+           "energy_uj": energy_uj(Built(model, FP32, "eager"), loaded), "batch": cfg.batch,
            "val_size": len(splits.val), "test_size": len(splits.test)}
     if cfg.local:
         log(f"timing fp32 backends: {', '.join(backends)}")
@@ -282,4 +272,4 @@ def after_figures(built: Built, loaded: LoadedModel, target: str) -> dict:
     """FLOPs, bytes and roofline of the chosen candidate as it runs, and its modelled energy."""
     roof = roofline_as_it_runs(built, loaded, target)
     return {"roofline": roof, "roofline_ms": 1e3 * roof["latency_s"],
-            "energy_uj": energy_uj(built.model, loaded, 8 if built.table else 32)}
+            "energy_uj": energy_uj(built, loaded)}

@@ -106,7 +106,10 @@ def _roofline(rep: Report, cfg, base: dict, result: dict) -> None:
 def _pareto(rep: Report, cfg, base: dict, result: dict) -> None:
     rows = result.get("trials", [])
     sec = rep.section("Search", f"{len(rows)} trials: {base['metric']} on the validation subset against "
-                                f"{result.get('cost_objective', cfg.cost_objective)}.")
+                                f"{result.get('cost_objective', cfg.cost_objective)}. Searched per Linear: weight "
+                                f"bits {list(cfg.bits)} (int8 candidates), sparsity {list(cfg.sparsity)}, low-rank "
+                                f"budget {list(cfg.budgets)}; per candidate: fp32 or int8 and the backend. Other "
+                                f"layers (convolutions, norms) stay float: kiln's int8 kernels cover Linears.")
     if not rows:
         sec.note("no trial finished")
         return

@@ -34,7 +34,7 @@ from kiln.models.loaded import LoadedModel
 from kiln.quant.apply import calibrate, quant_record, quantize, report
 from kiln.quant.config import parse_config
 from kiln.runs.execution import as_it_runs
-from kiln.search.objectives import count_flops, fp32_bytes, systolic_scores
+from kiln.search.objectives import HwConfig, count_flops, fp32_bytes, systolic_scores
 from kiln.search.spaces import Context, Report
 from kiln.search.spaces.compress import CompressionConfig, CompressionSpace
 from kiln.search.spaces.quant import frozen_weights
@@ -117,6 +117,13 @@ class OptimizeSpace(CompressionSpace):
         planning reads one per group; an fp32 candidate is never quantized)."""
         return {f"{g}:bits": self.config.choices[0] for g in self.groups} | choice
 
+    def quant_table(self, bits_of: dict[str, int | str]) -> dict[str, Any]:
+        """The compression space's table, less the skip rules of Linears a choice factorised:
+        `fc` is `fc.first` and `fc.second` then, and a rule matching no module is an error."""
+        table = super().quant_table(bits_of)
+        table["rules"] = [r for r in table["rules"] if not (r.get("skip") and f"{r['match'][4:]}.first" in bits_of)]
+        return table
+
     def build(self, choice: dict) -> Built:
         precision = choice["precision"]
         model, bits = self.compress(self.filled(choice))
@@ -163,9 +170,7 @@ class OptimizeSpace(CompressionSpace):
         if "roofline_ms" in wanted:
             out["roofline_ms"] = 1e3 * roofline_as_it_runs(built, self.loaded, self.ctx.hardware)["latency_s"]
         if "systolic_energy_uj" in wanted:
-            gemms = graph_gemms(capture(replace(self.loaded, model=model)))
-            bits = {n: 8 if built.table else 32 for n in (g.name for g in gemms)}
-            out |= systolic_scores(gemms, bits, {"systolic_energy_uj"}, self.config.hw)
+            out["systolic_energy_uj"] = energy_uj(built, self.loaded)
         return out
 
     def latency(self, built: Built) -> dict[str, float]:
@@ -180,6 +185,17 @@ class OptimizeSpace(CompressionSpace):
         return {"latency_ms": ratio * c.baseline_ms, "latency_ratio": ratio,
                 "measured_ms": 1e3 * m.timings["candidate"].median,
                 "contended": float(m.timings["candidate"].contended)}
+
+
+def energy_uj(built: Built, loaded: LoadedModel) -> float | None:
+    """The candidate's GEMMs on kiln's systolic-array model (kiln.hw.systolic): a quantized
+    Linear's at 8-bit operands (its inputs are int8; narrower weights are stored, not multiplied,
+    narrower), every other GEMM (convolutions, attention) at 32; None without a GEMM."""
+    gemms = graph_gemms(capture(replace(loaded, model=built.model.eval())))
+    if not gemms:
+        return None
+    bits = {g.name: 8 if g.name in built.bits else 32 for g in gemms}
+    return systolic_scores(gemms, bits, {"systolic_energy_uj"}, HwConfig())["systolic_energy_uj"]
 
 
 def roofline_as_it_runs(built: Built, loaded: LoadedModel, hardware: str) -> dict[str, Any]:
