@@ -132,6 +132,7 @@ def seed_points(space: OptimizeSpace, rows: list[dict], fp32_backend: str, n: in
     feasible point exists), every Linear at the widest bits, then `n` points of the
     sensitivity path: the changes applied one by one, the least harmful first, each point a
     prefix of that order at evenly spaced lengths."""
+    space.ensure_setup()       # a resumed run reads its sensitivities and has not set the space up yet
     c = space.config
     points = []
     if FP32 in c.precisions:
