@@ -26,8 +26,9 @@ GOAL_OBJECTIVE = {Goal.SIZE: "model_bytes", Goal.ENERGY: "systolic_energy_uj"}
 # metrics a drop can be judged on; a task scored by its own training loss (a VAE, a diffusion
 # model) has none: its loss is what it minimises, not how well it does its task
 METRICS = {"accuracy": True, "perplexity": False}     # name -> higher is better
-# the fp32 backends the baseline and the search time (the final compile tries all of --backend auto)
-FP32_BACKENDS = ("eager", "onnxruntime")
+# the backends the baseline and the search time (eager:passes=1: kiln's graph passes; the final
+# compile tries all of --backend auto)
+FP32_BACKENDS = ("eager", "eager:passes=1", "onnxruntime")
 INT8_BACKENDS = ("onnxruntime:dtype=int8",)
 
 

@@ -20,6 +20,7 @@ from kiln.compile.backends import Precision, build, parse_backend
 from kiln.compile.run import CompileConfig, compile_run
 from kiln.errors import KilnError
 from kiln.config import to_toml
+from kiln.hardware.profiles import load_profile
 from kiln.io import atomic_write_json, atomic_write_text
 from kiln.lowrank.config import parse_config as parse_lowrank
 from kiln.lowrank.run import lowrank_run
@@ -61,7 +62,10 @@ def baseline(source, splits, cfg: OptimizeConfig, backends: tuple[str, ...], log
     test = evaluate_model(model, splits, "test")[1]
     log(f"roofline on {cfg.target}")
     roof = roofline_point(loaded, cfg.target)
-    out = {"metric": key, "val": val, "test": test, "flops": count_flops(model, tuple(loaded.example_inputs)),
+    profile = load_profile(cfg.target)
+    out = {"profile": {"name": profile.name, "peak_flops": dict(profile.peak_flops),
+                       "memory_bandwidth": profile.memory_bandwidth},
+           "metric": key, "val": val, "test": test, "flops": count_flops(model, tuple(loaded.example_inputs)),
            "model_bytes": fp32_bytes(model), "roofline": roof, "roofline_ms": 1e3 * roof["latency_s"],
            "energy_uj": energy_uj(Built(model, FP32, "eager"), loaded), "batch": cfg.batch,
            "val_size": len(splits.val), "test_size": len(splits.test)}
