@@ -44,8 +44,8 @@ def _kiln(*args: str) -> tuple[int, float, str]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "kiln.cli.main", *args], capture_output=True, text=True, cwd=ROOT,
                           env=os.environ | {"PYTHONPATH": str(ROOT)})
-    return proc.returncode, time.perf_counter() - t0, (proc.stderr or proc.stdout).strip().splitlines()[-1:] and \
-        (proc.stderr or proc.stdout).strip().splitlines()[-1] or ""
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    return proc.returncode, time.perf_counter() - t0, lines[-1] if lines else ""
 
 
 def kiln_optimize(src: str, seed: int, budget: float, work: Path, backend: str) -> dict:
@@ -73,13 +73,13 @@ def _eager_speedup(r: dict) -> float | None:
     return None
 
 
-def kiln_int8(src: str, work: Path) -> dict:
+def kiln_int8(src: str, work: Path, backend: str = "auto") -> dict:
     q = work / "int8"
     rc, wall, last = _kiln("quantize", src, "--config", str(ROOT / "configs/quant/w8a8.toml"), "--out", str(q))
     if rc != 0:
         return {"method": "kiln int8 only", "error": last}
     js = work / "int8-compile.json"
-    rc2, wall2, last = _kiln("compile", str(q), "--precision", "int8", "--json", str(js))
+    rc2, wall2, last = _kiln("compile", str(q), "--precision", "int8", "--backend", backend, "--json", str(js))
     if rc2 != 0:
         return {"method": "kiln int8 only", "error": last}
     report = json.loads(js.read_text())
@@ -123,7 +123,7 @@ def main() -> None:
             for seed in seeds:
                 rows.append({"model": src} | kiln_optimize(src, seed, budget, work, backend))
                 print(rows[-1], flush=True)
-            rows.append({"model": src} | kiln_int8(src, work))
+            rows.append({"model": src} | kiln_int8(src, work, "eager+onnxruntime:dtype=int8" if a.smoke else "auto"))
             rows += [{"model": src} | r for r in peers(src, work)]
     result = {"summary": {"date": str(date.today()), "smoke": a.smoke, "budget_min": budget, "seeds": seeds,
                           "threads": os.cpu_count(), "command": " ".join(sys.argv)}, "rows": rows}

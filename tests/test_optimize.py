@@ -238,3 +238,26 @@ def test_the_cost_model_of_a_trial_is_kiln_analyze_of_the_artifact_it_becomes(tm
     loaded = dataclasses.replace(art.loaded, model=model.eval())
     a = analyze(loaded, load_profile("h100"), measure_time=False, execution=execution)
     assert trial["roofline_ms"] == pytest.approx(1e3 * a.runs_as.roofline.latency_s, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_ended_phases_and_says_how_to_resume(run, tmp_path, monkeypatch):
+    import kiln.optimize.phases as phases
+    from kiln.errors import Interrupted
+    from kiln.optimize.run import Hooks, optimize_run
+
+    out, cfg, _, _ = run
+    copy = tmp_path / "stopped"
+    shutil.copytree(out, copy)
+    state = json.loads((copy / "optimize.json").read_text())
+    del state["sensitivity"], state["result"]
+    (copy / "optimize.json").write_text(json.dumps(state))
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(phases, "sensitivity", ctrl_c)
+    with pytest.raises(Interrupted, match="kept baseline .* --resume"):
+        optimize_run(cfg, copy, _local(), resume=True, hooks=Hooks(final_backend="eager"))
+    kept = json.loads((copy / "optimize.json").read_text())
+    assert kept["baseline"] == state["baseline"] and "sensitivity" not in kept
