@@ -261,3 +261,14 @@ def test_ctrl_c_keeps_the_ended_phases_and_says_how_to_resume(run, tmp_path, mon
         optimize_run(cfg, copy, _local(), resume=True, hooks=Hooks(final_backend="eager"))
     kept = json.loads((copy / "optimize.json").read_text())
     assert kept["baseline"] == state["baseline"] and "sensitivity" not in kept
+
+
+def test_an_unmet_drop_is_exit_1_with_one_line(tmp_path, monkeypatch):
+    import kiln.optimize.run as run_module
+
+    def unmet(*a, **k):
+        raise run_module.ConstraintNotMet("no candidate keeps accuracy within --max-drop 0.01: the closest, trial 3, ...")
+
+    monkeypatch.setattr(run_module, "optimize_run", unmet)
+    r = runner.invoke(app, ["optimize", "zoo:cnn", "--target", "h100", "--max-drop", "0.01", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 1 and r.output.count("kiln: error:") == 1 and "the closest, trial 3" in r.output, r.output

@@ -2,7 +2,6 @@
 smaller, faster, verified deployable and its report."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -56,8 +55,8 @@ def optimize(
         try:
             result = optimize_run(cfg, out, profile, resume=resume, hooks=hooks)
         except ConstraintNotMet as exc:
-            error_line(str(exc))
-            sys.exit(1)
+            error_line(str(exc))     # the report is kept; exit 1: the run worked, the constraint did not
+            raise typer.Exit(1) from None
     _print(result, out)
     if json_path:
         write_json(json_path, result)
