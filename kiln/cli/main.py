@@ -5,8 +5,8 @@ import logging
 
 import typer
 
-from kiln.cli import (analyze, bench, compile, early_exit, federate, hardware, hw, hw_model, lowrank, models, nas, plan,
-                      prune, quantize, search, train)
+from kiln.cli import (analyze, bench, compile, early_exit, federate, hardware, hw, hw_model, lowrank, models, nas, optimize,
+                      plan, prune, quantize, search, train)
 from kiln.cli.common import KilnGroup
 
 app = typer.Typer(
@@ -36,6 +36,7 @@ app.command("prune")(prune.prune)
 app.command("lowrank")(lowrank.lowrank)
 app.command("early-exit")(early_exit.early_exit)
 app.command("nas")(nas.nas)
+app.command("optimize")(optimize.optimize)
 app.command("plan")(plan.plan)
 app.command("federate")(federate.federate)
 app.add_typer(hardware.app, name="hardware")
