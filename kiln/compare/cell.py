@@ -25,7 +25,6 @@ from kiln.compile.backends import Precision
 from kiln.compile.run import CompileConfig, candidates, compile_run
 from kiln.errors import KilnError, first_line
 from kiln.graph.capture import capture
-from kiln.graph.graph import Graph
 from kiln.graph.passes import PassManager
 from kiln.io import atomic_dir
 from kiln.lowrank.config import parse_config as lowrank_config
@@ -105,7 +104,11 @@ def _passes(base: Path, out: Path) -> dict:
     program evaluates on the test split), saved with torch.export."""
 
     source = load_source(str(base))
-    graph = capture(dataclasses.replace(source.loaded, model=source.model), dynamic_batch=True)
+    loaded = dataclasses.replace(source.loaded, model=source.model)
+    try:
+        graph = capture(loaded, dynamic_batch=True)
+    except KilnError:   # inputs without a shared batch dimension (a graph's nodes and edges): as given
+        graph = capture(loaded)
     result = optimize(graph)
     with atomic_dir(out) as tmp:
         torch.export.save(result.graph.program, str(tmp / PROGRAM_FILE))
@@ -125,8 +128,9 @@ def measure(opt: Optimization | None, base: Path, artifact: Path, profiles: dict
     graph, program = a.graph, None
     if passes:
 
+        # the saved program has a dynamic batch (traced at 2, for evaluation); costs are at batch 1
         program = torch.export.load(str(artifact / PROGRAM_FILE))
-        graph = _costed(Graph(program, name=source.spec))
+        graph = _costed(optimize(capture(loaded)).graph)
     record = {"metric": _metric(artifact, source, program), "flops": _flops(graph),
               "artifact_bytes": _artifact_bytes(artifact), "param_bytes": a.param_bytes,
               "attention_flop_share": attention_share(graph), "hardware": {}}

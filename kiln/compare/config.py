@@ -133,12 +133,12 @@ def parse_config(models: str | list, optimizations: str | list, hardware: str | 
     """A CompareConfig from the command line's comma lists; every unknown name is a one-line
     KilnError listing the known ones, before any work."""
     ms, os_, hw = _names(models, "models"), _names(optimizations, "optimizations"), _names(hardware, "hardware")
+    if BASELINE in os_:
+        raise KilnError(f"optimisation {BASELINE!r} is the baseline every row is compared with, always run; "
+                        f"known: {', '.join(OPTIMIZATIONS.names())}")
     for name in os_:
         if name not in OPTIMIZATIONS.names():
             raise KilnError(f"unknown optimisation {name!r}; known: {', '.join(OPTIMIZATIONS.names())}")
-    if BASELINE in os_:
-        raise KilnError(f"optimisation {BASELINE!r} is the baseline every row is compared with; "
-                        f"known: {', '.join(OPTIMIZATIONS.names())}")
     check_models(ms)
     check_hardware(hw)
     return CompareConfig(ms, os_, hw, **kw)
