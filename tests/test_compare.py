@@ -89,7 +89,7 @@ def test_the_rules_state_the_numbers_the_cells_hold():
              {"model": "zoo:cnn", "optimization": "structured50", "family": "cnn", "error": "refused"}]
     lines = observations(cells, cfg)
     quant = [x for x in lines if "weight quantization" in x]
-    assert quant == ["zoo:gpt is memory-bound at batch 1 on h100 (intensity 1 FLOP/B, ridge 20): weight "
+    assert quant == ["zoo:gpt is memory-bound at batch 1 on h100 (intensity 1 FLOP/B, fp32 ridge 20): weight "
                      "quantization cuts its roofline latency there by int8 4.00x; measured on this CPU: int8 0.50x"]
     assert 4.0 >= GAIN and 0.5 < GAIN
     assert any(x.startswith("family cnn tolerates 2:4 sparsity (worst relative loss 1.0%") for x in lines)

@@ -127,7 +127,6 @@ def measure(opt: Optimization | None, base: Path, artifact: Path, profiles: dict
     a = analyze(loaded, first, measure_time=False, execution=execution)
     graph, program = a.graph, None
     if passes:
-
         # the saved program has a dynamic batch (traced at 2, for evaluation); costs are at batch 1
         program = torch.export.load(str(artifact / PROGRAM_FILE))
         graph = _costed(optimize(capture(loaded)).graph)
@@ -144,7 +143,7 @@ def measure(opt: Optimization | None, base: Path, artifact: Path, profiles: dict
         record["hardware"][name] = {"roofline_s": r.latency_s, "bound": r.bound.value, "flops": flops,
                                     "bytes": nbytes, "intensity": flops / nbytes if nbytes else None,
                                     "ridge": hw.ridge(), "fallback_dtypes": list(r.fallback_dtypes)}
-        record["weight_bytes"] = wbytes
+    record["weight_bytes"] = wbytes   # storage bits and sparsity: the same on every profile
     record["notes"] = list(execution.notes)
     record["latency"] = _latency(opt, artifact, base, cfg) if cfg.latency else None
     return record

@@ -48,8 +48,10 @@ _add(Optimization("int8", Capability.QUANT, {
     weight_quant=True, description="int8 weights per channel, int8 activations per tensor (W8A8)"))
 _add(Optimization("fp8", Capability.QUANT, {"weight": "fp8_e4m3", "input": "fp8_e4m3"}, weight_quant=True,
                   description="fp8 E4M3 weights and activations"))
-_add(Optimization("mxfp4", Capability.QUANT, {"weight": "mxfp4", "input": "mxfp4"}, weight_quant=True,
-                  description="OCP MXFP4 weights and activations (4.25 bits)"))
+# MX blocks of 32 run along a matmul's reduction dimension: a convolution's last weight
+# dimension (its kernel width, 3 in a 3x3) cannot hold one, so MXFP4 takes the Linears only
+_add(Optimization("mxfp4", Capability.QUANT, {"weight": "mxfp4", "input": "mxfp4", "targets": ["Linear"]},
+                  weight_quant=True, description="OCP MXFP4 weights and activations of every Linear (4.25 bits)"))
 _add(Optimization("2:4", Capability.PRUNE, {"method": "nm", "n": 2, "m": 4}, finetune=True,
                   description="2:4 semi-structured sparsity by magnitude, then a recovery fine-tune"))
 _add(Optimization("structured50", Capability.PRUNE, {"method": "structured", "criterion": "magnitude",

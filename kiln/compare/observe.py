@@ -89,7 +89,7 @@ def _quant_on_memory_bound(hw: str, base: dict, by: dict, cfg: CompareConfig) ->
                 here.append(f"{o} {'not measured' if h is None else f'{h:.2f}x'}")
         if there:
             lines.append(f"{model} is memory-bound at batch 1 on {hw} (intensity {bh['intensity']:.3g} FLOP/B, "
-                         f"ridge {bh['ridge']:.3g}): weight quantization cuts its roofline latency there by "
+                         f"fp32 ridge {bh['ridge']:.3g}): weight quantization cuts its roofline latency there by "
                          f"{', '.join(there)}; measured on this CPU: {', '.join(here)}")
     return lines
 

@@ -113,7 +113,7 @@ def _cell(model: str, name: str, base: Path, out: Path, profiles: dict, cfg: Com
         artifact = out / "cells" / slug(model) / slug(name)
         if not artifact.is_dir():   # made before a stop that came before its measurements
             log(f"{model}: {name}")
-            record["made"] = _jsonable(make_artifact(opt, base, artifact, cfg))
+            record["made"] = _what_it_did(make_artifact(opt, base, artifact, cfg))
         return record | _family(model) | measure(opt, base, artifact, profiles, cfg)
     except Exception as exc:   # one cell's failure (a refusal, an op a backend lacks) must not stop the matrix
         why = first_line(exc) if isinstance(exc, KilnError) else f"{type(exc).__name__}: {first_line(exc)}"
@@ -128,7 +128,7 @@ def _family(model: str) -> dict:
     return {"family": model.partition(":")[0], "task": ""}
 
 
-def _jsonable(report: dict) -> dict:
+def _what_it_did(report: dict) -> dict:
     """What a capability reported, kept small: the keys that say what it did."""
     keep = ("passes", "changed", "method", "params_before", "params_after", "avg_weight_bits", "model_bytes",
             "fp32_bytes", "skipped")
