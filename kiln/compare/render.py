@@ -118,7 +118,8 @@ def _intensity(section, cfg: dict, base: dict, by: dict) -> None:
     lo, hi = min(min(p[0], p[1]) for p in pts), max(max(p[0], p[1]) for p in pts)
     ax.plot([lo, hi], [lo, hi], color="#888", lw=0.8)
     ridge = next(iter(base.values()))["hardware"][h]["ridge"]
-    ax.axhline(ridge, color="#c33", lw=0.8, ls="--", label=f"{h} ridge")
+    ax.axhline(ridge, color="#c33", lw=0.8, ls="--", label=f"{h} fp32 ridge")
+    ax.axvline(ridge, color="#c33", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(f"intensity before ({BASELINE}), FLOP/B")
