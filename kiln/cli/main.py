@@ -5,8 +5,8 @@ import logging
 
 import typer
 
-from kiln.cli import (analyze, bench, compile, early_exit, federate, hardware, hw, hw_model, lowrank, models, nas, optimize,
-                      plan, prune, quantize, search, train)
+from kiln.cli import (analyze, bench, compare, compile, early_exit, federate, hardware, hw, hw_model, lowrank, models,
+                      nas, optimize, plan, prune, quantize, search, train)
 from kiln.cli.common import KilnGroup
 
 app = typer.Typer(
@@ -39,6 +39,7 @@ app.command("nas")(nas.nas)
 app.command("optimize")(optimize.optimize)
 app.command("plan")(plan.plan)
 app.command("federate")(federate.federate)
+app.command("compare")(compare.compare)
 app.add_typer(hardware.app, name="hardware")
 app.add_typer(plan.cluster_app, name="cluster")
 hw_model.register(hw.app)     # kiln hw systolic / estimate beside emit / verify / synth

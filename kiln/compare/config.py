@@ -1,0 +1,146 @@
+"""What `kiln compare` runs: the models, the optimisations (each one capability and its
+config table, data rather than code), the hardware profiles and the short trainings."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.errors import KilnError
+from kiln.hardware.profiles import available
+from kiln.models.zoo import ZOO
+from kiln.registry import Registry
+
+
+class Capability(enum.StrEnum):
+    """Which kiln command makes the optimised artifact."""
+    QUANT = "quant"        # kiln.quant.run.quantize_run
+    PRUNE = "prune"        # kiln.prune.run.prune_run
+    LOWRANK = "lowrank"    # kiln.lowrank.run.lowrank_run
+    PASSES = "passes"      # kiln.compile.default_passes over the captured graph
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """One column of the matrix: a capability, its config table (the same TOML table the
+    command reads) and whether a recovery fine-tune follows it."""
+
+    name: str
+    capability: Capability
+    table: dict[str, Any] = field(default_factory=dict)
+    finetune: bool = False          # a short recovery fine-tune (kiln.train.finetune) after it
+    weight_quant: bool = False      # stores weights in fewer bits (the observations group by it)
+    description: str = ""
+
+
+OPTIMIZATIONS: Registry[Optimization] = Registry("optimisation")
+
+
+def _add(opt: Optimization) -> None:
+    OPTIMIZATIONS.register(opt.name)(opt)
+
+
+# W8A8 as configs/quant/w8a8.toml; fp8 E4M3 and OCP MXFP4 (E2M1 elements, an E8M0 scale per 32)
+# likewise for weights and inputs: the formats an H100 (fp8) and a Blackwell part (fp4) compute in
+_add(Optimization("int8", Capability.QUANT, {
+    "weight": {"format": "int", "bits": 8, "granularity": "channel"},
+    "input": {"format": "int", "bits": 8, "granularity": "tensor", "calib": "minmax"}},
+    weight_quant=True, description="int8 weights per channel, int8 activations per tensor (W8A8)"))
+_add(Optimization("fp8", Capability.QUANT, {"weight": "fp8_e4m3", "input": "fp8_e4m3"}, weight_quant=True,
+                  description="fp8 E4M3 weights and activations"))
+# MX blocks of 32 run along a matmul's reduction dimension: a convolution's last weight
+# dimension (its kernel width, 3 in a 3x3) cannot hold one, so MXFP4 takes the Linears only
+_add(Optimization("mxfp4", Capability.QUANT, {"weight": "mxfp4", "input": "mxfp4", "targets": ["Linear"]},
+                  weight_quant=True, description="OCP MXFP4 weights and activations of every Linear (4.25 bits)"))
+_add(Optimization("2:4", Capability.PRUNE, {"method": "nm", "n": 2, "m": 4}, finetune=True,
+                  description="2:4 semi-structured sparsity by magnitude, then a recovery fine-tune"))
+_add(Optimization("structured50", Capability.PRUNE, {"method": "structured", "criterion": "magnitude",
+                                                     "ratio": 0.5}, finetune=True,
+                  description="half of every channel/head/neuron group removed by L1 norm, then fine-tuned"))
+_add(Optimization("lowrank", Capability.LOWRANK, {"budget": 0.5, "latency_batch": 1, "latency_repeats": 1},
+                  finetune=True, description="truncated SVD/Tucker to half the weights, then fine-tuned"))
+_add(Optimization("passes", Capability.PASSES, {}, description="the compiler's default graph passes "
+                  "(simplify, CSE, constant and batch-norm folding, attention, fusion, DCE)"))
+
+BASELINE = "none"   # the row each optimisation is compared against: the (briefly trained) model itself
+DEFAULT_MODELS = ("zoo:cnn", "zoo:resnet20", "zoo:mobilenet_v2", "zoo:vit_tiny", "zoo:minilm_cls", "zoo:gpt",
+                  "zoo:gcn", "zoo:vae", "zoo:ddpm", "zoo:c3d")
+DEFAULT_HARDWARE = ("local", "a100", "h100", "rpi4", "alveo-u250")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """The matrix and how hard each cell works. `train_steps` 0: the zoo's own weights (its
+    pretrained ones where it has them); `finetune_steps` 0: no recovery fine-tune."""
+
+    models: tuple[str, ...] = DEFAULT_MODELS
+    optimizations: tuple[str, ...] = tuple(OPTIMIZATIONS.names())
+    hardware: tuple[str, ...] = DEFAULT_HARDWARE
+    train_steps: int = 200
+    train_lr: float = 5e-4
+    finetune_steps: int = 50
+    finetune_lr: float = 1e-4
+    batch_size: int = 32
+    calib_batches: int = 4
+    latency: bool = True             # measure latency here with `kiln compile --backend`
+    backend: str = "auto"
+    rounds: int = 5
+
+    def __post_init__(self):
+        for flag, value in (("--train-steps", self.train_steps), ("--finetune-steps", self.finetune_steps)):
+            if value < 0:
+                raise KilnError(f"{flag} must be >= 0, got {value}")
+        for flag, value in (("--batch-size", self.batch_size), ("--calib-batches", self.calib_batches),
+                            ("--rounds", self.rounds)):
+            if value < 1:
+                raise KilnError(f"{flag} must be >= 1, got {value}")
+        for flag, value in (("--train-lr", self.train_lr), ("--finetune-lr", self.finetune_lr)):
+            if not value > 0:
+                raise KilnError(f"{flag} must be > 0, got {value}")
+        if not self.models or not self.optimizations or not self.hardware:
+            raise KilnError("compare needs at least one model, one optimisation and one hardware profile")
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def _names(text: str | tuple | list, what: str) -> tuple[str, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names = tuple(dict.fromkeys(s.strip() for s in items if s.strip()))
+    if not names:
+        raise KilnError(f"--{what} is empty: give a comma-separated list")
+    return names
+
+
+def check_models(models: tuple[str, ...]) -> None:
+    """Zoo specs must name a zoo model (the error lists them); other specs fail when loaded."""
+    for spec in models:
+        if spec.startswith("zoo:"):
+            name = spec[4:].partition("?")[0]
+            if name not in ZOO.names():
+                raise KilnError(f"unknown model {spec!r}; known: {', '.join('zoo:' + n for n in ZOO.names())}")
+        elif ":" not in spec:
+            raise KilnError(f"unknown model {spec!r}: give a zoo:NAME spec (known: "
+                            f"{', '.join('zoo:' + n for n in ZOO.names())}) or another model spec")
+
+
+def check_hardware(names: tuple[str, ...]) -> None:
+    known = sorted({*available(), "local"})
+    for name in names:
+        if name not in known:
+            raise KilnError(f"unknown hardware profile {name!r}; known: {', '.join(known)}")
+
+
+def parse_config(models: str | list, optimizations: str | list, hardware: str | list, **kw) -> CompareConfig:
+    """A CompareConfig from the command line's comma lists; every unknown name is a one-line
+    KilnError listing the known ones, before any work."""
+    ms, os_, hw = _names(models, "models"), _names(optimizations, "optimizations"), _names(hardware, "hardware")
+    if BASELINE in os_:
+        raise KilnError(f"optimisation {BASELINE!r} is the baseline every row is compared with, always run; "
+                        f"known: {', '.join(OPTIMIZATIONS.names())}")
+    for name in os_:
+        if name not in OPTIMIZATIONS.names():
+            raise KilnError(f"unknown optimisation {name!r}; known: {', '.join(OPTIMIZATIONS.names())}")
+    check_models(ms)
+    check_hardware(hw)
+    return CompareConfig(ms, os_, hw, **kw)
