@@ -138,6 +138,9 @@ def test_parallel_config_refuses_unknown_pairs_and_wrong_meshes():
         ParallelConfig(modes=(Mode.FSDP, Mode.TP), mesh=(4,))
     with pytest.raises(KilnError, match="is 4 processes but the job has 2"):
         ParallelConfig(modes=(Mode.FSDP, Mode.TP), mesh=(2, 2)).sizes(2)
+    with pytest.raises(KilnError, match="is 6 processes but the job has 4"):
+        ParallelConfig(modes=(Mode.DDP, Mode.TP), mesh=(3, 2)).sizes(4)
+    assert ParallelConfig(modes=(Mode.DDP, Mode.TP), mesh=(2, 2)).data_parallel(4) == 2
     assert ParallelConfig(modes=(Mode.PP,), schedule=PipeSchedule.INTERLEAVED).stages_per_rank == 2
     assert ParallelConfig(modes=(Mode.DDP, Mode.PP), mesh=(2, 2)).data_parallel(4) == 2
 
@@ -309,7 +312,8 @@ def test_a_run_saved_by_two_processes_resumes_in_one_and_back(specs, tmp_path, p
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("plan, mesh", [((Mode.FSDP, Mode.TP), (2, 2)), ((Mode.HSDP,), (2, 2)), ((Mode.DDP, Mode.PP), (2, 2))])
+@pytest.mark.parametrize("plan, mesh", [((Mode.FSDP, Mode.TP), (2, 2)), ((Mode.DDP, Mode.TP), (2, 2)), ((Mode.HSDP,), (2, 2)),
+                                        ((Mode.DDP, Mode.PP), (2, 2))])
 def test_four_processes_on_a_2d_mesh_end_where_one_does(specs, one, tmp_path, plan, mesh):
     from kiln.train.distributed import launch
 
