@@ -112,6 +112,9 @@ def check_fit(model: nn.Module, splits, spec: str, dataset: str) -> None:
             logits = tasks.forward(model, x)
     except Exception as exc:
         raise KilnError(f"dataset {dataset} does not fit model {spec}: {type(exc).__name__}: {first_line(exc)}") from None
+    if not torch.is_tensor(logits):   # a transformers base model (hf-config:) answers hidden states, no logits
+        raise KilnError(f"model {spec} outputs {type(logits).__name__} without logits, so it cannot train on {dataset} "
+                        f"({splits.task}); give a model with a head (a py: factory, or a preset: with a causal-LM head)")
     if splits.task in ("classification", "node-classification"):
         if logits.shape[:-1] != y.shape:
             raise KilnError(f"dataset {dataset} ({splits.task}, targets {tuple(y.shape)}) does not fit model {spec} "
