@@ -261,6 +261,8 @@ def test_two_processes_end_where_one_does(specs, one, tmp_path, which, plan):
     ref = one[which][1]
     assert two["history"][0]["train_loss"] == pytest.approx(ref["history"][0]["train_loss"], abs=1e-5)
     assert two["after"] == pytest.approx(ref["after"], abs=1e-4)
+    val = next(k for k in ref["history"][0] if k.startswith("val_"))   # fsdp: evaluated on the shards
+    assert two["history"][0][val] == pytest.approx(ref["history"][0][val], rel=1e-5)
     ranks = two["parallel"]["ranks"]
     assert len(ranks) == 2 and all(r["params_bytes"] > 0 for r in ranks)
 

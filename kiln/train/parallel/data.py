@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import inspect
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -108,7 +109,8 @@ class FSDPEngine(ShardedEngine):
     def eval_model(self, model, train_model):
         if not self.sharded_eval:
             return model
-        return Evaluated(train_model, own_loss=self.levels == 1, reshard=self.ctx.config.reshard_after_forward)
+        return Evaluated(train_model, own_loss=self.levels == 1, reshard=self.ctx.config.reshard_after_forward,
+                         where=self.where, group=self.data_group)
 
     def sync(self, model, train_model) -> None:
         if self.keeps_plain:
@@ -129,16 +131,27 @@ class Evaluated(nn.Module):
     """The sharded module as `tasks.evaluate` sees a model: its forward (or, for a model with its
     own loss, its `loss`) is FSDP's, which gathers each block's weights in turn. In eval mode every
     block frees its gathered weights after its forward, also when training keeps them for backward
-    (ZeRO-2-like) and for the root, so evaluation never holds the whole model."""
+    (ZeRO-2-like) and for the root, so evaluation never holds the whole model.
 
-    def __init__(self, trained: nn.Module, own_loss: bool, reshard: bool):
+    A batch given as one tensor is split across the data-parallel ranks (rank r runs rows
+    tensor_split(N)[r]) and the outputs all-gathered, so each rank holds 1/N of the evaluation's
+    activations; every rank runs the same number of forwards, as FSDP's collectives need."""
+
+    def __init__(self, trained: nn.Module, own_loss: bool, reshard: bool, where=None, group=None):
         super().__init__()
-        self.trained, self.reshard = trained, reshard
+        self.trained, self.reshard, self.where, self.group = trained, reshard, where, group
         if own_loss:
             self.loss = lambda x, y: self.trained(x, y)   # the root is LossForward: its forward is loss
 
     def forward(self, *args, **kwargs):
-        return self.trained(*args, **kwargs)
+        n = self.where.data_world if self.where is not None else 1
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if n == 1 or not torch.is_tensor(x) or x.shape[0] < n:
+            return self.trained(*args, **kwargs)
+        out = self.trained(torch.tensor_split(x, n)[self.where.data_rank])
+        if not torch.is_tensor(out):   # not logits (a model output object): the whole batch on every rank
+            return self.trained(x)
+        return _gather_rows(out, [len(c) for c in torch.tensor_split(torch.empty(x.shape[0], 0), n)], self.group)
 
     def train(self, mode: bool = True):
         from torch.distributed.fsdp import FSDPModule
@@ -149,6 +162,17 @@ class Evaluated(nn.Module):
                 # default for the root); evaluating: everything freed after its forward
                 m.set_reshard_after_forward(not mode or (self.reshard and m is not self.trained), recurse=False)
         return super().train(mode)
+
+
+def _gather_rows(part: torch.Tensor, rows: list[int], group) -> torch.Tensor:
+    """Each data rank's rows (counts `rows`, in rank order) all-gathered into one tensor."""
+    import torch.distributed as dist
+
+    padded = part.new_zeros((max(rows), *part.shape[1:]))
+    padded[: part.shape[0]] = part
+    parts = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:k] for p, k in zip(parts, rows)])
 
 
 MODES.register("ddp")(DDPEngine)
