@@ -1,6 +1,6 @@
-"""Parallel training on this machine: throughput of each mode at 2 processes against DDP and
-against 1 process, per-rank model-state bytes and peak memory against 1 process, and each
-pipeline rank's measured idle share against the bubble (p-1)/(m+p-1).
+"""Parallel training on this machine: throughput of each mode at 2 processes (a 2-D plan at its
+mesh's 4) against DDP and against 1 process, per-rank model-state bytes and peak memory against
+1 process, and each pipeline rank's measured idle share against the bubble (p-1)/(m+p-1).
 
 Every time is the trainer's own measured step time (metrics.json `throughput_samples_s`,
 `train_time_s`); memory is each rank's model states counted tensor by tensor (exact) and its
@@ -12,8 +12,10 @@ re-run on a quiet machine before quoting the times.
     .venv/bin/python benchmarks/parallel.py --small     # a 2-layer GPT, 4 steps: checks the script runs
     .venv/bin/python benchmarks/parallel.py --recompute benchmarks/results/parallel_quiet.json \
         --json benchmarks/results/parallel_predicted.json   # the planner against a stored run, no training
-    .venv/bin/python benchmarks/parallel.py --wide --steps 4 --batch 8 --dataset "rt-lm?path=README.md"
-        # memory at 25 M parameters; README.md as the corpus keeps the per-epoch evaluation short
+    cp README.md /tmp/corpus.txt && .venv/bin/python benchmarks/parallel.py --wide --steps 4 --batch 8 \
+        --dataset "rt-lm?path=/tmp/corpus.txt"
+        # memory at 25 M parameters; README's text as the corpus (rt-lm reads a .txt as one
+        # document per line, anything else as CSV) keeps the per-epoch evaluation short
 """
 from __future__ import annotations
 
@@ -45,7 +47,17 @@ PLANS = {
     "pp gpipe m=4": ParallelConfig(modes=(Mode.PP,), schedule=PipeSchedule.GPIPE, microbatches=4),
     "pp 1f1b m=4": ParallelConfig(modes=(Mode.PP,), schedule=PipeSchedule.ONE_F_ONE_B, microbatches=4),
     "pp 1f1b m=8": ParallelConfig(modes=(Mode.PP,), schedule=PipeSchedule.ONE_F_ONE_B, microbatches=8),
+    # 2-D plans run on their mesh's processes (4 here), not 2
+    "ddp x tp 2x2": ParallelConfig(modes=(Mode.DDP, Mode.TP), mesh=(2, 2)),
 }
+
+
+def processes(plan: ParallelConfig) -> int:
+    """A plan's mesh fixes its process count; a 1-D plan runs on 2."""
+    n = 1
+    for k in plan.mesh:
+        n *= k
+    return n if plan.mesh else 2
 SMALL = textwrap.dedent('''
     import torch
     from kiln.models.zoo.gpt import GPT, GPTConfig
@@ -199,7 +211,8 @@ def main() -> None:
                     schedule="constant", seed=0)
         plain = fit(TrainConfig(**base, out=os.path.join(tmp, "plain"), threads=2), progress=False)
         one = run_mode(base, tmp, "1 process (ddp engine, world 1)", ParallelConfig(), nproc=1)
-        rows = [one] + [run_mode(base, tmp, name, plan) for name, plan in PLANS.items() if not args.only or name in args.only]
+        rows = [one] + [run_mode(base, tmp, name, plan, processes(plan)) for name, plan in PLANS.items()
+                        if not args.only or name in args.only]
         # inside the temporary directory: a --small or --wide model's factory lives there
         predictions = predicted_vs_measured(args.model, args.batch, rows, os.cpu_count(),
                                             overheads=overheads_for(args.model, args.batch)) if args.predict else None

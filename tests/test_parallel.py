@@ -53,6 +53,14 @@ FACTORIES = textwrap.dedent('''
     def dies():
         torch.manual_seed(0)
         return Dies(widths=(8, 16), dropout=0.0), (torch.randn(1, 1, 28, 28),)
+
+    def llama():
+        """transformers' Llama decoder with a causal-LM head, grouped-query attention (4 heads, 2 kv)."""
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+        return LlamaForCausalLM(cfg), (torch.randint(0, 256, (1, 16)),)
 ''')
 
 
@@ -76,6 +84,29 @@ def test_the_chain_of_units_is_the_model(model, x):
     assert torch.equal(y, model(x))
     shared = {id(p) for u in chain(model) for p in u.parameters()}
     assert shared == {id(p) for p in model.parameters()}     # the units hold the model's own tensors
+
+
+def small_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, use_cache=False))
+
+
+def test_a_llama_decoder_cuts_into_embedding_layers_and_head():
+    model = small_llama().eval()
+    units = chain(model)
+    assert [u.unit_name for u in units] == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2",
+                                            "model.norm"]
+    x = torch.randint(0, 64, (2, 12))
+    y = x
+    for unit in units:   # the rotary embeddings and the causal mask rebuilt in each layer's unit
+        y = unit(y)
+    assert torch.equal(y, model(x).logits)
+    assert {id(p) for u in units for p in u.parameters()} == {id(p) for p in model.parameters()}
+    plan = ParallelConfig(modes=(Mode.PP,), split=("model.layers.2",))
+    assert stage_starts(units, plan, 2) == [3]
 
 
 def test_balance_minimises_the_slowest_stage_exactly():
@@ -138,6 +169,9 @@ def test_parallel_config_refuses_unknown_pairs_and_wrong_meshes():
         ParallelConfig(modes=(Mode.FSDP, Mode.TP), mesh=(4,))
     with pytest.raises(KilnError, match="is 4 processes but the job has 2"):
         ParallelConfig(modes=(Mode.FSDP, Mode.TP), mesh=(2, 2)).sizes(2)
+    with pytest.raises(KilnError, match="is 6 processes but the job has 4"):
+        ParallelConfig(modes=(Mode.DDP, Mode.TP), mesh=(3, 2)).sizes(4)
+    assert ParallelConfig(modes=(Mode.DDP, Mode.TP), mesh=(2, 2)).data_parallel(4) == 2
     assert ParallelConfig(modes=(Mode.PP,), schedule=PipeSchedule.INTERLEAVED).stages_per_rank == 2
     assert ParallelConfig(modes=(Mode.DDP, Mode.PP), mesh=(2, 2)).data_parallel(4) == 2
 
@@ -172,7 +206,7 @@ def specs(tmp_path_factory):
     path = tmp_path_factory.mktemp("factories") / "zoo_nodropout.py"
     path.write_text(FACTORIES)
     return {"gpt": (f"py:{path}:gpt", "rt-lm?block=16"), "cnn": (f"py:{path}:cnn", "mnist"),
-            "dies": (f"py:{path}:dies", "mnist")}
+            "dies": (f"py:{path}:dies", "mnist"), "llama": (f"py:{path}:llama", "rt-lm?block=16")}
 
 
 def config(specs, which, out, **kw):
@@ -227,8 +261,26 @@ def test_two_processes_end_where_one_does(specs, one, tmp_path, which, plan):
     ref = one[which][1]
     assert two["history"][0]["train_loss"] == pytest.approx(ref["history"][0]["train_loss"], abs=1e-5)
     assert two["after"] == pytest.approx(ref["after"], abs=1e-4)
+    val = next(k for k in ref["history"][0] if k.startswith("val_"))   # fsdp: evaluated on the shards
+    assert two["history"][0][val] == pytest.approx(ref["history"][0][val], rel=1e-5)
     ranks = two["parallel"]["ranks"]
     assert len(ranks) == 2 and all(r["params_bytes"] > 0 for r in ranks)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("plan", ["pp-gpipe", "pp-1f1b"])
+def test_a_llama_decoder_pipelined_on_two_processes_ends_where_one_does(specs, tmp_path, plan):
+    """transformers' LlamaForCausalLM cut by FLOPs (embedding + 2 layers | 2 layers + head)."""
+    from kiln.train.distributed import launch
+    from kiln.train.trainer import fit
+
+    ref = fit(config(specs, "llama", tmp_path / "one"), progress=False)
+    launch(config(specs, "llama", tmp_path / "two"), nproc=2, parallel=PLANS[plan])
+    assert max_diff(tmp_path / "one", tmp_path / "two") < 1e-5
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["history"][0]["train_loss"] == pytest.approx(ref["history"][0]["train_loss"], abs=1e-5)
+    assert [r["units"] for r in two["parallel"]["ranks"]] == [
+        ["model.embed_tokens", "model.layers.0", "model.layers.1"], ["model.layers.2", "model.layers.3", "model.norm"]]
 
 
 def chunk_rows(n: int, parts: int, r: int) -> int:
@@ -309,7 +361,8 @@ def test_a_run_saved_by_two_processes_resumes_in_one_and_back(specs, tmp_path, p
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("plan, mesh", [((Mode.FSDP, Mode.TP), (2, 2)), ((Mode.HSDP,), (2, 2)), ((Mode.DDP, Mode.PP), (2, 2))])
+@pytest.mark.parametrize("plan, mesh", [((Mode.FSDP, Mode.TP), (2, 2)), ((Mode.DDP, Mode.TP), (2, 2)), ((Mode.HSDP,), (2, 2)),
+                                        ((Mode.DDP, Mode.PP), (2, 2))])
 def test_four_processes_on_a_2d_mesh_end_where_one_does(specs, one, tmp_path, plan, mesh):
     from kiln.train.distributed import launch
 

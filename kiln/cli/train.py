@@ -76,7 +76,7 @@ def train(
     nproc: int = typer.Option(1, help="Processes on this machine (torchrun; gloo on CPU)."),
     nnodes: int = typer.Option(1), node_rank: int = typer.Option(0),
     rdzv_endpoint: str = typer.Option("", help="host:port of the rendezvous for several machines."),
-    parallel: str = typer.Option("ddp", help="ddp, zero1, fsdp, hsdp, tp, pp, or a pair on a 2-D mesh: fsdp,tp or ddp,pp."),
+    parallel: str = typer.Option("ddp", help="ddp, zero1, fsdp, hsdp, tp, pp, or a pair on a 2-D mesh: fsdp,tp, ddp,tp or ddp,pp."),
     mesh: Optional[str] = typer.Option(None, help="Processes per mode, outermost first, e.g. 2x2 (2-D plans)."),
     reshard_after_forward: bool = typer.Option(True, "--reshard-after-forward/--no-reshard-after-forward",
                                                help="fsdp: free gathered weights after forward (ZeRO-3) or keep them (ZeRO-2-like)."),

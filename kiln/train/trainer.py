@@ -112,6 +112,9 @@ def check_fit(model: nn.Module, splits, spec: str, dataset: str) -> None:
             logits = tasks.forward(model, x)
     except Exception as exc:
         raise KilnError(f"dataset {dataset} does not fit model {spec}: {type(exc).__name__}: {first_line(exc)}") from None
+    if not torch.is_tensor(logits):   # a transformers base model (hf-config:) answers hidden states, no logits
+        raise KilnError(f"model {spec} outputs {type(logits).__name__} without logits, so it cannot train on {dataset} "
+                        f"({splits.task}); give a model with a head (a py: factory, or a preset: with a causal-LM head)")
     if splits.task in ("classification", "node-classification"):
         if logits.shape[:-1] != y.shape:
             raise KilnError(f"dataset {dataset} ({splits.task}, targets {tuple(y.shape)}) does not fit model {spec} "
@@ -237,7 +240,8 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
                 _train_epoch(cfg, engine, train_model, step_loss, _train_loader(splits.train, sampler, setup.task),
                              sampler, epoch, opt, sched, state, bar, after_step)
                 engine.sync(model, train_model)
-                val = tasks.evaluate(model, setup.task, eval_loader(splits.val, setup.task, cfg.eval_batch_size), metric())
+                val = tasks.evaluate(engine.eval_model(model, train_model), setup.task,   # collective for fsdp
+                                     eval_loader(splits.val, setup.task, cfg.eval_batch_size), metric())
                 state["history"][-1]["val_" + metric().key] = val
                 better = metric().better(val, state["best"])
                 if better:
@@ -256,7 +260,8 @@ def fit(cfg: TrainConfig, resume: bool = False, dist: Dist = Dist(), progress: b
     finally:
         if run:
             run.discard()
-    return _finish(cfg, setup, model, state, run, dist, metric().key, where.data_world, getattr(engine, "describe", None))
+    return _finish(cfg, setup, model, state, run, dist, metric().key, where.data_world, getattr(engine, "describe", None),
+                   engine.keeps_plain)
 
 
 class _RunDir:
@@ -320,11 +325,14 @@ def _train_epoch(cfg, engine, train_model, step_loss, loader, sampler, epoch, op
                              "samples_per_s": seen / elapsed if elapsed else 0.0})
 
 
-def _finish(cfg, setup, model, state, run: _RunDir | None, dist, metric_key, data_world=1, parallel=None) -> dict:
+def _finish(cfg, setup, model, state, run: _RunDir | None, dist, metric_key, data_world=1, parallel=None,
+            plain: bool = True) -> dict:
+    """The best weights measured on the test split (by a rank that holds the plain model: an
+    fsdp rank other than 0 holds only its shards and reports no test metric)."""
     if run and (run.path / WEIGHTS_FILE).is_file():
         load_weights(model, run.path / WEIGHTS_FILE)
     test = tasks.evaluate(model, setup.task, eval_loader(setup.splits.test, setup.task, cfg.eval_batch_size),
-                          tasks.metric_for(setup.task, model))
+                          tasks.metric_for(setup.task, model)) if plain else None
     metrics = metric_record(
         metric_key, before=None, after=test, val=state["best"], model=cfg.model, source=cfg.init or cfg.model,
         dataset=setup.dataset, task=setup.task, eval_batch_size=cfg.eval_batch_size, best_epoch=state["best_epoch"],

@@ -3,8 +3,8 @@
 torch.distributed.pipelining's tracer breaks on many real models (pytorch/pytorch 145263,
 184361), so kiln builds each stage by hand (the manual PipelineStage front end) from units
 that hold the model's own submodules and parameters, for the model families it knows: the
-zoo's GPT and ViT, its CNNs, and any nn.Sequential. Each unit knows which modules it runs, so
-its cost is read from kiln.analysis's per-module FLOPs.
+zoo's GPT and ViT, its CNNs, transformers' Llama-style decoders, and any nn.Sequential. Each
+unit knows which modules it runs, so its cost is read from kiln.analysis's per-module FLOPs.
 """
 from __future__ import annotations
 
@@ -58,6 +58,44 @@ def _cnn_head(u, x):
     return u.fc(u.dropout(x.flatten(1)))
 
 
+def _decoder_embed(u, ids):
+    return u.embed_tokens(ids)
+
+
+def _decoder_layer(u, h):
+    """One Llama-style decoder layer as the decoder's forward runs it: the rotary position
+    embeddings and the causal mask (transformers' own create_causal_mask) rebuilt from the hidden
+    states, so a stage passes only the hidden states on."""
+    from transformers.masking_utils import create_causal_mask
+
+    positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+    mask = create_causal_mask(config=u.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=positions)
+    return u.block(h, attention_mask=mask, position_ids=positions, position_embeddings=u.rotary_emb(h, position_ids=positions))
+
+
+def _decoder_head(u, h):
+    h = u.norm(h)
+    return u.lm_head(h) if hasattr(u, "lm_head") else h
+
+
+def _decoder(model) -> list[Unit] | None:
+    """transformers' Llama-style decoders (Llama, Mistral, Qwen2, ...: `embed_tokens`, `layers`,
+    `norm`, `rotary_emb`), the base model or one with a causal-LM head (`model.` + `lm_head`)."""
+    base, prefix = (model.model, "model.") if hasattr(model, "lm_head") and hasattr(model, "model") else (model, "")
+    if not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb", "config")):
+        return None
+    config = base.config
+    head = {"lm_head": model.lm_head} if base is not model else {}
+    layers = [Unit(f"{prefix}layers.{i}", _decoder_layer, (f"{prefix}layers.{i}",), block=b, rotary_emb=base.rotary_emb)
+              for i, b in enumerate(base.layers)]
+    for u in layers:
+        u.config = config   # read by the causal mask
+    return [Unit(f"{prefix}embed_tokens", _decoder_embed, (f"{prefix}embed_tokens", f"{prefix}rotary_emb"),
+                 embed_tokens=base.embed_tokens),
+            *layers,
+            Unit(f"{prefix}norm", _decoder_head, (f"{prefix}norm", *head), norm=base.norm, **head)]
+
+
 def _blocks(model, attr: str) -> list[Unit]:
     return [Unit(f"{attr}.{i}", _call, (f"{attr}.{i}",), block=b) for i, b in enumerate(getattr(model, attr))]
 
@@ -77,8 +115,11 @@ def chain(model: nn.Module) -> list[Unit]:
         return [*_blocks(model, "features"), Unit("fc", _cnn_head, ("dropout", "fc"), dropout=model.dropout, fc=model.fc)]
     if isinstance(model, nn.Sequential):
         return _blocks_of_sequential(model)
+    units = _decoder(model)
+    if units is not None:
+        return units
     raise KilnError(f"pipeline parallel: kiln cannot cut {kind} into stages; it cuts the zoo's GPT (zoo:gpt), "
-                    f"ViT (zoo:vit_tiny), CNN (zoo:cnn) and any nn.Sequential")
+                    f"ViT (zoo:vit_tiny), CNN (zoo:cnn), transformers' Llama-style decoders and any nn.Sequential")
 
 
 def _blocks_of_sequential(model: nn.Sequential) -> list[Unit]:

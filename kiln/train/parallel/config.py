@@ -37,7 +37,7 @@ class PipeSchedule(enum.StrEnum):
 
 DATA_MODES = (Mode.DDP, Mode.FSDP, Mode.ZERO1, Mode.HSDP)
 # (outer, inner) pairs on a 2-D mesh; HSDP is 2-D by itself
-PAIRS = {(Mode.DDP, Mode.PP), (Mode.FSDP, Mode.TP)}
+PAIRS = {(Mode.DDP, Mode.PP), (Mode.DDP, Mode.TP), (Mode.FSDP, Mode.TP)}
 
 
 @dataclass(frozen=True)

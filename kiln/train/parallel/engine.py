@@ -2,10 +2,12 @@
 
 The trainer keeps a plain `model` (the run's weights: evaluated, saved as safetensors, what
 `kiln eval` reloads) and trains the engine's `train_model` (wrapped, sharded or split). An
-engine answers five questions the trainer asks: build the trained module and its optimizer,
+engine answers the questions the trainer asks: build the trained module and its optimizer,
 run forward and backward of one step, copy the trained weights back into the plain model
-(`sync`, collective), and give or take the optimizer's full state keyed by parameter name
-(collective, so a run saved by N processes resumes in M, 1 included).
+(`sync`, collective), name the module to evaluate (`eval_model`), and give or take the
+optimizer's full state keyed by parameter name (collective, so a run saved by N processes
+resumes in M, 1 included). Under fsdp only rank 0, which writes the run, keeps a plain model
+(`keeps_plain`); the other ranks hold only their shards and evaluate through FSDP.
 """
 from __future__ import annotations
 
@@ -93,6 +95,13 @@ class Engine:
         torch.nn.utils.clip_grad_norm_(train_model.parameters(), max_norm)
 
     # --- state ----------------------------------------------------------------------------
+    keeps_plain = True   # this rank's plain model holds the weights (False: an fsdp rank other than 0)
+
+    def eval_model(self, model: nn.Module, train_model: nn.Module) -> nn.Module:
+        """What the trainer evaluates after `sync`: the plain model, unless the engine evaluates
+        its trained module itself (fsdp: the shards, through FSDP's forward; collective)."""
+        return model
+
     def sync(self, model: nn.Module, train_model: nn.Module) -> None:
         """Make the plain model hold the trained weights (nothing to do when they are shared)."""
 

@@ -153,7 +153,7 @@ class PPEngine(ShardedEngine):
 
     def _holders(self, groups: list[list[Unit]]) -> None:
         """For each parameter and buffer: the pipeline ranks whose stages hold it; a subgroup for
-        each tensor held on several ranks (tied weights), made on every rank in the same order."""
+        each parameter held on several ranks (tied weights), made on every rank in the same order."""
         holders: dict[str, list[int]] = {}
         for s, group in enumerate(groups):
             for u in group:
@@ -164,8 +164,10 @@ class PPEngine(ShardedEngine):
         self.holders = holders
         self.tied = {}
         rows = self.ctx.mesh.mesh.reshape(-1, self.p).tolist()   # one row of global ranks per pipeline
+        params = {self.names[id(p)] for g in groups for u in g for p in u.parameters()}
         for name, ranks in sorted(holders.items()):
-            if len(ranks) > 1:
+            # a buffer on several stages (a decoder's rotary frequencies) is not trained: no group
+            if len(ranks) > 1 and name in params:
                 for row in rows:
                     group = dist.new_group([row[r] for r in sorted(ranks)])
                     if dist.get_rank() in [row[r] for r in ranks]:

@@ -2,7 +2,7 @@
 
 `make_engine(config)` runs inside a torchrun rank: it builds the DeviceMesh the config asks
 for (one dimension per mode, outermost first), finds this rank's place on it, and gives the
-engine registered under the mode (or the pair, "fsdp,tp") what it needs.
+engine registered under the mode (or the pair, "fsdp,tp", "ddp,tp", "ddp,pp") what it needs.
 """
 from __future__ import annotations
 

@@ -14,6 +14,11 @@ A fused QKV weight (3d x d) is sharded by heads: rank r holds the rows of its he
 ([q_r; k_r; v_r]), which is not a contiguous slice of the plain weight, so the trained DTensor
 holds the rows interleaved by rank; `to_full` and `to_trained` convert, so checkpoints and the
 plain model keep the plain layout.
+
+ddp,tp (dp x tp on a 2-D mesh): each row of the mesh is a tensor-parallel group, the rows are
+replicas that see different slices of the batch; after backward each rank's gradient shards
+are averaged over its column (the data-parallel group, one all-reduce per tensor), so the
+replicas take the same step, as DDP would.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from kiln.errors import KilnError
 from kiln.models.zoo.layers import Block
 from kiln.train.optimizers import build_optimizer
 from kiln.train.parallel.blocks import checkpoint_blocks
-from kiln.train.parallel.engine import ShardedEngine, full
+from kiln.train.parallel.engine import ShardedEngine, full, local
 from kiln.train.parallel.registry import MODES, Context
 
 
@@ -165,7 +170,7 @@ def _block_io():
 class TPEngine(ShardedEngine):
     def __init__(self, ctx: Context):
         super().__init__(ctx.where)
-        self.ctx = ctx
+        self.ctx, self.data_group = ctx, ctx.data_group
         self.plan = TensorPlan(ctx.tp_mesh, ctx.config.sequence_parallel)
         self.fused = self.plan.fused
 
@@ -175,6 +180,19 @@ class TPEngine(ShardedEngine):
         if self.ctx.config.checkpoint_activations:
             checkpoint_blocks(work)
         return work, build_optimizer(cfg, work)
+
+    def step(self, train_model, step_loss, x, y) -> torch.Tensor:
+        loss = super().step(train_model, step_loss, x, y)
+        if self.where.data_world > 1:   # ddp,tp: the replicas' gradient shards averaged
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for _, p in self.named(train_model):
+                    if p.grad is not None:
+                        g = local(p.grad)
+                        dist.all_reduce(g, group=self.data_group)
+                        g.div_(self.where.data_world)
+        return loss
 
     def to_full(self, name, t):
         return self.plan.to_full(name, t)
@@ -213,3 +231,4 @@ def attach(ctx: Context) -> None:
 
 
 MODES.register("tp")(TPEngine)
+MODES.register("ddp,tp")(TPEngine)
