@@ -22,7 +22,10 @@ float model (its own scales: weights per channel, activations per token, no Smoo
 The peers as kiln.compile's backends build them: `torch.ao` (quantize_dynamic, its default
 qconfig) and `onnxruntime:dtype=int8` (ONNX Runtime's quantize_dynamic with per-channel
 weights on the dynamo export, explicit attention, which ONNX Runtime runs faster than
-exported SDPA).
+exported SDPA), and `openvino` (fp32: ov.convert_model of the torch.export program on
+OpenVINO's CPU plugin) and `openvino:dtype=int8` (NNCF's post-training quantization, transformer
+model type, calibrated on the same 128 train-split reviews kiln's quantizers see).
+A smoke: `--repeats 2 --sentences 64 --json /tmp/q.json`.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from kiln.data import load_dataset  # noqa: E402
 from kiln.models.spec import load  # noqa: E402
 from kiln.models.zoo.transformers import tokenize  # noqa: E402
 from kiln.data.text import minilm_tokenizer  # noqa: E402
-from kiln.compile.backends import build as build_backend, parse_backend  # noqa: E402
+from kiln.compile.backends import build as build_backend, calibrates, parse_backend  # noqa: E402
 from kiln.compile.int8 import int8_weights  # noqa: E402
 from kiln.config import read_toml  # noqa: E402
 from kiln.models.loaded import LoadedModel  # noqa: E402
@@ -70,7 +73,10 @@ METHODS = {
     "int8 torch.ao quantize_dynamic": (None, "torch.ao"),
     "fp32 onnxruntime": (None, f"onnxruntime:threads={THREADS}"),
     "int8 onnxruntime quantize_dynamic": (None, f"onnxruntime:dtype=int8,threads={THREADS}"),
+    "fp32 openvino": (None, f"openvino:threads={THREADS}"),
+    "int8 openvino NNCF": (None, f"openvino:dtype=int8,threads={THREADS}"),
 }
+PEERS = ("int8 torch.ao quantize_dynamic", "int8 onnxruntime quantize_dynamic", "int8 openvino NNCF")
 
 
 def log(msg: str) -> None:
@@ -107,7 +113,10 @@ def build(model, example, calibration) -> dict[str, tuple[torch.nn.Module, float
         log(f"building {name} ...")
         t0 = time.perf_counter()
         source = model if config is None else kiln_quantized(model, config, calibration)
-        m = build_backend(parse_backend(backend), source, LoadedModel("zoo:minilm", source, (), example))
+        spec = parse_backend(backend)
+        # backends that calibrate (OpenVINO int8) see the batches kiln's quantizers see
+        m = build_backend(spec, source, LoadedModel("zoo:minilm", source, (), example),
+                          tuple(calibration) if calibrates(spec) else ())
         built[name] = (m, time.perf_counter() - t0)
     return built
 
@@ -131,6 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     import onnxruntime
+    import openvino
     import torchao
 
     log("loading zoo:minilm and the rotten-tomatoes test split ...")
@@ -158,10 +168,11 @@ def main() -> None:
             "runs_ms": [round(t * 1e3, 1) for t in times[n]],
         }
     k = methods[KILN]
-    peers = ("int8 torch.ao quantize_dynamic", "int8 onnxruntime quantize_dynamic")
+    peers = PEERS
     result = {
         "date": date.today().isoformat(), "torch": torch.__version__, "torchao": torchao.__version__,
-        "onnxruntime": onnxruntime.__version__, "threads": THREADS, "batch": BATCH, "seq_len": SEQ,
+        "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__, "threads": THREADS, "batch": BATCH,
+        "seq_len": SEQ,
         "model": "zoo:minilm (all-MiniLM-L6-v2, real weights)",
         "data": (f"rotten-tomatoes test split: throughput on its first {BATCH}, cosine on its first "
                  f"{len(texts)}; kiln's quantizers and SmoothQuant calibrated on the first {CALIBRATION} of "

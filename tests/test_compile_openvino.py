@@ -174,3 +174,31 @@ def test_import_stays_light():
     code = "import sys, kiln.compile.run; print([m for m in ('openvino', 'nncf') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_at_compiled_batch_pads_and_splits_to_the_compiled_shape():
+    from kiln.compile.run import AtCompiledBatch
+
+    seen = []
+    w = torch.randn(5, 3)
+
+    def fn(x):
+        seen.append(x.shape[0])
+        return x @ w
+    x = torch.randn(11, 5)
+    assert torch.equal(AtCompiledBatch(fn, 4)(x), x @ w)
+    assert seen == [4, 4, 4]                                   # 4 + 4 + 3 padded to 4
+
+
+def test_eval_of_a_compile_dir_runs_its_backend_on_the_test_split(tmp_path, monkeypatch):
+    from kiln.compile.run import CompileConfig, compile_run, evaluate_compiled
+    from kiln.timing import Measurement
+
+    monkeypatch.setattr(Measurement, "fastest", lambda self: "openvino")
+    compile_run("zoo:mlp", CompileConfig("openvino", batch=4, rounds=1), out=tmp_path / "c")
+    r = evaluate_compiled(tmp_path / "c")
+    assert r["backend"] == "openvino" and r["metric"] == "accuracy" and r["dataset"] == "mnist"
+    assert r["value"] == r["eager"]                            # fp32 within 1e-4: the same argmax on 500 digits
+    out = subprocess.run([sys.executable, "-m", "kiln.cli.main", "eval", str(tmp_path / "c")], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and f"accuracy {r['value']:.6f} on openvino, eager {r['eager']:.6f}" in out.stdout

@@ -108,16 +108,19 @@ def is_transformer(model: nn.Module) -> bool:
 def quantize(ov_model: Any, calibration: Sequence[Example], transformer: bool) -> Any:
     """NNCF post-training quantization (int8 FakeQuantize, symmetric: its PERFORMANCE preset) on
     `calibration`'s inputs."""
+    import contextlib
+    import io
     import logging
 
     import nncf
 
     names = [i.get_any_name() for i in ov_model.inputs]
     samples = sum(_batch_size(e) for e in calibration)
-    logging.getLogger("nncf").setLevel(logging.ERROR)     # its progress bars and info lines
+    logging.getLogger("nncf").setLevel(logging.ERROR)     # its info lines
     dataset = nncf.Dataset(list(calibration), lambda e: _feeds(e, names))
-    return nncf.quantize(ov_model, dataset, subset_size=max(1, min(samples, CALIBRATION_SAMPLES)),
-                         model_type=nncf.ModelType.TRANSFORMER if transformer else None)
+    with contextlib.redirect_stdout(io.StringIO()):       # its progress bars (rich, on stdout): kiln's own output
+        return nncf.quantize(ov_model, dataset, subset_size=max(1, min(samples, CALIBRATION_SAMPLES)),
+                             model_type=nncf.ModelType.TRANSFORMER if transformer else None)
 
 
 def _batch_size(example: Example) -> int:

@@ -32,7 +32,8 @@ from kiln.hardware.profiles import fraction_note
 from kiln.io import atomic_dir, atomic_write_json, atomic_write_text, check_new_dir
 from kiln.models.loaded import LoadedModel
 from kiln.runs.artifact import load_source
-from kiln.train.evaluation import calibration_batches, check_batches, source_splits
+from kiln.train.evaluation import calibration_batches, check_batches, evaluate_model, source_splits
+from kiln.train.tasks import scored_by_own_loss
 
 COMPILE_FILE = "compile.json"
 CALIBRATION_SAMPLES = 256
@@ -205,3 +206,57 @@ def load_compiled(path: str | Path, inputs: Callable[[object], LoadedModel] | No
             fn(*loaded.example_inputs, **loaded.example_kwargs)     # compiled now, not in the first timed call
         return fn, loaded, meta, source
     return build(spec, source.model, loaded), loaded, meta, source
+
+
+class AtCompiledBatch(torch.nn.Module):
+    """A compiled backend's callable as a module that runs every call at the batch it was
+    compiled for: a shorter batch is padded with copies of its first sample and its outputs cut
+    back, a longer one runs in pieces (a static-shape program, an inductor graph or an OpenVINO
+    compile then serve a whole split unchanged)."""
+
+    def __init__(self, fn: Callable, batch: int):
+        super().__init__()
+        self.fn, self.batch = fn, batch
+
+    def forward(self, x):
+        n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+        if n > self.batch:
+            parts = [self({k: v[i:i + self.batch] for k, v in x.items()}) if isinstance(x, dict)
+                     else self(x[i:i + self.batch]) for i in range(0, n, self.batch)]
+            return torch.cat(parts)
+        pad = lambda t: torch.cat([t, t[:1].expand(self.batch - n, *t.shape[1:])]) if n < self.batch else t  # noqa: E731
+        with torch.no_grad():
+            out = self.fn(**{k: pad(v) for k, v in x.items()}) if isinstance(x, dict) else self.fn(pad(x))
+        out = getattr(out, "logits", out)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out[:n]
+
+
+def evaluate_compiled(path: str | Path) -> dict:
+    """`kiln eval DIR` on a compile directory: the metric of the backend it chose (its saved file
+    for OpenVINO) on the test split of the source's dataset, beside the source model's in eager."""
+    fn, _, meta, source = load_compiled(path)
+    if scored_by_own_loss(source.model):
+        raise KilnError(f"{source.spec} is scored by its own loss, which a compiled backend (forward only) cannot run")
+    splits = source_splits(source)
+    batch = meta.get("batch") or 1
+    if splits.task == "node-classification":
+        compiled = _Whole(fn)
+    else:
+        compiled = AtCompiledBatch(fn, batch)
+    key, value = evaluate_model(compiled, splits, batch_size=max(batch, 64))
+    _, eager = evaluate_model(source.model.eval(), splits, batch_size=max(batch, 64))
+    return {"run": str(path), "model": source.spec, "dataset": source.dataset, "backend": meta["backend"],
+            "metric": key, "value": value, "split": "test", "eager": eager, "recorded": None, "reproduced": None}
+
+
+class _Whole(torch.nn.Module):
+    """A whole-graph input (node classification) as the compiled callable takes it."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.fn(**x) if isinstance(x, dict) else self.fn(*x) if isinstance(x, (tuple, list)) else self.fn(x)
