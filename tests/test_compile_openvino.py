@@ -162,6 +162,22 @@ def test_unreadable_ir_and_missing_ir_are_one_line(tmp_path):
         load_compiled(d)
 
 
+class _Grid(nn.Identity):
+    def integer_grid(self):                                    # what marks a kiln quantizer
+        return (-128, 127)
+
+
+def test_int8_refuses_a_kiln_quantized_model_whose_scales_it_would_replace():
+    loaded = _tiny()
+    loaded.model.append(_Grid())
+    with pytest.raises(KilnError, match="^openvino:dtype=int8: NNCF quantizes with its own scales, not kiln's"):
+        build(parse_backend("openvino:int8"), loaded.model, loaded)
+    fn = build(parse_backend("openvino"), loaded.model, loaded)  # fp32 runs it as it is
+    x = loaded.example_inputs[0]
+    with torch.no_grad():
+        assert relative_error(fn(x), loaded.model(x)) <= TOLERANCE[Precision.FP32]
+
+
 def test_cli_bad_dtype_is_one_line_exit_2_and_writes_nothing(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kiln.cli.main", "compile", "zoo:mlp", "--backend", "openvino:int4",
                         "--out", str(tmp_path / "c")], capture_output=True, text=True)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from kiln.compile.int8 import is_fake_quantized
 from kiln.compile.runtime import Example
 from kiln.errors import KilnError, first_line
 
@@ -130,9 +131,15 @@ def _batch_size(example: Example) -> int:
 
 def build_openvino(model: nn.Module, example: Example, opts: dict) -> OvModule:
     """The `openvino` backend: fp32, or int8 (`dtype=int8`) quantized by NNCF on
-    `example.calibration` (the example itself when it has none)."""
+    `example.calibration` (the example itself when it has none). int8 is refused for a
+    kiln-quantized model: NNCF would quantize its fake-quantized layers again with its own scales
+    (fp32 runs the fake-quantized model as it is)."""
+    int8 = opts.get("dtype") == "int8"
+    if int8 and is_fake_quantized(model):
+        raise KilnError("NNCF quantizes with its own scales, not kiln's: use backend torchao or "
+                        "onnxruntime:dtype=int8 for a quantized model")
     ov_model = convert(model, example)
-    if opts.get("dtype") == "int8":
+    if int8:
         calibration = example.calibration or (example,)
         ov_model = quantize(ov_model, calibration, is_transformer(model))
     return OvModule(ov_model, int(opts.get("threads", torch.get_num_threads())))
