@@ -124,7 +124,8 @@ def zoo(models: list[str], batches: list[int], budget_s: float, results: str = R
                 entry["auto_vs_openvino_int8"] = again_m[OV_INT8].median / auto_s
             merge_result(results, f"zoo:{name}@{batch}", entry)
             print(f"   chosen {auto.chosen}: {format_timing(again_m[auto.chosen])}; "
-                  + ", ".join(f"{p} {format_timing(again_m[p])}" for p in (*peers, OV_INT8) if p in fns and p != auto.chosen)
+                  + ", ".join(f"{p} {format_timing(again_m[p])}" for p in (*peers, OV_INT8)
+                              if p in fns and p != auto.chosen)
                   + (f"; timing: {again_m.note()}" if again_m.note() else ""), flush=True)
             del auto, fns
 
@@ -203,7 +204,8 @@ def table(results: str = RESULTS) -> None:
             continue
         r = e["retimed"]
         status = {**e["peer_status"], OV_INT8: e.get("openvino_int8", {}).get("status", "not measured")}
-        cell = lambda b: f"{r[b]['latency_s'] * 1e3:.3g} ms" if b in r else status.get(b, "not measured").split(":")[0]  # noqa: E731
+        def cell(b):
+            return f"{r[b]['latency_s'] * 1e3:.3g} ms" if b in r else status.get(b, "not measured").split(":")[0]
         best = min(r[p]["latency_s"] for p in PEERS if p in r)
         print(f"| {e['model']} | {e['batch']} | {e['chosen']} | {cell(e['chosen'])} | {cell('eager')} | "
               f"{cell('inductor')} | {cell('onnxruntime')} | {cell('openvino')} | "

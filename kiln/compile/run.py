@@ -224,7 +224,9 @@ class AtCompiledBatch(torch.nn.Module):
             parts = [self({k: v[i:i + self.batch] for k, v in x.items()}) if isinstance(x, dict)
                      else self(x[i:i + self.batch]) for i in range(0, n, self.batch)]
             return torch.cat(parts)
-        pad = lambda t: torch.cat([t, t[:1].expand(self.batch - n, *t.shape[1:])]) if n < self.batch else t  # noqa: E731
+        def pad(t):
+            return torch.cat([t, t[:1].expand(self.batch - n, *t.shape[1:])]) if n < self.batch else t
+
         with torch.no_grad():
             out = self.fn(**{k: pad(v) for k, v in x.items()}) if isinstance(x, dict) else self.fn(pad(x))
         out = getattr(out, "logits", out)
