@@ -68,8 +68,13 @@ class OvModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         feeds = _feeds(Example(args, kwargs), self.names)
-        compiled = self.compiled_for(feeds)
-        result = compiled(feeds)
+        try:
+            compiled = self.compiled_for(feeds)
+            result = compiled(feeds)
+        except RuntimeError as exc:     # OpenVINO's first line names only its own source file
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if "incompatible" in ln or "mismatch" in ln), lines[-1] if lines else "")
+            raise KilnError(f"OpenVINO cannot run inputs of shapes {[list(f.shape) for f in feeds]}: {why}") from None
         outs = [torch.from_numpy(result[o].copy()) for o in compiled.outputs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
@@ -92,13 +97,53 @@ def load_ir(directory: Path, threads: int | None = None) -> OvModule:
     return OvModule(model, threads or torch.get_num_threads())
 
 
-def convert(model: nn.Module, example: Example) -> Any:
-    """The model as an ov.Model, converted from its torch.export program."""
+def convert(model: nn.Module, example: Example) -> tuple[Any, bool]:
+    """(the model as an ov.Model converted from its torch.export program, whether its batch is
+    dynamic). The program is exported with a dynamic batch dimension where torch.export allows
+    it: a static program's reshapes keep the example's batch as constants (MiniLM's attention
+    views), and OpenVINO then refuses any other batch."""
     import openvino as ov
 
-    with torch.no_grad():
-        program = torch.export.export(model, example.args, example.kwargs or {}, strict=False)
-    return ov.convert_model(program)
+    kwargs = example.kwargs or {}
+    tensors = [x for x in (*example.args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+    program = None
+    if tensors and all(x.dim() for x in tensors) and len({x.shape[0] for x in tensors}) == 1:
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        shapes = ({k: {0: batch} for k in kwargs} if kwargs and not example.args else
+                  tuple({0: batch} for _ in example.args) if not kwargs else None)
+        # traced at a batch of 2 at least: torch.export specialises a batch of 1 to a constant
+        grow = (lambda x: x.repeat(2, *([1] * (x.dim() - 1)))) if tensors[0].shape[0] == 1 else (lambda x: x)
+        if shapes is not None:
+            try:
+                with torch.no_grad():
+                    program = torch.export.export(model, tuple(grow(a) for a in example.args),
+                                                  {k: grow(v) for k, v in kwargs.items()}, dynamic_shapes=shapes,
+                                                  strict=False)
+            except Exception:        # specialised on the batch (a batch of 1, a data-dependent view): static
+                program = None
+    dynamic = program is not None
+    if program is None:
+        with torch.no_grad():
+            program = torch.export.export(model, example.args, kwargs, strict=False)
+    return ov.convert_model(program), dynamic
+
+
+def rebatch(calibration: Sequence[Example], batch: int) -> tuple[Example, ...]:
+    """The calibration inputs cut into batches of exactly `batch` samples (a static-shape graph
+    runs no other); the remainder is dropped."""
+    if not calibration:
+        return ()
+    first = calibration[0]
+    keys = list((first.kwargs or {}).keys())
+
+    def cat(get):
+        return torch.cat([get(e) for e in calibration])
+
+    args = [cat(lambda e, i=i: e.args[i]) for i in range(len(first.args))]
+    kwargs = {k: cat(lambda e, k=k: e.kwargs[k]) for k in keys}
+    total = len(args[0]) if args else len(next(iter(kwargs.values())))
+    return tuple(Example(tuple(a[i:i + batch] for a in args), {k: v[i:i + batch] for k, v in kwargs.items()} or None)
+                 for i in range(0, total - batch + 1, batch))
 
 
 def is_transformer(model: nn.Module) -> bool:
@@ -138,9 +183,11 @@ def build_openvino(model: nn.Module, example: Example, opts: dict) -> OvModule:
     if int8 and is_fake_quantized(model):
         raise KilnError("NNCF quantizes with its own scales, not kiln's: use backend torchao or "
                         "onnxruntime:dtype=int8 for a quantized model")
-    ov_model = convert(model, example)
+    ov_model, dynamic = convert(model, example)
     if int8:
         calibration = example.calibration or (example,)
+        if not dynamic and example.calibration:
+            calibration = rebatch(calibration, _batch_size(example)) or (example,)
         ov_model = quantize(ov_model, calibration, is_transformer(model))
     return OvModule(ov_model, int(opts.get("threads", torch.get_num_threads())))
 
