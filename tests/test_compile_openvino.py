@@ -224,6 +224,8 @@ def test_at_compiled_batch_pads_and_splits_to_the_compiled_shape():
     x = torch.randn(11, 5)
     assert torch.equal(AtCompiledBatch(fn, 4)(x), x @ w)
     assert seen == [4, 4, 4]                                   # 4 + 4 + 3 padded to 4
+    # a dict batch comes as keywords (kiln.train.tasks.forward calls model(**x))
+    assert torch.equal(AtCompiledBatch(lambda ids: ids @ w, 4)(ids=x), x @ w)
 
 
 def test_eval_of_a_compile_dir_runs_its_backend_on_the_test_split(tmp_path, monkeypatch):

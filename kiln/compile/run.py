@@ -218,7 +218,8 @@ class AtCompiledBatch(torch.nn.Module):
         super().__init__()
         self.fn, self.batch = fn, batch
 
-    def forward(self, x):
+    def forward(self, x=None, **kwargs):
+        x = kwargs if x is None else x          # tasks.forward passes a dict batch as keywords
         n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
         if n > self.batch:
             parts = [self({k: v[i:i + self.batch] for k, v in x.items()}) if isinstance(x, dict)
@@ -259,6 +260,8 @@ class _Whole(torch.nn.Module):
         super().__init__()
         self.fn = fn
 
-    def forward(self, x):
+    def forward(self, x=None, **kwargs):
         with torch.no_grad():
-            return self.fn(**x) if isinstance(x, dict) else self.fn(*x) if isinstance(x, (tuple, list)) else self.fn(x)
+            if x is None or isinstance(x, dict):
+                return self.fn(**(kwargs if x is None else x))
+            return self.fn(*x) if isinstance(x, (tuple, list)) else self.fn(x)
