@@ -2,7 +2,7 @@
 loop, and MiniLM's achieved fraction of the fp32 matmul peak.
 
     TORCHINDUCTOR_COMPILE_THREADS=1 flock /tmp/kiln-cpu.lock \
-        .venv/bin/python benchmarks/compile_figures.py zoo [--models cnn,gpt] [--batches 1,64]
+        .venv/bin/python benchmarks/compile_figures.py zoo [--models cnn,gpt] [--batches 1,64] [--out PATH]
     ... compile_figures.py loadgen      # Offline throughput and SingleStream p90 vs a raw loop
     ... compile_figures.py peak         # MiniLM 32 x 128 on its best fp32 backend vs matmul peak
     ... compile_figures.py table        # print the tables for BENCHMARKS.md from the JSON
@@ -10,10 +10,14 @@ loop, and MiniLM's achieved fraction of the fp32 matmul peak.
 All runs: torch.set_num_threads(2), ONNX Runtime with 2 intra-op threads, inputs at the batch
 size (floats random, seeded; token ids repeated from the example). `zoo` runs `kiln compile
 --backend auto` (kiln.compile.auto.select over every fp32 candidate, interleaved rounds) per
-model and batch, then re-times the chosen backend beside eager, torch.compile default and
-ONNX Runtime default in fresh interleaved rounds, so auto's figure is measured again, not
-taken from the round that chose it. Results merge into benchmarks/results/compile_figures.json
-per model and batch, so the sweep can run in parts.
+model and batch, then re-times the chosen backend beside eager, torch.compile default, ONNX
+Runtime default, OpenVINO fp32 (also one of auto's candidates) and OpenVINO int8 (NNCF
+post-training quantization calibrated as `kiln compile` calibrates: 256 training-split samples
+of the model's dataset, else its example inputs) in fresh interleaved rounds, so auto's figure
+is measured again, not taken from the round that chose it. OpenVINO int8 is a column beside,
+not a peer auto must beat: auto here chooses among fp32 candidates. Results merge into
+benchmarks/results/compile_figures.json (or --out) per model and batch, so the sweep can run in
+parts. A smoke: `zoo --models cnn --batches 1 --budget 1 --out /tmp/cf.json`.
 """
 from __future__ import annotations
 
@@ -40,7 +44,8 @@ from kiln.models.spec import load  # noqa: E402
 from kiln.timing import TimingConfig, format_timing, measure  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "compile_figures.json")
-PEERS = ("eager", "inductor", "onnxruntime")     # eager, torch.compile default, ORT default
+PEERS = ("eager", "inductor", "onnxruntime", "openvino")     # eager, torch.compile default, ORT and OpenVINO default
+OV_INT8 = "openvino:dtype=int8"                  # a column beside: int8, not one of auto's fp32 candidates
 ZOO = ("cnn", "mlp", "resnet20", "mobilenet_v2", "efficientnet_lite0", "c3d", "vit_tiny", "gpt", "minilm",
        "minilm_cls", "gcn", "gat", "vae", "ddpm")
 CNNS = ("cnn", "resnet20", "mobilenet_v2", "efficientnet_lite0", "c3d")
@@ -53,12 +58,33 @@ def _rounds(model, loaded, budget_s: float, lo: int = 5, hi: int = 20) -> int:
     return max(lo, min(hi, int(budget_s / (per_call * len(AUTO[Precision.FP32]) + 1e-9))))
 
 
-def zoo(models: list[str], batches: list[int], budget_s: float) -> None:
+def _openvino_int8(name: str, base, loaded) -> dict:
+    """OpenVINO int8 (NNCF) built as `kiln compile` builds it, checked against eager: the callable
+    under "fn" when it ran within int8's tolerance, else why not."""
+    from kiln.compile.backends import TOLERANCE, build, parse_backend
+    from kiln.compile.run import calibration_inputs
+    from kiln.compile.verify import relative_error
+    from kiln.errors import KilnError
+    from kiln.runs.artifact import load_source
+
+    batches, note = calibration_inputs(load_source(f"zoo:{name}"))
+    try:
+        fn = build(parse_backend(OV_INT8), base.model, loaded, batches)
+    except KilnError as exc:
+        return {"status": "failed", "reason": str(exc), "calibration": note}
+    err = relative_error(call(fn, loaded), call(base.model.eval(), loaded))
+    out = {"status": "ok" if err <= TOLERANCE[Precision.INT8] else "rejected", "error": err, "calibration": note}
+    if out["status"] == "ok":
+        out["fn"] = fn
+    return out
+
+
+def zoo(models: list[str], batches: list[int], budget_s: float, results: str = RESULTS) -> None:
     for name in models:
         base = load(f"zoo:{name}")
         for batch in batches:
             if batch_dim_size(base) is None and batch != 1:
-                merge_result(RESULTS, f"zoo:{name}@{batch}", {"skipped": "inputs have no batch dimension (a whole graph)"})
+                merge_result(results, f"zoo:{name}@{batch}", {"skipped": "inputs have no batch dimension (a whole graph)"})
                 continue
             loaded = at_batch(base, batch)
             rounds = _rounds(base.model.eval(), loaded, budget_s)
@@ -71,6 +97,9 @@ def zoo(models: list[str], batches: list[int], budget_s: float) -> None:
             again = [auto.chosen] + [p for p in PEERS if p != auto.chosen]
             ok = [b for b in again if auto.by_name(b).status == "ok"]
             fns = {b: auto.fns[b] for b in ok}
+            int8 = _openvino_int8(name, base, loaded)
+            if "fn" in int8:
+                fns[OV_INT8] = int8.pop("fn")
             again_m = measure({b: (lambda fn=fn: call(fn, loaded)) for b, fn in fns.items()},
                               TimingConfig(rounds=rounds, warmup=2))
             entry = {
@@ -82,14 +111,21 @@ def zoo(models: list[str], batches: list[int], budget_s: float) -> None:
                 "retimed_note": again_m.note(),
                 "peer_status": {p: auto.by_name(p).status + (": " + auto.by_name(p).reason if auto.by_name(p).reason else "")
                                 for p in PEERS},
+                "openvino_int8": int8,
                 "date": str(date.today()),
             }
+            if OV_INT8 in fns:
+                entry["retimed"][OV_INT8] = {"latency_s": again_m[OV_INT8].median, "p90_s": again_m[OV_INT8].p90,
+                                             "timing": again_m[OV_INT8].to_dict()}
             auto_s = again_m[auto.chosen].median
             peers = {p: again_m[p].median for p in PEERS if p in fns}   # auto's choice may be one of them
             entry["auto_vs_best_peer"] = min(peers.values()) / auto_s
-            merge_result(RESULTS, f"zoo:{name}@{batch}", entry)
+            if OV_INT8 in fns:
+                entry["auto_vs_openvino_int8"] = again_m[OV_INT8].median / auto_s
+            merge_result(results, f"zoo:{name}@{batch}", entry)
             print(f"   chosen {auto.chosen}: {format_timing(again_m[auto.chosen])}; "
-                  + ", ".join(f"{p} {format_timing(again_m[p])}" for p in peers if p != auto.chosen)
+                  + ", ".join(f"{p} {format_timing(again_m[p])}" for p in (*peers, OV_INT8)
+                              if p in fns and p != auto.chosen)
                   + (f"; timing: {again_m.note()}" if again_m.note() else ""), flush=True)
             del auto, fns
 
@@ -155,21 +191,25 @@ def peak(rounds: int) -> None:
     print(json.dumps(entry, indent=1))
 
 
-def table() -> None:
-    res = json.load(open(RESULTS))
-    print("| model | batch | auto's choice | auto | eager | torch.compile | ORT | auto vs best peer |")
-    print("|---|---|---|---|---|---|---|---|")
+def table(results: str = RESULTS) -> None:
+    res = json.load(open(results))
+    print("| model | batch | auto's choice | auto | eager | torch.compile | ORT | OpenVINO | auto vs best peer "
+          "| OpenVINO int8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for key, e in res.items():
         if "@" not in key:
             continue
         if "skipped" in e:
-            print(f"| {key.split('@')[0]} | {key.split('@')[1]} | - | {e['skipped']} | | | | |")
+            print(f"| {key.split('@')[0]} | {key.split('@')[1]} | - | {e['skipped']} | | | | | | |")
             continue
         r = e["retimed"]
-        cell = lambda b: f"{r[b]['latency_s'] * 1e3:.3g} ms" if b in r else e["peer_status"][b].split(":")[0]  # noqa: E731
+        status = {**e["peer_status"], OV_INT8: e.get("openvino_int8", {}).get("status", "not measured")}
+        def cell(b):
+            return f"{r[b]['latency_s'] * 1e3:.3g} ms" if b in r else status.get(b, "not measured").split(":")[0]
         best = min(r[p]["latency_s"] for p in PEERS if p in r)
         print(f"| {e['model']} | {e['batch']} | {e['chosen']} | {cell(e['chosen'])} | {cell('eager')} | "
-              f"{cell('inductor')} | {cell('onnxruntime')} | {best / r[e['chosen']]['latency_s']:.2f}x |")
+              f"{cell('inductor')} | {cell('onnxruntime')} | {cell('openvino')} | "
+              f"{best / r[e['chosen']]['latency_s']:.2f}x | {cell(OV_INT8)} |")
     print("\nkiln's graph passes, same backend with and without (median latency, from the auto rounds):")
     print("| model | batch | eager | eager + passes | gain | inductor freezing | + passes | gain |")
     print("|---|---|---|---|---|---|---|---|")
@@ -193,16 +233,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="loadgen: Offline batch")
     ap.add_argument("--duration", type=float, default=15.0, help="loadgen: LoadGen min duration and raw loop seconds")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--out", default=RESULTS, help="zoo and table: the results JSON (a smoke run: another file)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.what == "zoo":
-        zoo(args.models.split(","), [int(b) for b in args.batches.split(",")], args.budget)
+        zoo(args.models.split(","), [int(b) for b in args.batches.split(",")], args.budget, args.out)
     elif args.what == "loadgen":
         loadgen(args.batch, args.duration)
     elif args.what == "peak":
         peak(args.rounds)
     else:
-        table()
+        table(args.out)
 
 
 if __name__ == "__main__":

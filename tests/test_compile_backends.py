@@ -121,7 +121,8 @@ def test_cli_bad_backend_is_one_line_and_writes_nothing(tmp_path):
                         "--out", str(tmp_path / "c")], capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1
-    assert lines[0] == "kiln: error: unknown backend 'tvm'; known: eager, export, inductor, onnxruntime, torch.ao, torchao"
+    assert lines[0] == ("kiln: error: unknown backend 'tvm'; known: eager, export, inductor, onnxruntime, openvino, "
+                        "torch.ao, torchao")
     assert not (tmp_path / "c").exists()
 
 

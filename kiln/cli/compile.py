@@ -45,7 +45,7 @@ def print_candidates(report: dict) -> None:
 def compile(
     src: str = typer.Argument(..., help="A model spec, a run directory or an artifact directory."),
     backend: str = typer.Option("auto", help="auto, or backends joined by '+', each NAME[:key=value,...]: "
-                                             "eager, export, inductor, onnxruntime, torchao, torch.ao."),
+                                             "eager, export, inductor, onnxruntime, openvino, torchao, torch.ao (openvino:int8: NNCF int8)."),
     batch: int = typer.Option(1, min=1, help="Batch size to compile and measure at."),
     precision: str = typer.Option("fp32", help="Lowest precision a candidate may compute in: fp32, bf16, int8."),
     rounds: int = typer.Option(20, min=1, help="Interleaved timing rounds."),

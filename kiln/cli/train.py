@@ -151,16 +151,20 @@ def merge(
 
 @user_errors
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="A run directory written by any kiln command (train, quantize, prune, ...)."),
+    run_dir: Path = typer.Argument(..., help="A run directory written by any kiln command "
+                                             "(train, quantize, prune, compile, ...)."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
-    """Reload any kiln run directory and measure its metric on the test split again."""
+    """Reload any kiln run directory and measure its metric on the test split again; a `kiln
+    compile` directory runs on the backend it chose, beside its source model in eager."""
+    from kiln.compile.run import evaluate_compiled, is_compiled
     from kiln.train.evaluation import evaluate_run
 
     validate(json_path=json_path)
-    result = evaluate_run(run_dir)
+    result = evaluate_compiled(run_dir) if is_compiled(run_dir) else evaluate_run(run_dir)
     recorded = result["recorded"]
     console.print(f"{result['model']} on {result['dataset']} (test): {result['metric']} {result['value']:.6f}"
+                  + (f" on {result['backend']}, eager {result['eager']:.6f}" if "backend" in result else "")
                   + (f"  recorded {recorded:.6f}  {'reproduced' if result['reproduced'] else 'DIFFERS'}"
                      if recorded is not None else ""))
     if json_path:

@@ -27,9 +27,9 @@ from kiln.timing import Measurement, TimingConfig, measure
 # what `--backend auto` tries, by the lowest precision the user allows
 AUTO = {
     Precision.FP32: ("eager", "export", "eager:passes=1", "inductor", "inductor:freezing=1",
-                     "inductor:freezing=1,passes=1", "onnxruntime", "onnxruntime:level=basic"),
+                     "inductor:freezing=1,passes=1", "onnxruntime", "onnxruntime:level=basic", "openvino"),
     Precision.BF16: ("eager:dtype=bf16", "inductor:dtype=bf16,freezing=1"),
-    Precision.INT8: ("torchao",),
+    Precision.INT8: ("torchao", "openvino:dtype=int8"),
 }
 ORDER = (Precision.FP32, Precision.BF16, Precision.INT8)
 # a call shorter than this gets one untimed call before its timed one in each round
@@ -117,16 +117,18 @@ def call(fn: Callable, loaded: LoadedModel):
 
 
 def select(model: nn.Module, loaded: LoadedModel, backends: Sequence[str], precision: Precision = Precision.FP32,
-           rounds: int = 20, warmup: int = 3, progress: Callable[[str], None] = lambda s: None) -> Selection:
+           rounds: int = 20, warmup: int = 3, progress: Callable[[str], None] = lambda s: None,
+           calibration: tuple = ()) -> Selection:
     """Build and check each backend on `loaded`'s inputs, time the accepted ones interleaved,
-    choose the fastest. A KilnError when nothing could run."""
+    choose the fastest. A KilnError when nothing could run. `calibration`: input batches for
+    the backends that calibrate int8 scales (kiln.compile.backends.build)."""
     specs = [parse_backend(b) for b in backends]
     model = model.eval()
     reference = call(model, loaded)
     batch = batch_dim_size(loaded)
     cands, fns = [], {}
     for spec in specs:
-        cand, fn = _check(spec, model, loaded, reference, precision, progress)
+        cand, fn = _check(spec, model, loaded, reference, precision, progress, calibration)
         cands.append(cand)
         if fn is not None:
             fns[spec.label] = fn
@@ -140,7 +142,7 @@ def select(model: nn.Module, loaded: LoadedModel, backends: Sequence[str], preci
     return Selection(batch, m.threads, m.rounds, cands, m.fastest(), list(m.runoff), fns, m.note())
 
 
-def _check(spec: BackendSpec, model, loaded, reference, precision: Precision, progress):
+def _check(spec: BackendSpec, model, loaded, reference, precision: Precision, progress, calibration=()):
     prec = precision_of(spec)
     cand = Candidate(spec.label, prec.value, tolerance=TOLERANCE[prec])
     if ORDER.index(prec) > ORDER.index(precision):
@@ -152,7 +154,7 @@ def _check(spec: BackendSpec, model, loaded, reference, precision: Precision, pr
     progress(f"building {spec.label}")
     t0 = time.perf_counter()
     try:
-        fn = build(spec, model, loaded)
+        fn = build(spec, model, loaded, calibration)
         out = call(fn, loaded)
     except KilnError as exc:
         cand.status, cand.reason = "failed", str(exc).removeprefix(spec.label + ": ")

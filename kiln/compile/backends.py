@@ -17,6 +17,11 @@ optimised graph to the backend instead of the model. One registry (`BACKENDS`) h
   (kiln.compile.int8): a kiln-quantized model's integer layers with kiln's own scales, or every
   Linear of a float model with per-channel weights and per-token activations.
 - torch.ao: torch.ao's quantize_dynamic (qint8 Linears, eager), the classic int8 peer.
+- openvino: ov.convert_model of the torch.export program on OpenVINO's CPU plugin; `threads`,
+  and `dtype=int8`: NNCF's post-training quantization calibrated on the caller's calibration
+  batches (kiln.compile.openvino).
+
+An option whose value names it may be given bare: `openvino:int8` is `openvino:dtype=int8`.
 
 For a kiln-quantized (fake-quantized) model, "eager" is the fake-quantized model, and every
 backend is checked against it.
@@ -39,6 +44,7 @@ from torch import nn
 
 from kiln.compile import default_passes, optimize
 from kiln.compile.int8 import ORT_QDQ, TORCHAO, Int8Target, build_torch_ao, build_torchao, is_fake_quantized, lower_int8
+from kiln.compile.openvino import build_openvino
 from kiln.compile.runtime import Example, Frozen, OrtModule, fresh_frame, onnx_bytes
 from kiln.errors import KilnError, first_line
 from kiln.graph.capture import capture
@@ -82,6 +88,8 @@ class Backend:
     doc: str = ""
     # the int8 kernels it runs a kiln-quantized model's integer layers on (None: it does not)
     lowers: Callable[[dict], Int8Target | None] = lambda o: None
+    # whether it calibrates on data (the caller's calibration batches) with these options
+    calibrates: Callable[[dict], bool] = lambda o: False
 
 
 BACKENDS: Registry[Backend] = Registry("backend")
@@ -97,6 +105,9 @@ def parse_backend(text: str) -> BackendSpec:
     options = []
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
+        named = [k for k, v in allowed.items() if item in v]
+        if not sep and len(named) == 1:        # a bare value that names its option: 'int8'
+            key, sep, value = named[0], "=", item
         if not sep or key not in allowed:
             raise KilnError(f"backend {name}: unknown option {item!r}; options: "
                             f"{', '.join(f'{k}=' + '|'.join(v) for k, v in allowed.items())}")
@@ -120,14 +131,23 @@ def missing_package(spec: BackendSpec) -> str | None:
     return need if need and importlib.util.find_spec(need) is None else None
 
 
-def build(spec: BackendSpec, model: nn.Module, loaded: LoadedModel) -> Callable:
+def calibrates(spec: BackendSpec) -> bool:
+    """Whether the backend, with these options, calibrates on data."""
+    return BACKENDS.get(spec.name).calibrates(spec.opts())
+
+
+def build(spec: BackendSpec, model: nn.Module, loaded: LoadedModel, calibration: tuple = ()) -> Callable:
     """A callable running `model` on `loaded`'s inputs through `spec`; built and run once, so
-    an export or compile failure surfaces here as a KilnError naming the backend."""
+    an export or compile failure surfaces here as a KilnError naming the backend.
+    `calibration`: input batches (each a tensor or a dict of keyword inputs) for backends that
+    calibrate (none given: they calibrate on `loaded`'s example inputs)."""
     backend = BACKENDS.get(spec.name)
     if need := missing_package(spec):
         raise KilnError(f"{spec.label}: {need} is not installed")
     opts = spec.opts()
-    example = Example(tuple(loaded.example_inputs), dict(loaded.example_kwargs) or None)
+    batches = tuple(Example((), dict(b)) if isinstance(b, dict) else Example(tuple(b) if isinstance(b, (tuple, list))
+                                                                             else (b,)) for b in calibration)
+    example = Example(tuple(loaded.example_inputs), dict(loaded.example_kwargs) or None, batches)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)   # deep-copying torch's pytree specs warns
         source = copy.deepcopy(model).eval()
@@ -242,3 +262,8 @@ BACKENDS.register("torchao")(Backend(
 BACKENDS.register("torch.ao")(Backend(
     build=build_torch_ao, options={}, precision=lambda o: Precision.INT8,
     doc="torch.ao quantize_dynamic (qint8 Linears, eager)"))
+
+BACKENDS.register("openvino")(Backend(
+    build=build_openvino, options={"threads": ("*",), "dtype": ("fp32", "int8")}, precision=_int8_if,
+    requires="openvino", doc="torch.export + OpenVINO CPU plugin; int8 by NNCF post-training quantization",
+    calibrates=lambda o: o.get("dtype") == "int8"))

@@ -3,9 +3,14 @@
 A compile directory holds compile.json (the source, the chosen backend, batch, precision,
 threads), report.json (every candidate's latency, throughput, error and reason, plus the
 roofline bound on the hardware profile and the achieved fraction of it) and, where the
-backend produces a deployable file, that file: model.onnx (onnxruntime) or program.pt2
-(export). `load_compiled` rebuilds the chosen backend from the source, so `kiln bench DIR`
-runs exactly what was chosen.
+backend produces a deployable file, that file: model.onnx (onnxruntime), program.pt2
+(export) or model.xml + model.bin (openvino, OpenVINO IR). `load_compiled` reloads the OpenVINO
+IR as written (an int8 one keeps the scales it was calibrated with) and rebuilds the other
+backends from the source, so `kiln bench DIR` runs exactly what was chosen.
+
+Backends that calibrate (openvino:dtype=int8) get CALIBRATION_SAMPLES inputs of the training
+split of the source's dataset (kiln.train.evaluation.calibration_batches, seed 0); a source
+without a dataset calibrates on its example inputs, and the report says which.
 """
 from __future__ import annotations
 
@@ -18,16 +23,21 @@ import torch
 
 from kiln.analysis.report import analyze
 from kiln.analysis.roofline import by_precision
-from kiln.compile.auto import Selection, at_batch, auto_candidates, select
-from kiln.compile.backends import BACKENDS, Precision, build, parse_backend
+from kiln.compile.auto import ORDER, Selection, at_batch, auto_candidates, select
+from kiln.compile.backends import BACKENDS, Precision, build, calibrates, parse_backend, precision_of
 from kiln.compile.int8 import is_fake_quantized, plan_int8
-from kiln.errors import KilnError
+from kiln.compile.openvino import XML, load_ir
+from kiln.errors import KilnError, first_line
 from kiln.hardware.profiles import fraction_note
 from kiln.io import atomic_dir, atomic_write_json, atomic_write_text, check_new_dir
 from kiln.models.loaded import LoadedModel
 from kiln.runs.artifact import load_source
+from kiln.train.evaluation import calibration_batches, check_batches, evaluate_model, source_splits
+from kiln.train.tasks import scored_by_own_loss
 
 COMPILE_FILE = "compile.json"
+CALIBRATION_SAMPLES = 256
+CALIBRATION_BATCH = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +109,14 @@ def compile_run(src: str, config: CompileConfig = CompileConfig(), out: Path | N
     if out is not None:
         check_new_dir(out)
     source, loaded = source_inputs(src, config.batch)
-    sel = select(source.model, loaded, names, prec, rounds=config.rounds, progress=progress)
+    calibration, note = (), ""
+    if any(calibrates(s) and ORDER.index(precision_of(s)) <= ORDER.index(prec) for s in map(parse_backend, names)):
+        progress("calibration batches")
+        calibration, note = calibration_inputs(source)
+    sel = select(source.model, loaded, names, prec, rounds=config.rounds, progress=progress, calibration=calibration)
     report = {"src": src, "spec": source.spec, "precision": prec.value, **sel.to_dict()}
+    if note:
+        report["calibration"] = note
     if is_fake_quantized(source.model):
         report["quantized"] = quantized_layers(source.model, names, prec)
     progress("roofline")
@@ -108,6 +124,22 @@ def compile_run(src: str, config: CompileConfig = CompileConfig(), out: Path | N
     if out is not None:
         _write(out, report, sel, source, loaded)
     return report, sel
+
+
+def calibration_inputs(source) -> tuple[tuple, str]:
+    """(CALIBRATION_SAMPLES inputs of the source's training split in batches, where they came
+    from); no batches (the backends then calibrate on the example inputs) when the source has no
+    dataset or its data does not fit the model."""
+    if not source.dataset:
+        return (), "example inputs (the source names no dataset)"
+    try:
+        splits = source_splits(source)
+        batches = calibration_batches(splits, -(-CALIBRATION_SAMPLES // CALIBRATION_BATCH), CALIBRATION_BATCH, seed=0)
+        check_batches(source.model.eval(), batches, f"dataset {source.dataset}")
+    except KilnError as exc:
+        return (), f"example inputs ({first_line(exc)})"
+    samples = sum(len(next(iter(b.values()))) if isinstance(b, dict) else len(b) for b in batches)
+    return tuple(batches), f"{samples} samples of {source.dataset}'s training split (seed 0)"
 
 
 def quantized_layers(model, names: list[str], precision: Precision) -> dict:
@@ -139,6 +171,8 @@ def _write(out: Path, report: dict, sel: Selection, source, loaded: LoadedModel)
         fn = sel.fns[sel.chosen]
         if chosen.name == "onnxruntime":
             (tmp / "model.onnx").write_bytes(fn.onnx_bytes)
+        elif chosen.name == "openvino":
+            fn.save(tmp)
         elif chosen.name == "export":
             args, kwargs = tuple(loaded.example_inputs), dict(loaded.example_kwargs)
             with torch.no_grad():
@@ -164,4 +198,70 @@ def load_compiled(path: str | Path, inputs: Callable[[object], LoadedModel] | No
     source, loaded = source_inputs(meta["src"], meta["batch"] or 1)
     if inputs is not None:
         loaded = inputs(source)
+    if spec.name == "openvino":
+        if not (path / XML).is_file():
+            raise KilnError(f"{path} has no {XML}: the OpenVINO IR of its backend {meta['backend']} is missing")
+        fn = load_ir(path, int(spec.opts().get("threads", 0)) or None)
+        with torch.no_grad():
+            fn(*loaded.example_inputs, **loaded.example_kwargs)     # compiled now, not in the first timed call
+        return fn, loaded, meta, source
     return build(spec, source.model, loaded), loaded, meta, source
+
+
+class AtCompiledBatch(torch.nn.Module):
+    """A compiled backend's callable as a module that runs every call at the batch it was
+    compiled for: a shorter batch is padded with copies of its first sample and its outputs cut
+    back, a longer one runs in pieces (a static-shape program, an inductor graph or an OpenVINO
+    compile then serve a whole split unchanged)."""
+
+    def __init__(self, fn: Callable, batch: int):
+        super().__init__()
+        self.fn, self.batch = fn, batch
+
+    def forward(self, x=None, **kwargs):
+        x = kwargs if x is None else x          # tasks.forward passes a dict batch as keywords
+        n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+        if n > self.batch:
+            parts = [self({k: v[i:i + self.batch] for k, v in x.items()}) if isinstance(x, dict)
+                     else self(x[i:i + self.batch]) for i in range(0, n, self.batch)]
+            return torch.cat(parts)
+        def pad(t):
+            return torch.cat([t, t[:1].expand(self.batch - n, *t.shape[1:])]) if n < self.batch else t
+
+        with torch.no_grad():
+            out = self.fn(**{k: pad(v) for k, v in x.items()}) if isinstance(x, dict) else self.fn(pad(x))
+        out = getattr(out, "logits", out)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out[:n]
+
+
+def evaluate_compiled(path: str | Path) -> dict:
+    """`kiln eval DIR` on a compile directory: the metric of the backend it chose (its saved file
+    for OpenVINO) on the test split of the source's dataset, beside the source model's in eager."""
+    fn, _, meta, source = load_compiled(path)
+    if scored_by_own_loss(source.model):
+        raise KilnError(f"{source.spec} is scored by its own loss, which a compiled backend (forward only) cannot run")
+    splits = source_splits(source)
+    batch = meta.get("batch") or 1
+    if splits.task == "node-classification":
+        compiled = _Whole(fn)
+    else:
+        compiled = AtCompiledBatch(fn, batch)
+    key, value = evaluate_model(compiled, splits, batch_size=max(batch, 64))
+    _, eager = evaluate_model(source.model.eval(), splits, batch_size=max(batch, 64))
+    return {"run": str(path), "model": source.spec, "dataset": source.dataset, "backend": meta["backend"],
+            "metric": key, "value": value, "split": "test", "eager": eager, "recorded": None, "reproduced": None}
+
+
+class _Whole(torch.nn.Module):
+    """A whole-graph input (node classification) as the compiled callable takes it."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x=None, **kwargs):
+        with torch.no_grad():
+            if x is None or isinstance(x, dict):
+                return self.fn(**(kwargs if x is None else x))
+            return self.fn(*x) if isinstance(x, (tuple, list)) else self.fn(x)

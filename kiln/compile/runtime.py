@@ -20,10 +20,13 @@ from kiln.errors import KilnError, first_line
 
 @dataclass(frozen=True)
 class Example:
-    """Inputs the model runs on: `model(*args, **kwargs)`; used to compile, export and warm up."""
+    """Inputs the model runs on: `model(*args, **kwargs)`; used to compile, export and warm up.
+    `calibration`: other Examples (real data where the caller has it) for backends that
+    calibrate int8 scales (openvino:dtype=int8)."""
 
     args: tuple = ()
     kwargs: dict | None = None
+    calibration: tuple = ()
 
     def call(self, fn: Callable) -> Any:
         with torch.no_grad():
