@@ -15,7 +15,9 @@ from kiln.federated import compress
 from kiln.federated.config import FederateConfig, PartitionConfig, Partitioner
 from kiln.quant.formats import parse_format
 
-TINY = {"model": "zoo:mlp", "dataset": "mnist", "rounds": 1, "clients": 3, "threads": 1,
+# the fast tier runs the apps in process; tests/test_federated_simulation.py checks that Flower's
+# simulation engine gives the same parameters
+TINY = {"model": "zoo:mlp", "dataset": "mnist", "rounds": 1, "clients": 3, "threads": 1, "engine": "inprocess",
         "local": {"epochs": 1, "batch_size": 16, "max_steps": 2, "lr": 0.05}}
 
 
@@ -199,7 +201,7 @@ def test_a_client_that_raises_is_named_in_one_line_and_nothing_is_written(tmp_pa
 
     (tmp_path / "m.py").write_text(MODEL_RAISES)
     (tmp_path / "fl.toml").write_text(f'model = "py:{tmp_path / "m.py"}:make"\ndataset = "mnist"\nclients = 2\n'
-                                      f'rounds = 1\n[local]\nmax_steps = 1\n')
+                                      f'rounds = 1\nengine = "inprocess"\n[local]\nmax_steps = 1\n')
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["federate", "--config", "fl.toml", "--out", "run"])
     assert result.exit_code == 2
@@ -224,3 +226,19 @@ def test_ctrl_c_keeps_the_last_completed_round_loadable(tmp_path):
     assert again["reproduced"] and again["value"] == state["history"][0]["test_accuracy"]
     resumed = federate(config(rounds=2), tmp_path / "run", resume=True, log=lambda s: None)
     assert [h["round"] for h in resumed["history"]] == [1, 2]
+
+
+def test_resume_keeps_the_error_feedback_residuals(tmp_path):
+    """Oracle: a straight run. The residual each client carries lives in the run directory, so
+    a run stopped after round 1 and resumed gives the straight run's parameters bit for bit."""
+    from kiln.federated.run import federate
+    from kiln.runs.artifact import load_artifact
+
+    ef = {"compression": {"format": "topk", "topk_fraction": 0.05, "error_feedback": True}}
+    federate(config(rounds=3, **ef), tmp_path / "a", log=lambda s: None)
+    federate(config(rounds=1, **ef), tmp_path / "b", log=lambda s: None)
+    assert sorted(p.name for p in (tmp_path / "b" / "clients" / "0").iterdir()) == ["round-1.pt"]
+    federate(config(rounds=3, **ef), tmp_path / "b", resume=True, log=lambda s: None)
+    a, b = load_artifact(tmp_path / "a").model.state_dict(), load_artifact(tmp_path / "b").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "b" / "clients" / "0").iterdir()) == ["round-2.pt", "round-3.pt"]

@@ -63,8 +63,12 @@ class Attack(enum.StrEnum):
 
 
 class Engine(enum.StrEnum):
-    SIMULATION = "simulation"   # clients as virtual nodes in this process (kiln's in-process Grid)
+    SIMULATION = "simulation"   # Flower's simulation engine: run_simulation, ClientApps in Ray actors
     DEPLOYMENT = "deployment"   # a SuperLink and N SuperNodes as processes (flower-superlink/-supernode)
+    INPROCESS = "inprocess"     # the same apps called in this process, one client after another:
+    # Flower's engine spends about a minute here starting Ray and its actors (each imports torch
+    # and loads the data) before round 1, where a short test or a sweep of short runs needs
+    # seconds; tests/test_federated.py checks that it gives Flower's engine's parameters
 
 
 def _check(checks: list[tuple[bool, str]], where: str) -> None:
@@ -174,7 +178,7 @@ class FederateConfig:
     superlink: str = ""                 # deployment: host:port of a running SuperLink (empty: start one here)
     eval_batch_size: int = 256
     threads: int = 0
-    secagg: bool = False                # deployment: Flower's SecAgg+ (not available in the simulation)
+    secagg: bool = False                # Flower's SecAgg+ (see kiln.federated.run.check_config)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     local: LocalConfig = field(default_factory=LocalConfig)

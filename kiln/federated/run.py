@@ -4,7 +4,8 @@ The run directory is a kiln run (kiln.runs.artifact) of the global model after t
 completed round, so `kiln eval`, `kiln quantize` and `kiln compile` take it; beside it
 config.toml, state.json (rounds done, history, bytes; what --resume reads), strategy.pt (a
 server optimizer's moments), partitions.json and partitions.png (each client's label
-histogram) and rounds.png (accuracy and bytes per round). A fresh run is built in a hidden
+histogram), rounds.png (accuracy and bytes per round) and, with error feedback, clients/ (each
+client's residual: see kiln.federated.client.ResidualStore). A fresh run is built in a hidden
 sibling directory that takes the run's name after its first round; from then on each round
 replaces the files atomically, so Ctrl-C leaves the last completed round loadable.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,7 +28,7 @@ from kiln.config import load_toml, to_dict, to_toml
 from kiln.errors import Interrupted, KilnError
 from kiln.federated import compress
 from kiln.federated.client import make_client_app
-from kiln.federated.config import FederateConfig, PrivacyMode
+from kiln.federated.config import Engine, FederateConfig, PrivacyMode
 from kiln.federated.partition import histograms, plot_histograms
 from kiln.federated.server import CountingGrid, InProcessGrid, KilnStrategy, accountant_epsilon, base_strategy
 from kiln.federated.task import Federation, client_seed, federation
@@ -174,8 +176,9 @@ def prepare(cfg: FederateConfig) -> Federation:
 def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = False,
              log: Callable[[str], None] = print, grid: Grid | None = None) -> dict:
     """Run the federation `cfg` (into the run directory `out`); returns the final metrics. The
-    clients are virtual nodes in this process unless `grid` is given (a deployment's ServerApp
-    passes the Grid Flower gives it)."""
+    clients run in Flower's simulation engine (cfg.engine simulation), or as virtual nodes
+    called in this process (inprocess), unless `grid` is given (a deployment's ServerApp passes
+    the Grid Flower gives it)."""
     check_config(cfg)
     out = Path(out) if out else None
     saved = None
@@ -194,6 +197,10 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = 
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)   # Flower's per-round INFO and its notes
     try:
+        if grid is None and cfg.engine == Engine.SIMULATION:
+            from kiln.federated.simulation import simulate
+
+            return simulate(cfg, lambda flower_grid, abort: _serve(cfg, fed, run, out, flower_grid, abort))
         return _serve(cfg, fed, run, out, grid)
     except KeyboardInterrupt:
         if run.published and run.state["round"]:
@@ -204,12 +211,13 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = 
         run.discard()
 
 
-def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None, given: Grid | None) -> dict:
+def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None, given: Grid | None,
+           abort: threading.Event | None = None) -> dict:
     done = run.state["round"]
-    strategy = KilnStrategy(base_strategy(cfg), cfg, round_offset=done)
+    strategy = KilnStrategy(base_strategy(cfg), cfg, round_offset=done, state_dir=lambda: run.path)
     if done and out is not None and (out / "strategy.pt").is_file():
         strategy.load_optimizer_state(torch.load(out / "strategy.pt", weights_only=False))
-    grid = CountingGrid(given if given is not None else InProcessGrid(make_client_app(cfg), cfg, {}))
+    grid = CountingGrid(given if given is not None else InProcessGrid(make_client_app(cfg), cfg, {}), abort)
     grid.up, grid.down = run.state["bytes_up"], run.state["bytes_down"]
     if not done:
         run.write_partition()
