@@ -242,3 +242,49 @@ def test_resume_keeps_the_error_feedback_residuals(tmp_path):
     a, b = load_artifact(tmp_path / "a").model.state_dict(), load_artifact(tmp_path / "b").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in (tmp_path / "b" / "clients" / "0").iterdir()) == ["round-2.pt", "round-3.pt"]
+
+
+def _fedavg_by_hand(cfg):
+    """Each client trained by hand from the initial weights, averaged by sample count."""
+    from kiln.federated.task import federation, local_train
+
+    fed = federation(cfg)
+    init = {k: v.clone() for k, v in fed.model.state_dict().items()}
+    expected, total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in init.items()}, 0
+    for c in range(cfg.clients):
+        fed.model.load_state_dict(init)
+        local_train(fed, c, 1, init, 0.0)
+        n = len(fed.rows[c])
+        for k, v in fed.model.state_dict().items():
+            expected[k] += v.double() * n
+        total += n
+    fed.model.load_state_dict(init)
+    return {k: v / total for k, v in expected.items()}
+
+
+def test_secagg_plus_aggregate_is_fedavg_within_its_quantization(tmp_path):
+    """Flower's SecAgg+ (masked sums of stochastically rounded, weight-scaled models): the global
+    model after a round equals FedAvg's weighted mean within kiln.federated.secagg.bound (2ck/T:
+    one quantization step 2c/T per client, c = 8, T = 2**22), and is not FedAvg's bit for bit."""
+    from kiln.federated import secagg
+    from kiln.federated.run import federate
+    from kiln.federated.task import federation
+    from kiln.runs.artifact import load_artifact
+
+    cfg = config(secagg=True)
+    expected = _fedavg_by_hand(cfg)
+    metrics = federate(cfg, tmp_path / "run", log=lambda s: None)
+    got = load_artifact(tmp_path / "run").model.state_dict()
+    limit = secagg.bound(cfg)
+    worst = max(float((got[k].double() - expected[k]).abs().max()) for k in expected)
+    assert 0 < worst <= limit + 1e-7, (worst, limit)   # + float32 rounding of the stored model
+    assert metrics["rounds"] == 1 and metrics["history"][0]["train_loss"] is not None
+
+
+@pytest.mark.parametrize("table,message", [({"strategy": {"name": "krum"}}, "krum"),
+                                           ({"compression": {"format": "int8"}}, "compressed")])
+def test_secagg_refuses_what_it_cannot_aggregate(table, message):
+    from kiln.federated.run import check_config
+
+    with pytest.raises(KilnError, match=message):
+        check_config(config(secagg=True, **table))

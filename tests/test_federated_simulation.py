@@ -75,3 +75,15 @@ def test_a_client_that_raises_in_flower_simulation_is_one_line_exit_2(tmp_path, 
     last = result.stderr.strip().splitlines()[-1]
     assert "raised RuntimeError: boom in local training" in last and "client " in last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fl.toml", "m.py"]
+
+
+def test_secagg_plus_in_flower_simulation_is_fedavg_within_its_quantization(tmp_path):
+    from test_federated import _fedavg_by_hand
+
+    from kiln.federated import secagg
+
+    cfg = config(secagg=True, engine="simulation")
+    expected = _fedavg_by_hand(cfg)
+    _, got = _params(cfg, tmp_path, "run")
+    worst = max(float((got[k].double() - expected[k]).abs().max()) for k in expected)
+    assert 0 < worst <= secagg.bound(cfg) + 1e-7

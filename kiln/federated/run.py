@@ -50,10 +50,9 @@ def check_config(cfg: FederateConfig) -> None:
         raise KilnError("privacy.mode client clips whole weights (Flower's fixedclipping_mod): it cannot be combined "
                         "with a compressed update; use privacy.mode central")
     if cfg.secagg:
-        # Flower 1.42 has SecAgg+ only on its legacy path (flwr.server.workflow.SecAggPlusWorkflow
-        # with NumPyClient-style fit messages); kiln's apps use the Message API
-        raise KilnError("secagg: Flower 1.42's SecAgg+ runs only on its legacy Driver/NumPyClient path, which "
-                        "kiln's Message-API apps do not use yet; set secagg = false")
+        from kiln.federated import secagg
+
+        secagg.check(cfg)
 
 
 def _seed_round(cfg: FederateConfig, round_: int) -> None:
@@ -196,12 +195,15 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = 
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)   # Flower's per-round INFO and its notes
+    serve = _serve
+    if cfg.secagg:
+        from kiln.federated.secagg import serve
     try:
         if grid is None and cfg.engine == Engine.SIMULATION:
             from kiln.federated.simulation import simulate
 
-            return simulate(cfg, lambda flower_grid, abort: _serve(cfg, fed, run, out, flower_grid, abort))
-        return _serve(cfg, fed, run, out, grid)
+            return simulate(cfg, client_app(cfg), lambda flower_grid, abort: serve(cfg, fed, run, out, flower_grid, abort))
+        return serve(cfg, fed, run, out, grid if grid is not None else InProcessGrid(client_app(cfg), cfg, {}))
     except KeyboardInterrupt:
         if run.published and run.state["round"]:
             raise Interrupted(f"round {run.state['round']}'s global model in {out} is intact (use --resume)") from None
@@ -211,13 +213,22 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = 
         run.discard()
 
 
-def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None, given: Grid | None,
+def client_app(cfg: FederateConfig):
+    """kiln's ClientApp for `cfg`: the Message-API one, or SecAgg+'s legacy one."""
+    if cfg.secagg:
+        from kiln.federated import secagg
+
+        return secagg.make_client_app(cfg)
+    return make_client_app(cfg)
+
+
+def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None, given: Grid,
            abort: threading.Event | None = None) -> dict:
     done = run.state["round"]
     strategy = KilnStrategy(base_strategy(cfg), cfg, round_offset=done, state_dir=lambda: run.path)
     if done and out is not None and (out / "strategy.pt").is_file():
         strategy.load_optimizer_state(torch.load(out / "strategy.pt", weights_only=False))
-    grid = CountingGrid(given if given is not None else InProcessGrid(make_client_app(cfg), cfg, {}), abort)
+    grid = CountingGrid(given, abort)
     grid.up, grid.down = run.state["bytes_up"], run.state["bytes_down"]
     if not done:
         run.write_partition()

@@ -22,6 +22,7 @@ import warnings
 from typing import Callable
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from kiln.errors import KilnError
@@ -46,12 +47,10 @@ def backend_config(cfg: FederateConfig) -> dict:
             "init_args": {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}}
 
 
-def simulate(cfg: FederateConfig, serve: Callable[[Grid, threading.Event], dict]) -> dict:
+def simulate(cfg: FederateConfig, client_app: ClientApp, serve: Callable[[Grid, threading.Event], dict]) -> dict:
     """Run `serve(grid, abort)` as the ServerApp of a Flower simulation with `cfg.clients`
-    virtual nodes running kiln's ClientApp; returns what it returns, raises what it raises."""
+    virtual nodes running `client_app`; returns what it returns, raises what it raises."""
     from flwr.simulation import run_simulation
-
-    from kiln.federated.client import make_client_app
 
     outcome, abort = _Outcome(), threading.Event()
     server = ServerApp()
@@ -69,7 +68,7 @@ def simulate(cfg: FederateConfig, serve: Callable[[Grid, threading.Event], dict]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            run_simulation(server, make_client_app(cfg), num_supernodes=cfg.clients, backend_config=backend_config(cfg))
+            run_simulation(server, client_app, num_supernodes=cfg.clients, backend_config=backend_config(cfg))
     except KeyboardInterrupt:
         abort.set()
         outcome.done.wait(JOIN_S)
