@@ -268,7 +268,6 @@ def test_secagg_plus_aggregate_is_fedavg_within_its_quantization(tmp_path):
     one quantization step 2c/T per client, c = 8, T = 2**22), and is not FedAvg's bit for bit."""
     from kiln.federated import secagg
     from kiln.federated.run import federate
-    from kiln.federated.task import federation
     from kiln.runs.artifact import load_artifact
 
     cfg = config(secagg=True)
@@ -288,3 +287,30 @@ def test_secagg_refuses_what_it_cannot_aggregate(table, message):
 
     with pytest.raises(KilnError, match=message):
         check_config(config(secagg=True, **table))
+
+
+def test_lora_federation_averages_the_adapters_and_sends_only_them(tmp_path):
+    """Oracle: FedAvg by hand over the whole state (the frozen base is the same everywhere, so
+    its mean is itself); only the trainable tensors travel, and the run reloads as an artifact."""
+    from kiln.federated.run import federate
+    from kiln.lowrank.lora import LoraLinear
+    from kiln.runs.artifact import load_artifact
+
+    cfg = config(lora="r=4,alpha=8")
+    expected = _fedavg_by_hand(cfg)
+    metrics = federate(cfg, tmp_path / "run", log=lambda s: None)
+    model = load_artifact(tmp_path / "run").model
+    assert any(isinstance(m, LoraLinear) for m in model.modules())
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    assert all(torch.allclose(got[k].double(), expected[k], atol=1e-6) for k in expected)
+    adapters = sum(v.numel() for k, v in got.items() if "lora_" in k)
+    assert 4 * adapters * cfg.clients <= metrics["history"][0]["bytes_up"] < 4 * adapters * cfg.clients + 20_000
+
+
+def test_eval_samples_is_a_seeded_subset_of_the_test_split():
+    from kiln.federated.task import federation
+
+    fed = federation(config(eval_samples=100))
+    again = federation(config(eval_samples=100, rounds=2))
+    assert len(fed.splits.test) == 100 and fed.splits.test.indices == again.splits.test.indices

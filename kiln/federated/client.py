@@ -41,7 +41,7 @@ def partition_id(context: Context, fed: Federation) -> int:
 
 def _load_global(fed: Federation, msg: Message) -> dict[str, torch.Tensor]:
     state = msg.content["arrays"].to_torch_state_dict()
-    fed.model.load_state_dict(state)
+    fed.load_shared(state)
     return {k: v.clone() for k, v in state.items()}
 
 
@@ -60,7 +60,7 @@ def train_reply(fed: Federation, msg: Message, context: Context) -> Message:
     start = _load_global(fed, msg)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))   # FedProx's configure_train sends it
     metrics = local_train(fed, pid, round_, start, mu)
-    trained = fed.model.state_dict()
+    trained = fed.shared_state()
     update = _attack(fed, pid, {k: trained[k] - start[k] for k in fed.float_keys()})
     comp = fed.cfg.compression
     if comp.format == compress.NONE:

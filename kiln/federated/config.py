@@ -179,6 +179,9 @@ class FederateConfig:
     eval_batch_size: int = 256
     threads: int = 0
     secagg: bool = False                # Flower's SecAgg+ (see kiln.federated.run.check_config)
+    lora: str = ""                      # LoRA adapters on the frozen model (`kiln train --lora` syntax,
+    # e.g. "r=8,alpha=16,targets=query+value,train=head"): only the trainable tensors travel
+    eval_samples: int = 0               # the server evaluates this many test rows (a seeded subset; 0: all)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
@@ -190,6 +193,7 @@ class FederateConfig:
         _check([(self.rounds >= 1, "rounds must be >= 1"), (self.clients >= 1, "clients must be >= 1"),
                 (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
                 (self.threads >= 0, "threads must be >= 0"),
+                (self.eval_samples >= 0, "eval_samples must be >= 0"),
                 (self.attack.clients <= self.clients,
                  f"attack.clients ({self.attack.clients}) exceeds clients ({self.clients})")], "federate")
 

@@ -238,7 +238,7 @@ def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None, gi
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         round_ = server_round + done
-        fed.model.load_state_dict(arrays.to_torch_state_dict())
+        fed.load_shared(arrays.to_torch_state_dict())
         _, acc = evaluate_model(fed.model, fed.splits, batch_size=cfg.eval_batch_size)
         fed.model.train()
         if server_round == 0:
@@ -256,7 +256,7 @@ def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None, gi
         _seed_round(cfg, round_ + 1)
         return MetricRecord({"accuracy": acc})
 
-    initial = ArrayRecord(fed.model.state_dict())
+    initial = ArrayRecord(fed.shared_state())
     result = strategy.start(grid, initial, num_rounds=remaining, evaluate_fn=evaluate)
     del result
     run.plot()

@@ -39,6 +39,7 @@ def check(cfg: FederateConfig) -> None:
            (cfg.compression.format != compress.NONE, "compressed updates (SecAgg+ quantizes the model itself)"),
            (cfg.privacy.mode != PrivacyMode.NONE, f"privacy.mode {cfg.privacy.mode}"),
            (cfg.attack.kind != Attack.NONE, "an attack fixture"),
+           (bool(cfg.lora), "lora (its legacy client sends the whole model)"),
            (cfg.sampled < 2, "fewer than 2 clients per round (a sum of one is that client's model)")]
     for is_bad, what in bad:
         if is_bad:
