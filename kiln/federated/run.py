@@ -39,7 +39,7 @@ from kiln.runs.weights import load_weights, save_weights
 from kiln.train.evaluation import evaluate_model
 
 STATE_FILE = "state.json"
-RESUMABLE_CHANGES = ("rounds", "threads")
+RESUMABLE_CHANGES = ("rounds", "threads", "engine", "superlink")   # transport, not maths
 
 
 def check_config(cfg: FederateConfig) -> None:
@@ -161,7 +161,7 @@ def _check_resumable(cfg: FederateConfig, out: Path) -> dict:
     old = to_dict(load_toml(FederateConfig, out / "config.toml"))
     for key, value in to_dict(cfg).items():
         if key not in RESUMABLE_CHANGES and old[key] != value:
-            raise KilnError(f"--resume cannot change {key} ({old[key]!r} -> {value!r}); only rounds may change")
+            raise KilnError(f"--resume cannot change {key} ({old[key]!r} -> {value!r}); only rounds (and the engine) may change")
     return json.loads((out / STATE_FILE).read_text())
 
 
