@@ -314,3 +314,13 @@ def test_eval_samples_is_a_seeded_subset_of_the_test_split():
     fed = federation(config(eval_samples=100))
     again = federation(config(eval_samples=100, rounds=2))
     assert len(fed.splits.test) == 100 and fed.splits.test.indices == again.splits.test.indices
+
+
+def test_secagg_with_a_client_that_raises_is_one_line(tmp_path):
+    from kiln.federated.run import federate
+
+    (tmp_path / "m.py").write_text(MODEL_RAISES)
+    cfg = config(model=f"py:{tmp_path / 'm.py'}:make", secagg=True)
+    with pytest.raises(KilnError, match="client 0 raised RuntimeError: boom in local training"):
+        federate(cfg, tmp_path / "run", log=lambda s: None)
+    assert not (tmp_path / "run").exists()

@@ -129,6 +129,10 @@ def serve(cfg: FederateConfig, fed: Federation, run, out: Path | None, given: Gr
                 run.state["initial_accuracy"] = acc
             run.log(f"round {round_}/{cfg.rounds}  test accuracy {acc:.4f}")
         else:
+            if round_ not in record.train_metrics:
+                # the workflow halts a round with too few answers and goes on to the next: stop instead
+                raise KilnError(f"SecAgg+ aggregated nothing in round {round_}: fewer clients answered than its "
+                                f"reconstruction threshold (a client that raises, or nodes that left)")
             row = run.record(round_, acc, record, grid)
             run.checkpoint(record, acc)
             run.log(f"round {round_}/{cfg.rounds}  test accuracy {acc:.4f}  up {row['bytes_up'] / 1e6:.3f} MB"
@@ -156,8 +160,6 @@ def serve(cfg: FederateConfig, fed: Federation, run, out: Path | None, given: Gr
     context = LegacyContext(context=Context(run_id=0, node_id=0, node_config={}, state=_empty_record(), run_config={}),
                             config=ServerConfig(num_rounds=remaining), strategy=strategy)
     workflow(grid, context)
-    if run.state["round"] < cfg.rounds:
-        raise KilnError(f"SecAgg+ halted in round {run.state['round'] + 1} (too few clients answered; see Flower's log)")
     run.plot()
     metrics = run.metrics(run.state["history"][-1]["test_accuracy"])
     if run.path is not None:
