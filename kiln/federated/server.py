@@ -196,10 +196,13 @@ class CountingGrid(Grid):
 
 
 class InProcessGrid(Grid):
-    """The simulation: `clients` virtual nodes in this process, each with its own Context (its
-    state persists across rounds, as a SuperNode's does). Every message goes through Flower's
-    serde both ways, as it would over the wire; a client that raises stops the run with its name
-    (Flower's own simulation can hang on one: flwrlabs/flower 4476)."""
+    """engine = "inprocess": `clients` virtual nodes called one after another in this process,
+    each with its own Context (its state persists across rounds, as a SuperNode's does). Every
+    message goes through Flower's serde both ways, as it would over the wire. Kept beside
+    Flower's simulation engine (the default, kiln.federated.simulation) for what that engine
+    cannot serve here: the fast test tier and sweeps of short runs, where Ray's start-up (about a
+    minute on a 2-core machine) would dominate; tests/test_federated_simulation.py checks that
+    both give the same global parameters within 1e-6."""
 
     def __init__(self, client_app, cfg: FederateConfig, run_config: dict):
         from flwr.app import Context, RecordDict
