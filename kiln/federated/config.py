@@ -6,6 +6,10 @@ dataset = "mnist"            # empty: the model's own
 rounds = 3
 clients = 10
 seed = 0
+engine = "simulation"        # Flower's simulation engine | inprocess | deployment
+secagg = false               # Flower's SecAgg+ (fedavg only)
+lora = ""                    # e.g. "r=8,alpha=16,targets=query+value,train=head": only adapters travel
+eval_samples = 0             # the server scores a seeded subset of the test split (0: all of it)
 [partition]                  # how the training split is cut across the clients
 kind = "dirichlet"           # iid | dirichlet | pathological | quantity
 alpha = 0.5
