@@ -48,6 +48,7 @@ FL_CONFIGS = {
     "fl_clients.toml": FL.replace("clients = 3", "clients = 5000"),
     "fl_fit.toml": FL.replace('"mnist"', '"digits"'),
     "fl_format.toml": FL + '[compression]\nformat = "int33"\n',
+    "fl_secagg.toml": FL + 'secagg = true\n[strategy]\nname = "krum"\n',
 }
 
 # (command, argv, what the message names: a fragment, or alternatives joined by |); NEW is an
@@ -218,6 +219,8 @@ CASES = [
     ("federate", ["federate", "--config", "fl_clients.toml", "--out", "NEW"], "5000 clients"),
     ("federate", ["federate", "--config", "fl_fit.toml", "--out", "NEW"], "does not fit"),
     ("federate", ["federate", "--config", "fl_format.toml", "--out", "NEW"], "int33"),
+    ("federate", ["federate", "--config", "fl_secagg.toml", "--out", "NEW"], "secagg"),
+    ("federate", ["federate", "--config", "fl_ok.toml", "--out", "NEW", "--inprocess", "--deployment"], "--inprocess"),
     ("federate", ["federate", "--config", "fl_ok.toml", "--out", "NEW", "--resume"], "nothing to resume"),
     ("federate", ["federate", "--config", "fl_ok.toml", "--out", "NEW", "--superlink", "127.0.0.1:1"],
      "127.0.0.1:1 does not answer"),

@@ -15,7 +15,9 @@ from kiln.federated import compress
 from kiln.federated.config import FederateConfig, PartitionConfig, Partitioner
 from kiln.quant.formats import parse_format
 
-TINY = {"model": "zoo:mlp", "dataset": "mnist", "rounds": 1, "clients": 3, "threads": 1,
+# the fast tier runs the apps in process; tests/test_federated_simulation.py checks that Flower's
+# simulation engine gives the same parameters
+TINY = {"model": "zoo:mlp", "dataset": "mnist", "rounds": 1, "clients": 3, "threads": 1, "engine": "inprocess",
         "local": {"epochs": 1, "batch_size": 16, "max_steps": 2, "lr": 0.05}}
 
 
@@ -199,7 +201,7 @@ def test_a_client_that_raises_is_named_in_one_line_and_nothing_is_written(tmp_pa
 
     (tmp_path / "m.py").write_text(MODEL_RAISES)
     (tmp_path / "fl.toml").write_text(f'model = "py:{tmp_path / "m.py"}:make"\ndataset = "mnist"\nclients = 2\n'
-                                      f'rounds = 1\n[local]\nmax_steps = 1\n')
+                                      f'rounds = 1\nengine = "inprocess"\n[local]\nmax_steps = 1\n')
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["federate", "--config", "fl.toml", "--out", "run"])
     assert result.exit_code == 2
@@ -224,3 +226,101 @@ def test_ctrl_c_keeps_the_last_completed_round_loadable(tmp_path):
     assert again["reproduced"] and again["value"] == state["history"][0]["test_accuracy"]
     resumed = federate(config(rounds=2), tmp_path / "run", resume=True, log=lambda s: None)
     assert [h["round"] for h in resumed["history"]] == [1, 2]
+
+
+def test_resume_keeps_the_error_feedback_residuals(tmp_path):
+    """Oracle: a straight run. The residual each client carries lives in the run directory, so
+    a run stopped after round 1 and resumed gives the straight run's parameters bit for bit."""
+    from kiln.federated.run import federate
+    from kiln.runs.artifact import load_artifact
+
+    ef = {"compression": {"format": "topk", "topk_fraction": 0.05, "error_feedback": True}}
+    federate(config(rounds=3, **ef), tmp_path / "a", log=lambda s: None)
+    federate(config(rounds=1, **ef), tmp_path / "b", log=lambda s: None)
+    assert sorted(p.name for p in (tmp_path / "b" / "clients" / "0").iterdir()) == ["round-1.pt"]
+    federate(config(rounds=3, **ef), tmp_path / "b", resume=True, log=lambda s: None)
+    a, b = load_artifact(tmp_path / "a").model.state_dict(), load_artifact(tmp_path / "b").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "b" / "clients" / "0").iterdir()) == ["round-2.pt", "round-3.pt"]
+
+
+def _fedavg_by_hand(cfg):
+    """Each client trained by hand from the initial weights, averaged by sample count."""
+    from kiln.federated.task import federation, local_train
+
+    fed = federation(cfg)
+    init = {k: v.clone() for k, v in fed.model.state_dict().items()}
+    expected, total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in init.items()}, 0
+    for c in range(cfg.clients):
+        fed.model.load_state_dict(init)
+        local_train(fed, c, 1, init, 0.0)
+        n = len(fed.rows[c])
+        for k, v in fed.model.state_dict().items():
+            expected[k] += v.double() * n
+        total += n
+    fed.model.load_state_dict(init)
+    return {k: v / total for k, v in expected.items()}
+
+
+def test_secagg_plus_aggregate_is_fedavg_within_its_quantization(tmp_path):
+    """Flower's SecAgg+ (masked sums of stochastically rounded, weight-scaled models): the global
+    model after a round equals FedAvg's weighted mean within kiln.federated.secagg.bound (2ck/T:
+    one quantization step 2c/T per client, c = 8, T = 2**22), and is not FedAvg's bit for bit."""
+    from kiln.federated import secagg
+    from kiln.federated.run import federate
+    from kiln.runs.artifact import load_artifact
+
+    cfg = config(secagg=True)
+    expected = _fedavg_by_hand(cfg)
+    metrics = federate(cfg, tmp_path / "run", log=lambda s: None)
+    got = load_artifact(tmp_path / "run").model.state_dict()
+    limit = secagg.bound(cfg)
+    worst = max(float((got[k].double() - expected[k]).abs().max()) for k in expected)
+    assert 0 < worst <= limit + 1e-7, (worst, limit)   # + float32 rounding of the stored model
+    assert metrics["rounds"] == 1 and metrics["history"][0]["train_loss"] is not None
+
+
+@pytest.mark.parametrize("table,message", [({"strategy": {"name": "krum"}}, "krum"),
+                                           ({"compression": {"format": "int8"}}, "compressed")])
+def test_secagg_refuses_what_it_cannot_aggregate(table, message):
+    from kiln.federated.run import check_config
+
+    with pytest.raises(KilnError, match=message):
+        check_config(config(secagg=True, **table))
+
+
+def test_lora_federation_averages_the_adapters_and_sends_only_them(tmp_path):
+    """Oracle: FedAvg by hand over the whole state (the frozen base is the same everywhere, so
+    its mean is itself); only the trainable tensors travel, and the run reloads as an artifact."""
+    from kiln.federated.run import federate
+    from kiln.lowrank.lora import LoraLinear
+    from kiln.runs.artifact import load_artifact
+
+    cfg = config(lora="r=4,alpha=8")
+    expected = _fedavg_by_hand(cfg)
+    metrics = federate(cfg, tmp_path / "run", log=lambda s: None)
+    model = load_artifact(tmp_path / "run").model
+    assert any(isinstance(m, LoraLinear) for m in model.modules())
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    assert all(torch.allclose(got[k].double(), expected[k], atol=1e-6) for k in expected)
+    adapters = sum(v.numel() for k, v in got.items() if "lora_" in k)
+    assert 4 * adapters * cfg.clients <= metrics["history"][0]["bytes_up"] < 4 * adapters * cfg.clients + 20_000
+
+
+def test_eval_samples_is_a_seeded_subset_of_the_test_split():
+    from kiln.federated.task import federation
+
+    fed = federation(config(eval_samples=100))
+    again = federation(config(eval_samples=100, rounds=2))
+    assert len(fed.splits.test) == 100 and fed.splits.test.indices == again.splits.test.indices
+
+
+def test_secagg_with_a_client_that_raises_is_one_line(tmp_path):
+    from kiln.federated.run import federate
+
+    (tmp_path / "m.py").write_text(MODEL_RAISES)
+    cfg = config(model=f"py:{tmp_path / 'm.py'}:make", secagg=True)
+    with pytest.raises(KilnError, match="client 0 raised RuntimeError: boom in local training"):
+        federate(cfg, tmp_path / "run", log=lambda s: None)
+    assert not (tmp_path / "run").exists()

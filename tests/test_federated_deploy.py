@@ -47,3 +47,21 @@ def test_a_killed_supernode_does_not_stop_the_federation(tmp_path):
     assert _children() - before == set(), "leftover processes"
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert [h["round"] for h in history] == [1, 2]
+
+
+def test_secagg_plus_in_a_deployment_is_fedavg_within_its_quantization(tmp_path):
+    """SecAgg+ across 3 SuperNode processes: the legacy ClientApp (kiln.federated.secagg:client_app)."""
+    from test_federated import _fedavg_by_hand
+
+    from kiln.federated import secagg
+    from kiln.federated.deploy import run_deployment
+    from kiln.runs.artifact import load_artifact
+
+    cfg = config(secagg=True)
+    expected = _fedavg_by_hand(cfg)
+    before = _children()
+    run_deployment(cfg, tmp_path / "run", False, lambda s: None, timeout_s=900)
+    assert _children() - before == set(), "leftover processes"
+    got = load_artifact(tmp_path / "run").model.state_dict()
+    worst = max(float((got[k].double() - expected[k]).abs().max()) for k in expected)
+    assert 0 < worst <= secagg.bound(cfg) + 1e-7

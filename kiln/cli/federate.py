@@ -29,6 +29,10 @@ def federate(
     deployment: bool = typer.Option(False, "--deployment", help="A SuperLink and one SuperNode per client as "
                                     "processes on this machine (Flower's deployment engine)."),
     superlink: Optional[str] = typer.Option(None, help="host:port of a SuperLink already running (deployment)."),
+    inprocess: bool = typer.Option(False, "--inprocess", help="Call the apps in this process instead of Flower's "
+                                   "simulation engine (no Ray start-up; the same parameters within 1e-6)."),
+    secagg: Optional[bool] = typer.Option(None, "--secagg/--no-secagg", help="Flower's SecAgg+ secure aggregation "
+                                          "(FedAvg only)."),
     rounds: Optional[int] = typer.Option(None, help="Override `rounds` (with --resume: the new total)."),
     seed: Optional[int] = typer.Option(None, help="Override `seed`."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the final metrics here."),
@@ -43,8 +47,10 @@ def federate(
         if not (resume and out and (out / "config.toml").is_file()):
             raise KilnError("no federation config: give --config fl.toml (or --resume --out RUN)")
         config = out / "config.toml"
-    overrides = {"rounds": rounds, "seed": seed, "superlink": superlink,
-                 "engine": "deployment" if deployment or superlink else None}
+    if inprocess and (deployment or superlink):
+        raise KilnError("--inprocess and --deployment/--superlink exclude each other")
+    overrides = {"rounds": rounds, "seed": seed, "superlink": superlink, "secagg": secagg,
+                 "engine": "deployment" if deployment or superlink else "inprocess" if inprocess else None}
     cfg = load_config(config, overrides)
     from kiln.federated.config import Engine
     from kiln.federated.run import federate as run_federation, prepare

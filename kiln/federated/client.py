@@ -9,21 +9,26 @@ deployment engine.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from kiln.config import load_toml
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
+from kiln.io import atomic_write
 from kiln.federated import compress
 from kiln.federated.config import Attack, FederateConfig
 from kiln.federated.task import Federation, client_dataset, evaluate_split, federation, local_train
 
+KILN_ERROR = "kiln: "         # the reason of an error reply kiln's client made (one line)
 RESIDUAL = "kiln-residual"   # the context-state record holding a client's error-feedback residual
+STATE_DIR = "kiln-state-dir"  # train config: the run directory, where clients keep their residuals
 
 
 def partition_id(context: Context, fed: Federation) -> int:
@@ -36,7 +41,7 @@ def partition_id(context: Context, fed: Federation) -> int:
 
 def _load_global(fed: Federation, msg: Message) -> dict[str, torch.Tensor]:
     state = msg.content["arrays"].to_torch_state_dict()
-    fed.model.load_state_dict(state)
+    fed.load_shared(state)
     return {k: v.clone() for k, v in state.items()}
 
 
@@ -55,21 +60,55 @@ def train_reply(fed: Federation, msg: Message, context: Context) -> Message:
     start = _load_global(fed, msg)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))   # FedProx's configure_train sends it
     metrics = local_train(fed, pid, round_, start, mu)
-    trained = fed.model.state_dict()
+    trained = fed.shared_state()
     update = _attack(fed, pid, {k: trained[k] - start[k] for k in fed.float_keys()})
     comp = fed.cfg.compression
     if comp.format == compress.NONE:
         weights = {k: (start[k] + update[k]) if k in update else trained[k] for k, v in trained.items()}
         arrays = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in weights.items()})
     else:
+        store = msg.content["config"].get(STATE_DIR, "")
+        store = ResidualStore(Path(store), pid) if store and comp.error_feedback else None
         residual = None
-        if comp.error_feedback and RESIDUAL in context.state:
+        if store is not None:
+            residual = store.load(round_)
+        elif comp.error_feedback and RESIDUAL in context.state:
             residual = context.state[RESIDUAL].to_torch_state_dict()
         wire, left = compress.compress_update(update, comp.format, comp.topk_fraction, residual)
         if comp.error_feedback:
             context.state[RESIDUAL] = ArrayRecord({k: Array(v.numpy()) for k, v in left.items()})
+        if store is not None:
+            store.save(round_, left)
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in wire.items()})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+class ResidualStore:
+    """A client's error-feedback residuals in the run directory (`clients/<partition>/round-R.pt`,
+    the residual left after round R), so that --resume continues exactly: the Context state that
+    Flower keeps for a node dies with the process. A round the server did not checkpoint (Ctrl-C)
+    is redone on resume, so a round R starts from the newest residual before R, and the newest
+    two files are kept (at most one round is ever uncheckpointed)."""
+
+    def __init__(self, root: Path, partition: int):
+        self.dir = root / "clients" / str(partition)
+
+    def _rounds(self) -> list[int]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("round-*.pt"))
+
+    def load(self, round_: int) -> dict[str, torch.Tensor] | None:
+        before = [r for r in self._rounds() if r < round_]
+        return torch.load(self.dir / f"round-{before[-1]}.pt", weights_only=True) if before else None
+
+    def save(self, round_: int, residual: dict[str, torch.Tensor]) -> None:
+        atomic_write(self.dir / f"round-{round_}.pt", lambda tmp: torch.save(residual, tmp))
+        rounds = self._rounds()
+        keep = [r for r in rounds if r <= round_][-2:]
+        for r in rounds:
+            if r not in keep:
+                (self.dir / f"round-{r}.pt").unlink(missing_ok=True)
 
 
 def evaluate_reply(fed: Federation, msg: Message, context: Context) -> Message:
@@ -92,13 +131,28 @@ def make_client_app(cfg: FederateConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return train_reply(fed_of(context), msg, context)
+        return replying_errors(train_reply, fed_of, msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return evaluate_reply(fed_of(context), msg, context)
+        return replying_errors(evaluate_reply, fed_of, msg, context)
 
     return app
+
+
+def replying_errors(handler, fed_of, msg: Message, context: Context) -> Message:
+    """The handler's reply, or an error reply whose reason is one line naming the client and
+    the exception: the server stops the run on it (a client that raises would raise again in
+    every round) where a node that disappears only costs its round (see KilnStrategy)."""
+    try:
+        return handler(fed_of(context), msg, context)
+    except Exception as exc:
+        who = f"client {context.node_config.get('partition-id', context.node_id)}"
+        if isinstance(exc, KilnError):
+            what = first_line(exc) if str(exc).startswith("client ") else f"{who}: {first_line(exc)}"
+        else:
+            what = f"{who} raised {type(exc).__name__}: {first_line(exc)}"
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{KILN_ERROR}{what}"), reply_to=msg)
 
 
 def clip_when_asked(msg: Message, context: Context, call_next) -> Message:

@@ -6,6 +6,10 @@ dataset = "mnist"            # empty: the model's own
 rounds = 3
 clients = 10
 seed = 0
+engine = "simulation"        # Flower's simulation engine | inprocess | deployment
+secagg = false               # Flower's SecAgg+ (fedavg only)
+lora = ""                    # e.g. "r=8,alpha=16,targets=query+value,train=head": only adapters travel
+eval_samples = 0             # the server scores a seeded subset of the test split (0: all of it)
 [partition]                  # how the training split is cut across the clients
 kind = "dirichlet"           # iid | dirichlet | pathological | quantity
 alpha = 0.5
@@ -63,8 +67,12 @@ class Attack(enum.StrEnum):
 
 
 class Engine(enum.StrEnum):
-    SIMULATION = "simulation"   # clients as virtual nodes in this process (kiln's in-process Grid)
+    SIMULATION = "simulation"   # Flower's simulation engine: run_simulation, ClientApps in Ray actors
     DEPLOYMENT = "deployment"   # a SuperLink and N SuperNodes as processes (flower-superlink/-supernode)
+    INPROCESS = "inprocess"     # the same apps called in this process, one client after another:
+    # Flower's engine spends about a minute here starting Ray and its actors (each imports torch
+    # and loads the data) before round 1, where a short test or a sweep of short runs needs
+    # seconds; tests/test_federated.py checks that it gives Flower's engine's parameters
 
 
 def _check(checks: list[tuple[bool, str]], where: str) -> None:
@@ -174,7 +182,10 @@ class FederateConfig:
     superlink: str = ""                 # deployment: host:port of a running SuperLink (empty: start one here)
     eval_batch_size: int = 256
     threads: int = 0
-    secagg: bool = False                # deployment: Flower's SecAgg+ (not available in the simulation)
+    secagg: bool = False                # Flower's SecAgg+ (see kiln.federated.run.check_config)
+    lora: str = ""                      # LoRA adapters on the frozen model (`kiln train --lora` syntax,
+    # e.g. "r=8,alpha=16,targets=query+value,train=head"): only the trainable tensors travel
+    eval_samples: int = 0               # the server evaluates this many test rows (a seeded subset; 0: all)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
@@ -186,6 +197,7 @@ class FederateConfig:
         _check([(self.rounds >= 1, "rounds must be >= 1"), (self.clients >= 1, "clients must be >= 1"),
                 (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
                 (self.threads >= 0, "threads must be >= 0"),
+                (self.eval_samples >= 0, "eval_samples must be >= 0"),
                 (self.attack.clients <= self.clients,
                  f"attack.clients ({self.attack.clients}) exceeds clients ({self.clients})")], "federate")
 

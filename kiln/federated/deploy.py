@@ -49,7 +49,7 @@ publisher = "kiln"
 
 [tool.flwr.app.components]
 serverapp = "kiln.federated.deploy:server_app"
-clientapp = "kiln.federated.client:app"
+clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
 kiln-config = ""
@@ -202,9 +202,10 @@ def local_cluster(clients: int, workdir: Path):
         procs.stop_all()
 
 
-def write_app(appdir: Path, cfg_path: Path, superlink: str, flwr_home: Path) -> None:
+def write_app(appdir: Path, cfg_path: Path, superlink: str, flwr_home: Path, secagg: bool = False) -> None:
     appdir.mkdir(parents=True, exist_ok=True)
-    (appdir / "pyproject.toml").write_text(PYPROJECT)
+    clientapp = "kiln.federated.secagg:client_app" if secagg else "kiln.federated.client:app"
+    (appdir / "pyproject.toml").write_text(PYPROJECT.replace("{clientapp}", clientapp))
     (appdir / "README.md").write_text(f"kiln federation of {cfg_path}\n")
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "kiln"\n\n[superlink.kiln]\n'
@@ -259,11 +260,11 @@ def run_deployment(cfg: FederateConfig, out: Path | None, resume: bool, log: Cal
         cfg_path = work / "fl.toml"
         cfg_path.write_text(to_toml(cfg))
         if cfg.superlink:
-            write_app(work / "app", cfg_path, cfg.superlink, work / "flwr-home")
+            write_app(work / "app", cfg_path, cfg.superlink, work / "flwr-home", cfg.secagg)
             flwr_run(work / "app", cfg_path, out, resume, _env(work / "flwr-home"), log, timeout_s)
             return
         with local_cluster(cfg.clients, work) as (control, procs):
-            write_app(work / "app", cfg_path, control, work / "flwr-home")
+            write_app(work / "app", cfg_path, control, work / "flwr-home", cfg.secagg)
             hook = (lambda r: on_round(r, procs)) if on_round else (lambda r: None)
             flwr_run(work / "app", cfg_path, out, resume, _env(work / "flwr-home"), log, timeout_s, hook)
     finally:

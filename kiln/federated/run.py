@@ -4,7 +4,8 @@ The run directory is a kiln run (kiln.runs.artifact) of the global model after t
 completed round, so `kiln eval`, `kiln quantize` and `kiln compile` take it; beside it
 config.toml, state.json (rounds done, history, bytes; what --resume reads), strategy.pt (a
 server optimizer's moments), partitions.json and partitions.png (each client's label
-histogram) and rounds.png (accuracy and bytes per round). A fresh run is built in a hidden
+histogram), rounds.png (accuracy and bytes per round) and, with error feedback, clients/ (each
+client's residual: see kiln.federated.client.ResidualStore). A fresh run is built in a hidden
 sibling directory that takes the run's name after its first round; from then on each round
 replaces the files atomically, so Ctrl-C leaves the last completed round loadable.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,7 +28,7 @@ from kiln.config import load_toml, to_dict, to_toml
 from kiln.errors import Interrupted, KilnError
 from kiln.federated import compress
 from kiln.federated.client import make_client_app
-from kiln.federated.config import FederateConfig, PrivacyMode
+from kiln.federated.config import Engine, FederateConfig, PrivacyMode
 from kiln.federated.partition import histograms, plot_histograms
 from kiln.federated.server import CountingGrid, InProcessGrid, KilnStrategy, accountant_epsilon, base_strategy
 from kiln.federated.task import Federation, client_seed, federation
@@ -37,7 +39,7 @@ from kiln.runs.weights import load_weights, save_weights
 from kiln.train.evaluation import evaluate_model
 
 STATE_FILE = "state.json"
-RESUMABLE_CHANGES = ("rounds", "threads")
+RESUMABLE_CHANGES = ("rounds", "threads", "engine", "superlink")   # transport, not maths
 
 
 def check_config(cfg: FederateConfig) -> None:
@@ -48,10 +50,9 @@ def check_config(cfg: FederateConfig) -> None:
         raise KilnError("privacy.mode client clips whole weights (Flower's fixedclipping_mod): it cannot be combined "
                         "with a compressed update; use privacy.mode central")
     if cfg.secagg:
-        # Flower 1.42 has SecAgg+ only on its legacy path (flwr.server.workflow.SecAggPlusWorkflow
-        # with NumPyClient-style fit messages); kiln's apps use the Message API
-        raise KilnError("secagg: Flower 1.42's SecAgg+ runs only on its legacy Driver/NumPyClient path, which "
-                        "kiln's Message-API apps do not use yet; set secagg = false")
+        from kiln.federated import secagg
+
+        secagg.check(cfg)
 
 
 def _seed_round(cfg: FederateConfig, round_: int) -> None:
@@ -160,7 +161,7 @@ def _check_resumable(cfg: FederateConfig, out: Path) -> dict:
     old = to_dict(load_toml(FederateConfig, out / "config.toml"))
     for key, value in to_dict(cfg).items():
         if key not in RESUMABLE_CHANGES and old[key] != value:
-            raise KilnError(f"--resume cannot change {key} ({old[key]!r} -> {value!r}); only rounds may change")
+            raise KilnError(f"--resume cannot change {key} ({old[key]!r} -> {value!r}); only rounds (and the engine) may change")
     return json.loads((out / STATE_FILE).read_text())
 
 
@@ -174,8 +175,9 @@ def prepare(cfg: FederateConfig) -> Federation:
 def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = False,
              log: Callable[[str], None] = print, grid: Grid | None = None) -> dict:
     """Run the federation `cfg` (into the run directory `out`); returns the final metrics. The
-    clients are virtual nodes in this process unless `grid` is given (a deployment's ServerApp
-    passes the Grid Flower gives it)."""
+    clients run in Flower's simulation engine (cfg.engine simulation), or as virtual nodes
+    called in this process (inprocess), unless `grid` is given (a deployment's ServerApp passes
+    the Grid Flower gives it)."""
     check_config(cfg)
     out = Path(out) if out else None
     saved = None
@@ -193,8 +195,15 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = 
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)   # Flower's per-round INFO and its notes
+    serve = _serve
+    if cfg.secagg:
+        from kiln.federated.secagg import serve
     try:
-        return _serve(cfg, fed, run, out, grid)
+        if grid is None and cfg.engine == Engine.SIMULATION:
+            from kiln.federated.simulation import simulate
+
+            return simulate(cfg, client_app(cfg), lambda flower_grid, abort: serve(cfg, fed, run, out, flower_grid, abort))
+        return serve(cfg, fed, run, out, grid if grid is not None else InProcessGrid(client_app(cfg), cfg, {}))
     except KeyboardInterrupt:
         if run.published and run.state["round"]:
             raise Interrupted(f"round {run.state['round']}'s global model in {out} is intact (use --resume)") from None
@@ -204,12 +213,22 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = 
         run.discard()
 
 
-def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None, given: Grid | None) -> dict:
+def client_app(cfg: FederateConfig):
+    """kiln's ClientApp for `cfg`: the Message-API one, or SecAgg+'s legacy one."""
+    if cfg.secagg:
+        from kiln.federated import secagg
+
+        return secagg.make_client_app(cfg)
+    return make_client_app(cfg)
+
+
+def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None, given: Grid,
+           abort: threading.Event | None = None) -> dict:
     done = run.state["round"]
-    strategy = KilnStrategy(base_strategy(cfg), cfg, round_offset=done)
+    strategy = KilnStrategy(base_strategy(cfg), cfg, round_offset=done, state_dir=lambda: run.path)
     if done and out is not None and (out / "strategy.pt").is_file():
         strategy.load_optimizer_state(torch.load(out / "strategy.pt", weights_only=False))
-    grid = CountingGrid(given if given is not None else InProcessGrid(make_client_app(cfg), cfg, {}))
+    grid = CountingGrid(given, abort)
     grid.up, grid.down = run.state["bytes_up"], run.state["bytes_down"]
     if not done:
         run.write_partition()
@@ -219,7 +238,7 @@ def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None, gi
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         round_ = server_round + done
-        fed.model.load_state_dict(arrays.to_torch_state_dict())
+        fed.load_shared(arrays.to_torch_state_dict())
         _, acc = evaluate_model(fed.model, fed.splits, batch_size=cfg.eval_batch_size)
         fed.model.train()
         if server_round == 0:
@@ -237,7 +256,7 @@ def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None, gi
         _seed_round(cfg, round_ + 1)
         return MetricRecord({"accuracy": acc})
 
-    initial = ArrayRecord(fed.model.state_dict())
+    initial = ArrayRecord(fed.shared_state())
     result = strategy.start(grid, initial, num_rounds=remaining, evaluate_fn=evaluate)
     del result
     run.plot()

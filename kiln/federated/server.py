@@ -4,8 +4,11 @@ failures), the grid that counts the bytes of every serialized message, and the p
 accountant."""
 from __future__ import annotations
 
+import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -15,6 +18,7 @@ from flwr.serverapp import strategy as fs
 
 from kiln.errors import KilnError, first_line
 from kiln.federated import compress
+from kiln.federated.client import KILN_ERROR, STATE_DIR
 from kiln.federated.config import FederateConfig, PrivacyMode, StrategyName
 
 
@@ -53,9 +57,10 @@ class KilnStrategy(fs.Strategy):
     (global + decoded update) before the inner strategy (and its DP wrapper) sees them; each
     round's aggregated client metrics and failures are kept for the run's metrics."""
 
-    def __init__(self, inner: fs.Strategy, cfg: FederateConfig, round_offset: int = 0):
+    def __init__(self, inner: fs.Strategy, cfg: FederateConfig, round_offset: int = 0,
+                 state_dir: Callable[[], Path | None] = lambda: None):
         super().__init__()
-        self.inner, self.cfg, self.offset = inner, cfg, round_offset
+        self.inner, self.cfg, self.offset, self.state_dir = inner, cfg, round_offset, state_dir
         self.current: ArrayRecord | None = None
         self.train_metrics: dict[int, dict] = {}
         self.eval_metrics: dict[int, dict] = {}
@@ -66,6 +71,10 @@ class KilnStrategy(fs.Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.current = arrays
+        where = self.state_dir()
+        if where is not None and self.cfg.compression.error_feedback:
+            # the run directory (a fresh run's is renamed after round 1: asked each round)
+            config = ConfigRecord({**config, STATE_DIR: str(Path(where).resolve())})
         # the inner strategy sees absolute rounds: FedAdam's bias correction and the clients'
         # seeds depend on them, and a resumed run restarts Flower's count at 1
         return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
@@ -82,14 +91,20 @@ class KilnStrategy(fs.Strategy):
         weights = {k: (g + update[k].numpy().astype(g.dtype)) if k in update else g for k, g in glob.items()}
         reply.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
 
+    def _check_replies(self, server_round: int, replies: list[Message]) -> list[str]:
+        """The round's failures; a client whose code raised stops the run with its one line (it
+        would raise again in every round), where a node that is gone only costs its reply."""
+        for r in replies:
+            if r.has_error() and r.error.reason.startswith(KILN_ERROR):
+                raise KilnError(r.error.reason[len(KILN_ERROR):])
+        failed = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+        if replies and len(failed) == len(replies):
+            raise KilnError(f"round {server_round + self.offset}: every client failed, e.g. {failed[0]}")
+        return failed
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        self.failures[server_round + self.offset] = [
-            f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
-        failed = self.failures[server_round + self.offset]
-        if replies and len(failed) == len(replies):
-            # nothing to aggregate: go on and every later round fails alike (a client that raises)
-            raise KilnError(f"round {server_round + self.offset}: every client failed, e.g. {failed[0]}")
+        self.failures[server_round + self.offset] = self._check_replies(server_round, replies)
         for r in replies:
             self._decode(r)
         arrays, metrics = self.inner.aggregate_train(server_round + self.offset, replies)
@@ -107,6 +122,8 @@ class KilnStrategy(fs.Strategy):
         return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._check_replies(server_round, replies)
         metrics = self.inner.aggregate_evaluate(server_round + self.offset, replies)
         if metrics is not None:
             self.eval_metrics[server_round + self.offset] = dict(metrics)
@@ -127,8 +144,8 @@ class CountingGrid(Grid):
     """A Grid that counts the bytes of every message it sends and receives, as serialized by
     Flower's protobuf serde (what travels over gRPC in a deployment, less gRPC's framing)."""
 
-    def __init__(self, inner: Grid):
-        self.inner = inner
+    def __init__(self, inner: Grid, abort: threading.Event | None = None):
+        self.inner, self.abort = inner, abort
         self.down, self.up = 0, 0
 
     def set_run(self, run) -> None:
@@ -156,18 +173,36 @@ class CountingGrid(Grid):
         return replies
 
     def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
-        self.down += sum(message_to_proto(m).ByteSize() for m in messages)
-        self.up += sum(message_to_proto(m).ByteSize() for m in replies if not m.has_error())
+        if self.abort is None:
+            messages = list(messages)
+            replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+            self.down += sum(message_to_proto(m).ByteSize() for m in messages)
+            self.up += sum(message_to_proto(m).ByteSize() for m in replies if not m.has_error())
+            return replies
+        # Flower's Grid.send_and_receive, polling `abort` too: a Ctrl-C that stops Flower's
+        # simulation runtime would otherwise leave the ServerApp waiting for replies forever
+        pending = set(self.push_messages(messages))
+        end = time.monotonic() + timeout if timeout is not None else None
+        replies = []
+        while pending and (end is None or time.monotonic() < end):
+            if self.abort.is_set():
+                raise KeyboardInterrupt
+            got = list(self.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(0.05)
         return replies
 
 
 class InProcessGrid(Grid):
-    """The simulation: `clients` virtual nodes in this process, each with its own Context (its
-    state persists across rounds, as a SuperNode's does). Every message goes through Flower's
-    serde both ways, as it would over the wire; a client that raises stops the run with its name
-    (Flower's own simulation can hang on one: flwrlabs/flower 4476)."""
+    """engine = "inprocess": `clients` virtual nodes called one after another in this process,
+    each with its own Context (its state persists across rounds, as a SuperNode's does). Every
+    message goes through Flower's serde both ways, as it would over the wire. Kept beside
+    Flower's simulation engine (the default, kiln.federated.simulation) for what that engine
+    cannot serve here: the fast test tier and sweeps of short runs, where Ray's start-up (about a
+    minute on a 2-core machine) would dominate; tests/test_federated_simulation.py checks that
+    both give the same global parameters within 1e-6."""
 
     def __init__(self, client_app, cfg: FederateConfig, run_config: dict):
         from flwr.app import Context, RecordDict
@@ -183,7 +218,9 @@ class InProcessGrid(Grid):
 
     @property
     def run(self):
-        raise KilnError("the in-process grid has no Flower Run")
+        from flwr.supercore.run import Run
+
+        return Run.create_empty(run_id=1)   # run 1, as the nodes' Contexts say
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)

@@ -2,6 +2,7 @@
 from the config, and the local training step (kiln.train's optimizers and task losses)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -41,7 +42,21 @@ class Federation:
         return self.source.model
 
     def float_keys(self) -> list[str]:
-        return [k for k, v in self.model.state_dict().items() if v.is_floating_point()]
+        return [k for k, v in self.model.state_dict().items() if v.is_floating_point() and k in self.shared]
+
+    @functools.cached_property
+    def shared(self) -> frozenset[str]:
+        """The state-dict keys that travel: all of them, or with LoRA the trainable ones (every
+        node builds the same frozen base from the spec)."""
+        if not self.cfg.lora:
+            return frozenset(self.model.state_dict())
+        return frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.model.state_dict().items() if k in self.shared}
+
+    def load_shared(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=not self.cfg.lora)
 
 
 def dataset_of(cfg: FederateConfig, source: Source) -> str:
@@ -63,6 +78,13 @@ def federation(cfg: FederateConfig) -> Federation:
     if splits.task != "classification":
         raise KilnError(f"dataset {dataset} is a {splits.task} task: federated learning here needs a classification dataset")
     check_fit(source.model, splits, cfg.model, dataset)
+    if cfg.lora:
+        from kiln.lowrank import lora
+
+        source.transforms.append(lora.apply(source.model, lora.parse(cfg.lora)))   # the artifact rebuilds it
+    if cfg.eval_samples and cfg.eval_samples < len(splits.test):
+        rows = np.random.default_rng(cfg.seed).permutation(len(splits.test))[:cfg.eval_samples]
+        splits = dataclasses.replace(splits, test=Subset(splits.test, sorted(rows.tolist())))
     labels = split_labels(splits.train)
     rows = partition(labels, cfg.clients, cfg.partition, cfg.seed)
     source.model.train()
@@ -94,7 +116,8 @@ def local_train(fed: Federation, client: int, round_: int, global_state: dict[st
     flip = cfg.attack.kind == Attack.LABEL_FLIP and client < cfg.attack.clients
     classes = fed.splits.num_classes or 0
     opt = build_optimizer(local_train_config(local), model)
-    anchors = [global_state[n].detach() for n, _ in model.named_parameters()] if proximal_mu else []
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    anchors = [global_state[n].detach() for n, _ in trained] if proximal_mu else []
     model.train()
     steps, seen, loss_sum, correct = 0, 0, 0.0, 0
     for _ in range(local.epochs):
@@ -105,7 +128,7 @@ def local_train(fed: Federation, client: int, round_: int, global_state: dict[st
                 y = classes - 1 - y
             loss, stats = tasks.batch_loss(model, "classification", x, y)
             if proximal_mu:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors))
+                prox = sum(((p - a) ** 2).sum() for (_, p), a in zip(trained, anchors))
                 loss = loss + proximal_mu / 2 * prox
             opt.zero_grad(set_to_none=True)
             loss.backward()
