@@ -4,14 +4,18 @@ forward FLOPs exact against torch.utils.flop_counter?
     .venv/bin/python benchmarks/hf_types.py [--types llama,bert] [--timeout 180] [--generic]
 
 The reference is kiln.analysis.oracle.flop_counter_flops: flop_counter on the eager model, given
-the CPU fused attention formula and mixture-of-experts experts run as the eager loop. Each type
-runs in a worker process with a per-type time limit (a worker that crashes or hangs is killed
+the CPU fused attention formula and mixture-of-experts experts run as the eager loop (and oneDNN
+off, so an LSTM's cells count). Where kiln and that reference differ, the reference is taken
+again on the code path torch.export takes (some models branch on torch.compiler.is_exporting();
+the row says reference_path=export, the summary lists them). Each type runs in a worker process with a per-type time limit (a worker that crashes or hangs is killed
 and replaced; the type is recorded as such). Rows are appended to benchmarks/results/
 hf_types.jsonl as they finish, so a run that stops resumes where it stopped; types go in a
 seeded random order, so a partial survey is a uniform sample. At the end the summary goes to
 benchmarks/results/hf_types.json and the per-type verdicts to kiln/models/hf_config/survey.json,
 which `kiln models --hf` reads. `--generic` builds the types that have a hand-written recipe
-through the generic path too, to see which recipes it makes unnecessary.
+through the generic path too, to see which recipes it makes unnecessary. `--carry SURVEY.json`
+keeps an earlier survey's verdict for each type the rows lack (marked carried, with its date):
+for a partial pass on a busy machine. A list given with --types runs in its order.
 """
 from __future__ import annotations
 
