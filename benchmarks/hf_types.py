@@ -176,6 +176,9 @@ def cause(row: dict) -> str:
     text = row.get("error", "")
     if "requires the timm library" in text:
         return f"{row['stage']}: needs timm (not installed: it pulls torchvision and another torch)"
+    missing = re.search(r"requires the (\w+) library", text)
+    if missing:
+        return f"{row['stage']}: needs {missing.group(1)} (an optional package, not installed)"
     argument = re.search(r"forward argument '(\w+)'", text)
     if argument:
         return f"inputs: the forward needs {argument.group(1)!r}, which kiln does not build"
@@ -210,6 +213,7 @@ def summarise(rows: dict, types: list[str]) -> dict:
     main = [rows[(t, False)] for t in types if (t, False) in rows]
     captured = [r for r in main if r["stage"] in ("ok", "flops") and "kiln_flops" in r]
     ok = [r for r in main if r["stage"] == "ok"]
+    blocked = [r for r in main if r["stage"] != "ok" and ("(not installed" in cause(r) or "optional package" in cause(r))]
     import torch
     import transformers
 
@@ -222,6 +226,8 @@ def summarise(rows: dict, types: list[str]) -> dict:
         "types_carried_from_an_earlier_survey": sorted(r["type"] for r in main if r.get("carried")),
         "captured": len(captured), "captured_and_exact": len(ok),
         "share_exact_of_surveyed": round(len(ok) / max(len(main), 1), 4),
+        "blocked_by_a_missing_package": len(blocked),
+        "share_exact_of_the_buildable": round(len(ok) / max(len(main) - len(blocked), 1), 4),
         "within_1pct": sum(r.get("rel_error", 1) <= 0.01 for r in captured),
         "exact_with_a_modality_unused": sorted(r["type"] for r in ok if r.get("unused_modalities")),
         "exact_on_the_export_path": sorted(r["type"] for r in ok if r.get("reference_path") == "export"),
