@@ -4,18 +4,23 @@ forward FLOPs exact against torch.utils.flop_counter?
     .venv/bin/python benchmarks/hf_types.py [--types llama,bert] [--timeout 180] [--generic]
 
 The reference is kiln.analysis.oracle.flop_counter_flops: flop_counter on the eager model, given
-the CPU fused attention formula and mixture-of-experts experts run as the eager loop. Each type
-runs in a worker process with a per-type time limit (a worker that crashes or hangs is killed
+the CPU fused attention formula and mixture-of-experts experts run as the eager loop (and oneDNN
+off, so an LSTM's cells count). Where kiln and that reference differ, the reference is taken
+again on the code path torch.export takes (some models branch on torch.compiler.is_exporting();
+the row says reference_path=export, the summary lists them). Each type runs in a worker process with a per-type time limit (a worker that crashes or hangs is killed
 and replaced; the type is recorded as such). Rows are appended to benchmarks/results/
 hf_types.jsonl as they finish, so a run that stops resumes where it stopped; types go in a
 seeded random order, so a partial survey is a uniform sample. At the end the summary goes to
 benchmarks/results/hf_types.json and the per-type verdicts to kiln/models/hf_config/survey.json,
 which `kiln models --hf` reads. `--generic` builds the types that have a hand-written recipe
-through the generic path too, to see which recipes it makes unnecessary.
+through the generic path too, to see which recipes it makes unnecessary. `--carry SURVEY.json`
+keeps an earlier survey's verdict for each type the rows lack (marked carried, with its date):
+for a partial pass on a busy machine. A list given with --types runs in its order.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -71,6 +76,13 @@ def measure(model_type: str, generic: bool) -> dict:
     except Exception as exc:  # a FLOP rule or the oracle itself failing is a finding, not a crash
         return row | {"stage": "flops", "error": f"{type(exc).__name__}: {exc}"[:300],
                       "seconds": time.perf_counter() - t0}
+    if kiln_flops != reference:
+        # a model that branches on torch.compiler.is_exporting(): the oracle on the exported path
+        with contextlib.suppress(Exception):
+            on_export_path = flop_counter_flops(loaded, export_path=True)
+            if on_export_path != reference:
+                row |= {"eager_path_flops": reference, "reference_path": "export"}
+                reference = on_export_path
     row |= {"kiln_flops": kiln_flops, "reference_flops": reference, "seconds": time.perf_counter() - t0,
             "rel_error": abs(kiln_flops - reference) / reference if reference else float(kiln_flops != 0)}
     row["stage"] = "ok" if kiln_flops == reference else "flops"
@@ -164,6 +176,9 @@ def cause(row: dict) -> str:
     text = row.get("error", "")
     if "requires the timm library" in text:
         return f"{row['stage']}: needs timm (not installed: it pulls torchvision and another torch)"
+    missing = re.search(r"requires the (\w+) library", text)
+    if missing:
+        return f"{row['stage']}: needs {missing.group(1)} (an optional package, not installed)"
     argument = re.search(r"forward argument '(\w+)'", text)
     if argument:
         return f"inputs: the forward needs {argument.group(1)!r}, which kiln does not build"
@@ -177,10 +192,28 @@ def cause(row: dict) -> str:
     return f"{row['stage']}: {kind}"
 
 
+def carried_rows(path: Path, rows: dict, types: list[str]) -> dict:
+    """Rows for the types `rows` lacks, from an earlier survey.json's verdicts (marked carried:
+    a partial pass on a busy machine keeps the earlier measurement of the types it did not reach)."""
+    data = json.loads(path.read_text())
+    meta, found = data.get("survey", {}), data.get("types", {})
+    out = {}
+    for t in types:
+        if (t, False) not in rows and t in found:
+            verdict = found[t]
+            out[(t, False)] = {"type": t, "generic": False, "carried": meta.get("date", "earlier survey"),
+                               "stage": verdict["stage"], "error": verdict.get("error", ""),
+                               "family": verdict.get("family", ""), "kiln_flops": None}
+            if verdict["stage"] == "ok":
+                out[(t, False)]["rel_error"] = 0.0
+    return out
+
+
 def summarise(rows: dict, types: list[str]) -> dict:
     main = [rows[(t, False)] for t in types if (t, False) in rows]
     captured = [r for r in main if r["stage"] in ("ok", "flops") and "kiln_flops" in r]
     ok = [r for r in main if r["stage"] == "ok"]
+    blocked = [r for r in main if r["stage"] != "ok" and ("(not installed" in cause(r) or "optional package" in cause(r))]
     import torch
     import transformers
 
@@ -189,10 +222,15 @@ def summarise(rows: dict, types: list[str]) -> dict:
         "torch": torch.__version__, "transformers": transformers.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs",
         "types_total": len(types), "types_surveyed": len(main),
+        "types_measured_in_this_pass": sum(not r.get("carried") for r in main),
+        "types_carried_from_an_earlier_survey": sorted(r["type"] for r in main if r.get("carried")),
         "captured": len(captured), "captured_and_exact": len(ok),
         "share_exact_of_surveyed": round(len(ok) / max(len(main), 1), 4),
+        "blocked_by_a_missing_package": len(blocked),
+        "share_exact_of_the_buildable": round(len(ok) / max(len(main) - len(blocked), 1), 4),
         "within_1pct": sum(r.get("rel_error", 1) <= 0.01 for r in captured),
         "exact_with_a_modality_unused": sorted(r["type"] for r in ok if r.get("unused_modalities")),
+        "exact_on_the_export_path": sorted(r["type"] for r in ok if r.get("reference_path") == "export"),
         "failures_by_cause": dict(Counter(cause(r) for r in main if r["stage"] != "ok").most_common()),
         "recipes_the_generic_path_matches": sorted(t for t in types if rows.get((t, True), {}).get("stage") == "ok"),
     }
@@ -208,6 +246,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="measure nothing: summarise the rows so far")
     parser.add_argument("--retry", default="", help="comma-separated stages whose rows are measured again")
     parser.add_argument("--shard", default="0/1", help="I/N: only every N-th type from the I-th (for N runs at once)")
+    parser.add_argument("--carry", help="survey.json whose verdicts stand in for the types the rows lack")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     rows = Path(args.rows)
@@ -219,7 +258,8 @@ def main() -> None:
     from kiln.models.hf_config import SUPPORTED, all_types
 
     types = args.types.split(",") if args.types else all_types()
-    random.Random(0).shuffle(types)  # a partial survey is a uniform sample
+    if not args.types:
+        random.Random(0).shuffle(types)  # a partial survey is a uniform sample; a given list runs in its order
     rows.parent.mkdir(parents=True, exist_ok=True)
     index, count = map(int, args.shard.split("/"))
     if args.retry and rows.is_file():
@@ -232,6 +272,8 @@ def main() -> None:
     if args.generic and not args.report:
         run_all([t for t in types if t in SUPPORTED], rows, args.timeout, True)
     found = done_rows(rows)
+    if args.carry:
+        found |= carried_rows(Path(args.carry), found, types)
     summary = summarise(found, types)
     print(json.dumps(summary, indent=2))
     if args.no_write or args.types:
@@ -239,8 +281,10 @@ def main() -> None:
     write_with_history(str(SUMMARY), {"summary": summary})
     verdicts = {t: {"stage": r["stage"], "cause": "" if r["stage"] == "ok" else cause(r),
                     "error": r.get("error", "")[:300], "family": r.get("family", "")}
+                | ({"carried": r["carried"]} if r.get("carried") else {})
                 for (t, generic), r in sorted(found.items()) if not generic}
-    meta = {k: summary[k] for k in ("date", "torch", "transformers", "machine", "types_total", "types_surveyed")}
+    meta = {k: summary[k] for k in ("date", "torch", "transformers", "machine", "types_total", "types_surveyed",
+                                    "types_measured_in_this_pass")}
     SURVEY.write_text(json.dumps({"survey": meta, "types": verdicts}, indent=1) + "\n")
 
 

@@ -153,3 +153,61 @@ def test_a_bigger_sample_of_surveyed_ok_types_still_captures_exactly():
         if AnnotateCost()(capture(loaded)).record.flops != flop_counter_flops(loaded):
             failures.append(model_type)
     assert not failures
+
+
+# Types the generic path reached after the 19:46 survey, one per cause fixed: a default config
+# that leaves head_dim None (ministral), per-layer attributes (embedding_gemma2_text), M-RoPE
+# sections under a partial rotary factor (glm_ocr_text), a time series (patchtsmixer).
+@pytest.mark.parametrize("model_type", ["ministral", "embedding_gemma2_text", "glm_ocr_text", "patchtsmixer"])
+def test_types_fixed_since_the_first_survey_capture_exactly(model_type):
+    loaded = load_hf_config(model_type, {}, f"hf-config:{model_type}")
+    expected = flop_counter_flops(loaded)
+    assert expected > 0 and AnnotateCost()(capture(loaded)).record.flops == expected
+
+
+def test_a_default_config_s_unset_head_dim_gets_its_standard_meaning():
+    config = load_hf_config("ministral", {}, "hf-config:ministral").model.config
+    assert config.head_dim == config.hidden_size // config.num_attention_heads
+
+
+def test_time_series_input_is_the_context_window():
+    loaded = load_hf_config("patchtsmixer", {}, "hf-config:patchtsmixer")
+    config = loaded.model.config
+    assert tuple(loaded.example_kwargs["past_values"].shape) == (2, config.context_length, config.num_input_channels)
+
+
+@pytest.mark.slow
+def test_vision_tower_fed_patches_and_their_grid_captures_exactly():
+    """qwen2-vl-style towers take (patches, C x T x P x P) and each image's (t, h, w) grid; the
+    grid is sizes, so the graph is specialised to it (capture's draft mode)."""
+    loaded = load_hf_config("cosmos3_edge_vision", {}, "hf-config:cosmos3_edge_vision")
+    assert loaded.size_inputs == ("grid_thw",)
+    grid = loaded.example_kwargs["grid_thw"]
+    assert loaded.example_kwargs["pixel_values"].shape[0] == int(grid.prod(-1).sum())
+    expected = flop_counter_flops(loaded)
+    assert expected > 0 and AnnotateCost()(capture(loaded)).record.flops == expected
+
+
+def test_head_divisor_keeps_a_rotary_head_a_multiple_of_4():
+    import dataclasses
+
+    # qwen3-vl's vision tower: 16 heads of 72; at width 1/16 the old rule left heads of 9
+    Node = dataclasses.make_dataclass("Node", [("hidden_size", int, 1152), ("num_heads", int, 16)])
+    factors = node_factors(Node(), 16)
+    hidden = shrink_value("hidden_size", 1152, factors)
+    heads = shrink_value("num_heads", 16, factors)
+    assert hidden % heads == 0 and (hidden // heads) % 4 == 0
+
+
+def test_oracle_counts_an_lstm_s_cells_as_kiln_does():
+    """On CPU an LSTM runs as one oneDNN op flop_counter counts as 0; the oracle turns oneDNN
+    off so it counts the cells' matmuls. Oracle of the oracle: 2 x batch x steps x 4h x (in + h)."""
+    import torch
+
+    from kiln.models.loaded import LoadedModel
+
+    batch, steps, width, hidden = 2, 8, 40, 24
+    loaded = LoadedModel("t", torch.nn.LSTM(width, hidden, batch_first=True).eval(),
+                         (torch.randn(batch, steps, width),))
+    expected = 2 * batch * steps * 4 * hidden * (width + hidden)
+    assert flop_counter_flops(loaded) == expected == AnnotateCost()(capture(loaded)).record.flops

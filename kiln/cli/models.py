@@ -76,7 +76,7 @@ def _hf_types(json_path: Optional[Path]) -> None:
     if meta:
         console.print(f"Survey of {meta.get('types_surveyed')} of {meta.get('types_total')} types made "
                       f"{meta.get('date')} with transformers {meta.get('transformers')}, torch {meta.get('torch')} "
-                      f"({meta.get('machine')}); verdicts may differ with this transformers {transformers.__version__}. "
+                      f"({meta.get('machine')}{_carried(meta, verdicts)}); verdicts may differ with this transformers {transformers.__version__}. "
                       f"Re-run: python benchmarks/hf_types.py")
     else:
         console.print("No survey has been made: run python benchmarks/hf_types.py")
@@ -85,8 +85,17 @@ def _hf_types(json_path: Optional[Path]) -> None:
     if json_path:
         write_json(json_path, {"survey": meta, "types": [
             {"type": v.model_type, "recipe": v.model_type in SUPPORTED, "stage": v.stage, "captures": v.captures,
-             "flops_exact": v.stage == "ok", "cause": v.cause, "error": v.error, "family": v.family}
+             "flops_exact": v.stage == "ok", "cause": v.cause, "error": v.error, "family": v.family,
+             "carried": v.carried}
             for v in verdicts]})
+
+
+def _carried(meta: dict, verdicts: list) -> str:
+    carried = [v for v in verdicts if v.carried]
+    if not carried:
+        return ""
+    return (f"; {meta.get('types_measured_in_this_pass')} measured in that pass, {len(carried)} kept "
+            f"from the survey of {carried[0].carried}")
 
 
 def _yes(flag: bool, verdict) -> str:

@@ -35,6 +35,14 @@ def capture(loaded: LoadedModel, dynamic_batch: bool = False) -> Graph:
     """Export `loaded.model` on its example inputs into a Graph (eval mode, no grad)."""
     model = loaded.model.eval()
     args, kwargs, dynamic_shapes = tuple(loaded.example_inputs), dict(loaded.example_kwargs), None
+    export = torch.export.export
+    if loaded.size_inputs:
+        # Inputs that are sizes (a grid of patches): the model reads their values (.tolist(),
+        # int()) to size its tensors, which export refuses as data-dependent. Draft mode reads
+        # them off the example instead, so the graph is specialised to those sizes (and to any
+        # other value the model branches on), as it is to every input's shape; its first dim
+        # is not a batch, so no dynamic batch either.
+        export, dynamic_batch = torch.export.draft_export, False
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         dynamic_shapes = _batch_dims(loaded, batch)
@@ -42,7 +50,7 @@ def capture(loaded: LoadedModel, dynamic_batch: bool = False) -> Graph:
         args, kwargs = _at_least_batch_2(args), {k: _at_least_batch_2(v) for k, v in kwargs.items()}
     try:
         with torch.no_grad(), _quiet_torch():
-            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            program = export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many types; all are the model's construct
         raise KilnError(
             f"cannot capture {loaded.spec} with torch.export: {type(exc).__name__}: "
@@ -59,14 +67,18 @@ def _quiet_torch():
     if logging.getLogger("kiln").isEnabledFor(logging.DEBUG):
         yield
         return
-    torch_log = logging.getLogger("torch")
-    level = torch_log.level
-    torch_log.setLevel(logging.ERROR)
+    # torch's symbolic-shape logger has its own level (draft mode warns there for each value
+    # it reads off the example)
+    logs = [logging.getLogger(name) for name in ("torch", "torch.fx.experimental.symbolic_shapes")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
-        torch_log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 def _at_least_batch_2(x):

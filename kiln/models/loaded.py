@@ -14,7 +14,9 @@ class LoadedModel:
 
     `spec` is the spec string it came from, `family` the model family (cnn, transformer, ...),
     `task` what its output means; `input_names` names the positional inputs then the keyword
-    ones, so a user can override shapes by name.
+    ones, so a user can override shapes by name. `size_inputs` names keyword inputs whose
+    values are sizes rather than data (a vision tower's grid of patches, `grid_thw`): the
+    captured graph is specialised to them, as it is to every input's shape.
     """
 
     spec: str
@@ -24,6 +26,7 @@ class LoadedModel:
     family: str = "custom"
     task: str = "unknown"
     description: str = ""
+    size_inputs: tuple[str, ...] = ()
 
     @property
     def input_names(self) -> list[str]:

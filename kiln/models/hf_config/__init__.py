@@ -24,7 +24,9 @@ import torch
 from kiln.errors import KilnError, first_line
 from kiln.models.hf_config.constraints import check_constraints
 from kiln.models.hf_config.generic import default_config, width_ladder, generic_config
-from kiln.models.hf_config.inputs import INPUTS, SEQ, example_inputs, generic_inputs, image_token_counts, with_image_tokens
+from kiln.models.hf_config.inputs import (INPUTS, SEQ, SIZE_INPUTS, example_inputs, generic_inputs, grid_input,
+                                          image_token_counts, patch_inputs, time_major_features,
+                                          with_image_tokens)
 from kiln.models.hf_config.query import check_sizes, squash
 from kiln.models.hf_config.recipes import SUPPORTED, recipe_kwargs
 from kiln.models.hf_config.shrink import field
@@ -62,7 +64,8 @@ def load_hf_config(model_type: str, query: dict[str, str], spec: str, generic: b
         config, model, kw = _generic(cls, query, spec)
         family = _family(model, config, kw)
     return LoadedModel(spec, model, (), kw, family=family, task="features",
-                       description=_describe(model_type, model, config, family))
+                       description=_describe(model_type, model, config, family),
+                       size_inputs=tuple(k for k in kw if k in SIZE_INPUTS))
 
 
 def recipe_config(model_type: str, query: dict[str, str], spec: str):
@@ -107,8 +110,16 @@ def _generic(cls, query: dict[str, str], spec: str):
 def _run_generic(model: torch.nn.Module, config, spec: str) -> dict:
     """The generic inputs, or the first variant that runs: image placeholders as many as the
     vision tower yields, mel features time-major (B, frames, bins) instead of (B, bins, frames),
-    raw audio with a channel axis (B, 1, samples),
-    the main input alone (the text of a vision-language model). The first error is reported."""
+    raw audio with a channel axis (B, 1, samples), time-major features of each feature width
+    the config names (conformers stack two 80-bin frames into 160 features; AST's spectrogram),
+    the main input alone (the text of a vision-language model). The first error is reported.
+    A vision tower fed patches and their grid gets the patch layouts of patch_inputs in turn."""
+    if grid_input(model):
+        candidates = patch_inputs(model, config)
+        for kw in candidates:
+            with contextlib.suppress(Exception):
+                return _run(model, lambda: kw, spec, raw=True)
+        return _run(model, lambda: candidates[0], spec)   # none runs: the first layout's error
     first = generic_inputs(model, config)
     try:
         return _run(model, lambda: first, spec, raw=True)
@@ -116,8 +127,10 @@ def _run_generic(model: torch.nn.Module, config, spec: str) -> dict:
         variants = [with_image_tokens(config, first, n) for n in image_token_counts(config, exc)]
         if "input_features" in first:
             variants.append(dict(first, input_features=first["input_features"].transpose(1, 2).contiguous()))
+            variants += [dict(first, input_features=f) for f in time_major_features(config)]
         if "input_values" in first:  # codecs take (batch, channels, samples)
             variants.append(dict(first, input_values=first["input_values"].unsqueeze(1)))
+            variants += [dict(first, input_values=f) for f in time_major_features(config)]
         variants.append(None)  # the main input alone, built only if needed
         for kw in variants:
             with contextlib.suppress(Exception):

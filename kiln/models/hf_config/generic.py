@@ -60,7 +60,44 @@ def _rebuild(config, width: int, query: dict, spec: str, where: str):
         kwargs[canonical(cls, key)] = parse_value(where + key, text, known[key], spec)
     if "use_cache" in known:
         kwargs["use_cache"] = False  # even over the query: export fails on a returned DynamicCache
-    return construct(cls, kwargs, spec)
+    config = construct(cls, kwargs, spec)
+    unset = _unset_derived(config, known) | _mrope_fit(config, "rope_parameters" in query)
+    return construct(cls, kwargs | unset, spec) if unset else config
+
+
+def _mrope_fit(config, queried: bool) -> dict:
+    """M-RoPE sections rescaled to the rotary half of the head the built config has (head_dim
+    x partial_rotary_factor / 2), where the ratio shrink missed it (a derived head_dim, glm's
+    partial rotary factor); the proportions are kept."""
+    rope = field(config, "rope_parameters")
+    sections = rope.get("mrope_section") if isinstance(rope, dict) and not queried else None
+    heads, hidden = field(config, "num_attention_heads"), field(config, "hidden_size")
+    head = field(config, "head_dim")
+    if head is None and isinstance(heads, int) and isinstance(hidden, int) and heads:
+        head = hidden // heads
+    if not (isinstance(sections, (list, tuple)) and all(isinstance(v, int) for v in sections) and isinstance(head, int)):
+        return {}
+    partial = rope.get("partial_rotary_factor") or field(config, "partial_rotary_factor") or 1
+    half = int(head * partial) // 2
+    if sum(sections) == half or half < len(sections):
+        return {}
+    fitted = [max(1, v * half // sum(sections)) for v in sections]
+    fitted[0] += half - sum(fitted)
+    return {"rope_parameters": dict(rope, mrope_section=fitted)} if fitted[0] > 0 else {}
+
+
+def _unset_derived(config, known: dict) -> dict:
+    """Fields some default configs leave None that their model reads as numbers (hunyuan's and
+    ministral's head_dim, nemotron's num_key_value_heads; the released configs carry them):
+    their standard meaning, one key/value head per query head and hidden / heads per head."""
+    heads, hidden = field(config, "num_attention_heads"), field(config, "hidden_size")
+    out = {}
+    if "num_key_value_heads" in known and field(config, "num_key_value_heads") is None and isinstance(heads, int):
+        out["num_key_value_heads"] = heads
+    if ("head_dim" in known and field(config, "head_dim") is None and isinstance(heads, int)
+            and isinstance(hidden, int) and heads > 0 and hidden % heads == 0):
+        out["head_dim"] = hidden // heads
+    return out
 
 
 def construct(cls, kwargs: dict[str, Any], spec: str):

@@ -83,12 +83,15 @@ def example_inputs(model: torch.nn.Module, config) -> dict:
     return generic_inputs(model, config)
 
 
+_WITH_MAIN = ("past_values_padding", "freq")   # go with the main input, never alone
+
+
 def generic_inputs(model: torch.nn.Module, config, multimodal: bool = True) -> dict:
     """Inputs named by the forward signature; `multimodal=False` keeps only the main input's kind."""
     params = inspect.signature(model.forward).parameters
     main = getattr(model, "main_input_name", "input_ids")
     gen = torch.Generator().manual_seed(0)
-    wanted = {name for name in _BUILDERS if name in params and (multimodal or name == main)}
+    wanted = {name for name in _BUILDERS if name in params and (multimodal or name == main or name in _WITH_MAIN)}
     kw: dict[str, Any] = {}
     for name in _BUILDERS:
         if name in wanted:
@@ -154,11 +157,29 @@ def _mel(config, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(BATCH, bins, frames, generator=gen)
 
 
+def _series_length(config) -> int:
+    """A time-series model's context: its context_length, or 4 patches where that is long (timesfm's 16384)."""
+    context = _sub(config, "context_length")[1]
+    patch = _sub(config, "patch_length")[1] or 8
+    return context if isinstance(context, int) and 0 < context <= 1024 else 4 * patch
+
+
+def _series(config, gen: torch.Generator) -> torch.Tensor:
+    """past_values: (batch, context, channels) for a multichannel model, else (batch, context)."""
+    channels = _sub(config, "num_input_channels")[1]
+    shape = (BATCH, _series_length(config)) + ((channels,) if isinstance(channels, int) else ())
+    return torch.randn(shape, generator=gen)
+
+
 _BUILDERS: dict[str, Callable[[Any, torch.Generator], Any]] = {
     "input_ids": lambda config, gen: _safe_ids(config, _vocab(config), SEQ, gen),
     "pixel_values": _pixels,
     "input_values": lambda config, gen: torch.randn(BATCH, AUDIO_SAMPLES, generator=gen),
     "input_features": _mel,
+    "past_values": _series,
+    # timesfm: no padding in the context, and the frequency class 0 (high frequency)
+    "past_values_padding": lambda config, gen: torch.zeros(BATCH, _series_length(config), dtype=torch.long),
+    "freq": lambda config, gen: torch.zeros(BATCH, 1, dtype=torch.long),
 }
 
 
@@ -186,3 +207,63 @@ def with_image_tokens(config, kw: dict, n: int) -> dict:
     if "attention_mask" in kw:
         out["attention_mask"] = torch.ones_like(ids)
     return out
+
+
+# A vision tower fed a sequence of patches and the (t, h, w) grid of each image (qwen2-vl's and
+# its descendants'): the grid's values are sizes, so the graph is specialised to them.
+GRIDS = ("grid_thw", "image_grid_thw")
+SIZE_INPUTS = GRIDS + ("merge_sizes",)
+IMAGES = 2   # images in the patch sequence
+
+
+def grid_input(model: torch.nn.Module) -> str | None:
+    """The grid argument a vision tower's forward requires, if any."""
+    params = inspect.signature(model.forward).parameters
+    return next((g for g in GRIDS if g in params and params[g].default is params[g].empty), None)
+
+
+def patch_inputs(model: torch.nn.Module, config) -> list[dict]:
+    """Candidate inputs of a vision tower that takes patches and their grid, in the layouts
+    the towers use: flattened (patches, channels x temporal x patch x patch), without the
+    temporal factor, or unflattened (patches, channels, [temporal,] patch, patch). Each image's
+    grid is 1 x 2m x 2m patches for a spatial merge of m (the merge must tile it)."""
+    params = inspect.signature(model.forward).parameters
+    grid = grid_input(model)
+    main = next(p for p in params if p not in SIZE_INPUTS and params[p].kind in
+                (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+    patch = _first_int(_sub(config, "patch_size")[1]) or 14
+    channels = _sub(config, "in_channels", "num_channels", "image_channels")[1] or 3
+    temporal = _first_int(_sub(config, "temporal_patch_size", "patch_temporal")[1]) or 1
+    merge = _first_int(_sub(config, "spatial_merge_size", "merge_size", "merge_kernel_size")[1]) or 1
+    thw = torch.tensor([[1, 2 * merge, 2 * merge]] * IMAGES)
+    n = int(thw.prod(-1).sum())
+    shapes = dict.fromkeys([(n, channels * temporal * patch * patch), (n, channels * patch * patch),
+                            (n, channels, patch, patch), (n, channels, temporal, patch, patch)])
+    out = []
+    for shape in shapes:
+        kw = {main: torch.randn(shape, generator=torch.Generator().manual_seed(0)), grid: thw}
+        if "merge_sizes" in params:
+            kw["merge_sizes"] = torch.full((IMAGES,), merge)
+        out.append(kw)
+    return out
+
+
+def _first_int(value: Any) -> int | None:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+FRAMES = 64
+
+
+def time_major_features(config) -> list[torch.Tensor]:
+    """(batch, frames, features) for each feature width the config names: a conformer's
+    projection input (two stacked 80-bin frames: 160), the feature size, the mel bins; frames
+    as the spectrogram's max_length where the model fixes it (AST), else 64."""
+    widths = [_sub(config, name)[1] for name in ("feature_projection_input_dim", "feature_size", "num_mel_bins")]
+    frames = _sub(config, "max_length")[1]
+    frames = frames if isinstance(frames, int) and 0 < frames <= 4096 else FRAMES
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(BATCH, frames, w, generator=gen)
+            for w in dict.fromkeys(w for w in widths if isinstance(w, int) and not isinstance(w, bool) and w > 0)]

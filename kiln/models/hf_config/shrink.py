@@ -63,12 +63,14 @@ class Factors:
 
 
 def field(config, name: str) -> Any:
-    """config.name, or None where reading it raises (gemma4's per-layer attributes refuse the
-    config-wide read: each layer's config has its own)."""
+    """config.name; where reading it raises (gemma4's per-layer attributes refuse the
+    config-wide read: each layer's config has its own), the value stored in the config (the
+    one every layer starts from), else None."""
     try:
         return getattr(config, name, None)
     except Exception:  # noqa: BLE001 - any refusal means: not a plain field here
-        return None
+        stored = getattr(config, "__dict__", {})
+        return stored.get(name)
 
 
 def is_config(value: Any) -> bool:
@@ -119,9 +121,28 @@ def node_factors(config, width: int) -> Factors:
     counts = [v for f in dataclasses.fields(config) if _kind(f.name) == "heads"
               for v in _ints(field(config, f.name)) if v > 0]
     heads = 1
-    while heads * 2 <= width and width // heads > 8 and all(c % (heads * 2) == 0 or c < heads * 2 for c in counts):
+
+    def halves(h: int) -> bool:
+        return h * 2 <= width and all(c % (h * 2) == 0 or c < h * 2 for c in counts)
+
+    while halves(heads) and width // heads > 8:
+        heads *= 2
+    # a head the ratios would leave at a size not a multiple of 4 (qwen3-vl's vision head of 72
+    # at 1/8: 9) breaks rotary embeddings, which split it in halves or quarters: fewer heads
+    while halves(heads) and any(d * heads % width or d * heads // width % 4 for d in _head_dims(config, counts)):
         heads *= 2
     return Factors(width, heads)
+
+
+def _head_dims(config, counts: list[int]) -> list[int]:
+    """The per-head sizes of one config: its head_dim fields, else hidden / attention heads."""
+    dims = [v for f in dataclasses.fields(config) if _kind(f.name) == "head_dim" and f.name in ("head_dim",)
+            for v in _ints(field(config, f.name)) if v > 0]
+    hidden = _ints(field(config, "hidden_size"))
+    heads = _ints(field(config, "num_attention_heads")) or _ints(field(config, "num_heads"))
+    if not dims and len(hidden) == 1 and len(heads) == 1 and heads[0] > 0 and hidden[0] % heads[0] == 0:
+        dims = [hidden[0] // heads[0]]
+    return [d for d in dims if d % 4 == 0]  # a head not a multiple of 4 already: nothing to keep
 
 
 def _div(value: int, by: int) -> int:
@@ -190,9 +211,9 @@ def _rope(params: dict, factors: Factors) -> dict:
     return out
 
 
-def _split(parts: list[int], by: int) -> list[int]:
-    """Sections that still sum to their total / `by` (the rotary half of the shrunk head)."""
-    total = max(len(parts), sum(parts) // by)
+def _split(parts: list[int], by: int, share: float = 1) -> list[int]:
+    """Sections that still sum to their total x `share` / `by` (the rotary half of the shrunk head)."""
+    total = max(len(parts), int(sum(parts) * share) // by)
     out = [max(1, p * total // sum(parts)) for p in parts]
     out[0] += total - sum(out)
     return out
@@ -267,7 +288,9 @@ def _mrope_default(config, out: dict, factors: Factors) -> None:
         return
     rope = out.get("rope_parameters", field(config, "rope_parameters"))
     if isinstance(rope, dict) and "mrope_section" not in rope and "full_attention" not in rope:
-        out["rope_parameters"] = dict(rope, mrope_section=_split([16, 24, 24], factors.head_dim))
+        # a partial rotary factor (glm's 0.5) rotates that share of the head: sections shrink with it
+        partial = rope.get("partial_rotary_factor") or field(config, "partial_rotary_factor") or 1
+        out["rope_parameters"] = dict(rope, mrope_section=_split([16, 24, 24], factors.head_dim, partial))
 
 
 def placeholders_in_vocab(config, kwargs: dict) -> None:

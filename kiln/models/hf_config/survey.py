@@ -14,13 +14,15 @@ SURVEY = Path(__file__).with_name("survey.json")
 @dataclass(frozen=True)
 class Verdict:
     """One type: `stage` is ok, or where it failed (config, build, inputs, forward, capture,
-    flops, timeout, crash), or "not surveyed"; `cause` groups failures; `error` the message."""
+    flops, timeout, crash), or "not surveyed"; `cause` groups failures; `error` the message;
+    `carried` the date of an earlier survey whose verdict stands where this one did not reach."""
 
     model_type: str
     stage: str
     cause: str = ""
     error: str = ""
     family: str = ""
+    carried: str = ""   # the date of the earlier survey this verdict was kept from, if it was
 
     @property
     def captures(self) -> bool:
