@@ -92,6 +92,7 @@ def test_version_up_to_the_class_version_is_accepted_and_not_a_field():
 def _configs() -> list[tuple[Any, Callable, Callable]]:
     from kiln.adapt.config import parse_config as early_exit_config
     from kiln.bench.loadgen import BenchConfig, Mode, Scenario
+    from kiln.compare.config import CompareConfig
     from kiln.compile.backends import Precision
     from kiln.compile.fusion import FusionConfig
     from kiln.compile.passes import DCEConfig, FoldConfig, NoConfig
@@ -102,6 +103,8 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
     from kiln.hw.verify import VerifyConfig
     from kiln.lowrank import config as lowrank
     from kiln.models.zoo.gpt import GPTConfig
+    from kiln.optimize.config import DropType, Goal, OptimizeConfig
+    from kiln.optimize.space import OptimizeSpaceConfig
     from kiln.plan import cluster as plan_cluster
     from kiln.plan.prices import InstanceConfig
     from kiln.plan.run import PlanConfig
@@ -178,6 +181,12 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
                           energy=Energy(dram_64bit_pj=2600.0))),
         plain(HwConfig(target="xilinx", reuse=64, array="8x8", dataflow="is")),
         plain(CompressionConfig(source="zoo:mlp", bits=(8,), sparsity=(0.0, 0.25), budgets=(1.0, 0.75))),
+        plain(CompareConfig(models=("zoo:cnn", "zoo:gpt"), optimizations=("int8", "2:4"), hardware=("h100",),
+                            train_steps=0, finetune_steps=3, latency=False, backend="eager+onnxruntime", rounds=2)),
+        plain(OptimizeConfig("runs/cnn", target="h100", max_drop=0.02, drop_type=DropType.RELATIVE,
+                             objective=Goal.SIZE, budget_min=3.5, batch=4, bits=(8,), sparsity=(0.0,))),
+        plain(OptimizeSpaceConfig(source="zoo:mlp", bits=(8,), target="a100", batch=2, precisions=("int8",),
+                                  fp32_backends=("eager", "onnxruntime"), baseline_ms=1.5)),
         plain(CNNConfig(depth=(1, 2), steps=10, compress="q.toml")),
         plain(EmitConfig(reuse=4, layer_reuse=(("fc1", 8), ("fc2", 2)), check_samples=16)),
         plain(VerifyConfig(samples=7, fake_quant=False)),

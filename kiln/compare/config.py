@@ -100,9 +100,6 @@ class CompareConfig:
         if not self.models or not self.optimizations or not self.hardware:
             raise KilnError("compare needs at least one model, one optimisation and one hardware profile")
 
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
-
 
 def _names(text: str | tuple | list, what: str) -> tuple[str, ...]:
     items = text.split(",") if isinstance(text, str) else list(text)

@@ -19,6 +19,7 @@ from kiln.compare.cell import make_artifact, make_base, measure, slug
 from kiln.compare.config import BASELINE, OPTIMIZATIONS, CompareConfig
 from kiln.compare.observe import observations
 from kiln.compare.render import render
+from kiln.config import to_dict
 from kiln.errors import KilnError, first_line
 from kiln.hardware.calibrate import calibrate
 from kiln.hardware.profiles import available, load_profile
@@ -62,7 +63,7 @@ def check_out(out: Path, cfg: CompareConfig, resume: bool) -> None:
         old = json.loads(path.read_text())
     except ValueError:
         raise KilnError(f"{path} is corrupt: not JSON") from None
-    new = cfg.to_dict()
+    new = to_dict(cfg)
     for key in SAME_ON_RESUME:
         if old.get(key) != new[key]:
             raise KilnError(f"--resume: {out} was run with {key} = {old.get(key)}, not {new[key]}; "
@@ -76,7 +77,7 @@ def compare_run(cfg: CompareConfig, out: Path, resume: bool = False, log: Callab
     check_out(out, cfg, resume)
     profiles = load_profiles(cfg.hardware, log)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / CONFIG_FILE, cfg.to_dict())
+    atomic_write_json(out / CONFIG_FILE, to_dict(cfg))
     names = [BASELINE, *cfg.optimizations]
     total, done, ran = len(cfg.models) * len(names), 0, 0
     t0 = time.monotonic()
@@ -90,7 +91,7 @@ def compare_run(cfg: CompareConfig, out: Path, resume: bool = False, log: Callab
                 ran += 1
             done += 1
     cells = [json.loads(cell_path(out, m, n).read_text()) for m in cfg.models for n in names]
-    results = {"config": cfg.to_dict(), "hardware": {n: {"peak_flops": p.peak_flops, "memory_bandwidth":
+    results = {"config": to_dict(cfg), "hardware": {n: {"peak_flops": p.peak_flops, "memory_bandwidth":
                                                          p.memory_bandwidth, "sources": p.sources}
                                                      for n, p in profiles.items()},
                "cells": cells, "observations": observations(cells, cfg), "cells_run": ran,
