@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all bench clean hw-peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +36,14 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
+# the peers of kiln's RTL (benchmarks/hw_peers.py drives them by subprocess): hls4ml (HLS C++ and
+# its C simulation) and alkaid (Verilog), in a venv of their own: their pins are not kiln's
+PEERS := .venv-hwpeers
+hw-peers: $(PEERS)/.installed
+$(PEERS)/.installed:
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet hls4ml==1.3.0 alkaid==0.8.2
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEERS) runs .pytest_cache

@@ -97,3 +97,34 @@ def test_systolic_objectives_are_the_models_per_layer_sums():
     # narrower operands: the same cycles, less energy
     wide = systolic_scores(gemms, {"layers.0": 8, "head": 8}, {"systolic_energy_uj"}, HwConfig(array="8x8", dataflow="os"))
     assert wide["systolic_energy_uj"] > got["systolic_energy_uj"]
+
+
+def test_gather_multiplexers_are_counted_from_the_emitted_structure():
+    from kiln.hw.estimate import gather_inputs
+
+    # a Linear: lane j picks input kc*PI + j, KC choices per lane
+    assert gather_inputs(784, 1, 1, 1, pi=4, conv=False) == 4 * (196 - 1)
+    assert gather_inputs(64, 1, 1, 1, pi=64, conv=False) == 0          # R = 1: wires, no multiplexer
+    # a 3x3 conv on 2x5x5 (K = 18) with PI = 9: lane j sees kernel offsets j and 9 + j, one
+    # channel each, so each lane chooses among both channels' 25 entries
+    assert gather_inputs(2, 5, 5, 3, pi=9, conv=True) == 9 * (2 * 25 - 1)
+    # PI = 18: every lane stays in one channel
+    assert gather_inputs(2, 5, 5, 3, pi=18, conv=True) == 18 * (25 - 1)
+    # brute force over the emitter's own lane -> kernel offset map (kiln.hw.rtl._gather)
+    import numpy as np
+    c, k, pi = 3, 3, 3
+    ks = np.arange(c * k * k).reshape(-1, pi)
+    want = sum(len(set((ks[:, j] // (k * k)).tolist())) * 16 - 1 for j in range(pi))
+    assert gather_inputs(c, 4, 4, k, pi=pi, conv=True) == want
+
+
+def test_pool_layers_are_priced_by_their_comparators_and_frame():
+    from kiln.hw.estimate import pool_features
+
+    small = pool_features({"kind": "maxpool", "in_shape": [4, 8, 8], "out_shape": [4, 4, 4], "kernel": 2,
+                           "in_bits": 8, "out_bits": 8})
+    big = dict(small, no=small["no"] * 4, ni=small["ni"] * 4)
+    for target in (Target.XILINX, Target.ICE40):
+        luts, ffs, dsps, brams = estimate_features(small, target)
+        assert luts > 0 and ffs >= small["no"] * small["ob"] * 0.5 and dsps == 0 and brams == 0
+        assert estimate_features(big, target)[0] > 3 * luts      # linear in the output codes
