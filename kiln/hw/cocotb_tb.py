@@ -25,7 +25,8 @@ PERIOD_NS = 10
 
 @cocotb.test()
 async def stream(dut):
-    frames = [int(line, 16) for line in open(os.environ["KILN_HW_VECTORS"]) if line.strip()]
+    with open(os.environ["KILN_HW_VECTORS"]) as f:
+        frames = [int(line, 16) for line in f if line.strip()]
     limit = int(os.environ["KILN_HW_MAX_CYCLES"])
     cocotb.start_soon(Clock(dut.clk, PERIOD_NS, unit="ns").start())
     dut.rst.value = 1
