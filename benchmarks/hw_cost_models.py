@@ -98,14 +98,33 @@ def part_rtl() -> dict:
     return {"icarus": tool_version("iverilog"), "cases": rows, "cycles_equal": equal, "exact": exact}
 
 
-def part_estimator(calibration: Path, refit: bool) -> dict:
+def grid_rows(grid: Path) -> list[dict]:
+    """The per-module rows of benchmarks/hw_grid.py's designs, in the calibration rows' form."""
+    if not grid.exists():
+        return []
+    rows = []
+    for key, row in json.loads(grid.read_text()).get("grid", {}).get("rows", {}).items():
+        design, target = key.rsplit(" ", 1)
+        for lay in row["layers"]:
+            if "key" not in lay:      # written before the grid recorded module keys: rerun hw_grid.py
+                continue
+            rows.append({"design": design, "layer": lay["layer"], "target": target, "features": lay["features"],
+                         "key": lay["key"], **lay["yosys"]})
+    return rows
+
+
+def part_estimator(calibration: Path, refit: bool, grid: Path = Path("benchmarks/results/hw_grid.json")) -> dict:
+    """The estimator against yosys: every module row (calibration + grid) in sample, and each
+    design priced by a fit that saw neither its design nor any module identical to one of its
+    modules (leave one design out)."""
     from kiln.hw.estimate import COEFFICIENTS, Target, estimate_features, fit, write_coefficients
 
-    everything = json.loads(calibration.read_text())["rows"]
+    everything = json.loads(calibration.read_text())["rows"] + grid_rows(grid)
     data = [r for r in everything if not r.get("validation")]     # validation rows are never fitted
     coefficients = COEFFICIENTS
+    kinds = ("luts", "ffs", "pool_luts", "pool_ffs")
     if refit:
-        coefficients = {t: {w: fit(data, t, w) for w in ("luts", "ffs")} for t in sorted({r["target"] for r in data})}
+        coefficients = {t: {w: fit(data, t, w) for w in kinds} for t in sorted({r["target"] for r in data})}
         print(f"coefficients written to {write_coefficients(coefficients)}:", json.dumps(coefficients))
     rows = []
     for r in everything:
@@ -114,31 +133,40 @@ def part_estimator(calibration: Path, refit: bool) -> dict:
                      "est_luts": luts, "lut_error": (luts - r["luts"]) / max(r["luts"], 1), "yosys_dsps": r["dsps"],
                      "est_dsps": dsps, "yosys_ffs": r["ffs"], "est_ffs": ffs, "yosys_brams": r["brams"], "est_brams": brams,
                      "validation": bool(r.get("validation"))})
-        print(f"  {r['target']:6} {r['design']:34} {r['layer']:8} LUTs {r['luts']:6} est {luts:6} "
+        print(f"  {r['target']:6} {r['design']:34} {r['layer']:10} LUTs {r['luts']:6} est {luts:6} "
               f"({rows[-1]['lut_error']:+.1%})  DSPs {r['dsps']:3} est {dsps:3}  FFs {r['ffs']:5} est {ffs:5}", flush=True)
-    # held out: each design's rows priced by a fit on the other designs' rows (same target)
-    for row in rows:
-        if row["validation"]:
+    # leave one design out: a design's modules priced by a fit on the other designs' modules
+    # (same target), none of them identical to one of its own (same text, ROM and script)
+    designs = []
+    for target, design in sorted({(r["target"], r["design"]) for r in everything}):
+        mine = [r for r in everything if (r["target"], r["design"]) == (target, design)]
+        keys = {r.get("key") for r in mine} - {None}
+        others = [r for r in data if r["target"] == target and r["design"] != design and r.get("key") not in keys]
+        if len([r for r in others if "pool" not in r["features"]]) < 3:
             continue
-        others = [r for r in data if r["target"] == row["target"] and r["design"] != row["design"]]
-        if len(others) >= 3:
-            held = {row["target"]: {w: fit(others, row["target"], w) for w in ("luts", "ffs")}}
-            f = next(r["features"] for r in data if (r["design"], r["layer"], r["target"]) ==
-                     (row["design"], row["layer"], row["target"]))
-            luts = estimate_features(f, Target(row["target"]), held)[0]
-            row["held_out_luts"], row["held_out_error"] = luts, (luts - row["yosys_luts"]) / max(row["yosys_luts"], 1)
-    held_rows = [r for r in rows if "held_out_error" in r]
-    if held_rows:
-        print(f"held out (fit without the row's design): LUTs within 15% in "
-              f"{sum(abs(r['held_out_error']) <= 0.15 for r in held_rows)}/{len(held_rows)} rows, worst "
-              f"{max(abs(r['held_out_error']) for r in held_rows):.1%}")
+        held = {target: {w: fit(others, target, w) for w in kinds}}
+        est = [estimate_features(r["features"], Target(target), held) for r in mine]
+        y_luts, e_luts = sum(r["luts"] for r in mine), sum(e[0] for e in est)
+        y_dsps, e_dsps = sum(r["dsps"] for r in mine), sum(e[2] for e in est)
+        designs.append({"target": target, "design": design, "modules": len(mine), "yosys_luts": y_luts,
+                        "held_out_luts": e_luts, "held_out_error": (e_luts - y_luts) / max(y_luts, 1),
+                        "yosys_dsps": y_dsps, "est_dsps": e_dsps, "yosys_ffs": sum(r["ffs"] for r in mine),
+                        "held_out_ffs": sum(e[1] for e in est)})
+        d = designs[-1]
+        print(f"  held out {target:6} {design:34} LUTs {y_luts:7,} est {e_luts:7,} ({d['held_out_error']:+.1%})  "
+              f"DSPs {y_dsps:4} est {e_dsps:4}", flush=True)
+    if designs:
+        print(f"leave one design out: LUTs within 15% in {sum(abs(d['held_out_error']) <= 0.15 for d in designs)}"
+              f"/{len(designs)} designs, worst {max(abs(d['held_out_error']) for d in designs):.1%}; DSPs exact in "
+              f"{sum(d['yosys_dsps'] == d['est_dsps'] for d in designs)}/{len(designs)}")
     fitted = [r for r in rows if not r["validation"]]
     within = sum(abs(r["lut_error"]) <= 0.15 for r in fitted)
     dsp_exact = sum(r["yosys_dsps"] == r["est_dsps"] for r in rows)
-    print(f"estimator vs yosys: LUTs within 15% in {within}/{len(fitted)} calibration rows; DSPs exact in "
+    print(f"estimator vs yosys: LUTs within 15% in {within}/{len(fitted)} module rows in sample; DSPs exact in "
           f"{dsp_exact}/{len(rows)} rows (validation rows included)")
-    return {"yosys": data[0]["yosys"] if data else "", "rows": rows, "luts_within_15pct": within,
-            "dsps_exact": dsp_exact, "refit": refit}
+    return {"yosys": data[0]["yosys"] if data and "yosys" in data[0] else "", "rows": rows, "luts_within_15pct": within,
+            "dsps_exact": dsp_exact, "refit": refit, "held_out_designs": designs,
+            "held_out_within_15pct": sum(abs(d["held_out_error"]) <= 0.15 for d in designs)}
 
 
 def part_search(mlp: str, trials: int, out_dir: Path) -> dict:

@@ -219,3 +219,18 @@ def test_synth_counts_every_layer_and_at_least_its_frame_registers(tiny_run, tmp
     assert rep["total"]["ff"] >= sum(r["ff"] for r in rep["layers"])
     if target == "ice40":
         assert rep["nextpnr"]["fits"] in (True, False)
+
+
+def test_verify_takes_held_out_digits_from_test_then_val():
+    from kiln.data import load_dataset
+    from kiln.hw.verify import _inputs
+
+    design = {"dataset": "digits", "data_seed": 0, "source": "x"}
+    splits = load_dataset("digits", seed=0)
+    n_test = len(splits.test)
+    x, y = _inputs(design, n_test + 5, "heldout")
+    assert len(x) == n_test + 5
+    assert torch.equal(x[n_test], splits.val[0][0]) and torch.equal(x[0], splits.test[0][0])
+    assert int(y[n_test + 4]) == int(splits.val[4][1])
+    with pytest.raises(KilnError, match="--split must be one of test, val, heldout"):
+        _inputs(design, 4, "train")

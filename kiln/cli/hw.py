@@ -71,17 +71,21 @@ def emit(
 def verify(
     design_dir: Path = typer.Argument(..., help="A design directory from `kiln hw emit`."),
     samples: int = typer.Option(100, "--samples", help="Test samples to run through the RTL."),
+    split: str = typer.Option("test", "--split", help="test, val, or heldout (the test split, then val)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report here."),
 ) -> None:
     """Run real test samples through the RTL in Icarus Verilog (cocotb); compare every output bit
     with the integer model and the cycles with the prediction."""
     validate(json_path=json_path, positive={"--samples": samples})
     from kiln.hw.design import load_design
-    from kiln.hw.verify import VerifyConfig, verify as run_verify
+    from kiln.hw.verify import SPLITS, VerifyConfig, verify as run_verify
+
+    if split not in SPLITS:
+        raise KilnError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
 
     load_design(design_dir)      # a wrong directory is refused before the simulation starts
     err_console.print(f"[dim]simulating {samples} samples in Icarus Verilog...[/dim]")
-    rep = run_verify(design_dir, VerifyConfig(samples=samples))
+    rep = run_verify(design_dir, VerifyConfig(samples=samples, split=split))
     lat, ii = rep["latency_cycles"], rep["interval_cycles"]
     console.print(f"bit-exact: {rep['bit_exact']}/{rep['samples']} outputs equal the integer model's")
     console.print(f"accuracy: RTL {rep['accuracy_rtl']:.4f}, integer model {rep['accuracy_integer_model']:.4f}, "

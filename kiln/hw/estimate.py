@@ -1,16 +1,20 @@
 """An FPGA resource and latency estimator for kiln hw emit's layers, calibrated against yosys,
 so that a search can price a design without synthesizing it.
 
-A dense layer (kiln.hw.rtl) is: an input frame buffer (NI codes of IB bits), a gather of PI
-codes per cycle out of it (a KC:1 multiplexer per lane), PO x PI multipliers IB x WB bits and
+Structural: it counts what kiln.hw.rtl instantiates and prices each part by its bits. A dense
+layer is an input frame buffer (NI codes of IB bits), a gather of PI codes per cycle out of it
+(lane j is an n_j:1 multiplexer: KC inputs for a Linear, every frame entry of the channels the
+lane visits for a Conv2d, plus its address arithmetic), PO x PI multipliers IB x WB bits and
 their adder tree into PO accumulators of AB bits, a weight ROM (G*KC words of PO*PI*WB bits),
-PO requantizers (AB x 18-bit multiply, round, clamp) and an output frame buffer (NO codes of
-OB bits) written PO at a time. Each part's cost in the target's cells is a count of the
-part's bits times a per-target coefficient, fitted by least squares on yosys's counts of
-emitted layers (benchmarks/hw_calibrate.py writes the rows; COEFFICIENTS below are that fit).
-DSPs are not fitted: they follow yosys's mapping rules (a multiplier goes to a DSP when both
-operands are at least 2 bits and the product reaches the target's minimum width; wider ones
-take more), so they come out exact.
+PO requantizers (AB x 18-bit multiply, round, clamp; a G:1 choice of multiplier and bias when
+G > 1) and an output frame buffer (NO codes of OB bits, one write decoder per entry). A pool
+layer is (k*k - 1) comparators (max) or adders (average) of IB bits per output code and its
+output frame. Each part's cost in the target's cells is its bit count times a per-target
+coefficient, fitted by non-negative least squares (relative error) on yosys's counts of
+emitted modules (benchmarks/hw_calibrate.py and benchmarks/hw_grid.py write the rows;
+estimate_coefficients.json is the fit). DSPs are not fitted: they follow yosys's mapping rules
+(a multiplier goes to a DSP when both operands are at least 2 bits and the product reaches the
+target's minimum width; wider ones take more), so they come out exact.
 
 Cycles come from the emitter's own structure (kiln.hw.design.predict_cycles): a dense layer is
 busy positions x reuse + 3 cycles.
@@ -62,16 +66,41 @@ def cell_counts(stat: dict, target: str) -> dict:
             "lutram": 0, "carry": total(lambda c: c == "SB_CARRY")}
 
 
+def gather_inputs(c: int, h: int, w: int, kernel: int, pi: int, conv: bool) -> int:
+    """Multiplexer inputs beyond the first, summed over the PI gather lanes (kiln.hw.rtl._gather):
+    a Linear's lane j picks input kc*PI + j (KC choices); a Conv2d's lane j picks any frame
+    entry of the channels its kernel offsets kc*PI + j visit (im2col with a moving window)."""
+    k = c * kernel * kernel
+    kc = k // pi
+    if not conv:
+        return pi * (kc - 1)
+    total = 0
+    for j in range(pi):
+        channels = {(kk * pi + j) // (kernel * kernel) for kk in range(kc)}
+        total += len(channels) * h * w - 1
+    return total
+
+
 def layer_features(rec: dict) -> dict:
     """The structural sizes of one dense layer, from its design.json record."""
     c, h, w = rec["in_shape"]
     n, oh, ow = rec["out_shape"]
     k = c * rec["kernel"] ** 2
     po, pi = rec["po"], rec["pi"]
+    conv = rec["kernel"] > 1 or h * w > 1
     return {"k": k, "n": n, "positions": oh * ow, "ni": c * h * w, "no": n * oh * ow, "po": po, "pi": pi,
             "g": n // po, "kc": k // pi, "ib": rec["in_bits"], "wb": rec["weight_bits"], "ab": rec["acc_bits"],
             "ob": rec["out_bits"], "rb": rec["requant_bits"], "reuse": rec["reuse"],
-            "conv": int(rec["kernel"] > 1 or h * w > 1), "shift_only": int(bool(rec.get("shift_only")))}
+            "conv": int(conv), "shift_only": int(bool(rec.get("shift_only"))),
+            "reach": gather_inputs(c, h, w, rec["kernel"], pi, conv)}
+
+
+def pool_features(rec: dict) -> dict:
+    """The structural sizes of one pooling layer, from its design.json record."""
+    c, h, w = rec["in_shape"]
+    _, oh, ow = rec["out_shape"]
+    return {"pool": rec["kind"], "no": c * oh * ow, "window": rec["kernel"] ** 2, "ib": rec["in_bits"],
+            "ob": rec["out_bits"], "ni": c * h * w}
 
 
 def layer_record(lay: Layer) -> dict:
@@ -81,6 +110,12 @@ def layer_record(lay: Layer) -> dict:
             "pi": pi, "in_bits": lay.in_bits, "weight_bits": weight_bits(lay), "acc_bits": lay.acc_bits,
             "out_bits": lay.out_bits, "requant_bits": requant_bits(lay), "reuse": lay.reuse,
             "shift_only": lay.meta.get("shift_only", False)}
+
+
+def pool_record(lay: Layer) -> dict:
+    """What pool_features reads, from an integer pool layer."""
+    return {"kind": lay.kind, "in_shape": list(lay.in_shape), "out_shape": list(lay.out_shape),
+            "kernel": lay.kernel[0], "in_bits": lay.in_bits, "out_bits": lay.out_bits}
 
 
 def dsp_count(a_bits: int, b_bits: int, target: Target) -> int:
@@ -147,9 +182,13 @@ def layer_brams(f: dict, target: Target) -> int:
 
 def terms(f: dict, target: Target) -> dict[str, float]:
     """The bit counts each LUT coefficient multiplies (see the module docstring)."""
+    if "pool" in f:
+        return pool_terms(f)
     lut_data, lut_req = lut_multipliers(f, target)
+    reach = f.get("reach", f["pi"] * (f["kc"] - 1))          # rows recorded before `reach` existed: Linear
     return {
-        "gather": f["pi"] * f["ib"] * f["kc"],              # PI lanes, each a KC:1 mux of IB bits
+        "gather": f["ib"] * reach,                           # PI lanes, each an n_j:1 mux of IB bits
+        "address": f["pi"] * f["conv"],                      # a conv lane's window address and bounds
         "mult": lut_data * f["ib"] * f["wb"],                # multipliers left in LUTs
         "accumulate": f["po"] * f["pi"] * f["ab"],           # adder tree and accumulators
         "requant": f["po"] * f["rb"] + lut_req * f["ab"] * 18,   # round and clamp; multipliers in LUTs
@@ -163,21 +202,34 @@ def terms(f: dict, target: Target) -> dict[str, float]:
 def ff_terms(f: dict) -> dict[str, float]:
     """Register bits: the input and output frames, the weight word, the gathered inputs, the
     accumulators; control counters are the constant."""
+    if "pool" in f:
+        return {"frames": f["no"] * f["ob"], "const": 1.0}
     return {"frames": f["ni"] * f["ib"] + f["no"] * f["ob"], "pipeline": f["po"] * f["pi"] * f["wb"] + f["pi"] * f["ib"],
             "accumulate": f["po"] * f["ab"], "const": 1.0}
 
 
+def pool_terms(f: dict) -> dict[str, float]:
+    """A pool layer's LUT terms: (window - 1) comparators-and-selects (max) or adders (average)
+    of IB bits per output code; average pooling adds a constant multiply and rounding per code."""
+    return {"compare": f["no"] * (f["window"] - 1) * f["ib"] if f["pool"] == "maxpool" else 0,
+            "sum": f["no"] * (f["window"] + 8) * f["ib"] if f["pool"] != "maxpool" else 0, "const": 1.0}
+
+
 # The terms each target's LUT fit uses (fewer than rows, so a held-out row tests the fit): on
 # ice40 ROMs are block RAM; multipliers go to DSPs by dsp_count on both targets.
-FIT_TERMS = {"xilinx": ("gather", "mult", "requant", "tables", "rom", "const"),
-             "ice40": ("gather", "mult", "requant", "tables", "rom", "const")}
+DENSE_TERMS = ("gather", "address", "mult", "accumulate", "requant", "tables", "outputs", "rom", "const")
+FIT_TERMS = {"xilinx": DENSE_TERMS, "ice40": DENSE_TERMS}
+POOL_TERMS = ("compare", "sum", "const")
+# before a fit has seen a pool module: per comparator bit, a compare (carry chain) and a select
+POOL_DEFAULT = {"xilinx": {"compare": 1.5, "sum": 1.0}, "ice40": {"compare": 2.0, "sum": 1.0}}
 # Least-squares fits (relative error, non-negative) on benchmarks/results/hw_calibration.json:
 # yosys 0.70 (SYNTH below) on kiln hw emit's dense layers, one module at a time, written by
 # `python benchmarks/hw_cost_models.py --parts estimator --refit` (run it again after changing the
 # emitter). {target: {"luts"|"ffs": {term: coefficient}}}
 COEFFICIENTS_FILE = "estimate_coefficients.json"
 COEFFICIENTS: dict[str, dict[str, dict[str, float]]] = {
-    "xilinx": {"luts": {}, "ffs": {}}, "ice40": {"luts": {}, "ffs": {}},
+    "xilinx": {"luts": {}, "ffs": {}, "pool_luts": {}, "pool_ffs": {}},
+    "ice40": {"luts": {}, "ffs": {}, "pool_luts": {}, "pool_ffs": {}},
     **json.loads(resources.files("kiln.hw").joinpath(COEFFICIENTS_FILE).read_text()),
 }
 
@@ -223,8 +275,12 @@ def _apply(coeffs: dict[str, float], t: dict[str, float]) -> int:
 
 
 def estimate_features(f: dict, target: Target, coefficients: dict | None = None) -> tuple[int, int, int, int]:
-    """(LUTs, FFs, DSPs, block RAMs) of one dense layer from its structural sizes."""
+    """(LUTs, FFs, DSPs, block RAMs) of one dense or pool layer from its structural sizes."""
     c = (coefficients or COEFFICIENTS)[target.value]
+    if "pool" in f:
+        luts = {**POOL_DEFAULT[target.value], **c.get("pool_luts", {})}   # a kind no fit has seen: the default
+        ffs = c.get("pool_ffs") or {"frames": 1.0}
+        return _apply(luts, pool_terms(f)), _apply(ffs, ff_terms(f)), 0, 0
     return (_apply(c["luts"], terms(f, target)), _apply(c["ffs"], ff_terms(f)), layer_dsps(f, target),
             layer_brams(f, target))
 
@@ -235,7 +291,8 @@ def estimate_layers(layers: list[Layer], target: Target) -> DesignEstimate:
     out = []
     for lay in layers:
         if lay.kind != "dense":   # pooling: comparators/adders on the frame, no multiplier
-            out.append(LayerEstimate(lay.name, 0, 0, 0, 0, 0, 0, cycles["per_layer"][lay.name]))
+            luts, ffs, _, _ = estimate_features(pool_features(pool_record(lay)), target)
+            out.append(LayerEstimate(lay.name, 0, 0, luts, ffs, 0, 0, cycles["per_layer"][lay.name]))
             continue
         f = layer_features(layer_record(lay))
         luts, ffs, dsps, brams = estimate_features(f, target)
@@ -260,15 +317,23 @@ def estimate_model(qmodel: nn.Module, example: torch.Tensor, target: Target, reu
 
 
 def fit(rows: list[dict], target: str, what: str) -> dict[str, float]:
-    """Non-negative coefficients minimising the relative error of `what` (luts or ffs) over
-    calibration rows of one target."""
+    """Non-negative coefficients minimising the relative error of `what` (luts, ffs, pool_luts or
+    pool_ffs) over calibration rows of one target (dense rows, or pool rows for pool_*)."""
     import numpy as np
     from scipy.optimize import nnls   # calibration only: scipy is not needed to estimate
 
     tgt = Target(target)
-    rows = [r for r in rows if r["target"] == target]
-    make = (lambda f: terms(f, tgt)) if what == "luts" else ff_terms
-    names = list(FIT_TERMS[target]) if what == "luts" else list(ff_terms(rows[0]["features"]))
+    pool = what.startswith("pool_")
+    what = what.removeprefix("pool_")
+    rows = [r for r in rows if r["target"] == target and ("pool" in r["features"]) == pool]
+    if not rows:
+        return {}
+    if pool:
+        make = pool_terms if what == "luts" else ff_terms
+        names = list(POOL_TERMS) if what == "luts" else ["frames", "const"]
+    else:
+        make = (lambda f: terms(f, tgt)) if what == "luts" else ff_terms
+        names = list(FIT_TERMS[target]) if what == "luts" else list(ff_terms(rows[0]["features"]))
     a = np.array([[make(r["features"])[n] for n in names] for r in rows], dtype=float)
     y = np.array([r[what] for r in rows], dtype=float)
     w = 1.0 / np.maximum(y, 1.0)

@@ -27,6 +27,10 @@ TB_MODULE = "kiln.hw.cocotb_tb"
 class VerifyConfig:
     samples: int = 100
     fake_quant: bool = True      # also run kiln's fake-quantized model for its accuracy
+    split: str = "test"          # test, val, or heldout (test then val: neither is trained on)
+
+
+SPLITS = ("test", "val", "heldout")
 
 
 def pack(frames: np.ndarray, bits: int) -> list[str]:
@@ -74,13 +78,17 @@ def simulate(design_dir: str | Path, frames: np.ndarray, max_cycles: int) -> dic
         return json.loads((work / "results.json").read_text())
 
 
-def _inputs(design: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(design: dict, n: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n samples of the design's dataset split (heldout: the test split, then val)."""
+    if split not in SPLITS:
+        raise KilnError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if not design.get("dataset"):
         raise KilnError(f"the design in {design.get('source')} records no dataset to take test samples from "
                         "(emit it from a kiln run directory)")
     splits = load_dataset(design["dataset"], seed=design["data_seed"])
-    n = min(n, len(splits.test))
-    xs, ys = zip(*[splits.test[i] for i in range(n)])
+    parts = {"test": [splits.test], "val": [splits.val], "heldout": [splits.test, splits.val]}[split]
+    items = [ds[i] for ds in parts for i in range(len(ds))][:n]
+    xs, ys = zip(*items)
     return torch.stack(xs), torch.as_tensor(ys)
 
 
@@ -96,7 +104,7 @@ def verify(design_dir: str | Path, config: VerifyConfig = VerifyConfig()) -> dic
     if config.samples < 1:
         raise KilnError(f"--samples must be >= 1, got {config.samples}")
     design, layers = load_design(design_dir)
-    x, labels = _inputs(design, config.samples)
+    x, labels = _inputs(design, config.samples, config.split)
     frames = input_codes(design, x)
     expect = intmodel.run(frames, layers)
     cyc = design["cycles"]
@@ -110,6 +118,7 @@ def verify(design_dir: str | Path, config: VerifyConfig = VerifyConfig()) -> dic
     gaps = np.diff(res["out_edges"]).tolist()
     lab = labels.numpy()
     report = {"design": str(design_dir), "simulator": tool_version("iverilog"), "samples": len(frames),
+              "dataset": design["dataset"], "split": config.split,
               "bit_exact": int(sum(exact)), "bit_exact_fraction": sum(exact) / len(frames),
               "first_mismatch": next((i for i, e in enumerate(exact) if not e), None),
               "accuracy_rtl": float((got.argmax(1) == lab).mean()),
