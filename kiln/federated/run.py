@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 
 from kiln.config import load_toml, to_dict, to_toml
 from kiln.errors import Interrupted, KilnError
-from kiln.federated import compress
+from kiln.federated import compress, secagg, simulation
 from kiln.federated.client import make_client_app
 from kiln.federated.config import Engine, FederateConfig, PrivacyMode
 from kiln.federated.partition import histograms, plot_histograms
@@ -50,8 +50,6 @@ def check_config(cfg: FederateConfig) -> None:
         raise KilnError("privacy.mode client clips whole weights (Flower's fixedclipping_mod): it cannot be combined "
                         "with a compressed update; use privacy.mode central")
     if cfg.secagg:
-        from kiln.federated import secagg
-
         secagg.check(cfg)
 
 
@@ -197,12 +195,10 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = 
     flwr_logger.setLevel(logging.ERROR)   # Flower's per-round INFO and its notes
     serve = _serve
     if cfg.secagg:
-        from kiln.federated.secagg import serve
+        serve = secagg.serve
     try:
         if grid is None and cfg.engine == Engine.SIMULATION:
-            from kiln.federated.simulation import simulate
-
-            return simulate(cfg, client_app(cfg), lambda flower_grid, abort: serve(cfg, fed, run, out, flower_grid, abort))
+            return simulation.simulate(cfg, client_app(cfg), lambda flower_grid, abort: serve(cfg, fed, run, out, flower_grid, abort))
         return serve(cfg, fed, run, out, grid if grid is not None else InProcessGrid(client_app(cfg), cfg, {}))
     except KeyboardInterrupt:
         if run.published and run.state["round"]:
@@ -216,8 +212,6 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, resume: bool = 
 def client_app(cfg: FederateConfig):
     """kiln's ClientApp for `cfg`: the Message-API one, or SecAgg+'s legacy one."""
     if cfg.secagg:
-        from kiln.federated import secagg
-
         return secagg.make_client_app(cfg)
     return make_client_app(cfg)
 

@@ -26,8 +26,12 @@ from flwr.serverapp import Grid
 
 from kiln.errors import KilnError
 from kiln.federated import compress
+from kiln.federated.client import _config_file, partition_id
 from kiln.federated.config import Attack, FederateConfig, PrivacyMode, StrategyName
+from kiln.federated.server import CountingGrid
 from kiln.federated.task import Federation, federation, local_train
+from kiln.io import atomic_write_json
+from kiln.train.evaluation import evaluate_model
 
 CLIPPING_RANGE = 8.0          # Flower's default: |parameter * q_i / T| must stay below it
 QUANTIZATION_RANGE = 2 ** 22  # Flower's default T
@@ -68,7 +72,6 @@ def make_client_app(cfg: FederateConfig | None = None):
     from flwr.client.mod import secaggplus_mod
     from flwr.clientapp import ClientApp
 
-    from kiln.federated.client import _config_file, partition_id
 
     class KilnClient(NumPyClient):
         def __init__(self, fed: Federation, pid: int):
@@ -105,9 +108,7 @@ def serve(cfg: FederateConfig, fed: Federation, run, out: Path | None, given: Gr
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-    from kiln.federated.run import _seed_round
-    from kiln.federated.server import CountingGrid
-    from kiln.train.evaluation import evaluate_model
+    from kiln.federated.run import _seed_round   # run imports this module: at the top it would be a cycle
 
     done = run.state["round"]
     remaining = cfg.rounds - done
@@ -163,7 +164,6 @@ def serve(cfg: FederateConfig, fed: Federation, run, out: Path | None, given: Gr
     run.plot()
     metrics = run.metrics(run.state["history"][-1]["test_accuracy"])
     if run.path is not None:
-        from kiln.io import atomic_write_json
 
         atomic_write_json(run.path / "metrics.json", metrics)
     return metrics

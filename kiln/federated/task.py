@@ -17,6 +17,7 @@ from kiln.data import load_dataset
 from kiln.errors import KilnError
 from kiln.federated.config import Attack, FederateConfig, LocalConfig
 from kiln.federated.partition import partition, split_labels
+from kiln.lowrank import lora
 from kiln.runs.artifact import Source, default_dataset, load_source
 from kiln.train import tasks
 from kiln.train.config import TrainConfig
@@ -79,8 +80,6 @@ def federation(cfg: FederateConfig) -> Federation:
         raise KilnError(f"dataset {dataset} is a {splits.task} task: federated learning here needs a classification dataset")
     check_fit(source.model, splits, cfg.model, dataset)
     if cfg.lora:
-        from kiln.lowrank import lora
-
         source.transforms.append(lora.apply(source.model, lora.parse(cfg.lora)))   # the artifact rebuilds it
     if cfg.eval_samples and cfg.eval_samples < len(splits.test):
         rows = np.random.default_rng(cfg.seed).permutation(len(splits.test))[:cfg.eval_samples]
