@@ -85,6 +85,12 @@ class _Run:
             plot_histograms(hist, self.path / "partitions.png",
                             f"{fed.dataset}: {self.cfg.clients} clients, {self.cfg.partition.kind}")
 
+    def initial(self, round_: int, accuracy: float) -> None:
+        """The server's evaluation before any training (round 0 of this invocation): kept once, logged."""
+        if self.state["initial_accuracy"] is None:
+            self.state["initial_accuracy"] = accuracy
+        self.log(f"round {round_}/{self.cfg.rounds}  test accuracy {accuracy:.4f}")
+
     def record(self, round_: int, accuracy: float, strategy: KilnStrategy, grid: CountingGrid) -> dict:
         train = strategy.train_metrics.get(round_, {})
         evals = strategy.eval_metrics.get(round_, {})
@@ -236,9 +242,7 @@ def _serve(cfg: FederateConfig, fed: Federation, run: _Run, out: Path | None, gi
         _, acc = evaluate_model(fed.model, fed.splits, batch_size=cfg.eval_batch_size)
         fed.model.train()
         if server_round == 0:
-            if run.state["initial_accuracy"] is None:
-                run.state["initial_accuracy"] = acc
-            run.log(f"round {round_}/{cfg.rounds}  test accuracy {acc:.4f}")
+            run.initial(round_, acc)
         else:
             row = run.record(round_, acc, strategy, grid)
             run.checkpoint(strategy, acc)

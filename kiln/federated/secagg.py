@@ -126,9 +126,7 @@ def serve(cfg: FederateConfig, fed: Federation, run, out: Path | None, given: Gr
         _, acc = evaluate_model(fed.model, fed.splits, batch_size=cfg.eval_batch_size)
         fed.model.train()
         if server_round == 0:
-            if run.state["initial_accuracy"] is None:
-                run.state["initial_accuracy"] = acc
-            run.log(f"round {round_}/{cfg.rounds}  test accuracy {acc:.4f}")
+            run.initial(round_, acc)
         else:
             if round_ not in record.train_metrics:
                 # the workflow halts a round with too few answers and goes on to the next: stop instead
