@@ -87,7 +87,10 @@ def lock(path: str) -> None:
     import fcntl
 
     if not _LOCK:
-        where = Path(tempfile.gettempdir()) / f"kiln-bench-{abs(hash(str(Path(path).resolve())))}.lock"
+        import hashlib   # not hash(): str hashes differ between processes
+
+        digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
+        where = Path(tempfile.gettempdir()) / f"kiln-bench-{digest}.lock"
         _LOCK.append(open(where, "w"))
         fcntl.flock(_LOCK[0], fcntl.LOCK_EX)
 
@@ -171,7 +174,22 @@ def attack(args) -> dict:
         lost = {s: 100 * (clean[s]["final"] - r["final"]) for s, r in v["runs"].items() if s in clean}
         v["points_below_clean"] = lost
         v["points_below_clean_mean"] = mean(lost.values()) if len(lost) == len(clean) == len(v["runs"]) else None
-    return {"partition": part, "attack": bad, **runs}
+    shares = {s: malicious_share(cfg(args.rounds, s, partition=part, attack=bad)) for s in args.seeds}
+    old = json.loads(Path(args.json).read_text()).get(args.entry, {}) if Path(args.json).is_file() else {}
+    return {"partition": part, "attack": bad, "malicious_share": {**old.get("malicious_share", {}), **shares}, **runs}
+
+
+def malicious_share(c: FederateConfig) -> dict:
+    """How much of the training data the malicious partitions hold: a robust aggregator that
+    discards their updates learns without it, the clean run learns with it."""
+    import numpy as np
+
+    fed = federation(c)
+    classes = fed.splits.num_classes
+    bad = np.concatenate(fed.rows[:c.attack.clients])
+    of_label = np.bincount(fed.labels[bad], minlength=classes) / np.bincount(fed.labels, minlength=classes)
+    return {"rows": len(bad) / len(fed.labels), "largest_label_share": float(of_label.max()),
+            "label_shares": [round(float(x), 3) for x in of_label]}
 
 
 def dp(args) -> dict:
