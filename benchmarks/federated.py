@@ -7,13 +7,17 @@ they hold on a busy machine. The overhead figure is timing and needs a quiet mac
     python benchmarks/federated.py EXPERIMENT [--rounds N] [--seeds 0,1,2] [--json benchmarks/results/federated.json]
 
 EXPERIMENT: central | noniid | prox | compress | attack | dp | overhead | deployment | text | secagg
-(each writes its own entry).
+(each writes its own entry; attack --partition dirichlet:0.5 writes "attack dirichlet 0.5").
+compress and attack take --variants A,B: only those variants, merged into the entry's other runs
+(a long sweep in parts, or side by side: one process per variant and seed). text takes --steps
+(each client's optimizer steps a round; 15 for the figure, 2 for a quick check).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,7 +78,8 @@ def sweep(args, variants: dict, make) -> dict:
     names = list(variants) if not args.variants else args.variants
     unknown = [n for n in names if n not in variants]
     if unknown:
-        raise SystemExit(f"unknown variant {unknown[0]!r}; choose from {', '.join(variants)}")
+        print(f"unknown variant {unknown[0]!r}; choose from {', '.join(variants)}", file=sys.stderr)
+        raise SystemExit(2)
     return {k: {s: run(make(s, variants[k])) for s in args.seeds} for k in names}
 
 
@@ -163,7 +168,9 @@ def attack(args) -> dict:
     variants = {"clean fedavg": ({}, {}), "fedavg": ({}, bad), "fedmedian": ({"name": "fedmedian"}, bad),
                 "krum": ({"name": "krum", "byzantine": 2}, bad),
                 "multikrum": ({"name": "multikrum", "byzantine": 2, "keep": 8}, bad),
-                "fedtrimmedavg": ({"name": "fedtrimmedavg", "trim_beta": 0.2}, bad)}
+                "fedtrimmedavg": ({"name": "fedtrimmedavg", "trim_beta": 0.2}, bad),
+                # the robust rules' own cost, no attack: what they lose on honest updates alone
+                "clean fedmedian": ({"name": "fedmedian"}, {}), "clean krum": ({"name": "krum", "byzantine": 2}, {})}
     part = args.partition_table
     res = sweep(args, variants, lambda s, v: cfg(args.rounds, s, partition=part, strategy=v[0], attack=v[1]))
     runs = merge_runs(args.json, args.entry, res, lambda v: {
