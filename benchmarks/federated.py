@@ -7,13 +7,17 @@ they hold on a busy machine. The overhead figure is timing and needs a quiet mac
     python benchmarks/federated.py EXPERIMENT [--rounds N] [--seeds 0,1,2] [--json benchmarks/results/federated.json]
 
 EXPERIMENT: central | noniid | prox | compress | attack | dp | overhead | deployment | text | secagg
-(each writes its own entry).
+(each writes its own entry; attack --partition dirichlet:0.5 writes "attack dirichlet 0.5").
+compress and attack take --variants A,B: only those variants, merged into the entry's other runs
+(a long sweep in parts, or side by side: one process per variant and seed). text takes --steps
+(each client's optimizer steps a round; 15 for the figure, 2 for a quick check).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,10 +52,13 @@ def run(c: FederateConfig) -> dict:
         if "diverged" not in str(exc):
             raise
         # a run the attack drove to NaN: a result, not a failure of the benchmark
+        # NaN weights: every prediction is meaningless, so it counts as chance (1 / classes) in the means
         done = [float(line.split()[4]) for line in seen if line.startswith("round ")][1:]
-        print(f"  {c.strategy.name} attack={c.attack.kind} seed={c.seed}: diverged after round {len(done)} ({exc})",
-              flush=True)
-        return {"final": None, "diverged_after_round": len(done), "curve": done, "error": str(exc)}
+        chance = 1.0 / federation(c).splits.num_classes
+        print(f"  {c.strategy.name} attack={c.attack.kind} seed={c.seed}: diverged after round {len(done)} ({exc}); "
+              f"counted at chance {chance:.3f}", flush=True)
+        return {"final": chance, "diverged": True, "diverged_after_round": len(done),
+                "last_finite_accuracy": done[-1] if done else None, "curve": done, "error": str(exc)}
     curve = [h["test_accuracy"] for h in m["history"]]
     print(f"  {c.strategy.name} {c.partition.kind} alpha={c.partition.alpha} comp={c.compression.format} "
           f"attack={c.attack.kind} dp={c.privacy.mode}/{c.privacy.noise_multiplier} seed={c.seed}: "
@@ -62,8 +69,47 @@ def run(c: FederateConfig) -> dict:
 
 
 def mean(xs) -> float | None:
-    xs = [x for x in xs if x is not None]   # diverged runs have no final accuracy (counted apart)
+    xs = [x for x in xs if x is not None]
     return statistics.fmean(xs) if xs else None
+
+
+def sweep(args, variants: dict, make) -> dict:
+    """{variant: {seed: run}} for the variants and seeds asked (--variants picks some by name)."""
+    names = list(variants) if not args.variants else args.variants
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        print(f"unknown variant {unknown[0]!r}; choose from {', '.join(variants)}", file=sys.stderr)
+        raise SystemExit(2)
+    return {k: {s: run(make(s, variants[k])) for s in args.seeds} for k in names}
+
+
+_LOCK = []
+
+
+def lock(path: str) -> None:
+    """Hold the results file's lock until this process exits: parts of one sweep that run side by
+    side each read, merge and write the file."""
+    import fcntl
+
+    if not _LOCK:
+        import hashlib   # not hash(): str hashes differ between processes
+
+        digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
+        where = Path(tempfile.gettempdir()) / f"kiln-bench-{digest}.lock"
+        _LOCK.append(open(where, "w"))
+        fcntl.flock(_LOCK[0], fcntl.LOCK_EX)
+
+
+def merge_runs(path: str, name: str, res: dict, summary) -> dict:
+    """Add these runs to the runs already in `name`'s entry (a variant or a seed run later merges
+    in, as the one-hour job limit asks) and recompute each variant's summary over all its seeds."""
+    lock(path)
+    old = json.loads(Path(path).read_text()).get(name, {}) if Path(path).is_file() else {}
+    out = {k: v for k, v in old.items() if isinstance(v, dict) and "runs" in v}
+    for k, runs in res.items():
+        merged = {**out.get(k, {}).get("runs", {}), **{str(s): r for s, r in runs.items()}}
+        out[k] = {**summary(merged), "runs": dict(sorted(merged.items()))}
+    return out
 
 
 def central(args) -> dict:
@@ -105,23 +151,52 @@ def compress_(args) -> dict:
     variants = {"int8": {"format": "int8"}, "int4 + EF": {"format": "int4", "error_feedback": True},
                 "top-k 1% + EF": {"format": "topk", "topk_fraction": 0.01, "error_feedback": True},
                 "mxfp4 + EF": {"format": "mxfp4", "error_feedback": True}}
-    res = {k: {s: run(cfg(args.rounds, s, compression=v)) for s in args.seeds} for k, v in variants.items()}
+    res = sweep(args, variants, lambda s, v: cfg(args.rounds, s, compression=v))
     fp32 = 4 * sum(p.numel() for p in federation(cfg(1, 0)).model.parameters()) * args.rounds * BASE["clients"]
-    return {"fp32_payload_bytes": fp32, **{
-        k: {"final_mean": mean(r["final"] for r in v.values()), "bytes_up": mean(r["bytes_up"] for r in v.values()),
-            "runs": v} for k, v in res.items()}}
+    return {"fp32_payload_bytes": fp32, **merge_runs(args.json, "compress", res, lambda v: {
+        "final_mean": mean(r["final"] for r in v.values()), "bytes_up": mean(r["bytes_up"] for r in v.values()),
+        "seeds_done": sorted(v)})}
 
 
 def attack(args) -> dict:
+    """2 of 10 clients (partitions 0 and 1, every round) send global - 4 x their update. The
+    standard Byzantine setup (Blanchard et al. 2017, Yin et al. 2018) is IID data across the
+    clients and Krum told f: the default. --partition dirichlet:0.5 repeats it on non-IID shares,
+    where the honest updates disagree and the median and Krum pay for it. The clean run is
+    FedAvg without the attack, same partition and seeds, run here."""
     bad = {"kind": "sign_flip", "clients": 2, "scale": 4.0}
-    # the clean FedAvg run is `noniid`'s "dirichlet 0.5" (the same configs and seeds)
-    variants = {"fedavg": ({}, bad), "fedmedian": ({"name": "fedmedian"}, bad),
+    variants = {"clean fedavg": ({}, {}), "fedavg": ({}, bad), "fedmedian": ({"name": "fedmedian"}, bad),
                 "krum": ({"name": "krum", "byzantine": 2}, bad),
-                "fedtrimmedavg": ({"name": "fedtrimmedavg", "trim_beta": 0.2}, bad)}
-    res = {k: {s: run(cfg(args.rounds, s, strategy=st, attack=at)) for s in args.seeds}
-           for k, (st, at) in variants.items()}
-    return {k: {"final_mean": mean(r["final"] for r in v.values()),
-                "diverged": sum(r["final"] is None for r in v.values()), "runs": v} for k, v in res.items()}
+                "multikrum": ({"name": "multikrum", "byzantine": 2, "keep": 8}, bad),
+                "fedtrimmedavg": ({"name": "fedtrimmedavg", "trim_beta": 0.2}, bad),
+                # the robust rules' own cost, no attack: what they lose on honest updates alone
+                "clean fedmedian": ({"name": "fedmedian"}, {}), "clean krum": ({"name": "krum", "byzantine": 2}, {})}
+    part = args.partition_table
+    res = sweep(args, variants, lambda s, v: cfg(args.rounds, s, partition=part, strategy=v[0], attack=v[1]))
+    runs = merge_runs(args.json, args.entry, res, lambda v: {
+        "final_mean": mean(r["final"] for r in v.values()),
+        "diverged": sum(bool(r.get("diverged")) for r in v.values()), "seeds_done": sorted(v)})
+    clean = runs.get("clean fedavg", {}).get("runs", {})
+    for k, v in runs.items():   # points lost against the clean run of the same seed
+        lost = {s: 100 * (clean[s]["final"] - r["final"]) for s, r in v["runs"].items() if s in clean}
+        v["points_below_clean"] = lost
+        v["points_below_clean_mean"] = mean(lost.values()) if len(lost) == len(clean) == len(v["runs"]) else None
+    shares = {s: malicious_share(cfg(args.rounds, s, partition=part, attack=bad)) for s in args.seeds}
+    old = json.loads(Path(args.json).read_text()).get(args.entry, {}) if Path(args.json).is_file() else {}
+    return {"partition": part, "attack": bad, "malicious_share": {**old.get("malicious_share", {}), **shares}, **runs}
+
+
+def malicious_share(c: FederateConfig) -> dict:
+    """How much of the training data the malicious partitions hold: a robust aggregator that
+    discards their updates learns without it, the clean run learns with it."""
+    import numpy as np
+
+    fed = federation(c)
+    classes = fed.splits.num_classes
+    bad = np.concatenate(fed.rows[:c.attack.clients])
+    of_label = np.bincount(fed.labels[bad], minlength=classes) / np.bincount(fed.labels, minlength=classes)
+    return {"rows": len(bad) / len(fed.labels), "largest_label_share": float(of_label.max()),
+            "label_shares": [round(float(x), 3) for x in of_label]}
 
 
 def dp(args) -> dict:
@@ -169,8 +244,8 @@ def text(args) -> dict:
     the rest is frozen, so only those tensors travel; the server scores 200 seeded test reviews.
     "Centralised" is the same code with one client holding the whole training split (the same
     optimizer steps, the same evaluation rows; AdamW restarts each round as a client's does)."""
-    clients, steps, batch = 4, 15, 16
-    table = {"model": "zoo:minilm_cls", "clients": clients, "threads": 2, "rounds": args.rounds, "seed": 0,
+    clients, steps, batch = 4, args.steps, 16
+    table = {"model": "zoo:minilm_cls", "clients": clients, "threads": 1, "rounds": args.rounds, "seed": 0,
              "engine": "inprocess", "lora": "r=8,alpha=16,targets=query+value,train=head", "eval_samples": 200,
              "partition": {"kind": "dirichlet", "alpha": 0.5},
              "local": {"epochs": 1, "batch_size": batch, "lr": 5e-4, "optimizer": "adamw", "max_steps": steps}}
@@ -181,6 +256,9 @@ def text(args) -> dict:
     fed = federation(from_dict(FederateConfig, table, "text"))
     sent = sum(fed.shared_state()[k].numel() for k in fed.shared)
     return {"federated": fl, "centralised": central, "steps_per_round": steps * clients, "clients": clients,
+            "local": table["local"], "partition": table["partition"], "threads": table["threads"],
+            "max_length": fed.splits.info.get("max_length"), "train_rows": len(fed.labels),
+            "client_rows": [len(r) for r in fed.rows],
             "lora": table["lora"], "eval_samples": 200, "travelling_parameters": sent,
             "all_parameters": sum(v.numel() for v in fed.model.state_dict().values())}
 
@@ -271,17 +349,35 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--epochs", type=int, default=10, help="central: epochs of centralised training")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--steps", type=int, default=15, help="text: optimizer steps per client per round")
+    ap.add_argument("--variants", default="", help="compress/attack: only these variants (comma-separated), "
+                    "merged into the entry's other runs")
+    ap.add_argument("--partition", default="iid", help="attack: iid or dirichlet:ALPHA")
     ap.add_argument("--json", default="benchmarks/results/federated.json")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.variants = [v for v in args.variants.split(",") if v]
+    kind, _, alpha = args.partition.partition(":")
+    args.partition_table = {"kind": kind, **({"alpha": float(alpha)} if alpha else {})}
+    args.entry = "attack" if args.partition == "iid" else f"attack {kind} {alpha}"
     t0 = time.perf_counter()
     entry = EXPERIMENTS[args.experiment](args)
     entry |= {"rounds": args.rounds, "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"),
               "command": f"python benchmarks/federated.py {args.experiment} --rounds {args.rounds} "
                          f"--seeds {','.join(map(str, args.seeds))}"
-                         + (f" --epochs {args.epochs}" if args.experiment == "central" else ""),
+                         + (f" --variants '{','.join(args.variants)}'" if args.variants else "")
+                         + (f" --partition {args.partition}" if args.experiment == "attack" else "")
+                         + (f" --epochs {args.epochs}" if args.experiment == "central" else "")
+                         + (f" --steps {args.steps}" if args.experiment == "text" and args.steps != 15 else ""),
               "wall_s": time.perf_counter() - t0}
-    merge_result(args.json, args.experiment, entry)
+    name = args.entry if args.experiment == "attack" else args.experiment
+    lock(args.json)
+    if args.variants:   # a part of the sweep: keep the commands that made the other parts
+        old = json.loads(Path(args.json).read_text()).get(name, {}) if Path(args.json).is_file() else {}
+        entry["command"] = "; ".join(c for c in (old.get("command"), f"{entry['command']} ({entry['date']})") if c)
+        entry["wall_s"] = None   # parts ran at different times, some side by side
+        entry["seeds"] = sorted({int(x) for x in old.get("seeds", [])} | set(args.seeds))
+    merge_result(args.json, name, entry)
 
 
 if __name__ == "__main__":

@@ -324,3 +324,61 @@ def test_secagg_with_a_client_that_raises_is_one_line(tmp_path):
     with pytest.raises(KilnError, match="client 0 raised RuntimeError: boom in local training"):
         federate(cfg, tmp_path / "run", log=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+# ---- malicious clients and the robust strategies ----------------------------------------------
+
+def _sent_by_hand(cfg):
+    """What each client sends in round 1, by hand: its local model, or for the first
+    attack.clients partitions (sign flip) global - scale * (local - global); with sample counts."""
+    from kiln.federated.task import federation, local_train
+
+    fed = federation(cfg)
+    init = {k: v.clone() for k, v in fed.model.state_dict().items()}
+    sent = []
+    for c in range(cfg.clients):
+        fed.model.load_state_dict(init)
+        local_train(fed, c, 1, init, 0.0)
+        local = {k: v.clone() for k, v in fed.model.state_dict().items()}
+        if c < cfg.attack.clients:
+            local = {k: init[k] - cfg.attack.scale * (v - init[k]) for k, v in local.items()}
+        sent.append((local, len(fed.rows[c])))
+    fed.model.load_state_dict(init)
+    return sent
+
+
+def _krum_by_hand(models, f):
+    """Blanchard et al. 2017: the model whose n - f - 2 nearest others (squared L2) sum least."""
+    flat = np.stack([np.concatenate([m[k].double().numpy().ravel() for k in sorted(m)]) for m in models])
+    dist = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(-1)
+    near = max(1, len(models) - f - 2)
+    scores = [np.sort(np.delete(d, i))[:near].sum() for i, d in enumerate(dist)]
+    return int(np.argmin(scores))
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedmedian", "krum"])
+def test_a_sign_flip_attack_round_matches_the_strategy_by_hand(tmp_path, strategy):
+    """Oracle: the clients' replies computed by hand (partition 0 flips and scales its update),
+    aggregated by FedAvg's weighted mean, the coordinate-wise median, or Krum told f = the
+    attack's client count (byzantine unset), which must pick an honest client's model."""
+    from kiln.federated.run import federate
+    from kiln.federated.server import base_strategy
+    from kiln.runs.artifact import load_artifact
+
+    cfg = config(clients=4, partition={"kind": "iid"}, strategy={"name": strategy},
+                 attack={"kind": "sign_flip", "clients": 1, "scale": 4.0})
+    sent = _sent_by_hand(cfg)
+    federate(cfg, tmp_path / "run", log=lambda s: None)
+    got = load_artifact(tmp_path / "run").model.state_dict()
+    models = [m for m, _ in sent]
+    if strategy == "fedavg":
+        total = sum(n for _, n in sent)
+        expected = {k: sum(m[k].double() * n for m, n in sent) / total for k in got}
+    elif strategy == "fedmedian":
+        expected = {k: torch.from_numpy(np.median(np.stack([m[k].numpy() for m in models]), axis=0)) for k in got}
+    else:
+        assert base_strategy(cfg).num_malicious_nodes == 1
+        pick = _krum_by_hand(models, 1)
+        assert pick >= cfg.attack.clients, "Krum chose the malicious client"
+        expected = models[pick]
+    assert all(torch.allclose(got[k].double(), expected[k].double(), atol=1e-6) for k in got)
