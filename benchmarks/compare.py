@@ -56,7 +56,7 @@ def main() -> None:
                for k, v in (("models", MODELS), ("optimizations", OPTIMIZATIONS), ("hardware", HARDWARE)))
     summary = {"date": str(date.today()), "command": "kiln " + " ".join(argv), "wall_s": wall,
                "full_matrix": full, "cells": len(results["cells"]), "cells_run": results["cells_run"],
-               "cells_resumed": results["cells_resumed"],
+               "cells_resumed": results["cells_resumed"], "latencies_added": results.get("latencies_added", 0),
                "cells_failed": sum(1 for c in results["cells"] if "error" in c),
                "load_avg_1min_at_start": load, "cpus": os.cpu_count(), "observations": results["observations"]}
     print(json.dumps({k: v for k, v in summary.items() if k != "observations"}, indent=2))

@@ -77,6 +77,14 @@ def _cell(model, opt, roof_s, bound, latency_s, value, family="transformer", int
             "hardware": {"h100": hw}, "latency": {"latency_s": latency_s, "backend": "eager"}}
 
 
+def test_a_loss_that_fell_reads_as_improved():
+    from kiln.compare.observe import change, degradation
+
+    base, after = {"metric": {"key": "loss", "value": 222.7}}, {"metric": {"key": "loss", "value": 222.1}}
+    assert change(degradation(base, after)) == "improved 0.3%"
+    assert change(degradation(after, base)) == "degraded 0.3%" and change(0.0) == "unchanged"
+
+
 def test_the_rules_state_the_numbers_the_cells_hold():
     cfg = parse_config("zoo:gpt,zoo:cnn", "int8,2:4,structured50", "h100")
     cells = [_cell("zoo:gpt", "none", 4e-6, "memory", 1e-3, 0.80, share=0.4),
@@ -92,12 +100,13 @@ def test_the_rules_state_the_numbers_the_cells_hold():
     assert quant == ["zoo:gpt is memory-bound at batch 1 on h100 (intensity 1 FLOP/B, fp32 ridge 20): weight "
                      "quantization cuts its roofline latency there by int8 4.00x; measured on this CPU: int8 0.50x"]
     assert 4.0 >= GAIN and 0.5 < GAIN
-    assert any(x.startswith("family cnn tolerates 2:4 sparsity (worst relative loss 1.0%") for x in lines)
-    assert any(x.startswith("family transformer does not tolerate 2:4 sparsity (worst relative loss 25.0%")
+    assert "family cnn tolerates 2:4 sparsity (worst: degraded 1.0%; tolerance 2% degradation): zoo:cnn " \
+           "accuracy 0.9 -> 0.891 (degraded 1.0%)" in lines
+    assert any(x.startswith("family transformer does not tolerate 2:4 sparsity (worst: degraded 25.0%;")
                for x in lines)
     assert 0.01 <= TOLERANCE < 0.25
-    assert "attention is 40% of zoo:gpt's FLOPs (>= 25%): pruning heads pays; structured50 (heads and neurons) " \
-           "removes 60% of its FLOPs at -1.3% metric" in lines
+    assert "attention is 40% of zoo:gpt's FLOPs (>= 25%): pruning heads can pay; structured50 (heads and neurons) " \
+           "removes 60% of its FLOPs, its accuracy degraded 1.3%" in lines
     assert "on h100, 1 of 2 models are memory-bound at batch 1: zoo:gpt" in lines
     # fastest within tolerance: gpt's int8 (4x, no loss; structured50 is 2x), cnn's int8 (2x; 2:4 is 1.1x)
     assert "on h100, the fastest roofline within 2% of the metric: zoo:gpt int8 (4.00x); zoo:cnn int8 (2.00x)" in lines
@@ -171,3 +180,47 @@ def test_resume_repeats_no_cell_and_remeasures_only_what_was_not_saved(matrix, m
     third = compare_run(cfg, out, resume=True)
     assert third["cells_run"] == 1
     assert _cells(third)["int8"]["metric"] == _cells(results)["int8"]["metric"]
+
+
+# -- latency as a second pass: measured under load without it, added by a resume ---------------
+
+@pytest.mark.slow
+def test_a_resume_with_latency_times_the_cells_that_lack_one_and_runs_nothing_else(tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    kw = dict(train_steps=0, finetune_steps=0, backend="eager", rounds=1)
+    first = compare_run(parse_config("zoo:gcn", "int8,passes", "h100", latency=False, **kw), out)
+    assert first["cells_run"] == 3 and all(c["latency"] is None for c in first["cells"])
+    assert not [c for c in first["cells"] if "error" in c]
+
+    def never(*a, **k):
+        raise AssertionError("a finished cell was made or measured again")
+
+    monkeypatch.setattr(compare_module, "make_artifact", never)
+    monkeypatch.setattr(compare_module, "make_base", never)
+    monkeypatch.setattr(compare_module, "measure", never)
+    cfg = parse_config("zoo:gcn", "int8,passes", "h100", latency=True, **kw)
+    second = compare_run(cfg, out, resume=True)
+    assert second["cells_run"] == 0 and second["cells_resumed"] == 3 and second["latencies_added"] == 3
+    for before, after in zip(first["cells"], second["cells"]):
+        lat = after["latency"]
+        assert lat["latency_s"] > 0 and lat["backend"].startswith("eager"), lat
+        assert {k: v for k, v in after.items() if k != "latency"} == \
+            {k: v for k, v in before.items() if k != "latency"}   # every other field kept
+    assert _cells(second)["passes"]["latency"]["backend"] == "eager:passes=1"
+    # a third resume finds every latency there: nothing is timed again
+    third = compare_run(cfg, out, resume=True)
+    assert third["cells_run"] == 0 and third["latencies_added"] == 0
+    assert [c["latency"] for c in third["cells"]] == [c["latency"] for c in second["cells"]]
+
+
+def test_recipes_train_each_model_by_its_own_steps_unless_the_command_line_says_zero():
+    from kiln.compare.config import RECIPES
+
+    cfg = parse_config("zoo:gcn,zoo:cnn", "int8", "h100")
+    gcn, cnn = cfg.recipe("zoo:gcn"), cfg.recipe("zoo:cnn")
+    assert (gcn.steps, gcn.lr) == (RECIPES["zoo:gcn"].steps, RECIPES["zoo:gcn"].lr)
+    assert (cnn.steps, cnn.lr, cnn.finetune_steps) == (cfg.train_steps, cfg.train_lr, cfg.finetune_steps)
+    assert parse_config("zoo:gcn", "int8", "h100", train_steps=0).recipe("zoo:gcn").steps == 0
+    assert parse_config("zoo:gcn", "int8", "h100", recipes=False).recipe("zoo:gcn").lr == cfg.train_lr
+    assert set(RECIPES) <= set(parse_config("zoo:cnn", "int8", "h100").models) | set(
+        __import__("kiln.compare.config", fromlist=["DEFAULT_MODELS"]).DEFAULT_MODELS)

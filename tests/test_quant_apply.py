@@ -287,3 +287,20 @@ def test_per_token_input_scales_are_computed_per_row_at_run_time():
     scale = x.abs().amax(1, keepdim=True) / 127
     expected = torch.clamp(torch.round(x / scale), -127, 127) * scale
     assert torch.equal(m[0].input_q(x), expected)
+
+
+def test_a_block_format_skips_a_typed_module_it_cannot_block_and_refuses_a_named_one():
+    # MX blocks of 32 run along the reduction axis: 16 inputs hold none, 64 hold two
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
+    mx = {"weight": "mxfp4", "input": "mxfp4", "targets": ["Linear"]}
+    skipped: list[dict] = []
+    quantize(model, parse_config(mx), skipped)
+    assert [s["module"] for s in skipped] == ["0"] and "does not divide the last dimension (16)" in skipped[0]["reason"]
+    assert type(model[0]) is nn.Linear and isinstance(model[2], QuantOp)
+    x = torch.randn(3, 16)
+    ref = model[2].module(F.relu(model[0](x)))
+    assert not torch.equal(model(x), ref)   # the second Linear does run in MXFP4
+    with pytest.raises(KilnError, match="does not divide the last dimension"):
+        quantize(nn.Sequential(nn.Linear(16, 64)), parse_config(mx | {"rules": [{"match": "fqn:0", "weight": "mxfp4"}]}))
+    with pytest.raises(KilnError, match="the format fits no module it selects"):
+        quantize(nn.Sequential(nn.Linear(16, 4)), parse_config(mx))

@@ -28,6 +28,9 @@ def compare(
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure batch-1 latency on this CPU."),
     backend: str = typer.Option("auto", help="`kiln compile --backend` for the measured latency."),
     rounds: int = typer.Option(5, help="Timing rounds per candidate backend."),
+    recipes: bool = typer.Option(True, "--recipes/--no-recipes",
+                                 help="Train each zoo model by its recipe (kiln.compare.config.RECIPES) rather "
+                                      "than --train-steps/--train-lr for all."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results here (- for stdout)."),
 ) -> None:
     """Run each optimisation on each model; measure metric, size, FLOPs, latency and rooflines."""
@@ -36,7 +39,8 @@ def compare(
     validate(out_dirs=[out], json_path=json_path)
     cfg = parse_config(models, optimizations, hardware, train_steps=train_steps, train_lr=train_lr,
                        finetune_steps=finetune_steps, finetune_lr=finetune_lr, batch_size=batch_size,
-                       calib_batches=calib_batches, latency=latency, backend=backend, rounds=rounds)
+                       calib_batches=calib_batches, latency=latency, backend=backend, rounds=rounds,
+                       recipes=recipes)
     if latency:
         from kiln.compile.run import candidates
         from kiln.compile.backends import Precision
@@ -48,7 +52,9 @@ def compare(
     for line in results["observations"]:
         console.print(f"- {line}")
     failed = sum(1 for c in results["cells"] if "error" in c)
+    added = results["latencies_added"]
     console.print(f"{len(results['cells'])} cells ({results['cells_run']} run now, {results['cells_resumed']} resumed"
-                  f"{f', {failed} failed' if failed else ''}); report: {out / 'report.html'}")
+                  f"{f', {added} given their latency' if added else ''}{f', {failed} failed' if failed else ''}); "
+                  f"report: {out / 'report.html'}")
     if json_path:
         write_json(json_path, results)

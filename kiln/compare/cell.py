@@ -9,6 +9,7 @@ hardware profile, and the latency measured here with the backend `kiln compile` 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,7 @@ from kiln.graph.passes import PassManager
 from kiln.io import atomic_dir
 from kiln.lowrank.config import parse_config as lowrank_config
 from kiln.lowrank.run import lowrank_run
+from kiln.models.inputs import replace_inputs
 from kiln.prune.config import parse_config as prune_config
 from kiln.prune.run import prune_run
 from kiln.quant.config import parse_config as quant_config
@@ -36,7 +38,7 @@ from kiln.quant.run import quantize_run
 from kiln.runs.artifact import WEIGHTS_FILE, load_source, save_artifact
 from kiln.runs.execution import as_it_runs
 from kiln.train.config import TrainConfig
-from kiln.train.evaluation import evaluate_model, evaluate_run, source_splits
+from kiln.train.evaluation import calibration_batches, evaluate_model, evaluate_run, source_splits
 from kiln.train.tasks import scored_by_own_loss
 from kiln.train.trainer import fit
 
@@ -53,16 +55,20 @@ def slug(name: str) -> str:
 # -- the base run --------------------------------------------------------------------------------
 
 def make_base(spec: str, cfg: CompareConfig, out: Path, log: Log) -> dict:
-    """The model every optimisation of `spec` starts from: `kiln train` for `train_steps` steps
-    (the zoo's own weights when 0), written whole or not at all. Returns what was done."""
-
-    if cfg.train_steps:
+    """The model every optimisation of `spec` starts from: `kiln train` by the model's recipe
+    (the zoo's own weights when it trains 0 steps), written whole or not at all. Returns what
+    was done."""
+    r = cfg.recipe(spec)
+    if r.steps:
+        model = spec if r.classes is None else f"{spec}?classes={r.classes}"
         try:
             with atomic_dir(out) as tmp:
-                fit(TrainConfig(model=spec, out=str(tmp), epochs=1, max_steps=cfg.train_steps, lr=cfg.train_lr,
-                                batch_size=cfg.batch_size, warmup_fraction=0.1), progress=False)
-            log(f"{spec}: trained {cfg.train_steps} steps")
-            return {"trained_steps": cfg.train_steps}
+                # epochs only bound the steps: a step is one batch, whatever an epoch holds
+                fit(TrainConfig(model=model, dataset=r.dataset, out=str(tmp), epochs=r.steps, max_steps=r.steps,
+                                lr=r.lr, batch_size=cfg.batch_size, warmup_fraction=0.1), progress=False)
+            log(f"{spec}: trained {r.steps} steps at lr {r.lr:g}" + (f" on {r.dataset}" if r.dataset else ""))
+            return {"trained_steps": r.steps, "lr": r.lr, "spec": model, "dataset": r.dataset or None,
+                    **({"note": r.note} if r.note else {})}
         except KilnError as exc:   # no data here (ImageNet ships no images): the zoo's weights, said so
             note = f"not trained: {first_line(exc)}"
             log(f"{spec}: {note}")
@@ -75,16 +81,18 @@ def make_base(spec: str, cfg: CompareConfig, out: Path, log: Log) -> dict:
 
 # -- the optimised artifact ----------------------------------------------------------------------
 
-def finetune_table(opt: Optimization, cfg: CompareConfig) -> dict | None:
-    if not (opt.finetune and cfg.finetune_steps):
+def finetune_table(opt: Optimization, cfg: CompareConfig, model: str) -> dict | None:
+    r = cfg.recipe(model)
+    if not (opt.finetune and r.finetune_steps):
         return None
-    return {"epochs": 1, "max_steps": cfg.finetune_steps, "lr": cfg.finetune_lr, "batch_size": cfg.batch_size}
+    return {"epochs": r.finetune_steps, "max_steps": r.finetune_steps, "lr": r.finetune_lr,
+            "batch_size": cfg.batch_size}
 
 
-def make_artifact(opt: Optimization, base: Path, out: Path, cfg: CompareConfig) -> dict:
-    """Run the optimisation's capability on the base run into `out` (a kiln run directory;
+def make_artifact(opt: Optimization, model: str, base: Path, out: Path, cfg: CompareConfig) -> dict:
+    """Run the optimisation's capability on `model`'s base run into `out` (a kiln run directory;
     the compiler's passes: a directory holding the exported program). Returns its report."""
-    ft = finetune_table(opt, cfg)
+    ft = finetune_table(opt, cfg, model)
     table = dict(opt.table) | ({"finetune": ft} if ft else {})
     if opt.capability is Capability.QUANT:
 
@@ -104,7 +112,7 @@ def _passes(base: Path, out: Path) -> dict:
     program evaluates on the test split), saved with torch.export."""
 
     source = load_source(str(base))
-    loaded = dataclasses.replace(source.loaded, model=source.model)
+    loaded = _on_data(source, dataclasses.replace(source.loaded, model=source.model))
     try:
         graph = capture(loaded, dynamic_batch=True)
     except KilnError:   # inputs without a shared batch dimension (a graph's nodes and edges): as given
@@ -113,6 +121,26 @@ def _passes(base: Path, out: Path) -> dict:
     with atomic_dir(out) as tmp:
         torch.export.save(result.graph.program, str(tmp / PROGRAM_FILE))
     return {"passes": list(dict.fromkeys(name for name, _ in result.record)), "changed": result.modified}
+
+
+def _on_data(source, loaded):
+    """`loaded` with two test samples as its example inputs where the data's shape is not the
+    example's (a recipe that trains at another size: MobileNetV2 at 32x32, not 224), so the
+    program, which export specialises to every dimension but the batch, evaluates on the data."""
+    try:
+        x = calibration_batches(source_splits(source), 1, 2, 0)[0]
+    except KilnError:
+        return loaded
+    if isinstance(x, torch.Tensor) and len(loaded.example_inputs) == 1 and not loaded.example_kwargs:
+        new = {"input0": x}
+        old = {"input0": loaded.example_inputs[0]}
+    elif isinstance(x, dict) and not loaded.example_inputs and set(x) == set(loaded.example_kwargs):
+        new, old = x, loaded.example_kwargs
+    else:
+        return loaded
+    if all(isinstance(old[k], torch.Tensor) and old[k].shape[1:] == v.shape[1:] for k, v in new.items()):
+        return loaded
+    return replace_inputs(loaded, new)
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -145,7 +173,7 @@ def measure(opt: Optimization | None, base: Path, artifact: Path, profiles: dict
                                     "ridge": hw.ridge(), "fallback_dtypes": list(r.fallback_dtypes)}
     record["weight_bytes"] = wbytes   # storage bits and sparsity: the same on every profile
     record["notes"] = list(execution.notes)
-    record["latency"] = _latency(opt, artifact, base, cfg) if cfg.latency else None
+    record["latency"] = measure_latency(opt, artifact, base, cfg) if cfg.latency else None
     return record
 
 
@@ -180,8 +208,12 @@ def _metric(artifact: Path, source, program) -> dict:
             ev = evaluate_run(artifact)
             return {"key": ev["metric"], "value": ev["value"]}
         if scored_by_own_loss(source.model):
-            return {"key": None, "value": None, "note": "scored by its own loss(), which the exported program lacks"}
-        key, value = evaluate_model(Program(program.module()), source_splits(source))
+            # its loss() calls self(...): the same model object with the program as its forward
+            model = copy.copy(source.model)
+            object.__setattr__(model, "forward", program.module())
+        else:
+            model = Program(program.module())
+        key, value = evaluate_model(model, source_splits(source))
         return {"key": key, "value": value}
     except KilnError as exc:
         return {"key": None, "value": None, "note": first_line(exc)}
@@ -199,7 +231,7 @@ class Program(torch.nn.Module):
         return self.program(*args, **kwargs)
 
 
-def _latency(opt: Optimization | None, artifact: Path, base: Path, cfg: CompareConfig) -> dict | None:
+def measure_latency(opt: Optimization | None, artifact: Path, base: Path, cfg: CompareConfig) -> dict | None:
     """Batch-1 latency here: `kiln compile --backend BACKEND` on the artifact, the fastest
     candidate kept (int8 artifacts may pick real int8 kernels). The compiler's passes are
     timed as the backends that run them (`eager:passes=1`, inductor's with passes=1) on the

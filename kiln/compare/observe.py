@@ -38,6 +38,12 @@ def degradation(base: dict, cell: dict) -> float | None:
     return drop / abs(b["value"])
 
 
+def change(d: float) -> str:
+    """A relative degradation in words: 'degraded 7.0%', 'improved 0.3%' (whatever the metric's
+    direction: a loss that fell improved)."""
+    return "unchanged" if round(d * 100, 1) == 0 else f"{'degraded' if d > 0 else 'improved'} {abs(d) * 100:.1f}%"
+
+
 def speedup(base_s: float | None, cell_s: float | None) -> float | None:
     return base_s / cell_s if base_s and cell_s else None
 
@@ -106,9 +112,9 @@ def _nm_by_family(base: dict, by: dict) -> list[str]:
         worst = max(d for _, d, _, _ in rows)
         verdict = "tolerates" if worst <= TOLERANCE else "does not tolerate"
         detail = "; ".join(f"{m} {b['metric']['key']} {b['metric']['value']:.4g} -> {c['metric']['value']:.4g} "
-                           f"({-d * 100:+.1f}%)" for m, d, b, c in rows)
-        lines.append(f"family {fam} {verdict} 2:4 sparsity (worst relative loss {worst * 100:.1f}%, "
-                     f"tolerance {TOLERANCE * 100:.0f}%): {detail}")
+                           f"({change(d)})" for m, d, b, c in rows)
+        lines.append(f"family {fam} {verdict} 2:4 sparsity (worst: {change(worst)}; "
+                     f"tolerance {TOLERANCE * 100:.0f}% degradation): {detail}")
     return lines
 
 
@@ -122,10 +128,10 @@ def _attention(base: dict, by: dict) -> list[str]:
         cut = 1 - c["flops"] / b["flops"] if c and b["flops"] else None
         d = degradation(b, c) if c else None
         what = (f"; structured50 (heads and neurons) removes {cut * 100:.0f}% of its FLOPs"
-                + (f" at {-d * 100:+.1f}% metric" if d is not None else "")) if cut is not None else ""
+                + (f", its {b['metric']['key']} {change(d)}" if d is not None else "")) if cut is not None else ""
         if share >= ATTENTION_PAYS:
             lines.append(f"attention is {share * 100:.0f}% of {model}'s FLOPs (>= {ATTENTION_PAYS * 100:.0f}%): "
-                         f"pruning heads pays{what}")
+                         f"pruning heads can pay{what}")
         else:
             lines.append(f"attention is only {share * 100:.0f}% of {model}'s FLOPs: pruning heads alone can save "
                          f"at most that{what}")

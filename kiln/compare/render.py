@@ -18,8 +18,12 @@ def render(results: dict) -> Report:
     hw = cfg["hardware"]
     rep = Report("kiln compare", summary={"models": len(cfg["models"]), "optimizations": cfg["optimizations"],
                                           "hardware": hw, "cells_run": results["cells_run"],
-                                          "cells_resumed": results["cells_resumed"], "wall_s": results["wall_s"]})
-    sec = rep.section("Matrix", "Each optimisation of each (briefly trained) model, at batch 1. Metric: `kiln eval` "
+                                          "cells_resumed": results["cells_resumed"],
+                                          "latencies_added": results.get("latencies_added", 0),
+                                          "wall_s": results["wall_s"]})
+    _bases(rep, cells)
+    sec = rep.section("Matrix", "Each optimisation of each model (trained as 'Base models' says), at batch 1. "
+                      "Metric: `kiln eval` "
                       "of the artifact on the test split. Size: bytes of the saved artifact, and of the weights as "
                       "they run (number formats, sparse storage). FLOPs: dense, and as the artifact runs "
                       "(sparse kernels skip zeros). Latency: measured here with the backend `kiln compile` chose.")
@@ -31,11 +35,12 @@ def render(results: dict) -> Report:
             continue
         h = c["hardware"][first]
         lat = c.get("latency") or {}
+        left = [x["module"] for x in (c.get("made") or {}).get("skipped", [])]
         rows.append([c["model"], c["optimization"], c["metric"].get("key"), c["metric"].get("value"),
                      _change(b, c), c["artifact_bytes"], c["weight_bytes"], c["flops"], h["flops"],
-                     lat.get("latency_s"), lat.get("backend")])
+                     lat.get("latency_s"), lat.get("backend"), ", ".join(left) or None])
     sec.table(["model", "optimisation", "metric", "value", "change", "artifact bytes", "weight bytes",
-               "FLOPs", "FLOPs as run", "latency here (s)", "backend"], rows)
+               "FLOPs", "FLOPs as run", "latency here (s)", "backend", "left as it was"], rows)
     roof = rep.section("Roofline on each profile", "Roofline latency (s) and boundedness at batch 1; arithmetic "
                        "intensity (FLOP/byte as the artifact runs).")
     roof.table(["model", "optimisation", *[f"{h} s" for h in hw], *[f"{h} bound" for h in hw],
@@ -52,6 +57,21 @@ def render(results: dict) -> Report:
         rep.section("Cells that failed").table(["model", "optimisation", "error"],
                                                [[c["model"], c["optimization"], c["error"]] for c in failed])
     return rep
+
+
+def _bases(rep: Report, cells: list[dict]) -> None:
+    """How each base model was trained (its recipe) and what it reached: the row every
+    optimisation is read against."""
+    rows = []
+    for c in cells:
+        if c["optimization"] != BASELINE:
+            continue
+        b, m = c.get("base") or {}, c.get("metric") or {}
+        rows.append([c["model"], b.get("spec"), b.get("dataset") or "(the zoo's)", b.get("trained_steps"),
+                     b.get("lr"), m.get("key"), m.get("value"), b.get("note") or m.get("note") or c.get("error")])
+    rep.section("Base models", "Each model's base run: `kiln train` by its recipe (kiln.compare.config.RECIPES) "
+                "from the zoo's weights (pretrained where the zoo has them), and its test metric.").table(
+        ["model", "trained as", "dataset", "steps", "lr", "metric", "value", "note"], rows)
 
 
 def _grid(cfg: dict, base: dict, by: dict, value) -> tuple[list[str], list[str], list[list[float | None]]]:

@@ -5,7 +5,10 @@ OUT/
   base/MODEL/                     the base run of each model (kiln run directory)
   cells/MODEL/OPT/                each optimisation's artifact
   cells/MODEL/OPT.json            the cell's record, written atomically once it is measured:
-                                  its presence is what "done" means (OPT 'none' is the baseline)
+                                  its presence is what "done" means (OPT 'none' is the baseline);
+                                  a cell measured without latency gets one, and only that, when
+                                  a run with latency on resumes it (build the matrix under load
+                                  with --no-latency, add the latencies on a quiet machine)
   compare.json, report.html/.md/.json, figures/   the results, rewritten at the end
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from kiln.compare.cell import make_artifact, make_base, measure, slug
+from kiln.compare.cell import make_artifact, make_base, measure, measure_latency, slug
 from kiln.compare.config import BASELINE, OPTIMIZATIONS, CompareConfig
 from kiln.compare.observe import observations
 from kiln.compare.render import render
@@ -29,7 +32,8 @@ from kiln.models.zoo import ZOO
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "compare.json"
 # what must match for a resumed run's finished cells to stand beside new ones
-SAME_ON_RESUME = ("train_steps", "train_lr", "finetune_steps", "finetune_lr", "batch_size", "calib_batches")
+SAME_ON_RESUME = ("train_steps", "train_lr", "finetune_steps", "finetune_lr", "batch_size", "calib_batches",
+                  "recipes")
 
 
 def cell_path(out: Path, model: str, opt: str) -> Path:
@@ -79,7 +83,7 @@ def compare_run(cfg: CompareConfig, out: Path, resume: bool = False, log: Callab
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / CONFIG_FILE, to_dict(cfg))
     names = [BASELINE, *cfg.optimizations]
-    total, done, ran = len(cfg.models) * len(names), 0, 0
+    total, done, ran, timed = len(cfg.models) * len(names), 0, 0, 0
     t0 = time.monotonic()
     for model in cfg.models:
         base = out / "base" / slug(model)
@@ -89,13 +93,15 @@ def compare_run(cfg: CompareConfig, out: Path, resume: bool = False, log: Callab
             if not path.is_file():
                 atomic_write_json(path, _cell(model, name, base, out, profiles, cfg, log))
                 ran += 1
+            elif cfg.latency:
+                timed += _add_latency(path, model, name, base, out, cfg, log)
             done += 1
     cells = [json.loads(cell_path(out, m, n).read_text()) for m in cfg.models for n in names]
     results = {"config": to_dict(cfg), "hardware": {n: {"peak_flops": p.peak_flops, "memory_bandwidth":
                                                          p.memory_bandwidth, "sources": p.sources}
                                                      for n, p in profiles.items()},
                "cells": cells, "observations": observations(cells, cfg), "cells_run": ran,
-               "cells_resumed": total - ran, "wall_s": time.monotonic() - t0}
+               "cells_resumed": total - ran, "latencies_added": timed, "wall_s": time.monotonic() - t0}
     atomic_write_json(out / RESULTS_FILE, results)
     render(results).write(out)
     return results
@@ -114,12 +120,25 @@ def _cell(model: str, name: str, base: Path, out: Path, profiles: dict, cfg: Com
         artifact = out / "cells" / slug(model) / slug(name)
         if not artifact.is_dir():   # made before a stop that came before its measurements
             log(f"{model}: {name}")
-            record["made"] = _what_it_did(make_artifact(opt, base, artifact, cfg))
+            record["made"] = _what_it_did(make_artifact(opt, model, base, artifact, cfg))
         return record | _family(model) | measure(opt, base, artifact, profiles, cfg)
     except Exception as exc:   # one cell's failure (a refusal, an op a backend lacks) must not stop the matrix
         why = first_line(exc) if isinstance(exc, KilnError) else f"{type(exc).__name__}: {first_line(exc)}"
         log(f"{model} x {name}: {why}")
         return record | _family(model) | {"error": why}
+
+
+def _add_latency(path: Path, model: str, name: str, base: Path, out: Path, cfg: CompareConfig, log) -> int:
+    """Measure the latency of a finished cell that has none (it ran with --no-latency), every
+    other field kept; 1 when it measured one."""
+    cell = json.loads(path.read_text())
+    if "error" in cell or cell.get("latency") is not None:
+        return 0
+    opt = None if name == BASELINE else OPTIMIZATIONS.get(name)
+    artifact = base if opt is None else out / "cells" / slug(model) / slug(name)
+    log(f"{model} x {name}: latency")
+    atomic_write_json(path, cell | {"latency": measure_latency(opt, artifact, base, cfg)})
+    return 1
 
 
 def _family(model: str) -> dict:

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kiln.lowrank import svd, tucker
 from kiln.lowrank.config import Choice, Plan
+from kiln.models.linear import as_torch_linears
 from kiln.models.probe import record
 
 KIND = "lowrank"
@@ -96,6 +97,7 @@ def replace(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
 
 def factorize(model: nn.Module, plan: Plan) -> tuple[nn.Module, list[Decision], dict]:
     """Swap every planned module for its factorisation; (model, decisions, transform record)."""
+    as_torch_linears(model)   # PyG's Linear is factorised, and restored, as the nn.Linear it is
     shared = shared_weights(model)
     decisions = [Decision(f, type(model.get_submodule(f)).__name__, None, 0, 0, why) for f, why in plan.skipped.items()]
     record: dict = {"kind": KIND, "modules": {}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.models.linear import as_torch_linears
 from kiln.lowrank.apply import KIND, replace
 from kiln.lowrank.svd import LowRankLinear
 from kiln.lowrank.tucker import Tucker2Conv2d, check_conv
@@ -15,6 +16,7 @@ def restore(model: nn.Module, record: dict) -> nn.Module:
     modules = record.get("modules")
     if not isinstance(modules, dict):
         raise KilnError("lowrank transform record needs a 'modules' table")
+    as_torch_linears(model)   # as factorize() saw it
     for fqn, entry in modules.items():
         try:
             module = model.get_submodule(fqn)

@@ -12,6 +12,10 @@ import torch
 
 from kiln.prune.deps import Ctx, Seg, Track, arg, rule, shape_of, unify, where
 
+# a fresh tensor of a size the code gives (message passing: `src.new_zeros(size)` for a scatter to fill)
+ALLOCATIONS = ("new_zeros", "new_empty", "new_full")
+
+
 def _norm_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
@@ -245,7 +249,7 @@ def _sdpa(ctx: Ctx, node, op: str) -> Any:
 
 
 @rule("_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel", "arange", "new_ones", "zeros_like",
-       "ones_like", "full_like", "empty_like")
+       "ones_like", "full_like", "empty_like", *ALLOCATIONS)
 def _no_channels(ctx: Ctx, node, op: str) -> None:
     return None
 
@@ -307,3 +311,56 @@ def _addmm(ctx: Ctx, node, op: str) -> Track:
     for seg in tx.segs if tx is not None else ():
         ctx.slot(seg, ctx.param(w), 0, "in")
     return ctx.produce(shape_of(w)[1], 1, [(ctx.param(w), 1), (ctx.param(bias), 0)])
+
+
+# -- message passing (PyG): gather rows by the edges' source, scatter them back by their target ---
+
+@rule("index_select")
+def _index_select(ctx: Ctx, node, op: str) -> Track | None:
+    """Rows (nodes, edges) picked along another dimension keep the channels."""
+    tx = ctx.track(node.args[0])
+    if tx is not None and _norm_dim(node.args[1], len(shape_of(node))) == tx.dim:
+        raise ValueError("indexes the channels")
+    return tx
+
+
+@rule("expand_as")
+def _expand_as(ctx: Ctx, node, op: str) -> Track | None:
+    """`x` broadcast to `other`'s shape: along other's channels where x has size 1 there (a
+    scatter's index, expanded to its source), as `expand` where x carries the channels."""
+    x, other = node.args[:2]
+    tx, to = ctx.track(x), ctx.track(other)
+    if tx is not None:
+        return Track(tx.dim + len(shape_of(node)) - len(shape_of(x)), tx.segs)
+    if to is None:
+        return None
+    sx = (1,) * (len(shape_of(node)) - len(shape_of(x))) + shape_of(x)
+    if sx[to.dim] != 1:
+        raise ValueError("a fixed tensor broadcast over the channels")
+    return to
+
+
+@rule("scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_", "index_add", "index_add_")
+def _scatter(ctx: Ctx, node, op: str) -> Track | None:
+    """out[index[i]] += src[i] along another dimension: channels go from src (and an index
+    expanded to it) into the output. The destination must carry the same channels or be a
+    fresh allocation whose size the code takes from src (PyG's `src.new_zeros(size)`): a fixed
+    tensor there would keep its width when src shrank."""
+    dest, dim, index, src = node.args[:4]
+    ts, nd = ctx.track(src), len(shape_of(node))
+    if ts is None:
+        if ctx.track(dest) is not None or ctx.track(index) is not None:
+            raise ValueError("channels in the destination or index only")
+        return None
+    if _norm_dim(dim, nd) == ts.dim:
+        raise ValueError("scatters along the channels")
+    for other in (dest, index):
+        t = ctx.track(other)
+        if t is not None and not unify(ctx, ts, t, where(node, op)):
+            raise ValueError("operands do not line up")
+    produced = dest.target.overloadpacket.__name__ if isinstance(dest, torch.fx.Node) and \
+        isinstance(dest.target, torch._ops.OpOverload) else ""
+    if ctx.track(dest) is None and produced not in ALLOCATIONS:
+        raise ValueError("a destination of fixed width")
+    return ts
+

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.models.linear import as_torch_linears
 from kiln.prune.criteria import ScoreContext
 from kiln.prune.unstructured import (PruneResult, default_targets, check_target, restore_masks, scores,
                                      set_mask, sparse_execution, sparsity_report)
@@ -55,6 +56,7 @@ def prune_nm(model: nn.Module, n: int = 2, m: int = 4, criterion: str = "magnitu
              targets: Iterable[str] | None = None, ctx: ScoreContext | None = None) -> PruneResult:
     """Mask every target (default: each Linear/Conv) to N:M along its input dimension."""
     check_nm(n, m)
+    as_torch_linears(model)   # a mask on PyG's Linear would save under names its restore lacks
     explicit = targets is not None
     chosen, skipped = [], []
     for fqn in (list(targets) if explicit else default_targets(model)):

@@ -23,6 +23,7 @@ from torch import nn
 from kiln.analysis.oracle import flop_counter_flops
 from kiln.errors import KilnError
 from kiln.io import check_new_dir
+from kiln.models.linear import as_torch_linears
 from kiln.models.spec import load
 from kiln.prune.config import Plan, PruneConfig, to_table
 from kiln.prune.criteria import ScoreContext, needs_gradients
@@ -51,6 +52,7 @@ def prune_run(src: str, cfg: PruneConfig, out: str | Path, dataset: str | None =
     """Prune `src` (a spec or any float run directory) by `cfg` into the run directory `out`."""
     out = check_new_dir(out)
     source = require_float(load_source(src, dataset), "prune")
+    as_torch_linears(source.model)   # the dense copies profiled beside the pruned one look the same
     model, plan = source.model, cfg.plan(source.model)
     splits = source_splits(source) if (source.dataset and (evaluate or _needs_data(cfg))) else None
     if _needs_data(cfg) and splits is None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kiln.errors import KilnError, first_line
+from kiln.models.linear import as_torch_linears
 from kiln.runs.transforms import register_transform
 from kiln.prune.deps import Group, find_groups
 from kiln.prune.criteria import Reduction, ScoreContext, needs_gradients
@@ -142,6 +143,7 @@ def prune_structured(model: nn.Module, example_inputs: tuple, ratio: float, crit
     if needs_gradients(criterion) and not batches:
         raise KilnError(f"criterion {criterion} needs batches of (x, y) to take gradients on")
     model = copy.deepcopy(model)
+    as_torch_linears(model)   # PyG's Linear shrinks, and is reported, as the nn.Linear it is
     groups = dependency_groups(model, example_inputs, example_kwargs)
     plan.check_targets(groups)
     params = dict(model.named_parameters())
@@ -253,6 +255,7 @@ def _layer(*types: type):
 
 def apply_keeps(model: nn.Module, keeps: Keeps) -> nn.Module:
     """Slice every listed tensor to its kept indices, then let each touched layer fix its attributes."""
+    as_torch_linears(model)   # a restore, as prune_structured saw the model
     by_module: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
     for fqn, dims in keeps.items():
         owner, _, name = fqn.rpartition(".")
@@ -369,7 +372,9 @@ def restore(model: nn.Module, record: dict) -> nn.Module:
     keep = record.get("keep")
     if not isinstance(keep, dict):
         raise KilnError(f"{KIND} record has no 'keep' table")
-    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    # every name of a tied weight (GPT's lm_head.weight is its token embedding): the export that
+    # found the groups may have named either
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
     missing = sorted(set(keep) - names)
     if missing:
         raise KilnError(f"{KIND} record names {missing[0]}, which the model does not have")

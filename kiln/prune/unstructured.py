@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from kiln.analysis.execution import Execution, ModuleExecution, Sparsity
 from kiln.errors import KilnError
+from kiln.models.linear import as_torch_linears
 from kiln.prune.criteria import CRITERIA, ScoreContext
 from kiln.runs.transforms import register_transform
 
@@ -166,6 +167,7 @@ def prune_unstructured(model: nn.Module, ratio: float, criterion: str = "magnitu
     """Mask `ratio` of the targets' weights (default: every Linear/Conv); `overrides` give some
     modules their own ratio, pruned locally. Masks already present only gain zeros."""
     check_ratio(ratio)
+    as_torch_linears(model)   # a mask on PyG's Linear would save under names its restore lacks
     overrides = dict(overrides or {})
     for fqn, r in overrides.items():
         check_ratio(r, f"ratio of module {fqn!r}:")
@@ -230,6 +232,7 @@ def _module(model: nn.Module, fqn: str) -> nn.Module:
 
 def restore_masks(model: nn.Module, fqns: Iterable[str]) -> nn.Module:
     """Placeholder all-ones masks on the named modules; the saved weights then fill them in."""
+    as_torch_linears(model)   # as the pruning saw them
     for fqn in fqns:
         module = check_target(model, fqn)
         if mask_of(module) is None:

@@ -8,7 +8,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
+from kiln.models.linear import as_torch_linears
 from kiln.models.probe import record
 from kiln.models.zoo.layers import SelfAttention
 from kiln.quant.config import QuantConfig, parse_config, to_table
@@ -39,9 +40,12 @@ def _type_name(module: nn.Module) -> str | None:
     return "attention" if _is_attention(module) else None
 
 
-def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
+def quantize(model: nn.Module, config: QuantConfig, skipped: list[dict] | None = None) -> nn.Module:
     """Wrap every module the config selects, in place; returns the model. A rule whose
-    pattern matches no module is a KilnError."""
+    pattern matches no module is a KilnError. A module chosen by its type whose shape the
+    format cannot take (MX blocks of 32 along 34 inputs) stays float, appended to `skipped`
+    with the reason, as N:M pruning skips what it cannot group; named by its FQN, it is an error."""
+    as_torch_linears(model)   # another library's Linear (PyG's) is quantized as the nn.Linear it is
     used = [False] * len(config.rules)
     plan = []
     for fqn, module in model.named_modules():
@@ -60,7 +64,8 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
                             f"(Linear, Conv1d/2d/3d, Embedding or attention)")
     if not plan:
         raise KilnError("quant config selects no module of this model")
-    hf_attention = False
+    named = {r.match.pattern for r in config.rules if r.match.kind == "fqn"}
+    hf_attention, left = False, []
     for fqn, module, name, specs in plan:
         if name == "attention":
             if specs.get("attention") is None:
@@ -70,7 +75,19 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
             continue
         parent_name, _, child = fqn.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, QuantOp(module, fqn, specs.get("weight"), specs.get("input"), specs.get("output")))
+        try:
+            op = QuantOp(module, fqn, specs.get("weight"), specs.get("input"), specs.get("output"))
+            op.check_shapes()
+        except KilnError as exc:
+            if fqn in named:
+                raise
+            left.append({"module": fqn, "reason": first_line(exc)})
+            continue
+        setattr(parent, child, op)
+    if left and len(left) == len(plan):
+        raise KilnError(f"quant config: the format fits no module it selects ({left[0]['module']}: {left[0]['reason']})")
+    if skipped is not None:
+        skipped += left
     if hf_attention:
         register_hf_attention()
         for m in model.modules():
@@ -186,6 +203,7 @@ def restore(model: nn.Module, config: dict) -> nn.Module:
     table, smoothed = config.get("quant"), config.get("smoothed", [])
     if not isinstance(table, dict) or not isinstance(smoothed, list):
         raise KilnError("quant transform record needs a 'quant' table and a 'smoothed' list")
+    as_torch_linears(model)   # as quantize() saw it, before a smoothed Linear is rebuilt
     for fqn in smoothed:
         try:
             linear = model.get_submodule(fqn)

@@ -77,6 +77,16 @@ class QuantOp(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_q(self.module.weight) if self.weight_q is not None else self.module.weight
 
+    def check_shapes(self) -> None:
+        """Quantize the weight, and a zero input of the module's width, once: a format that cannot
+        take their shapes (MX blocks of 32 along 34 inputs) fails here, not at the first batch."""
+        with torch.no_grad():
+            self.quantized_weight()
+            if self.input_q is not None and not self.input_q.spec.format.scaled:
+                w = self.module.weight
+                width = (w.shape[1] * getattr(self.module, "groups", 1),)
+                self.input_q(torch.zeros(_act_shape(width, self.op.input_axis)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         smooth = getattr(self.module, "inv_scale", None)
         if smooth is not None:

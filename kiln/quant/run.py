@@ -19,6 +19,7 @@ from torch import nn
 from kiln.config import read_toml
 from kiln.errors import KilnError
 from kiln.io import check_new_dir
+from kiln.models.linear import as_torch_linears
 from kiln.quant.apply import KIND, calibrate, quant_record, quantize, report
 from kiln.quant.config import QuantConfig, parse_config
 from kiln.quant.gptq import gptq_for_config
@@ -28,7 +29,7 @@ from kiln.runs.artifact import load_source, save_source
 from kiln.runs.metrics import metric_record
 from kiln.train.config import TrainConfig
 from kiln.train.evaluation import calibration_batches, check_batches, evaluate_model, source_splits
-from kiln.train.tasks import forward as model_forward
+from kiln.train.tasks import forward as model_forward, scored_by_own_loss
 from kiln.train.trainer import PREPARES
 
 
@@ -37,6 +38,7 @@ def prepare(model: nn.Module, config: QuantConfig, batches: list,
     """SmoothQuant (if configured), GPTQ (if configured), wrap the selected modules, then
     calibrate the activation quantizers on `batches`. Returns what the algorithms reported."""
     done: dict = {}
+    as_torch_linears(model)   # SmoothQuant and GPTQ find the Linears quantize() will wrap
     if config.smoothquant is not None:
 
         # fold into LayerNorms where the graph allows; where a norm's output also feeds a
@@ -47,11 +49,28 @@ def prepare(model: nn.Module, config: QuantConfig, batches: list,
     if config.gptq is not None:
 
         done["gptq"], gptq_scales = gptq_for_config(model, config, batches, forward)
-    quantize(model, config)
+    skipped: list[dict] = []
+    quantize(model, config, skipped)
+    if skipped:
+        done["skipped"] = skipped
     if gptq_scales:
         _adopt_gptq_scales(model, gptq_scales)
     done["calibration_batches"] = calibrate(model, batches, forward)
     return done
+
+
+def calibration_forward(model: nn.Module) -> Callable:
+    """How calibration runs the model on a batch: through its own loss() where it is scored by
+    one (a diffusion model's forward takes a timestep the data does not hold; its loss draws
+    one), with the same draws on every call so the float and quantized models see one input."""
+    if not scored_by_own_loss(model):
+        return model_forward
+
+    def run(m: nn.Module, x):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return m.loss(x)[0]
+    return run
 
 
 def _adopt_gptq_scales(model: nn.Module, scales: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
@@ -90,13 +109,15 @@ def quantize_run(src: str, config: QuantConfig, out: Path | None, dataset: str |
     log(f"model {source.spec}, data {source.dataset}")
     splits = source_splits(source)
     batches = calibration_batches(splits, calib_batches, batch_size, seed)
-    check_batches(source.model, batches, f"calibration data {source.dataset}")
+    forward = calibration_forward(source.model)
+    check_batches(source.model, batches, f"calibration data {source.dataset}", forward)
     reference = copy.deepcopy(source.model)
     model = source.model
-    done = prepare(model, config, batches)
+    done = prepare(model, config, batches, forward)
     log(f"calibrated on {done['calibration_batches']} batches of {batch_size}")
-    rep = report(reference, model, lambda m: model_forward(m, batches[0]))
-    rep["algorithms"] = {k: v for k, v in done.items() if k != "calibration_batches"}
+    rep = report(reference, model, lambda m: forward(m, batches[0]))
+    rep["algorithms"] = {k: v for k, v in done.items() if k not in ("calibration_batches", "skipped")}
+    rep["skipped"] = done.get("skipped", [])
     rep["calibration"] = {"batches": calib_batches, "batch_size": batch_size, "seed": seed}
     sizes = {k: rep[k] for k in ("avg_weight_bits", "model_bytes", "fp32_bytes")}
     metrics = {"model": source.spec, "source": src, "dataset": source.dataset} | sizes

@@ -62,11 +62,11 @@ def calibration_batches(splits, n: int, batch_size: int, seed: int) -> list:
     return [x for x, _ in labelled_batches(splits, n, batch_size, seed)]
 
 
-def check_batches(model: nn.Module, batches: list, where: str) -> None:
-    """One batch through the model: data of the wrong shape fails here, not mid-way."""
+def check_batches(model: nn.Module, batches: list, where: str, forward=tasks.forward) -> None:
+    """One batch through the model (as `forward` runs it): data of the wrong shape fails here, not mid-way."""
     try:
         with torch.no_grad():
-            tasks.forward(model, batches[0])
+            forward(model, batches[0])
     except Exception as exc:
         raise KilnError(f"{where} does not fit the model: {first_line(exc)}") from None
 
