@@ -147,6 +147,15 @@ def _on_data(source, loaded):
 
 def measure(opt: Optimization | None, base: Path, artifact: Path, profiles: dict, cfg: CompareConfig) -> dict:
     """Every figure of one cell (the baseline when `opt` is None) on every profile."""
+    record, source, program = costs(opt, base, artifact, profiles)
+    record = {"metric": _metric(artifact, source, program)} | record
+    record["latency"] = measure_latency(opt, artifact, base, cfg) if cfg.latency else None
+    return record
+
+
+def costs(opt: Optimization | None, base: Path, artifact: Path, profiles: dict) -> tuple[dict, object, object]:
+    """The cell's FLOPs, bytes and roofline on every profile (no evaluation, no timing), with the
+    loaded source and the passes' program that the metric needs."""
     passes = opt is not None and opt.capability is Capability.PASSES
     source = load_source(str(base if passes else artifact))
     model, execution = as_it_runs(source.model, source.transforms)
@@ -158,8 +167,7 @@ def measure(opt: Optimization | None, base: Path, artifact: Path, profiles: dict
         # the saved program has a dynamic batch (traced at 2, for evaluation); costs are at batch 1
         program = torch.export.load(str(artifact / PROGRAM_FILE))
         graph = _costed(optimize(capture(loaded)).graph)
-    record = {"metric": _metric(artifact, source, program), "flops": _flops(graph),
-              "artifact_bytes": _artifact_bytes(artifact), "param_bytes": a.param_bytes,
+    record = {"flops": _flops(graph), "artifact_bytes": _artifact_bytes(artifact), "param_bytes": a.param_bytes,
               "attention_flop_share": attention_share(graph), "hardware": {}}
     for name, hw in profiles.items():
         if passes:
@@ -173,8 +181,7 @@ def measure(opt: Optimization | None, base: Path, artifact: Path, profiles: dict
                                     "ridge": hw.ridge(), "fallback_dtypes": list(r.fallback_dtypes)}
     record["weight_bytes"] = wbytes   # storage bits and sparsity: the same on every profile
     record["notes"] = list(execution.notes)
-    record["latency"] = measure_latency(opt, artifact, base, cfg) if cfg.latency else None
-    return record
+    return record, source, program
 
 
 def _costed(graph):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from kiln.compare.cell import make_artifact, make_base, measure, measure_latency, slug
+from kiln.compare.cell import costs, make_artifact, make_base, measure, measure_latency, slug
 from kiln.compare.config import BASELINE, OPTIMIZATIONS, CompareConfig
 from kiln.compare.observe import observations
 from kiln.compare.render import render
@@ -94,7 +94,7 @@ def compare_run(cfg: CompareConfig, out: Path, resume: bool = False, log: Callab
                 atomic_write_json(path, _cell(model, name, base, out, profiles, cfg, log))
                 ran += 1
             elif cfg.latency:
-                timed += _add_latency(path, model, name, base, out, cfg, log)
+                timed += _add_latency(path, model, name, base, out, profiles, cfg, log)
             done += 1
     cells = [json.loads(cell_path(out, m, n).read_text()) for m in cfg.models for n in names]
     results = {"config": to_dict(cfg), "hardware": {n: {"peak_flops": p.peak_flops, "memory_bandwidth":
@@ -128,16 +128,21 @@ def _cell(model: str, name: str, base: Path, out: Path, profiles: dict, cfg: Com
         return record | _family(model) | {"error": why}
 
 
-def _add_latency(path: Path, model: str, name: str, base: Path, out: Path, cfg: CompareConfig, log) -> int:
-    """Measure the latency of a finished cell that has none (it ran with --no-latency), every
-    other field kept; 1 when it measured one."""
+def _add_latency(path: Path, model: str, name: str, base: Path, out: Path, profiles: dict, cfg: CompareConfig,
+                 log) -> int:
+    """Measure the latency of a finished cell that has none (it ran with --no-latency), and cost
+    it again on this run's profiles (a 'local' calibrated since on a quiet machine replaces the
+    quick one the cell was costed with); its metric and artifact are kept. 1 when it measured one."""
     cell = json.loads(path.read_text())
     if "error" in cell or cell.get("latency") is not None:
         return 0
     opt = None if name == BASELINE else OPTIMIZATIONS.get(name)
     artifact = base if opt is None else out / "cells" / slug(model) / slug(name)
     log(f"{model} x {name}: latency")
-    atomic_write_json(path, cell | {"latency": measure_latency(opt, artifact, base, cfg)})
+    recosted = costs(opt, base, artifact, profiles)[0]
+    hardware = cell.get("hardware", {}) | recosted["hardware"]   # profiles this run lacks keep their costs
+    atomic_write_json(path, cell | recosted | {"hardware": hardware,
+                                               "latency": measure_latency(opt, artifact, base, cfg)})
     return 1
 
 
