@@ -83,18 +83,18 @@ def baseline(source, splits, cfg: OptimizeConfig, backends: tuple[str, ...], log
 # ---------------------------------------------------------------- phase 2: sensitivity
 
 def sensitivity(space: OptimizeSpace, log: Log) -> list[dict]:
-    """Each searched group alone at each narrower choice (weight bits, every other Linear
-    float; sparsity; low-rank budget), everything else float: the scoring metric and its change
-    from the float model's, one row per (group, change)."""
+    """Each searched group alone at each narrower choice (weight bits, every other layer
+    float; sparsity; low-rank budget where kiln.lowrank factorises it), everything else float:
+    the scoring metric and its change from the float model's, one row per (group, change)."""
     space.ensure_setup()
     c = space.config
     none = none_choice(space, FP32, c.fp32_backends[0])
     base = space.quality(space.build(none))
     metric = next(k for k in base if k.startswith("metric_"))
     rows = []
-    todo = [(g, "bits", b) for g in space.groups for b in c.choices] + \
+    todo = [(g, "bits", b) for g in space.groups for b in space.group_choices[g]] + \
         [(g, "sparsity", s) for g in space.groups for s in c.sparsity if s != min(c.sparsity)] + \
-        [(g, "budget", b) for g in space.groups for b in c.budgets if b != max(c.budgets)]
+        [(g, "budget", b) for g in space.rankable for b in c.budgets if b != max(c.budgets)]
     t0 = time.monotonic()
     for i, (g, kind, value) in enumerate(todo, 1):
         if kind == "bits":
@@ -125,9 +125,10 @@ def none_choice(space: OptimizeSpace, precision: str, backend: str) -> dict:
     out = {"precision": precision, f"backend:{precision}": backend}
     for g in space.groups:
         out[f"{g}:sparsity"] = min(c.sparsity)
-        out[f"{g}:budget"] = max(c.budgets)
+        if g in space.rankable:
+            out[f"{g}:budget"] = max(c.budgets)
         if precision == INT8:
-            out[f"{g}:bits"] = max(c.choices, key=c.choice_bits)
+            out[f"{g}:bits"] = max(space.group_choices[g], key=c.choice_bits)
     return out
 
 

@@ -1,6 +1,7 @@
-"""The combined space `kiln optimize` searches: per Linear (searched alone, or in groups) a
-sparsity, a low-rank budget and, when the candidate runs in int8, the weight bits; per
-candidate its precision (fp32 or int8) and the backend it runs on.
+"""The combined space `kiln optimize` searches: per layer (each Linear and Conv1d/2d/3d, searched
+alone or in groups) a sparsity, a low-rank budget (Linear: SVD, Conv2d: Tucker-2) and, when the
+candidate runs in int8, the weight format (a convolution's excludes MX and BFP, whose blocks a
+3-wide kernel cannot hold); per candidate its precision (fp32 or int8) and the backend it runs on.
 
 A candidate is built as kiln's compression space builds one (prune, factorise, quantize last,
 calibrate; kiln.search.spaces.compress) and scored on the validation subset. Its cost is
@@ -107,19 +108,21 @@ class OptimizeSpace(CompressionSpace):
                f"backend:{precision}": trial.suggest_categorical(f"backend:{precision}", c.backends(precision))}
         for g in self.groups:
             out[f"{g}:sparsity"] = trial.suggest_categorical(f"{g}:sparsity", list(c.sparsity))
-            out[f"{g}:budget"] = trial.suggest_categorical(f"{g}:budget", list(c.budgets))
+            if g in self.rankable:
+                out[f"{g}:budget"] = trial.suggest_categorical(f"{g}:budget", list(c.budgets))
             if precision == INT8:
-                out[f"{g}:bits"] = trial.suggest_categorical(f"{g}:bits", c.choices)
+                out[f"{g}:bits"] = trial.suggest_categorical(f"{g}:bits", self.group_choices[g])
         return out
 
     def filled(self, choice: dict) -> dict:
         """The choice with a placeholder width for fp32 candidates (the compression space's
         planning reads one per group; an fp32 candidate is never quantized)."""
-        return {f"{g}:bits": self.config.choices[0] for g in self.groups} | choice
+        return {f"{g}:bits": self.group_choices[g][0] for g in self.groups} | choice
 
     def quant_table(self, bits_of: dict[str, int | str]) -> dict[str, Any]:
-        """The compression space's table, less the skip rules of Linears a choice factorised:
-        `fc` is `fc.first` and `fc.second` then, and a rule matching no module is an error."""
+        """The compression space's table, less the skip rules of layers a choice factorised:
+        `fc` is `fc.first` and `fc.second` then (a conv `.first`, `.core`, `.last`), and a rule
+        matching no module is an error."""
         table = super().quant_table(bits_of)
         table["rules"] = [r for r in table["rules"] if not (r.get("skip") and f"{r['match'][4:]}.first" in bits_of)]
         return table
@@ -189,8 +192,9 @@ class OptimizeSpace(CompressionSpace):
 
 def energy_uj(built: Built, loaded: LoadedModel) -> float | None:
     """The candidate's GEMMs on kiln's systolic-array model (kiln.hw.systolic): a quantized
-    Linear's at 8-bit operands (its inputs are int8; narrower weights are stored, not multiplied,
-    narrower), every other GEMM (convolutions, attention) at 32; None without a GEMM."""
+    layer's (Linear or convolution) at 8-bit operands (its inputs are int8; narrower weights are
+    stored, not multiplied, narrower), every other GEMM (attention, float layers) at 32; None
+    without a GEMM."""
     gemms = graph_gemms(capture(replace(loaded, model=built.model.eval())))
     if not gemms:
         return None
