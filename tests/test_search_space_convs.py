@@ -123,3 +123,40 @@ def test_a_conv_point_exported_and_run_through_kiln_gives_the_trials_candidate(t
     assert {op.fqn: op.weight_q.spec.format.bits for op in quantized.modules() if isinstance(op, QuantOp)} == bits
     assert {k for k, b in bits.items() if b == 4} == {"features.7.first", "features.7.core", "features.7.last",
                                                        "features.10"}
+
+
+def test_optimize_space_searches_each_conv_and_an_int8_candidate_may_leave_a_layer_float():
+    """kiln optimize's space on the CNN: every conv has bits (or FLOAT), sparsity and a Tucker-2
+    budget; an int8 candidate quantizes exactly the layers not at FLOAT, as eager rounding does."""
+    from kiln.optimize.config import OptimizeConfig
+    from kiln.optimize.phases import none_choice, seed_points
+    from kiln.optimize.run import make_space
+    from kiln.optimize.space import FLOAT
+    from kiln.quant.modules import QuantOp
+    from kiln.runs.artifact import load_source
+
+    cfg = OptimizeConfig(src="zoo:cnn", target="h100", val_samples=32)
+    space = make_space(cfg, load_source(cfg.src), {"metric": "accuracy", "backend": "eager"})
+    space.ensure_setup()
+    convs = ["features.0", "features.3", "features.7", "features.10"]
+    assert set(space.groups) == {*convs, "fc"} and set(space.rankable) == set(space.groups)
+    assert all(space.group_choices[g] == [8, 4, FLOAT] for g in space.groups)
+    params = space.suggest(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask())
+    kinds = ("sparsity", "budget", "bits") if params["precision"] == "int8" else ("sparsity", "budget")
+    assert {f"{g}:{k}" for g in space.groups for k in kinds} <= set(params)
+
+    choice = none_choice(space, "int8", "onnxruntime:dtype=int8") | {
+        "features.3:bits": FLOAT, "features.7:bits": FLOAT, "features.10:bits": FLOAT, "features.0:bits": 4}
+    built = space.build(choice)
+    ops = {op.fqn: op for op in built.model.modules() if isinstance(op, QuantOp)}
+    assert set(ops) == {"features.0", "fc"} == set(built.bits)
+    assert all(isinstance(built.model.features[i], nn.Conv2d) for i in (3, 7, 10))
+    assert torch.equal(ops["features.0"].quantized_weight(), _eager_fake_quant(space.model.features[0].weight, "int4"))
+    assert torch.equal(ops["fc"].quantized_weight(), _eager_fake_quant(space.model.fc.weight, "int8"))
+    # a factorised conv left in float: its Tucker-2 parts are skipped, not quantized
+    built = space.build(choice | {"features.7:budget": 0.5})
+    assert {op.fqn for op in built.model.modules() if isinstance(op, QuantOp)} == {"features.0", "fc"}
+    # the seeds: fp32, every layer at int8, and the Linear alone at int8 (the convs float)
+    seeds = seed_points(space, [], "eager")
+    assert [s["precision"] for s in seeds] == ["fp32", "int8", "int8"]
+    assert [seeds[2][f"{g}:bits"] for g in space.groups] == [FLOAT] * 4 + [8]

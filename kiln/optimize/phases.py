@@ -26,7 +26,7 @@ from kiln.lowrank.config import parse_config as parse_lowrank
 from kiln.lowrank.run import lowrank_run
 from kiln.models.loaded import LoadedModel
 from kiln.optimize.config import Constraint, OptimizeConfig
-from kiln.optimize.space import FP32, INT8, Built, OptimizeSpace, energy_uj, roofline_as_it_runs, roofline_point
+from kiln.optimize.space import FLOAT, FP32, INT8, Built, OptimizeSpace, energy_uj, roofline_as_it_runs, roofline_point
 from kiln.prune.config import parse_config as parse_prune
 from kiln.prune.run import prune_run
 from kiln.quant.apply import calibrate, quantize
@@ -92,7 +92,7 @@ def sensitivity(space: OptimizeSpace, log: Log) -> list[dict]:
     base = space.quality(space.build(none))
     metric = next(k for k in base if k.startswith("metric_"))
     rows = []
-    todo = [(g, "bits", b) for g in space.groups for b in space.group_choices[g]] + \
+    todo = [(g, "bits", b) for g in space.groups for b in space.group_choices[g] if b != FLOAT] + \
         [(g, "sparsity", s) for g in space.groups for s in c.sparsity if s != min(c.sparsity)] + \
         [(g, "budget", b) for g in space.rankable for b in c.budgets if b != max(c.budgets)]
     t0 = time.monotonic()
@@ -128,15 +128,16 @@ def none_choice(space: OptimizeSpace, precision: str, backend: str) -> dict:
         if g in space.rankable:
             out[f"{g}:budget"] = max(c.budgets)
         if precision == INT8:
-            out[f"{g}:bits"] = max(space.group_choices[g], key=c.choice_bits)
+            out[f"{g}:bits"] = max((b for b in space.group_choices[g] if b != FLOAT), key=c.choice_bits)
     return out
 
 
 def seed_points(space: OptimizeSpace, rows: list[dict], fp32_backend: str, n: int = 4) -> list[dict]:
     """The points a new study runs first: the float model on the baseline's backend (so a
-    feasible point exists), every Linear at the widest bits, then `n` points of the
-    sensitivity path: the changes applied one by one, the least harmful first, each point a
-    prefix of that order at evenly spaced lengths."""
+    feasible point exists), every layer at the widest bits, the Linears alone at the widest
+    bits (what kiln's int8 kernels run; where the model has other layers), then `n` points of
+    the sensitivity path: the changes applied one by one, the least harmful first, each point
+    a prefix of that order at evenly spaced lengths."""
     space.ensure_setup()       # a resumed run reads its sensitivities and has not set the space up yet
     c = space.config
     points = []
@@ -146,6 +147,10 @@ def seed_points(space: OptimizeSpace, rows: list[dict], fp32_backend: str, n: in
         return points
     current = none_choice(space, INT8, c.int8_backends[0])
     points.append(dict(current))
+    floated = {f"{g}:bits": FLOAT for g, names in space.groups.items()
+               if not all(isinstance(space.model.get_submodule(n), nn.Linear) for n in names)}
+    if floated and len(floated) < len(space.groups):
+        points.append(current | floated)
     sign = 1.0 if any(k == "accuracy" for k in space.ctx.wanted) else -1.0    # larger delta is better
     ordered = sorted(rows, key=lambda r: -sign * r["delta"])
     path = []
