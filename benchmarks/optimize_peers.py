@@ -128,6 +128,10 @@ def main() -> None:
         trials = []
 
         def eval_fn(m) -> float:
+            from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+            if isinstance(m, torch.fx.GraphModule):      # PT2E's model refuses .eval() unless told
+                allow_exported_model_train_eval(m)
             trials.append(evaluate_model(m, splits, "val")[1])
             return trials[-1]
 
@@ -138,7 +142,7 @@ def main() -> None:
         # an example of batch 2: torch.export specialises a dimension of size 1 to the constant 1
         batch = torch.export.Dim("batch", min=1, max=4096)
         exported = export(copy.deepcopy(model), example_inputs=(torch.cat([x0, x0]),), dynamic_shapes=({0: batch},))
-        q = autotune(model=exported, tune_config=TuningConfig(config_set=INT8StaticQuantConfig.get_config_set_for_tuning(),
+        q = autotune(model=exported, tune_config=TuningConfig(config_set=[INT8StaticQuantConfig.get_config_set_for_tuning()],
                                                               tolerable_loss=a.max_drop / max(fp32_val, 1e-9)),
                      eval_fn=eval_fn, run_fn=run_fn, example_inputs=(x0,))
         compiled = torch.compile(q)
