@@ -50,13 +50,16 @@ docs: $(STAMP)
 	# checked. The tutorials' commands themselves run in the slow tier (tests/test_docs.py).
 	$(BIN)/mkdocs build --strict --site-dir site
 
-# the peers of benchmarks/optimize.py (Intel Neural Compressor, NNCF, OpenVINO) pin their own
-# torch and numpy: they live in their own environment, beside kiln installed from this tree
+# the peers of benchmarks/optimize.py: NNCF and OpenVINO are kiln's own dependencies; Intel Neural
+# Compressor's PyTorch part (neural-compressor-pt, which pins no torch) and its few packages
+# (prettytable, py-cpuinfo) live in their own environment, which sees kiln's (.venv: kiln, torch,
+# nncf, openvino at kiln's pins) through a .pth file, so a peer runs on the same torch as kiln
 PEERS := .venv-peers
-$(PEERS)/.installed: pyproject.toml
+$(PEERS)/.installed: $(STAMP)
 	$(PYTHON) -m venv $(PEERS)
-	$(PEERS)/bin/pip install --quiet --upgrade pip
-	$(PEERS)/bin/pip install --quiet -e . neural-compressor==3.10 nncf==3.4.0 openvino==2026.4.1 onnx==1.23.2
+	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" > \
+	  "$$($(PEERS)/bin/python -c 'import site; print(site.getsitepackages()[0])')/kiln-venv.pth"
+	$(PEERS)/bin/pip install --quiet neural-compressor-pt==3.10
 	touch $@
 
 peers-venv: $(PEERS)/.installed

@@ -9,13 +9,14 @@ loop, and MiniLM's achieved fraction of the fp32 matmul peak.
 
 All runs: torch.set_num_threads(2), ONNX Runtime with 2 intra-op threads, inputs at the batch
 size (floats random, seeded; token ids repeated from the example). `zoo` runs `kiln compile
---backend auto` (kiln.compile.auto.select over every fp32 candidate, interleaved rounds) per
-model and batch, then re-times the chosen backend beside eager, torch.compile default, ONNX
-Runtime default, OpenVINO fp32 (also one of auto's candidates) and OpenVINO int8 (NNCF
-post-training quantization calibrated as `kiln compile` calibrates: 256 training-split samples
-of the model's dataset, else its example inputs) in fresh interleaved rounds, so auto's figure
-is measured again, not taken from the round that chose it. OpenVINO int8 is a column beside,
-not a peer auto must beat: auto here chooses among fp32 candidates. Results merge into
+--backend auto` (kiln.compile.auto.select over every fp32 candidate) per model and batch, with
+the peers (eager, torch.compile default, ONNX Runtime default, OpenVINO fp32) in its final
+round: auto's figure and every peer's come from that one interleaved measurement, the one the
+choice stands on (auto's chosen backend is the fastest there by construction). OpenVINO int8
+(NNCF post-training quantization calibrated as `kiln compile` calibrates: 256 training-split
+samples of the model's dataset, else its example inputs) is timed beside the chosen backend in
+fresh interleaved rounds: it is a column beside, not a peer auto must beat, since auto here
+chooses among fp32 candidates. Results merge into
 benchmarks/results/compile_figures.json (or --out) per model and batch, so the sweep can run in
 parts. A smoke: `zoo --models cnn --batches 1 --budget 1 --out /tmp/cf.json`.
 """
@@ -92,41 +93,43 @@ def zoo(models: list[str], batches: list[int], budget_s: float, results: str = R
                   flush=True)
             t0 = time.perf_counter()
             auto = select(base.model, loaded, list(AUTO[Precision.FP32]), Precision.FP32, rounds=rounds,
-                          progress=lambda s: print("  ", s, flush=True))
+                          progress=lambda s: print("  ", s, flush=True), also=PEERS)
             select_s = time.perf_counter() - t0
-            again = [auto.chosen] + [p for p in PEERS if p != auto.chosen]
-            ok = [b for b in again if auto.by_name(b).status == "ok"]
-            fns = {b: auto.fns[b] for b in ok}
+            final = auto.final        # auto and the peers, in the rounds the choice stands on
+            ok = [b for b in [auto.chosen] + [p for p in PEERS if p != auto.chosen] if auto.by_name(b).status == "ok"]
+            fns = {auto.chosen: auto.fns[auto.chosen]}
             int8 = _openvino_int8(name, base, loaded)
             if "fn" in int8:
                 fns[OV_INT8] = int8.pop("fn")
-            again_m = measure({b: (lambda fn=fn: call(fn, loaded)) for b, fn in fns.items()},
-                              TimingConfig(rounds=rounds, warmup=2))
+            int8_m = measure({b: (lambda fn=fn: call(fn, loaded)) for b, fn in fns.items()},
+                             TimingConfig(rounds=rounds, warmup=2)) if len(fns) > 1 else None
             entry = {
                 "model": f"zoo:{name}", "batch": batch, "threads": torch.get_num_threads(), "rounds": rounds,
                 "chosen": auto.chosen, "select_s": select_s,
                 "candidates": auto.to_dict()["candidates"],
-                "retimed": {b: {"latency_s": again_m[b].median, "p90_s": again_m[b].p90, "timing": again_m[b].to_dict()}
+                "retimed": {b: {"latency_s": final[b].median, "p90_s": final[b].p90, "timing": final[b].to_dict()}
                             for b in ok},
-                "retimed_note": again_m.note(),
+                "retimed_note": final.note(),
                 "peer_status": {p: auto.by_name(p).status + (": " + auto.by_name(p).reason if auto.by_name(p).reason else "")
                                 for p in PEERS},
                 "openvino_int8": int8,
                 "date": str(date.today()),
             }
-            if OV_INT8 in fns:
-                entry["retimed"][OV_INT8] = {"latency_s": again_m[OV_INT8].median, "p90_s": again_m[OV_INT8].p90,
-                                             "timing": again_m[OV_INT8].to_dict()}
-            auto_s = again_m[auto.chosen].median
-            peers = {p: again_m[p].median for p in PEERS if p in fns}   # auto's choice may be one of them
+            if int8_m is not None:   # beside the chosen backend in its own rounds: scaled to its final-round figure
+                ratio = int8_m[OV_INT8].median / int8_m[auto.chosen].median
+                scale = final[auto.chosen].median / int8_m[auto.chosen].median
+                entry["retimed"][OV_INT8] = {"latency_s": ratio * final[auto.chosen].median,
+                                             "p90_s": scale * int8_m[OV_INT8].p90,
+                                             "timing": int8_m[OV_INT8].to_dict()}
+                entry["auto_vs_openvino_int8"] = ratio
+            auto_s = final[auto.chosen].median
+            peers = {p: final[p].median for p in PEERS if p in ok}   # auto's choice may be one of them
             entry["auto_vs_best_peer"] = min(peers.values()) / auto_s
-            if OV_INT8 in fns:
-                entry["auto_vs_openvino_int8"] = again_m[OV_INT8].median / auto_s
             merge_result(results, f"zoo:{name}@{batch}", entry)
-            print(f"   chosen {auto.chosen}: {format_timing(again_m[auto.chosen])}; "
-                  + ", ".join(f"{p} {format_timing(again_m[p])}" for p in (*peers, OV_INT8)
-                              if p in fns and p != auto.chosen)
-                  + (f"; timing: {again_m.note()}" if again_m.note() else ""), flush=True)
+            print(f"   chosen {auto.chosen}: {format_timing(final[auto.chosen])}; "
+                  + ", ".join(f"{p} {format_timing(final[p])}" for p in peers if p != auto.chosen)
+                  + (f"; OpenVINO int8 {entry['auto_vs_openvino_int8']:.2f}x its time" if int8_m is not None else "")
+                  + (f"; timing: {final.note()}" if final.note() else ""), flush=True)
             del auto, fns
 
 

@@ -2,7 +2,12 @@
 drop, the drop itself, and the wall time of the whole command, side by side in one run.
 
     TORCHINDUCTOR_COMPILE_THREADS=1 flock /tmp/kiln-cpu.lock .venv/bin/python benchmarks/optimize.py \
-        [--models runs/cnn,zoo:resnet20,runs/minilm-rt] [--seeds 0,1,2] [--budget 10] [--json PATH] [--smoke]
+        [--models runs/cnn,runs/resnet20,runs/minilm-rt] [--seeds 0,1,2] [--budget 10] [--json PATH] [--smoke]
+
+The models are trained first (a drop from an untrained model's 10 % says nothing):
+    kiln train zoo:cnn --epochs 12 --lr 2e-3 --out runs/cnn
+    kiln train zoo:resnet20 --epochs 3 --lr 2e-3 --out runs/resnet20
+    kiln train --config configs/train/minilm.toml --out runs/minilm-rt
 
 For each model (a trained run directory or a spec) and seed:
 - kiln optimize SRC --target local --max-drop 0.01 --budget B (a subprocess, timed whole);
@@ -15,6 +20,8 @@ For each model (a trained run directory or a spec) and seed:
   `quantize_with_accuracy_control` on the ONNX export run in OpenVINO (max_drop 0.01 absolute),
   OpenVINO fp32 and OpenVINO int8 (nncf.quantize), each timed beside fp32 eager in its own
   process. A peer that is not installed or fails is a row with its reason, not a crash.
+Every row says whether its test drop is within the 1-point tolerance (`met`), and kiln
+optimize's which layer types its chosen point quantized, pruned or factorised.
 --smoke: the MNIST CNN (untrained unless a run is given), one seed, a 2-minute budget, peers
 only where installed: checks the script, not the figures.
 Figures are taken by the lead on a quiet machine; BENCHMARKS.md keeps them with the command.
@@ -57,10 +64,13 @@ def kiln_optimize(src: str, seed: int, budget: float, work: Path, backend: str) 
         return {"method": "kiln optimize", "seed": seed, "error": last, "wall_s": wall}
     r = json.loads(js.read_text())
     side = r["deploy"].get("side_by_side", {})
+    changed = [d for d in r.get("decisions", []) if d["bits"] != 32 or d["sparsity"] > 0 or d["budget"] < 1]
     return {"method": "kiln optimize", "seed": seed, "wall_s": wall, "speedup_vs_baseline": side.get("speedup"),
             "baseline_backend": json.loads((out / "optimize.json").read_text())["baseline"]["backend"],
             "backend": r["deploy"]["chosen_backend"], "drop_test": r["confirm"]["drop_test"],
-            "drop_val": r["confirm"]["drop_val"], "eager_speedup": _eager_speedup(r)}
+            "met": r["confirm"]["drop_test"] <= 0.01 + 1e-9,
+            "drop_val": r["confirm"]["drop_val"], "eager_speedup": _eager_speedup(r),
+            "changed_layers": {t: sum(t in d.get("types", []) for d in changed) for t in ("Linear", "Conv2d")}}
 
 
 def _eager_speedup(r: dict) -> float | None:
@@ -87,7 +97,7 @@ def kiln_int8(src: str, work: Path, backend: str = "auto") -> dict:
     cands = {c["backend"]: c for c in report["candidates"]}
     return {"method": "kiln int8 only", "wall_s": wall + wall2, "backend": report["chosen"],
             "eager_speedup": cands["eager"]["latency_s"] / cands[report["chosen"]]["latency_s"],
-            "drop_test": metrics["before"] - metrics["after"]}
+            "drop_test": metrics["before"] - metrics["after"], "met": metrics["before"] - metrics["after"] <= 0.01 + 1e-9}
 
 
 def peers(src: str, work: Path) -> list[dict]:
@@ -105,7 +115,7 @@ def peers(src: str, work: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="runs/cnn,zoo:resnet20,runs/minilm-rt")
+    ap.add_argument("--models", default="runs/cnn,runs/resnet20,runs/minilm-rt")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--budget", type=float, default=10.0)
     ap.add_argument("--backend", default="auto")

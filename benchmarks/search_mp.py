@@ -189,8 +189,8 @@ def main() -> None:
     entry |= best_on_test(space, studies, uniform, "int8" if args.formats else 8, len(seeds))
     entry |= {"wall_s": time.perf_counter() - t0, "date": date.today().isoformat(), "threads": args.threads,
               "source": str(src), "trials": args.trials, "seeds": args.seeds, "samples": args.samples,
-              "space": f"{len(space.groups)} Linears ({args.include}) x {space.config.choices} weights per {args.granularity}; "
-                       + ("" if len(space.groups) == len(space.linears) else "other Linears int8; ")
+              "space": f"{len(space.groups)} layers ({args.include}) x {space.config.choices} weights per {args.granularity}; "
+                       + ("" if len(space.groups) == len(space.layers) else "other layers int8; ")
                        + "inputs int8 per tensor", "population": args.population,
               "granularity": args.granularity,
               "reference": list(REFERENCE), "studies": studies, "uniform": uniform}

@@ -65,18 +65,20 @@ def test_select_keeps_the_fastest_accepted_and_says_why_others_were_not():
     ok = [c for c in sel.candidates if c.status == "ok"]
     assert {c.backend for c in ok} == {"eager", "export"}
     assert sel.chosen == min(ok, key=lambda c: c.latency_s).backend
-    assert all(len(c.times) == sel.rounds == (10 if sel.runoff else 5) and c.throughput == 4 / c.latency_s
-               for c in ok)
+    assert all(len(c.times) == (sel.rounds if c.final else 5) and c.throughput == 4 / c.latency_s for c in ok)
+    assert sel.rounds == (10 if sel.runoff else 5)
 
 
-def test_a_close_call_doubles_the_rounds_of_every_candidate(monkeypatch):
+def test_a_close_final_round_doubles_the_rounds_of_every_finalist(monkeypatch):
     monkeypatch.setattr(auto, "RUNOFF_MARGIN", 100.0)      # every pair is "close"
+    monkeypatch.setattr(auto, "FINALIST_MARGIN", 100.0)    # every candidate is a finalist
     loaded = at_batch(_tiny(), 4)
     sel = select(loaded.model, loaded, ["eager", "export", "eager:passes=1"], Precision.FP32, rounds=4)
     ok = [c for c in sel.candidates if c.status == "ok"]
     assert [len(c.times) for c in ok] == [8, 8, 8] and sel.rounds == 8 and len(sel.runoff) == 2
+    assert all(c.final for c in ok) and set(sel.final.timings) == {c.backend for c in ok}
     assert sel.to_dict()["runoff"] == sel.runoff and sel.to_dict()["rounds"] == 8
-    assert all(c.latency_s == float(np.median(c.times)) for c in ok)      # on all the rounds
+    assert all(c.latency_s == float(np.median(c.times)) for c in ok)      # on all the final rounds
     assert sel.chosen == min(ok, key=lambda c: c.latency_s).backend
     monkeypatch.setattr(auto, "RUNOFF_MARGIN", 0.0)        # no runoff
     assert select(loaded.model, loaded, ["eager", "export"], Precision.FP32, rounds=2).runoff == []

@@ -26,7 +26,7 @@ from kiln.lowrank.config import parse_config as parse_lowrank
 from kiln.lowrank.run import lowrank_run
 from kiln.models.loaded import LoadedModel
 from kiln.optimize.config import Constraint, OptimizeConfig
-from kiln.optimize.space import FP32, INT8, Built, OptimizeSpace, energy_uj, roofline_as_it_runs, roofline_point
+from kiln.optimize.space import FLOAT, FP32, INT8, Built, OptimizeSpace, energy_uj, roofline_as_it_runs, roofline_point
 from kiln.prune.config import parse_config as parse_prune
 from kiln.prune.run import prune_run
 from kiln.quant.apply import calibrate, quantize
@@ -83,18 +83,18 @@ def baseline(source, splits, cfg: OptimizeConfig, backends: tuple[str, ...], log
 # ---------------------------------------------------------------- phase 2: sensitivity
 
 def sensitivity(space: OptimizeSpace, log: Log) -> list[dict]:
-    """Each searched group alone at each narrower choice (weight bits, every other Linear
-    float; sparsity; low-rank budget), everything else float: the scoring metric and its change
-    from the float model's, one row per (group, change)."""
+    """Each searched group alone at each narrower choice (weight bits, every other layer
+    float; sparsity; low-rank budget where kiln.lowrank factorises it), everything else float:
+    the scoring metric and its change from the float model's, one row per (group, change)."""
     space.ensure_setup()
     c = space.config
     none = none_choice(space, FP32, c.fp32_backends[0])
     base = space.quality(space.build(none))
     metric = next(k for k in base if k.startswith("metric_"))
     rows = []
-    todo = [(g, "bits", b) for g in space.groups for b in c.choices] + \
+    todo = [(g, "bits", b) for g in space.groups for b in space.group_choices[g] if b != FLOAT] + \
         [(g, "sparsity", s) for g in space.groups for s in c.sparsity if s != min(c.sparsity)] + \
-        [(g, "budget", b) for g in space.groups for b in c.budgets if b != max(c.budgets)]
+        [(g, "budget", b) for g in space.rankable for b in c.budgets if b != max(c.budgets)]
     t0 = time.monotonic()
     for i, (g, kind, value) in enumerate(todo, 1):
         if kind == "bits":
@@ -125,17 +125,19 @@ def none_choice(space: OptimizeSpace, precision: str, backend: str) -> dict:
     out = {"precision": precision, f"backend:{precision}": backend}
     for g in space.groups:
         out[f"{g}:sparsity"] = min(c.sparsity)
-        out[f"{g}:budget"] = max(c.budgets)
+        if g in space.rankable:
+            out[f"{g}:budget"] = max(c.budgets)
         if precision == INT8:
-            out[f"{g}:bits"] = max(c.choices, key=c.choice_bits)
+            out[f"{g}:bits"] = max((b for b in space.group_choices[g] if b != FLOAT), key=c.choice_bits)
     return out
 
 
 def seed_points(space: OptimizeSpace, rows: list[dict], fp32_backend: str, n: int = 4) -> list[dict]:
     """The points a new study runs first: the float model on the baseline's backend (so a
-    feasible point exists), every Linear at the widest bits, then `n` points of the
-    sensitivity path: the changes applied one by one, the least harmful first, each point a
-    prefix of that order at evenly spaced lengths."""
+    feasible point exists), every layer at the widest bits, the Linears alone at the widest
+    bits (what kiln's int8 kernels run; where the model has other layers), then `n` points of
+    the sensitivity path: the changes applied one by one, the least harmful first, each point
+    a prefix of that order at evenly spaced lengths."""
     space.ensure_setup()       # a resumed run reads its sensitivities and has not set the space up yet
     c = space.config
     points = []
@@ -145,6 +147,10 @@ def seed_points(space: OptimizeSpace, rows: list[dict], fp32_backend: str, n: in
         return points
     current = none_choice(space, INT8, c.int8_backends[0])
     points.append(dict(current))
+    floated = {f"{g}:bits": FLOAT for g, names in space.groups.items()
+               if not all(isinstance(space.model.get_submodule(n), nn.Linear) for n in names)}
+    if floated and len(floated) < len(space.groups):
+        points.append(current | floated)
     sign = 1.0 if any(k == "accuracy" for k in space.ctx.wanted) else -1.0    # larger delta is better
     ordered = sorted(rows, key=lambda r: -sign * r["delta"])
     path = []

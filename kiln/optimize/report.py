@@ -118,10 +118,10 @@ def _roofline(rep: Report, cfg, base: dict, result: dict) -> None:
 def _pareto(rep: Report, cfg, base: dict, result: dict) -> None:
     rows = result.get("trials", [])
     sec = rep.section("Search", f"{len(rows)} trials: {base['metric']} on the validation subset against "
-                                f"{result.get('cost_objective', cfg.cost_objective)}. Searched per Linear: weight "
-                                f"bits {list(cfg.bits)} (int8 candidates), sparsity {list(cfg.sparsity)}, low-rank "
-                                f"budget {list(cfg.budgets)}; per candidate: fp32 or int8 and the backend. Other "
-                                f"layers (convolutions, norms) stay float: kiln's int8 kernels cover Linears.")
+                                f"{result.get('cost_objective', cfg.cost_objective)}. Searched per layer (Linear and "
+                                f"Conv): weight bits {list(cfg.bits)} (int8 candidates), sparsity "
+                                f"{list(cfg.sparsity)}, low-rank budget {list(cfg.budgets)} (Linear and Conv2d); per "
+                                f"candidate: fp32 or int8 and the backend. Other layers (norms, pooling) stay float.")
     if not rows:
         sec.note("no trial finished")
         return
@@ -149,8 +149,9 @@ def _layers(rep: Report, sensitivity: list[dict], result: dict) -> None:
     sec = rep.section("Per-layer decisions and sensitivities",
                       "Sensitivity: the validation metric's change with one layer alone changed, every other float.")
     if result.get("decisions"):
-        sec.table(["layer", "precision", "weight bits", "sparsity", "low-rank budget"],
-                  [[", ".join(d["layers"]), d["precision"], d["bits"], d["sparsity"], d["budget"]]
+        sec.table(["layer", "type", "precision", "weight bits", "sparsity", "low-rank budget"],
+                  [[", ".join(d["layers"]), ", ".join(sorted(set(d.get("types", [])))), d["precision"], d["bits"],
+                    d["sparsity"], d["budget"]]
                    for d in result["decisions"]], caption="the chosen point")
     if sensitivity:
         sec.table(["layer", "change", "value", "metric", "change in metric"],

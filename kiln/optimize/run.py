@@ -197,9 +197,10 @@ def finish(cfg, out: Path, state: dict, space: OptimizeSpace, study, constraint:
 
 
 def decisions(space: OptimizeSpace, params: dict) -> list[dict]:
-    """Per searched group: what the chosen point does to it."""
+    """Per searched group: its layers' types and what the chosen point does to it (a group
+    kiln.lowrank cannot factorise has budget 1.0, dense)."""
     precision = params["precision"]
-    return [{"group": g, "layers": list(names), "precision": precision,
-             "bits": params.get(f"{g}:bits") if precision == "int8" else 32,
-             "sparsity": params[f"{g}:sparsity"], "budget": params[f"{g}:budget"]}
+    return [{"group": g, "layers": list(names), "types": [type(space.model.get_submodule(n)).__name__ for n in names],
+             "precision": precision, "bits": params.get(f"{g}:bits") or 32 if precision == "int8" else 32,
+             "sparsity": params[f"{g}:sparsity"], "budget": params.get(f"{g}:budget", 1.0)}
             for g, names in space.groups.items()]

@@ -1,6 +1,10 @@
-"""The combined space `kiln optimize` searches: per Linear (searched alone, or in groups) a
-sparsity, a low-rank budget and, when the candidate runs in int8, the weight bits; per
-candidate its precision (fp32 or int8) and the backend it runs on.
+"""The combined space `kiln optimize` searches: per layer (each Linear and Conv1d/2d/3d, searched
+alone or in groups) a sparsity, a low-rank budget (Linear: SVD, Conv2d: Tucker-2) and, when the
+candidate runs in int8, the weight format (a convolution's excludes MX and BFP, whose blocks a
+3-wide kernel cannot hold) or FLOAT: the layer left in float in an int8 candidate (kiln's int8
+kernels run Linears; a quantized convolution runs as fake quantization on them, slower than a
+float one, which only the search can weigh against its smaller size); per candidate its
+precision (fp32 or int8) and the backend it runs on.
 
 A candidate is built as kiln's compression space builds one (prune, factorise, quantize last,
 calibrate; kiln.search.spaces.compress) and scored on the validation subset. Its cost is
@@ -43,6 +47,7 @@ from kiln.train.evaluation import evaluate_model
 from kiln.train.tasks import forward as model_forward
 
 FP32, INT8 = "fp32", "int8"
+FLOAT = 0           # a layer's weight "bits" in an int8 candidate that leaves it in float
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class OptimizeSpace(CompressionSpace):
 
     def setup(self) -> None:
         super().setup()
+        self.group_choices = {g: [*choices, FLOAT] for g, choices in self.group_choices.items()}
         self.loaded = at_batch(LoadedModel(self.config.source, self.model, self.example,
                                            dict(self.source.example_kwargs)), self.config.batch, self.ctx.seed)
         self._reference: Callable | None = None
@@ -107,21 +113,26 @@ class OptimizeSpace(CompressionSpace):
                f"backend:{precision}": trial.suggest_categorical(f"backend:{precision}", c.backends(precision))}
         for g in self.groups:
             out[f"{g}:sparsity"] = trial.suggest_categorical(f"{g}:sparsity", list(c.sparsity))
-            out[f"{g}:budget"] = trial.suggest_categorical(f"{g}:budget", list(c.budgets))
+            if g in self.rankable:
+                out[f"{g}:budget"] = trial.suggest_categorical(f"{g}:budget", list(c.budgets))
             if precision == INT8:
-                out[f"{g}:bits"] = trial.suggest_categorical(f"{g}:bits", c.choices)
+                out[f"{g}:bits"] = trial.suggest_categorical(f"{g}:bits", self.group_choices[g])
         return out
 
     def filled(self, choice: dict) -> dict:
         """The choice with a placeholder width for fp32 candidates (the compression space's
         planning reads one per group; an fp32 candidate is never quantized)."""
-        return {f"{g}:bits": self.config.choices[0] for g in self.groups} | choice
+        return {f"{g}:bits": self.group_choices[g][0] for g in self.groups} | choice
 
     def quant_table(self, bits_of: dict[str, int | str]) -> dict[str, Any]:
-        """The compression space's table, less the skip rules of Linears a choice factorised:
-        `fc` is `fc.first` and `fc.second` then, and a rule matching no module is an error."""
-        table = super().quant_table(bits_of)
+        """The compression space's table for the layers not at FLOAT, less the skip rules of
+        layers a choice factorised (`fc` is `fc.first` and `fc.second` then, a conv `.first`,
+        `.core`, `.last`, and a rule matching no module is an error), plus skip rules for the
+        factorised parts left in float."""
+        table = super().quant_table({n: b for n, b in bits_of.items() if b != FLOAT})
         table["rules"] = [r for r in table["rules"] if not (r.get("skip") and f"{r['match'][4:]}.first" in bits_of)]
+        table["rules"] += [{"match": f"fqn:{n}", "skip": True} for n, b in bits_of.items()
+                           if b == FLOAT and n not in self.layers]
         return table
 
     def build(self, choice: dict) -> Built:
@@ -133,7 +144,8 @@ class OptimizeSpace(CompressionSpace):
             qmodel = quantize(model, parse_config(table, "optimize trial"))
             with frozen_weights(qmodel):
                 calibrate(qmodel, self.batches, model_forward)
-            built.model, built.table, built.bits = qmodel.eval(), table, bits
+            built.model, built.table = qmodel.eval(), table
+            built.bits = {n: b for n, b in bits.items() if b != FLOAT}
         return built
 
     def configs(self, choice: dict) -> dict[str, dict]:
@@ -189,8 +201,9 @@ class OptimizeSpace(CompressionSpace):
 
 def energy_uj(built: Built, loaded: LoadedModel) -> float | None:
     """The candidate's GEMMs on kiln's systolic-array model (kiln.hw.systolic): a quantized
-    Linear's at 8-bit operands (its inputs are int8; narrower weights are stored, not multiplied,
-    narrower), every other GEMM (convolutions, attention) at 32; None without a GEMM."""
+    layer's (Linear or convolution) at 8-bit operands (its inputs are int8; narrower weights are
+    stored, not multiplied, narrower), every other GEMM (attention, float layers) at 32; None
+    without a GEMM."""
     gemms = graph_gemms(capture(replace(loaded, model=built.model.eval())))
     if not gemms:
         return None

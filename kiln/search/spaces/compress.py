@@ -1,5 +1,5 @@
-"""Compression: per Linear (or group), an unstructured sparsity, a low-rank budget and the weight
-bits, searched together.
+"""Compression: per layer (Linear or Conv1d/2d/3d, or per group), an unstructured sparsity, a
+low-rank budget and the weight bits, searched together.
 
     [space]
     kind = "compression"
@@ -7,7 +7,8 @@ bits, searched together.
     include = ".*encoder.*"
     sparsity = [0.0, 0.5]        # magnitude pruning, per layer (kiln.prune.unstructured)
     budgets = [1.0, 0.5]         # low-rank: factor weights as a fraction of the dense count
-                                 # (kiln.lowrank.svd; 1.0 = stay dense)
+                                 # (kiln.lowrank: SVD of a Linear, Tucker-2 of a Conv2d; 1.0 =
+                                 # stay dense; a group holding another layer type stays dense)
     bits = [4, 8]                # weights, per output channel (kiln.quant); or formats =
                                  # ["int4", "fp4_e2m1", "int8"], presets as in mixed-precision
 
@@ -17,7 +18,8 @@ nonzero parameters; `model_bytes` counts dense storage (factorisation shrinks it
 does not, as no sparse format is stored).
 
 A trial exports the chain as kiln's own commands run it: prune.toml (magnitude, local, one rule
-per pruned Linear), lowrank.toml (one rule per factorised Linear, at the trial's rank) and
+per pruned layer), lowrank.toml (one rule per factorised layer: a Linear at the trial's rank, a
+Conv2d at its budget, which gives kiln lowrank the same two Tucker ranks) and
 quant.toml (quantize last), each only when the trial uses that step, and README.txt with the
 command lines in that order.
 """
@@ -32,11 +34,10 @@ from torch import nn
 from kiln.config import to_toml
 from kiln.errors import KilnError
 from kiln.io import atomic_write_text
-from kiln.lowrank.apply import decide, replace
+from kiln.lowrank.apply import decide, factorized, replace
 from kiln.lowrank.config import Choice
 from kiln.lowrank.config import parse_config as parse_lowrank
 from kiln.lowrank.config import to_table as lowrank_to_table
-from kiln.lowrank.svd import factorize_linear
 from kiln.prune.config import parse_config as parse_prune
 from kiln.prune.config import to_table as prune_to_table
 from kiln.prune.unstructured import make_permanent, prune_unstructured
@@ -44,6 +45,10 @@ from kiln.quant.config import parse_config as parse_quant
 from kiln.quant.config import to_table as quant_to_table
 from kiln.search.spaces import Report, register_space
 from kiln.search.spaces.quant import MixedPrecisionConfig, QuantSpaceBase
+
+# the layers kiln.lowrank factorises, and the parts each becomes (quantized one by one)
+RANKABLE = (nn.Linear, nn.Conv2d)
+PARTS = {nn.Linear: ("first", "second"), nn.Conv2d: ("first", "core", "last")}
 
 
 @dataclass(frozen=True)
@@ -66,33 +71,41 @@ class CompressionConfig(MixedPrecisionConfig):
 class CompressionSpace(QuantSpaceBase):
     Config = CompressionConfig
 
+    def setup(self) -> None:
+        super().setup()
+        # groups whose every layer kiln.lowrank can factorise (a grouped conv it leaves dense itself)
+        self.rankable = [g for g, names in self.groups.items()
+                         if all(isinstance(self.model.get_submodule(n), RANKABLE) for n in names)]
+
     def suggest(self, trial) -> dict:
         self.ensure_setup()
         c = self.config
         out = {}
         for g in self.groups:
             out[f"{g}:sparsity"] = trial.suggest_categorical(f"{g}:sparsity", list(c.sparsity))
-            out[f"{g}:budget"] = trial.suggest_categorical(f"{g}:budget", list(c.budgets))
-            out[f"{g}:bits"] = trial.suggest_categorical(f"{g}:bits", c.choices)
+            if g in self.rankable:
+                out[f"{g}:budget"] = trial.suggest_categorical(f"{g}:budget", list(c.budgets))
+            out[f"{g}:bits"] = trial.suggest_categorical(f"{g}:bits", self.group_choices[g])
         return out
 
-    def plan(self, choice: dict) -> tuple[dict[str, float], dict[str, int], dict[str, int | str]]:
-        """What a choice does to each Linear, by FQN: the sparsity of those pruned, the rank of
+    def plan(self, choice: dict) -> tuple[dict[str, float], dict[str, tuple[int, ...]], dict[str, int | str]]:
+        """What a choice does to each layer, by FQN: the sparsity of those pruned, the ranks of
         those factorised (lowrank's own decision, so a rank that saves nothing stays dense) and
-        the weight bits (or format) of every Linear left after factorising (`fqn.first`, ...)."""
+        the weight bits (or format) of every layer left after factorising (`fqn.first`, ...)."""
         self.ensure_setup()
         layer = {n: g for g, names in self.groups.items() for n in names}
         ratios = {n: choice[f"{g}:sparsity"] for n, g in layer.items() if choice[f"{g}:sparsity"] > 0}
-        ranks: dict[str, int] = {}
+        ranks: dict[str, tuple[int, ...]] = {}
         bits: dict[str, int | str] = {}
         for n, g in layer.items():
-            b, budget = self.config.choice(choice[f"{g}:bits"]), choice[f"{g}:budget"]   # bits or a format
-            d = decide(n, self.model.get_submodule(n), Choice("budget", budget)) if budget < 1 else None
+            b, budget = self.config.choice(choice[f"{g}:bits"]), choice.get(f"{g}:budget", 1.0)   # bits or a format
+            module = self.model.get_submodule(n)
+            d = decide(n, module, Choice("budget", budget)) if budget < 1 else None
             if d is None or d.ranks is None:
                 bits[n] = b
                 continue
-            ranks[n] = d.ranks[0]
-            bits[f"{n}.first"] = bits[f"{n}.second"] = b
+            ranks[n] = d.ranks
+            bits |= {f"{n}.{part}": b for part in next(p for t, p in PARTS.items() if isinstance(module, t))}
         return ratios, ranks, bits
 
     def compress(self, choice: dict) -> tuple[nn.Module, dict[str, int]]:
@@ -102,8 +115,8 @@ class CompressionSpace(QuantSpaceBase):
         if ratios:
             prune_unstructured(model, 0.0, scope="local", targets=[], overrides=ratios)
             make_permanent(model)
-        for n, rank in ranks.items():
-            model = replace(model, n, factorize_linear(model.get_submodule(n), rank, n))
+        for n, r in ranks.items():
+            model = replace(model, n, factorized(model.get_submodule(n), r, n))
         return model, bits
 
     def configs(self, choice: dict) -> dict[str, dict]:
@@ -120,8 +133,10 @@ class CompressionSpace(QuantSpaceBase):
                      "targets": [], "rules": [{"match": f"fqn:{n}", "ratio": r} for n, r in ratios.items()]}
             out["prune.toml"] = prune_to_table(parse_prune(table, "compression export"))
         if ranks:       # the default rank is required by the parser but applies to no target
-            table = {"targets": [], "rank": min(ranks.values()),
-                     "rules": [{"match": f"fqn:{n}", "rank": r} for n, r in ranks.items()]}
+            layer = {n: g for g, names in self.groups.items() for n in names}
+            rules = [{"match": f"fqn:{n}", "rank": r[0]} if len(r) == 1 else
+                     {"match": f"fqn:{n}", "budget": choice[f"{layer[n]}:budget"]} for n, r in ranks.items()]
+            table = {"targets": [], "rank": min(min(r) for r in ranks.values()), "rules": rules}
             out["lowrank.toml"] = lowrank_to_table(parse_lowrank(table, "compression export"))
         out["quant.toml"] = quant_to_table(parse_quant(self.quant_table(bits), "compression export"))
         return out

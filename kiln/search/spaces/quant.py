@@ -1,5 +1,5 @@
-"""Mixed precision: a weight format and bit width per Linear (or per group of them), scored by
-the task metric on a fixed subset and by the bits it costs.
+"""Mixed precision: a weight format and bit width per layer (Linear or Conv1d/2d/3d, or per
+group of them), scored by the task metric on a fixed subset and by the bits it costs.
 
     [space]
     kind = "mixed-precision"
@@ -8,10 +8,10 @@ the task metric on a fixed subset and by the bits it costs.
     formats = []                           # or: format presets per layer, instead of bits, e.g.
                                            # ["int8", "int4", "fp8_e4m3", "mxfp4"] (avg bits counts
                                            # each format's own bits, MX's shared scales included)
-    include = ".*encoder.*"                # Linears searched (regex over FQNs); the rest at fixed_bits
-    group = ""                             # "" one choice per Linear; or a regex with one group:
-                                           # Linears with the same captured text share a choice
-    act_bits = 8                           # Linear inputs, per tensor, calibrated (0: float)
+    include = ".*encoder.*"                # layers searched (regex over FQNs); the rest at fixed_bits
+    group = ""                             # "" one choice per layer; or a regex with one group:
+                                           # layers with the same captured text share a choice
+    act_bits = 8                           # layer inputs, per tensor, calibrated (0: float)
     seed_uniform = false                   # true: a new study first runs every uniform point (all
                                            # layers at one choice), then its sampler takes over
     seed_sensitivity = 0                   # N > 0: it also first runs up to N points of the
@@ -28,6 +28,11 @@ as HAWQ-style sensitivity methods assume). Choices of equal width (int4 and fp4_
 not traded for each other: the path only ever lowers bits. Measuring it costs one quantized,
 calibrated and scored copy of the model per layer and narrower choice, plus one at the widest.
 Points that repeat a uniform one (or each other) are run once.
+
+The layers are those kiln.quant wraps with a weight: Linear, Conv1d, Conv2d, Conv3d. A block
+format (MX, BFP: a scale shared by a block of the reduction axis) is a choice of Linears only:
+a convolution's weight has its kernel width last (3 in a 3x3), which holds no block of 32, so a
+group holding a convolution chooses among the other formats (kiln.compare.config says the same).
 
 Each trial quantizes a fresh copy of the float model (fake quantization, `kiln.quant`),
 calibrates the activations on `calib_batches` training batches, and scores `samples` examples
@@ -63,6 +68,10 @@ from kiln.train.tasks import forward as model_forward
 from kiln.train.tasks import scored_by_own_loss
 
 GRANULARITIES = ("tensor", "channel")
+# the layers a space chooses a weight format for: those kiln.quant wraps with a weight and a
+# matmul-like reduction (an Embedding is a lookup)
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ class MixedPrecisionConfig:
     formats: tuple[str, ...] = ()
     granularity: str = "channel"
     include: str = ".*"
-    fixed_bits: int = 8               # Linears outside `include` (0: left in float)
+    fixed_bits: int = 8               # layers outside `include` (0: left in float)
     group: str = ""
     act_bits: int = 8
     calib_batches: int = 2
@@ -125,9 +134,15 @@ class MixedPrecisionConfig:
 
     def choice_bits(self, choice: int | str) -> float:
         """Storage bits per weight element of one choice (MX shared scales amortised)."""
+        return self._format(choice).bits
 
+    def blocked(self, choice: int | str) -> bool:
+        """Whether a choice's format shares a scale over blocks of the reduction axis (MX, BFP)."""
+        return hasattr(self._format(choice), "block")
+
+    def _format(self, choice: int | str):
         table = {k: v for k, v in self.weight(choice).items() if k != "granularity"}
-        return parse_format(table["format"] if isinstance(choice, str) else table, "mixed-precision space").bits
+        return parse_format(table["format"] if isinstance(choice, str) else table, "mixed-precision space")
 
     def weight(self, choice: int | str) -> dict[str, Any]:
         """The quant config's weight table for one choice."""
@@ -137,11 +152,11 @@ class MixedPrecisionConfig:
 
 
 def layer_groups(names: list[str], include: str, group: str) -> dict[str, list[str]]:
-    """Searched Linears by choice name: each its own, or grouped by the regex's first group."""
+    """Searched layers by choice name: each its own, or grouped by the regex's first group."""
     chosen = [n for n in names if re.fullmatch(include, n)]
     if not chosen:
         raise KilnError(f"mixed-precision space: include {include!r} matches none of the model's "
-                        f"{len(names)} Linears (e.g. {', '.join(names[:3])}): the space has no point")
+                        f"{len(names)} Linear and Conv layers (e.g. {', '.join(names[:3])}): the space has no point")
     if not group:
         return {n: [n] for n in chosen}
     groups: dict[str, list[str]] = {}
@@ -173,26 +188,37 @@ class QuantSpaceBase(Space):
         setattr(self.splits, c.split, Subset(split, range(min(c.samples, len(split)))))
         self.batches = calibration_batches(self.splits, c.calib_batches, c.batch_size, self.ctx.seed)
         check_batches(self.model, self.batches, f"dataset {source.dataset}")
-        self.linears = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and n]
-        self.groups = layer_groups(self.linears, c.include, c.group)
+        modules = dict(self.model.named_modules())
+        self.layers = [n for n, m in modules.items() if isinstance(m, LAYER_TYPES) and n]
+        self.groups = layer_groups(self.layers, c.include, c.group)
+        self.group_choices = {g: group_choices(c, g, [modules[n] for n in names]) for g, names in self.groups.items()}
         self.example = tuple(source.example_inputs)
         self.gemms = []
         if self.ctx.wanted & SYSTOLIC_OBJECTIVES:   # shapes only: captured once, priced per trial
             self.gemms = graph_gemms(capture(LoadedModel(c.source, self.model, self.example)))
         torch.manual_seed(self.ctx.seed)
 
+    def nearest(self, g: str, choice: int | str) -> int | str:
+        """`choice` when group `g` may take it, else its allowed choice nearest in bits (the
+        wider of two as near): a convolution's stand-in for a block format."""
+        allowed = self.group_choices[g]
+        if choice in allowed:
+            return choice
+        bits = self.config.choice_bits
+        return min(allowed, key=lambda a: (abs(bits(a) - bits(choice)), -bits(a)))
+
     def quant_table(self, bits_of: dict[str, int | str]) -> dict[str, Any]:
-        """The quant config (TOML table) giving each Linear its choice (bits, or a format
-        preset); `bits_of` by Linear FQN."""
+        """The quant config (TOML table) giving each layer its choice (bits, or a format
+        preset); `bits_of` by layer FQN."""
         c = self.config
-        table: dict[str, Any] = {"targets": ["Linear"]}
+        table: dict[str, Any] = {"targets": [t.__name__ for t in LAYER_TYPES]}
         if c.fixed_bits:
             table["weight"] = c.weight(c.fixed_bits)
         if c.act_bits:
             table["input"] = {"format": "int", "bits": c.act_bits, "granularity": "tensor", "calib": "minmax"}
         rules = [{"match": f"fqn:{n}", "weight": c.weight(b)} for n, b in bits_of.items()]
         if not c.fixed_bits:
-            rules += [{"match": f"fqn:{n}", "skip": True} for n in self.linears if n not in bits_of]
+            rules += [{"match": f"fqn:{n}", "skip": True} for n in self.layers if n not in bits_of]
         table["rules"] = rules
         return table
 
@@ -214,7 +240,7 @@ class QuantSpaceBase(Space):
 
     def hw_scores(self, qmodel: nn.Module, table: dict) -> dict[str, float]:
         """The hardware objectives the study wants (kiln.hw's estimator and systolic model):
-        each Linear's operands at max(its weight bits, the input bits)."""
+        each layer's operands at max(its weight bits, the input bits)."""
         wanted = set(self.ctx.wanted)
         out = fpga_scores(qmodel, self.example[0], wanted, self.config.hw) if wanted & FPGA_OBJECTIVES else {}
         if wanted & SYSTOLIC_OBJECTIVES:
@@ -222,9 +248,22 @@ class QuantSpaceBase(Space):
             fixed = c.choice_bits(c.fixed_bits) if c.fixed_bits else 32
             weight = {r["match"][4:]: c.choice_bits(c.choice(r["weight"].get("bits") or r["weight"]["format"]))
                       for r in table.get("rules", []) if "weight" in r}
-            bits = {n: max(weight.get(n, fixed), c.act_bits or 32) for n in self.linears}
+            bits = {n: max(weight.get(n, fixed), c.act_bits or 32) for n in self.layers}
             out |= systolic_scores(self.gemms, bits, wanted, c.hw)
         return out
+
+
+def group_choices(c: MixedPrecisionConfig, g: str, modules: list[nn.Module]) -> list:
+    """The choices a group may take: all of them, less the block formats where it holds a
+    convolution (see the module docstring)."""
+    if not any(isinstance(m, CONV_TYPES) for m in modules):
+        return list(c.choices)
+    allowed = [ch for ch in c.choices if not c.blocked(ch)]
+    if not allowed:
+        raise KilnError(f"mixed-precision space: {g} holds a convolution and every choice ({', '.join(map(str, c.choices))}) "
+                        f"is a block format, which a convolution's weight cannot hold: add an int or fp format, "
+                        f"or leave it out of include")
+    return allowed
 
 
 def outputs(model: nn.Module, batches: list) -> list:
@@ -293,21 +332,25 @@ class MixedPrecisionSpace(QuantSpaceBase):
 
     def suggest(self, trial) -> dict[str, int]:
         self.ensure_setup()
-        return {g: trial.suggest_categorical(g, self.config.choices) for g in self.groups}
+        return {g: trial.suggest_categorical(g, self.group_choices[g]) for g in self.groups}
 
     def bits_of(self, choice: dict[str, int | str]) -> dict[str, int | str]:
-        """Each Linear's choice (bits or a format preset), by FQN."""
+        """Each layer's choice (bits or a format preset), by FQN."""
         return {n: self.config.choice(choice[g]) for g, names in self.groups.items() for n in names}
 
     def uniform(self, choice: int | str) -> dict[str, int | str]:
-        return {g: choice for g in self.groups}
+        """Every group at `choice` (or, where it may not take it, the nearest it may)."""
+        return {g: self.nearest(g, choice) for g in self.groups}
 
     def initial_points(self) -> list[dict]:
         c = self.config
         if not (c.seed_uniform or c.seed_sensitivity):
             return []
         self.ensure_setup()
-        points = [self.uniform(ch) for ch in c.choices] if c.seed_uniform else []
+        points = []
+        for ch in c.choices if c.seed_uniform else []:
+            if self.uniform(ch) not in points:
+                points.append(self.uniform(ch))
         if c.seed_sensitivity:
             if getattr(self, "path", None) is None:     # once per process: studies sharing the space reuse it
                 self.path = self.sensitivity_path()
@@ -328,12 +371,13 @@ class MixedPrecisionSpace(QuantSpaceBase):
         bits = {ch: c.choice_bits(ch) for ch in c.choices}
         widest = max(c.choices, key=bits.__getitem__)
         reference = outputs(self.model, self.batches)
-        base = self.distortion(self.uniform(widest), reference)
-        todo = [(g, ch) for g in self.groups for ch in c.choices if bits[ch] < bits[widest]]
-        out: dict[str, dict] = {g: {widest: 0.0} for g in self.groups}
+        top = self.uniform(widest)
+        base = self.distortion(top, reference)
+        todo = [(g, ch) for g in self.groups for ch in self.group_choices[g] if bits[ch] < bits[top[g]]]
+        out: dict[str, dict] = {g: {top[g]: 0.0} for g in self.groups}
         t0 = time.perf_counter()
         for i, (g, ch) in enumerate(todo, 1):
-            out[g][ch] = self.distortion({**self.uniform(widest), g: ch}, reference) - base
+            out[g][ch] = self.distortion({**top, g: ch}, reference) - base
             if i % 25 == 0 or i == len(todo):
                 print(f"sensitivity: {i}/{len(todo)} layer choices measured, {time.perf_counter() - t0:.0f} s",
                       file=sys.stderr, flush=True)
@@ -363,7 +407,7 @@ class MixedPrecisionSpace(QuantSpaceBase):
         while True:
             steps = [((sens[g][ch] - sens[g][current[g]]) / (params[g] * (bits[current[g]] - bits[ch])),
                       -params[g] * (bits[current[g]] - bits[ch]), g, ch)
-                     for g in self.groups for ch in c.choices if bits[ch] < bits[current[g]]]
+                     for g in self.groups for ch in self.group_choices[g] if bits[ch] < bits[current[g]]]
             if not steps:
                 return path
             _, _, g, ch = min(steps, key=lambda s: s[:2])
@@ -376,7 +420,7 @@ class MixedPrecisionSpace(QuantSpaceBase):
 
     def grid(self) -> dict[str, list]:
         self.ensure_setup()
-        return {g: self.config.choices for g in self.groups}
+        return {g: list(self.group_choices[g]) for g in self.groups}
 
     def export(self, params: dict, out: Path) -> list[Path]:
         self.ensure_setup()
