@@ -83,8 +83,11 @@ def example_inputs(model: torch.nn.Module, config) -> dict:
     return generic_inputs(model, config)
 
 
+# built only for a forward that needs them: a vision-language model's optional video input
+# would ask for video placeholders in the text
+_ONLY_REQUIRED = ("pixel_values_videos", "input_features_mask")
 _WITH_MAIN = ("past_values_padding", "freq", "past_time_features", "past_observed_mask", "future_values",
-              "future_time_features")   # go with the main input, never alone
+              "future_time_features", "input_features_mask")   # go with the main input, never alone
 
 
 def generic_inputs(model: torch.nn.Module, config, multimodal: bool = True) -> dict:
@@ -92,7 +95,8 @@ def generic_inputs(model: torch.nn.Module, config, multimodal: bool = True) -> d
     params = inspect.signature(model.forward).parameters
     main = getattr(model, "main_input_name", "input_ids")
     gen = torch.Generator().manual_seed(0)
-    wanted = {name for name in _BUILDERS if name in params and (multimodal or name == main or name in _WITH_MAIN)}
+    wanted = {name for name in _BUILDERS if name in params and (multimodal or name == main or name in _WITH_MAIN)
+              and (name not in _ONLY_REQUIRED or name == main or params[name].default is params[name].empty)}
     kw: dict[str, Any] = {}
     for name in _BUILDERS:
         if name in wanted:
@@ -163,11 +167,14 @@ def video(pixels: torch.Tensor, config) -> torch.Tensor:
     return torch.randn((pixels.shape[0], frames(config), *pixels.shape[1:]), generator=gen)
 
 
+def _mel_frames(config) -> int:
+    positions = _sub(config, "max_source_positions")[1]
+    return 2 * positions if positions else 64  # whisper's convs halve the frames to its positions
+
+
 def _mel(config, gen: torch.Generator) -> torch.Tensor:
     bins = _sub(config, "num_mel_bins", "feature_size", "input_feat_per_channel")[1] or 80
-    positions = _sub(config, "max_source_positions")[1]
-    frames = 2 * positions if positions else 64  # whisper's convs halve the frames to its positions
-    return torch.randn(BATCH, bins, frames, generator=gen)
+    return torch.randn(BATCH, bins, _mel_frames(config), generator=gen)
 
 
 def _series_length(config) -> int:
@@ -211,6 +218,7 @@ _BUILDERS: dict[str, Callable[[Any, torch.Generator], Any]] = {
     "pixel_values_videos": lambda config, gen: video(_pixels(config, gen), config),
     "input_values": lambda config, gen: torch.randn(BATCH, AUDIO_SAMPLES, generator=gen),
     "input_features": _mel,
+    "input_features_mask": lambda config, gen: torch.ones(BATCH, _mel_frames(config), dtype=torch.long),
     "past_values": _series,
     # timesfm: no padding in the context, and the frequency class 0 (high frequency)
     "past_values_padding": lambda config, gen: torch.zeros(BATCH, _series_length(config), dtype=torch.long),
