@@ -12,7 +12,8 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.models.hf_config.query import canonical, known_keys, parse_value, squash, suggest
-from kiln.models.hf_config.shrink import choose_width, field, is_config, placeholders_in_vocab, shrink_kwargs
+from kiln.models.hf_config.shrink import (_ACTIVE, _EXPERTS, ACTIVE, choose_width, field, is_config,
+                                          placeholders_in_vocab, shrink_kwargs)
 
 
 def default_config(cls, spec: str):
@@ -139,6 +140,11 @@ def _unset_derived(config, known: dict) -> dict:
     # configs set it; the model refuses to build without it): 8 steps
     if "prediction_length" in known and field(config, "prediction_length") is None:
         out["prediction_length"] = 8
+    # experts routed per token left None (deepseek_v2: the released configs set 6): 2 of the 4 kept
+    experts = [v for name in known if _EXPERTS.match(name) for v in [field(config, name)] if isinstance(v, int) and v > 0]
+    for name in known:
+        if experts and _ACTIVE.match(name) and name == canonical(type(config), name) and field(config, name) is None:
+            out[name] = min(ACTIVE, max(experts))
     return out
 
 
