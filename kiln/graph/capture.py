@@ -53,13 +53,15 @@ def capture(loaded: LoadedModel, dynamic_batch: bool = False) -> Graph:
             program = export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         return Graph(program, name=loaded.spec)
     except Exception as exc:  # torch.export raises many types; all are the model's construct
-        if export is torch.export.draft_export or not _data_dependent(exc):
+        if (export is torch.export.draft_export or dynamic_batch or not loaded.value_specialised
+                or not _data_dependent(exc)):
             raise _capture_error(loaded, exc) from None
         first = exc
     # Control flow or sizes that depend on the input's values (longformer's `if is_global_attn`,
-    # an MoE's per-expert token counts, a codec's padding read off the signal): draft mode reads
-    # each such value off the example, so the graph is the one the example takes, specialised
-    # to those values as it is to every shape (no dynamic batch: a value may depend on it).
+    # an MoE's per-expert token counts, a codec's padding read off the signal), in a model that
+    # allows it (loaded.value_specialised; never with a dynamic batch, which a value may depend
+    # on): draft mode reads each such value off the example, so the graph is the one the
+    # example takes, specialised to those values as it is to every shape.
     try:
         with torch.no_grad(), _quiet_torch():
             program = torch.export.draft_export(model, tuple(loaded.example_inputs), dict(loaded.example_kwargs),

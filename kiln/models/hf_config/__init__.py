@@ -65,7 +65,7 @@ def load_hf_config(model_type: str, query: dict[str, str], spec: str, generic: b
         family = _family(model, config, kw)
     return LoadedModel(spec, model, (), kw, family=family, task="features",
                        description=_describe(model_type, model, config, family),
-                       size_inputs=tuple(k for k in kw if k in SIZE_INPUTS))
+                       size_inputs=tuple(k for k in kw if k in SIZE_INPUTS), value_specialised=True)
 
 
 def recipe_config(model_type: str, query: dict[str, str], spec: str):
