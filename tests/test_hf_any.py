@@ -238,13 +238,6 @@ def test_depthwise_conv_groups_shrink_with_their_width():
     assert small.upsample_groups == small.hidden_size < base.hidden_size
 
 
-def test_per_layer_list_kept_at_its_default_follows_the_layer_count():
-    base, small = _shrunk_config("zamba2")
-    assert len(base.layers_block_type) == base.num_hidden_layers > small.num_hidden_layers
-    assert len(small.layers_block_type) == small.num_hidden_layers
-    assert set(small.layers_block_type) == set(base.layers_block_type)
-
-
 def test_mamba_heads_times_head_dim_still_make_the_ssm_width():
     base, small = _shrunk_config("falcon_h1")
     assert base.mamba_n_heads * base.mamba_d_head == base.mamba_d_ssm
