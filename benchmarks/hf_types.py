@@ -201,7 +201,9 @@ def carried_rows(path: Path, rows: dict, types: list[str]) -> dict:
     for t in types:
         if (t, False) not in rows and t in found:
             verdict = found[t]
-            out[(t, False)] = {"type": t, "generic": False, "carried": meta.get("date", "earlier survey"),
+            # a verdict the earlier survey itself carried keeps the date it was measured
+            out[(t, False)] = {"type": t, "generic": False,
+                               "carried": verdict.get("carried") or meta.get("date", "earlier survey"),
                                "stage": verdict["stage"], "error": verdict.get("error", ""),
                                "family": verdict.get("family", ""), "kiln_flops": None}
             if verdict["stage"] == "ok":

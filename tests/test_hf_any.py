@@ -211,3 +211,44 @@ def test_oracle_counts_an_lstm_s_cells_as_kiln_does():
                          (torch.randn(batch, steps, width),))
     expected = 2 * batch * steps * 4 * hidden * (width + hidden)
     assert flop_counter_flops(loaded) == expected == AnnotateCost()(capture(loaded)).record.flops
+
+
+# Fixed on 2026-12-08: value-dependent control flow (longformer's `if is_global_attn`, jetmoe's
+# per-expert token counts) captured in draft mode on the example's values; DETR's timm resnet50
+# built as transformers' own ResNet; a lagged time series with its forecast window.
+@pytest.mark.parametrize("model_type", ["longformer", "jetmoe", "detr", "time_series_transformer"])
+def test_types_fixed_on_2026_12_08_capture_exactly(model_type):
+    loaded = load_hf_config(model_type, {}, f"hf-config:{model_type}")
+    expected = flop_counter_flops(loaded)
+    assert expected > 0 and AnnotateCost()(capture(loaded)).record.flops == expected
+
+
+def _shrunk_config(model_type: str):
+    from kiln.models.hf_config import _config_class
+    from kiln.models.hf_config.generic import default_config, generic_config, width_ladder
+
+    base = default_config(_config_class(model_type, model_type), model_type)
+    return base, generic_config(base, width_ladder(base)[0], {}, model_type)
+
+
+def test_depthwise_conv_groups_shrink_with_their_width():
+    """Oracle: the default config's own tie (mimi: upsample_groups == hidden_size)."""
+    base, small = _shrunk_config("mimi")
+    assert base.upsample_groups == base.hidden_size
+    assert small.upsample_groups == small.hidden_size < base.hidden_size
+
+
+def test_mamba_heads_times_head_dim_still_make_the_ssm_width():
+    base, small = _shrunk_config("falcon_h1")
+    assert base.mamba_n_heads * base.mamba_d_head == base.mamba_d_ssm
+    assert small.mamba_n_heads * small.mamba_d_head == small.mamba_d_ssm < base.mamba_d_ssm
+
+
+def test_timm_resnet_backbone_becomes_transformers_own_without_timm():
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm installed: its backbone is built as it is")
+    base, _ = _shrunk_config("deformable_detr")
+    backbone = base.backbone_config
+    assert backbone.model_type == "resnet" and backbone.out_features == ["stage2", "stage3", "stage4"]

@@ -51,12 +51,38 @@ def capture(loaded: LoadedModel, dynamic_batch: bool = False) -> Graph:
     try:
         with torch.no_grad(), _quiet_torch():
             program = export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        return Graph(program, name=loaded.spec)
     except Exception as exc:  # torch.export raises many types; all are the model's construct
-        raise KilnError(
-            f"cannot capture {loaded.spec} with torch.export: {type(exc).__name__}: "
-            f"{first_line(exc)}{_user_frame(exc)}"
-        ) from None
-    return Graph(program, name=loaded.spec)
+        if (export is torch.export.draft_export or dynamic_batch or not loaded.value_specialised
+                or not _data_dependent(exc)):
+            raise _capture_error(loaded, exc) from None
+        first = exc
+    # Control flow or sizes that depend on the input's values (longformer's `if is_global_attn`,
+    # an MoE's per-expert token counts, a codec's padding read off the signal), in a model that
+    # allows it (loaded.value_specialised; never with a dynamic batch, which a value may depend
+    # on): draft mode reads each such value off the example, so the graph is the one the
+    # example takes, specialised to those values as it is to every shape.
+    try:
+        with torch.no_grad(), _quiet_torch():
+            program = torch.export.draft_export(model, tuple(loaded.example_inputs), dict(loaded.example_kwargs),
+                                                strict=False)
+        return Graph(program, name=loaded.spec)
+    except Exception:  # noqa: BLE001 - the first error is the one that names the construct
+        raise _capture_error(loaded, first) from None
+
+
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "PendingUnbackedSymbolNotFound", "DataDependentOutputException",
+                   "data-dependent")
+
+
+def _data_dependent(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return any(word in text for word in _DATA_DEPENDENT)
+
+
+def _capture_error(loaded: LoadedModel, exc: BaseException) -> KilnError:
+    return KilnError(f"cannot capture {loaded.spec} with torch.export: {type(exc).__name__}: "
+                     f"{first_line(exc)}{_user_frame(exc)}")
 
 
 @contextlib.contextmanager

@@ -13,8 +13,17 @@ def _dim(d: Any) -> int:
     """A concrete size: symbolic dims (dynamic export) report their example value."""
     if isinstance(d, int):
         return d
-    hint = getattr(getattr(d, "node", None), "hint", None)
-    return int(hint) if hint is not None else int(d)
+    node = getattr(d, "node", None)
+    hint = getattr(node, "hint", None)
+    if hint is not None:
+        return int(hint)
+    # an unbacked size (a count read off the data): draft export records the example's value
+    known = getattr(getattr(node, "shape_env", None), "unbacked_var_to_val", None)
+    if known:
+        value = node.expr.xreplace(known)
+        if value.is_number:
+            return int(value)
+    return int(d)
 
 
 def tensor_metas(val: Any) -> tuple[TensorMeta, ...]:

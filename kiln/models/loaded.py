@@ -17,6 +17,9 @@ class LoadedModel:
     ones, so a user can override shapes by name. `size_inputs` names keyword inputs whose
     values are sizes rather than data (a vision tower's grid of patches, `grid_thw`): the
     captured graph is specialised to them, as it is to every input's shape.
+    `value_specialised` allows capture, where torch.export stops on control flow or a size that
+    depends on an input's values, to specialise the graph to the example's values instead
+    (transformers models: an attention mask checked for padding, an MoE's token counts).
     """
 
     spec: str
@@ -27,6 +30,7 @@ class LoadedModel:
     task: str = "unknown"
     description: str = ""
     size_inputs: tuple[str, ...] = ()
+    value_specialised: bool = False
 
     @property
     def input_names(self) -> list[str]:

@@ -26,7 +26,7 @@ from kiln.models.hf_config.constraints import check_constraints
 from kiln.models.hf_config.generic import default_config, width_ladder, generic_config
 from kiln.models.hf_config.inputs import (INPUTS, SEQ, SIZE_INPUTS, example_inputs, generic_inputs, grid_input,
                                           image_token_counts, patch_inputs, time_major_features,
-                                          with_image_tokens)
+                                          video, with_image_tokens)
 from kiln.models.hf_config.query import check_sizes, squash
 from kiln.models.hf_config.recipes import SUPPORTED, recipe_kwargs
 from kiln.models.hf_config.shrink import field
@@ -65,7 +65,7 @@ def load_hf_config(model_type: str, query: dict[str, str], spec: str, generic: b
         family = _family(model, config, kw)
     return LoadedModel(spec, model, (), kw, family=family, task="features",
                        description=_describe(model_type, model, config, family),
-                       size_inputs=tuple(k for k in kw if k in SIZE_INPUTS))
+                       size_inputs=tuple(k for k in kw if k in SIZE_INPUTS), value_specialised=True)
 
 
 def recipe_config(model_type: str, query: dict[str, str], spec: str):
@@ -125,6 +125,8 @@ def _run_generic(model: torch.nn.Module, config, spec: str) -> dict:
         return _run(model, lambda: first, spec, raw=True)
     except Exception as exc:
         variants = [with_image_tokens(config, first, n) for n in image_token_counts(config, exc)]
+        if "pixel_values" in first and first["pixel_values"].dim() == 4:  # a video model's clip
+            variants.append(dict(first, pixel_values=video(first["pixel_values"], config)))
         if "input_features" in first:
             variants.append(dict(first, input_features=first["input_features"].transpose(1, 2).contiguous()))
             variants += [dict(first, input_features=f) for f in time_major_features(config)]

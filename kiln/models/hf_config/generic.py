@@ -7,18 +7,57 @@ as config objects, so the parent keeps them as they are; a dotted query key reac
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any
 
 from kiln.errors import KilnError
 from kiln.models.hf_config.query import canonical, known_keys, parse_value, squash, suggest
-from kiln.models.hf_config.shrink import choose_width, field, is_config, placeholders_in_vocab, shrink_kwargs
+from kiln.models.hf_config.shrink import (_ACTIVE, _EXPERTS, ACTIVE, choose_width, field, is_config,
+                                          placeholders_in_vocab, shrink_kwargs)
 
 
 def default_config(cls, spec: str):
     try:
-        return cls()
+        config = cls()
     except Exception as exc:  # a config class that cannot build its own defaults
         raise KilnError(f"{spec}: {cls.__name__}() with its defaults failed: {squash(exc)}") from None
+    if importlib.util.find_spec("timm") is None:
+        _native_backbones(config)
+    return config
+
+
+# timm backbones that transformers implements itself: (model type, config keywords, the stage
+# timm's feature index 0 is). timm's resnets count the stem as feature 0, its swins do not.
+# Each config class's defaults are the named network (ResNetConfig() is resnet-50, SwinConfig()
+# swin-tiny-patch4-window7-224).
+_TIMM_NATIVE = {
+    "resnet18": ("resnet", {"layer_type": "basic", "depths": [2, 2, 2, 2], "hidden_sizes": [64, 128, 256, 512]}, 0),
+    "resnet34": ("resnet", {"layer_type": "basic", "depths": [3, 4, 6, 3], "hidden_sizes": [64, 128, 256, 512]}, 0),
+    "resnet50": ("resnet", {}, 0),
+    "resnet101": ("resnet", {"depths": [3, 4, 23, 3]}, 0),
+    "swin_tiny_patch4_window7_224": ("swin", {}, 1),
+}
+
+
+def _native_backbones(config) -> None:
+    """Without timm (not installed here: it pulls torchvision and another torch), a default
+    config whose backbone is a timm network transformers also implements (DETR and its
+    descendants default to timm's resnet50, OmDet-Turbo to its swin-tiny) gets transformers'
+    own network with the same stages out, as `use_timm_backbone=False` would; the released
+    checkpoints' weights differ only in naming. Backbones without a native twin stay as they are."""
+    from transformers import CONFIG_MAPPING
+
+    for f in dataclasses.fields(config):
+        sub = field(config, f.name)
+        if not is_config(sub):
+            continue
+        native = _TIMM_NATIVE.get(getattr(sub, "backbone", None)) if sub.model_type == "timm_backbone" else None
+        if native is None:
+            _native_backbones(sub)
+            continue
+        model_type, kwargs, offset = native
+        indices = [i + offset for i in (getattr(sub, "out_indices", None) or [4 - offset])]
+        setattr(config, f.name, CONFIG_MAPPING[model_type](num_channels=sub.num_channels, out_indices=indices, **kwargs))
 
 
 def width_ladder(base) -> list[int]:
@@ -97,6 +136,15 @@ def _unset_derived(config, known: dict) -> dict:
     if ("head_dim" in known and field(config, "head_dim") is None and isinstance(heads, int)
             and isinstance(hidden, int) and heads > 0 and hidden % heads == 0):
         out["head_dim"] = hidden // heads
+    # a forecaster's horizon (time_series_transformer, informer, autoformer: their released
+    # configs set it; the model refuses to build without it): 8 steps
+    if "prediction_length" in known and field(config, "prediction_length") is None:
+        out["prediction_length"] = 8
+    # experts routed per token left None (deepseek_v2: the released configs set 6): 2 of the 4 kept
+    experts = [v for name in known if _EXPERTS.match(name) for v in [field(config, name)] if isinstance(v, int) and v > 0]
+    for name in known:
+        if experts and _ACTIVE.match(name) and name == canonical(type(config), name) and field(config, name) is None:
+            out[name] = min(ACTIVE, max(experts))
     return out
 
 

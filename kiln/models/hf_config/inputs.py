@@ -83,7 +83,11 @@ def example_inputs(model: torch.nn.Module, config) -> dict:
     return generic_inputs(model, config)
 
 
-_WITH_MAIN = ("past_values_padding", "freq")   # go with the main input, never alone
+# built only for a forward that needs them: a vision-language model's optional video input
+# would ask for video placeholders in the text
+_ONLY_REQUIRED = ("pixel_values_videos", "input_features_mask")
+_WITH_MAIN = ("past_values_padding", "freq", "past_time_features", "past_observed_mask", "future_values",
+              "future_time_features", "input_features_mask")   # go with the main input, never alone
 
 
 def generic_inputs(model: torch.nn.Module, config, multimodal: bool = True) -> dict:
@@ -91,7 +95,8 @@ def generic_inputs(model: torch.nn.Module, config, multimodal: bool = True) -> d
     params = inspect.signature(model.forward).parameters
     main = getattr(model, "main_input_name", "input_ids")
     gen = torch.Generator().manual_seed(0)
-    wanted = {name for name in _BUILDERS if name in params and (multimodal or name == main or name in _WITH_MAIN)}
+    wanted = {name for name in _BUILDERS if name in params and (multimodal or name == main or name in _WITH_MAIN)
+              and (name not in _ONLY_REQUIRED or name == main or params[name].default is params[name].empty)}
     kw: dict[str, Any] = {}
     for name in _BUILDERS:
         if name in wanted:
@@ -150,18 +155,54 @@ def _pixels(config, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(BATCH, channels, h, w, generator=gen)
 
 
+def frames(config) -> int:
+    """A video model's clip length: the frames its config names (num_frames, frames_per_clip), else 8."""
+    count = _first_int(_sub(config, "num_frames", "frames_per_clip", "num_frames_per_clip")[1])
+    return count if count and count > 0 else 8
+
+
+def video(pixels: torch.Tensor, config) -> torch.Tensor:
+    """(batch, frames, channels, height, width): the image repeated into a clip, each frame its own noise."""
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn((pixels.shape[0], frames(config), *pixels.shape[1:]), generator=gen)
+
+
+def _mel_frames(config) -> int:
+    positions = _sub(config, "max_source_positions")[1]
+    return 2 * positions if positions else 64  # whisper's convs halve the frames to its positions
+
+
 def _mel(config, gen: torch.Generator) -> torch.Tensor:
     bins = _sub(config, "num_mel_bins", "feature_size", "input_feat_per_channel")[1] or 80
-    positions = _sub(config, "max_source_positions")[1]
-    frames = 2 * positions if positions else 64  # whisper's convs halve the frames to its positions
-    return torch.randn(BATCH, bins, frames, generator=gen)
+    return torch.randn(BATCH, bins, _mel_frames(config), generator=gen)
 
 
 def _series_length(config) -> int:
-    """A time-series model's context: its context_length, or 4 patches where that is long (timesfm's 16384)."""
+    """A time-series model's context: its context_length, or 4 patches where that is long (timesfm's
+    16384); a model that feeds lagged copies of the series (time_series_transformer, informer,
+    autoformer) reads the largest lag further back."""
     context = _sub(config, "context_length")[1]
     patch = _sub(config, "patch_length")[1] or 8
-    return context if isinstance(context, int) and 0 < context <= 1024 else 4 * patch
+    length = context if isinstance(context, int) and 0 < context <= 1024 else 4 * patch
+    return length + max(_lags(config) or [0])
+
+
+def _lags(config) -> list[int]:
+    lags = _sub(config, "lags_sequence")[1]
+    return [v for v in lags if isinstance(v, int)] if isinstance(lags, (list, tuple)) else []
+
+
+def _horizon(config) -> int | None:
+    """The forecast length of a lagged-series model (its decoder runs over it), else None."""
+    horizon = _sub(config, "prediction_length")[1]
+    return horizon if _lags(config) and isinstance(horizon, int) and horizon > 0 else None
+
+
+def _time_features(config, length: int | None) -> torch.Tensor | None:
+    """(batch, length, num_time_features): the calendar features of a lagged-series model."""
+    count = _sub(config, "num_time_features")[1] or 0
+    return None if length is None or not _lags(config) else torch.randn(BATCH, length, count,
+                                                                         generator=torch.Generator().manual_seed(1))
 
 
 def _series(config, gen: torch.Generator) -> torch.Tensor:
@@ -174,12 +215,20 @@ def _series(config, gen: torch.Generator) -> torch.Tensor:
 _BUILDERS: dict[str, Callable[[Any, torch.Generator], Any]] = {
     "input_ids": lambda config, gen: _safe_ids(config, _vocab(config), SEQ, gen),
     "pixel_values": _pixels,
+    "pixel_values_videos": lambda config, gen: video(_pixels(config, gen), config),
     "input_values": lambda config, gen: torch.randn(BATCH, AUDIO_SAMPLES, generator=gen),
     "input_features": _mel,
+    "input_features_mask": lambda config, gen: torch.ones(BATCH, _mel_frames(config), dtype=torch.long),
     "past_values": _series,
     # timesfm: no padding in the context, and the frequency class 0 (high frequency)
     "past_values_padding": lambda config, gen: torch.zeros(BATCH, _series_length(config), dtype=torch.long),
     "freq": lambda config, gen: torch.zeros(BATCH, 1, dtype=torch.long),
+    # lagged-series models: every value observed, and the forecast window's values and features
+    "past_time_features": lambda config, gen: _time_features(config, _series_length(config)),
+    "past_observed_mask": lambda config, gen: torch.ones(BATCH, _series_length(config)) if _lags(config) else None,
+    "future_values": lambda config, gen: (torch.randn(BATCH, _horizon(config), generator=gen)
+                                          if _horizon(config) else None),
+    "future_time_features": lambda config, gen: _time_features(config, _horizon(config)),
 }
 
 

@@ -27,7 +27,8 @@ _WIDTH = re.compile(
     r"intermediate_size|ffn_dim|d_ff|d_inner|n_inner|projection_dim|out_hidden_size|mlp_dim|"
     r"kv_lora_rank|q_lora_rank|conv_dim|neck_hidden_sizes|word_embed_proj_dim|codevector_dim|"
     r"classifier_proj_size|feedforward_dim|dim_feedforward|ffn_hidden_size|kv_channels|"
-    r"proj_codevector_dim|output_hidden_size|channels|filters|hidden_units|out_features|num_groups)$")
+    r"proj_codevector_dim|output_hidden_size|channels|filters|hidden_units|out_features|num_groups|"
+    r"condition_dim|d_ssm)$")
 # Input channels, sample counts and the like that must keep their value although they match.
 _NOT_WIDTH = re.compile(r"^(num_channels|in_channels|audio_channels|input_channels|num_input_channels|"
                         r"out_channels|output_channels|image_channels|num_mel_bins|feature_size)$")
@@ -267,17 +268,40 @@ def shrink_kwargs(config, width: int) -> dict:
         if _LAYERS.match(f.name) and f.name in ("num_hidden_layers", "num_layers", "n_layer") and new != value:
             layers_old, layers_new = value, new
     if layers_old:
-        for name, value in list(out.items()):
-            if name not in ("depths",):
-                out[name] = _per_layer(value, layers_old, layers_new)
+        # per-layer lists, shrunk or kept at their defaults (zamba2's layers_block_type)
+        for f in dataclasses.fields(config):
+            value = out.get(f.name, field(config, f.name))
+            if (f.name != "depths" and f.init and not f.name.startswith("_") and f.default is not None
+                    and isinstance(value, (list, tuple))):
+                picked = _per_layer(value, layers_old, layers_new)
+                if f.name in out or picked is not value:
+                    out[f.name] = picked
         longest = max((len(v) for n, v in out.items() if isinstance(v, (list, tuple))
                        and len(v) > layers_new and len(v) < layers_old), default=0)
         for name in ("num_hidden_layers", "num_layers", "n_layer"):
             if name in out and longest:
                 out[name] = longest  # one layer of each kind (zamba: mamba, hybrid, attention)
+    _depthwise_groups(config, out, factors)
     _image(config, out)
     _mrope_default(config, out, factors)
     return out
+
+
+_CONV_GROUPS = re.compile(r"(^|_)groups$|^codebook_dim$")
+
+
+def _depthwise_groups(config, out: dict, factors: Factors) -> None:
+    """A convolution's group count equal to one of the config's widths (mimi's upsample_groups =
+    hidden_size: a depthwise convolution) shrinks with that width, so it still divides the
+    channels; so does a codebook as wide as the model (wavtokenizer quantizes hidden_size-wide
+    vectors without a projection; dac's 8-wide codebooks, projected, stay)."""
+    widths = {v for f in dataclasses.fields(config) if _kind(f.name) == "width"
+              for v in _ints(field(config, f.name)) if v > 4}
+    for f in dataclasses.fields(config):
+        value = field(config, f.name)
+        if (_CONV_GROUPS.search(f.name) and f.name not in out and isinstance(value, int)
+                and not isinstance(value, bool) and value in widths):
+            out[f.name] = _scaled(value, factors.width)
 
 
 def _mrope_default(config, out: dict, factors: Factors) -> None:
