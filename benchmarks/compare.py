@@ -35,16 +35,17 @@ def main() -> None:
     ap.add_argument("--optimizations", default=OPTIMIZATIONS)
     ap.add_argument("--hardware", default=HARDWARE)
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--train-steps", type=int, default=200)
-    ap.add_argument("--finetune-steps", type=int, default=50)
+    ap.add_argument("--train-steps", type=int, default=None, help="default: each model's recipe, else 200")
+    ap.add_argument("--finetune-steps", type=int, default=None, help="default: each model's recipe, else 50")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
     kiln = [sys.executable, "-c", "from kiln.cli.main import main; main()"]
     argv = ["compare", "--models", args.models, "--optimizations", args.optimizations, "--hardware", args.hardware,
-            "--out", args.out, "--backend", args.backend, "--train-steps", str(args.train_steps),
-            "--finetune-steps", str(args.finetune_steps), "--rounds", str(args.rounds)]
+            "--out", args.out, "--backend", args.backend, "--rounds", str(args.rounds)]
+    argv += ["--train-steps", str(args.train_steps)] * (args.train_steps is not None)
+    argv += ["--finetune-steps", str(args.finetune_steps)] * (args.finetune_steps is not None)
     argv += ["--no-latency"] * args.no_latency + ["--resume"] * args.resume
     t0, load = time.monotonic(), os.getloadavg()[0]
     proc = subprocess.run([*kiln, *argv], text=True)

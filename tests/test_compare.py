@@ -213,14 +213,17 @@ def test_a_resume_with_latency_times_the_cells_that_lack_one_and_runs_nothing_el
     assert [c["latency"] for c in third["cells"]] == [c["latency"] for c in second["cells"]]
 
 
-def test_recipes_train_each_model_by_its_own_steps_unless_the_command_line_says_zero():
-    from kiln.compare.config import RECIPES
+def test_recipes_train_each_model_unless_the_command_line_gives_a_value():
+    from kiln.compare.config import DEFAULT_TRAINING, RECIPES
 
     cfg = parse_config("zoo:gcn,zoo:cnn", "int8", "h100")
     gcn, cnn = cfg.recipe("zoo:gcn"), cfg.recipe("zoo:cnn")
     assert (gcn.steps, gcn.lr) == (RECIPES["zoo:gcn"].steps, RECIPES["zoo:gcn"].lr)
-    assert (cnn.steps, cnn.lr, cnn.finetune_steps) == (cfg.train_steps, cfg.train_lr, cfg.finetune_steps)
+    assert (cnn.steps, cnn.lr, cnn.finetune_steps, cnn.finetune_lr) == tuple(DEFAULT_TRAINING.values())
     assert parse_config("zoo:gcn", "int8", "h100", train_steps=0).recipe("zoo:gcn").steps == 0
-    assert parse_config("zoo:gcn", "int8", "h100", recipes=False).recipe("zoo:gcn").lr == cfg.train_lr
+    # a value the user gives wins over the recipe (zoo:vit_tiny's recipe trains 600 steps at 1e-3)
+    vit = parse_config("zoo:vit_tiny", "int8", "h100", train_steps=100, train_lr=2e-3).recipe("zoo:vit_tiny")
+    assert (vit.steps, vit.lr) == (100, 2e-3) and RECIPES["zoo:vit_tiny"].steps == 600
+    assert parse_config("zoo:gcn", "int8", "h100", recipes=False).recipe("zoo:gcn").lr == DEFAULT_TRAINING["train_lr"]
     assert set(RECIPES) <= set(parse_config("zoo:cnn", "int8", "h100").models) | set(
         __import__("kiln.compare.config", fromlist=["DEFAULT_MODELS"]).DEFAULT_MODELS)

@@ -19,18 +19,21 @@ def compare(
     hardware: str = typer.Option("local,a100,h100,rpi4,alveo-u250", help="Comma-separated hardware profiles."),
     out: Path = typer.Option(Path("runs/compare"), help="Directory of the cells, results and report."),
     resume: bool = typer.Option(False, "--resume", help="Go on from the cells OUT already holds."),
-    train_steps: int = typer.Option(200, help="Steps of `kiln train` for each base model (0: the zoo's weights)."),
-    train_lr: float = typer.Option(5e-4),
-    finetune_steps: int = typer.Option(50, help="Steps of recovery fine-tuning after pruning/low rank (0: none)."),
-    finetune_lr: float = typer.Option(1e-4),
+    train_steps: Optional[int] = typer.Option(
+        None, help="Steps of `kiln train` for each base model (0: the zoo's weights) [default: each model's recipe, "
+                   "else 200]."),
+    train_lr: Optional[float] = typer.Option(None, help="[default: each model's recipe, else 5e-4]"),
+    finetune_steps: Optional[int] = typer.Option(
+        None, help="Steps of recovery fine-tuning after pruning/low rank (0: none) [default: recipe, else 50]."),
+    finetune_lr: Optional[float] = typer.Option(None, help="[default: each model's recipe, else 1e-4]"),
     batch_size: int = typer.Option(32),
     calib_batches: int = typer.Option(4, help="Calibration batches for quantization."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure batch-1 latency on this CPU."),
     backend: str = typer.Option("auto", help="`kiln compile --backend` for the measured latency."),
     rounds: int = typer.Option(5, help="Timing rounds per candidate backend."),
     recipes: bool = typer.Option(True, "--recipes/--no-recipes",
-                                 help="Train each zoo model by its recipe (kiln.compare.config.RECIPES) rather "
-                                      "than --train-steps/--train-lr for all."),
+                                 help="Train each zoo model by its recipe (kiln.compare.config.RECIPES) where "
+                                      "--train-steps/--train-lr/--finetune-* are not given."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results here (- for stdout)."),
 ) -> None:
     """Run each optimisation on each model; measure metric, size, FLOPs, latency and rooflines."""

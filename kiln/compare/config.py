@@ -65,7 +65,8 @@ _add(Optimization("passes", Capability.PASSES, {}, description="the compiler's d
 @dataclass(frozen=True)
 class Recipe:
     """How one model's base is trained before it is optimised: the trainer's own settings, as
-    data. None: the command line's value (--train-steps, --train-lr, --finetune-*). A step is
+    data. A value the command line gives (--train-steps, --train-lr, --finetune-*) wins over the
+    recipe's; None: the command line's default (DEFAULT_TRAINING). A step is
     one optimizer step (karate's one graph is one batch: 200 steps are 200 epochs)."""
 
     steps: int | None = None
@@ -98,6 +99,9 @@ RECIPES: dict[str, Recipe] = {
                       note="clips of 16 frames at 32x32 (costs at its 64x64 input), to keep training affordable"),
 }
 
+# what a model trains with when neither the command line nor its recipe says
+DEFAULT_TRAINING = {"train_steps": 200, "train_lr": 5e-4, "finetune_steps": 50, "finetune_lr": 1e-4}
+
 BASELINE = "none"   # the row each optimisation is compared against: the (briefly trained) model itself
 DEFAULT_MODELS = ("zoo:cnn", "zoo:resnet20", "zoo:mobilenet_v2", "zoo:vit_tiny", "zoo:minilm_cls", "zoo:gpt",
                   "zoo:gcn", "zoo:vae", "zoo:ddpm", "zoo:c3d")
@@ -107,15 +111,16 @@ DEFAULT_HARDWARE = ("local", "a100", "h100", "rpi4", "alveo-u250")
 @dataclass(frozen=True)
 class CompareConfig:
     """The matrix and how hard each cell works. `train_steps` 0: the zoo's own weights (its
-    pretrained ones where it has them); `finetune_steps` 0: no recovery fine-tune."""
+    pretrained ones where it has them); `finetune_steps` 0: no recovery fine-tune. The four
+    training values left None: each model's recipe, else DEFAULT_TRAINING."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
     optimizations: tuple[str, ...] = tuple(OPTIMIZATIONS.names())
     hardware: tuple[str, ...] = DEFAULT_HARDWARE
-    train_steps: int = 200
-    train_lr: float = 5e-4
-    finetune_steps: int = 50
-    finetune_lr: float = 1e-4
+    train_steps: int | None = None
+    train_lr: float | None = None
+    finetune_steps: int | None = None
+    finetune_lr: float | None = None
     batch_size: int = 32
     calib_batches: int = 4
     latency: bool = True             # measure latency here with `kiln compile --backend`
@@ -124,23 +129,26 @@ class CompareConfig:
     recipes: bool = True             # per-model training (RECIPES) over the command line's values
 
     def recipe(self, model: str) -> Recipe:
-        """The training this run gives `model`'s base: its recipe's values over the command line's."""
+        """The training this run gives `model`'s base: the command line's values where it gives
+        them, else the model's recipe, else DEFAULT_TRAINING."""
         r = RECIPES.get(model, Recipe()) if self.recipes else Recipe()
-        return Recipe(self.train_steps if r.steps is None or not self.train_steps else r.steps,
-                      r.lr or self.train_lr, r.dataset, r.classes,
-                      self.finetune_steps if r.finetune_steps is None or not self.finetune_steps else r.finetune_steps,
-                      r.finetune_lr or self.finetune_lr, r.note)
+
+        def pick(given, recipe, key):
+            return given if given is not None else recipe if recipe is not None else DEFAULT_TRAINING[key]
+        return Recipe(pick(self.train_steps, r.steps, "train_steps"), pick(self.train_lr, r.lr, "train_lr"),
+                      r.dataset, r.classes, pick(self.finetune_steps, r.finetune_steps, "finetune_steps"),
+                      pick(self.finetune_lr, r.finetune_lr, "finetune_lr"), r.note)
 
     def __post_init__(self):
         for flag, value in (("--train-steps", self.train_steps), ("--finetune-steps", self.finetune_steps)):
-            if value < 0:
+            if value is not None and value < 0:
                 raise KilnError(f"{flag} must be >= 0, got {value}")
         for flag, value in (("--batch-size", self.batch_size), ("--calib-batches", self.calib_batches),
                             ("--rounds", self.rounds)):
             if value < 1:
                 raise KilnError(f"{flag} must be >= 1, got {value}")
         for flag, value in (("--train-lr", self.train_lr), ("--finetune-lr", self.finetune_lr)):
-            if not value > 0:
+            if value is not None and not value > 0:
                 raise KilnError(f"{flag} must be > 0, got {value}")
         if not self.models or not self.optimizations or not self.hardware:
             raise KilnError("compare needs at least one model, one optimisation and one hardware profile")
