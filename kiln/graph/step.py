@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_innermost_proxy_mode, make_fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint
@@ -129,7 +130,7 @@ class _Tagger(TorchDispatchMode):
             # a step counter, counted and read with .item() by the optimizer, is kept out of the
             # graph; a data-dependent scalar (a mask check's .item()) is read from the example
             # batch, so the graph is specialised to it, as torch.export specialises on its input
-            with disable_proxy_modes_tracing():
+            with disable_proxy_modes_tracing(), unset_fake_temporarily():
                 return func(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         phase, module = self.phase, self.stack[-1] if self.stack else ""
@@ -256,7 +257,12 @@ def capture_step(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
 
     handles = _module_hooks(model, tagger)
     try:
-        gm = make_fx(step)(values + states + masters + flat_inputs)
+        flat = values + states + masters + flat_inputs
+        # a model without weights (meta device: kiln.models.meta) is traced on fake tensors, as
+        # torch.export captures it; transformers then skips its value checks (an all-ones mask,
+        # packed sequences) as it does under export, instead of calling .item() on a meta tensor
+        fake = any(isinstance(t, torch.Tensor) and t.is_meta for t in flat)
+        gm = make_fx(step, tracing_mode="fake" if fake else "real", _allow_non_fake_inputs=fake)(flat)
     except KilnError:
         raise
     except Exception as exc:   # tracing raises many types; all are the model's construct
@@ -295,6 +301,7 @@ def _update(optimizer, trainable, leaves, grads, layouts, s_vals, m_vals, untrac
     opt = make_optimizer(optimizer, targets)
     it = iter(s_vals)
     for n, t, g in zip(trainable, targets, grads):
+        untraced.update(id(v) for v in layouts[n].values() if v.dim() == 0)   # cloned as real tensors
         opt.state[t] = {k: next(it) if v.dim() > 0 else v.clone() for k, v in layouts[n].items()}
         untraced.update(id(v) for v in opt.state[t].values() if v.dim() == 0)
         t.grad = None if g is None else g.to(t.dtype)
