@@ -248,7 +248,11 @@ def capture_step(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
                 out = model(*(_cast(x, dtype) for x in a), **{k: _cast(v, dtype) for k, v in kw.items()})
             loss = loss_fn(out)
             tagger.phase = Phase.BACKWARD
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            # loss.backward() fills every leaf that requires grad, the ones the model makes too
+            # (wav2vec2's feature encoder marks its input so: its first convolution's input
+            # gradient runs in a real step); autograd.grad computes only what it is asked for
+            others = _other_leaves(loss, leaves)
+            grads = torch.autograd.grad(loss, leaves + others, allow_unused=True)[:len(leaves)]
             tagger.phase = Phase.OPTIMIZER
             with torch.no_grad():
                 _update(optimizer, trainable, leaves, grads, layouts, s_vals, m_vals, tagger.untraced)
@@ -273,6 +277,23 @@ def capture_step(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
     counters = sum(t.numel() * t.element_size() for n in trainable for t in layouts[n].values() if t.dim() == 0)
     return _step_graph(gm, name, tagger, kinds, list(params) + bnames, trainable, result["grads"],
                        optimizer, precision, checkpointed, {n: p.numel() for n, p in params.items()}, counters)
+
+
+def _other_leaves(loss: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The leaf tensors `loss.backward()` would accumulate into besides `leaves`."""
+    known, found, seen = {id(t) for t in leaves}, [], set()
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)     # an AccumulateGrad node: its leaf
+        if isinstance(var, torch.Tensor) and id(var) not in known:
+            known.add(id(var))
+            found.append(var)
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
 
 
 def _step_graph(gm, name, tagger, kinds, fqns, trainable, grads, optimizer, precision, checkpointed, numels,
