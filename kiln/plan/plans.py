@@ -258,8 +258,9 @@ class Predictor:
         comp_slot = max(x[0] for x in per_mb)
         parts = {"compute": comp_slot * m, "bubble": slot * (slots - m),
                  "tp": max(x[1] for x in per_mb) * m, "pp": max(x[2] for x in per_mb) * m}
-        comms = [self._dp_comm(plan, sum(l.params for l in w.layers[a:b]) / plan.tp * grad_bytes)
-                 + (self._zero1_broadcasts(plan, w.layers[a:b]),) for a, b in stages]
+        # per stage: (what can hide behind the backward, what runs after the update)
+        comms = [(self._dp_comm(plan, sum(l.params for l in w.layers[a:b]) / plan.tp * grad_bytes),
+                  self._zero1_broadcasts(plan, w.layers[a:b])) for a, b in stages]
         hidden, after = max(h for h, _ in comms), max(x for _, x in comms)
         dp_comm = hidden + after
         window = 0.0 if c.config.share_node else (pipeline if plan.zero >= 3 else max(last_bwd))
@@ -285,16 +286,16 @@ class Predictor:
         return (self.cluster.time(Collective.P2P, size / plan.tp, 2, stride=stride)
                 + self.cluster.time(Collective.ALL_GATHER, size, plan.tp))
 
-    def _dp_comm(self, plan: Plan, grad_bytes: float) -> tuple[float]:
-        """The data-parallel collectives that can hide behind the backward (one-tuple)."""
+    def _dp_comm(self, plan: Plan, grad_bytes: float) -> float:
+        """The data-parallel collectives that can hide behind the backward."""
         if plan.dp <= 1:
-            return (0.0,)
+            return 0.0
         t = lambda op, n=1: n * self.cluster.time(op, grad_bytes, plan.dp, stride=plan.tp * plan.pp)
         if plan.zero in (0, 1):   # kiln's zero1 is DDP's gradient all-reduce under a sharded optimizer
-            return (t(Collective.ALL_REDUCE),)
+            return t(Collective.ALL_REDUCE)
         if plan.zero == 2:
-            return (t(Collective.REDUCE_SCATTER, plan.microbatches) + t(Collective.ALL_GATHER),)
-        return (t(Collective.ALL_GATHER, 2 * plan.microbatches) + t(Collective.REDUCE_SCATTER, plan.microbatches),)
+            return t(Collective.REDUCE_SCATTER, plan.microbatches) + t(Collective.ALL_GATHER)
+        return t(Collective.ALL_GATHER, 2 * plan.microbatches) + t(Collective.REDUCE_SCATTER, plan.microbatches)
 
     def _zero1_broadcasts(self, plan: Plan, layers) -> float:
         """ZeRO-1 as kiln runs it (torch's ZeroRedundancyOptimizer under DDP, kiln.train.parallel.
@@ -307,6 +308,7 @@ class Predictor:
         width = self.precision.weight_bytes
         return sum(self.cluster.time(Collective.BROADCAST, n / plan.tp * width, plan.dp, stride=plan.tp * plan.pp)
                    for layer in layers for n in layer.param_tensors)
+
 
 def calibrated_efficiency(workload: Workload, cluster: Cluster, hw: HardwareProfile, batch: int,
                           step_s: float, share: int | None = None) -> float:
