@@ -137,9 +137,10 @@ def _probe():
     x = torch.randn(batch, width)
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        model(x).pow(2).mean().backward()
-        opt.step()
+        with torch.enable_grad():   # kiln.timing.measure times under no_grad
+            opt.zero_grad(set_to_none=True)
+            model(x).pow(2).mean().backward()
+            opt.step()
     return step
 
 
@@ -170,7 +171,8 @@ def _run_probe(processes: int, rounds: int) -> float:
                                              "--rounds", str(rounds)]
         done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
         if done.returncode or not out.is_file():
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            lines = done.stderr.strip().splitlines() or ["no output"]
+            tail = next((line for line in reversed(lines) if "Error" in line), lines[-1])
             raise KilnError(f"contention probe with {processes} processes failed: {tail}")
         return json.loads(out.read_text())["median_s"]
 
