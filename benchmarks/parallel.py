@@ -11,7 +11,8 @@ re-run on a quiet machine before quoting the times.
     .venv/bin/python benchmarks/parallel.py [--model zoo:gpt] [--steps 30] [--batch 32] [--json PATH]
     .venv/bin/python benchmarks/parallel.py --small     # a 2-layer GPT, 4 steps: checks the script runs
     .venv/bin/python benchmarks/parallel.py --recompute benchmarks/results/parallel_quiet.json \
-        --json benchmarks/results/parallel_predicted.json   # the planner against a stored run, no training
+        [--stored-overheads] --json benchmarks/results/parallel_predicted.json
+        # the planner against a stored run, no training (--stored-overheads: no timing at all)
     cp README.md /tmp/corpus.txt && .venv/bin/python benchmarks/parallel.py --wide --steps 4 --batch 8 \
         --dataset "rt-lm?path=/tmp/corpus.txt"
         # memory at 25 M parameters; README's text as the corpus (rt-lm reads a .txt as one
@@ -25,6 +26,7 @@ import os
 import sys
 import tempfile
 import textwrap
+from dataclasses import replace
 from datetime import date
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -95,7 +97,7 @@ PREDICTED = {"ddp": "ddp", "zero1": "zero1", "fsdp (ZeRO-3)": "fsdp", "tp": "tp"
 ISSUE_MODES = ("ddp", "fsdp", "pp", "tp")     # the modes issue 14's figure names (zero1 is extra)
 
 
-def quiet_cluster(plan_json: str = os.path.join(os.path.dirname(__file__), "results", "plan.json")):
+def quiet_cluster(plan_json: str = os.path.join(os.path.dirname(__file__), "results", "plan.json"), contention=None):
     """The local cluster of the collectives stored by `benchmarks/plan.py --collectives` (its fits
     at the calibration sizes), so that predictions recomputed from stored runs need no timing."""
     from kiln.plan.calibrate import local_profile
@@ -105,7 +107,30 @@ def quiet_cluster(plan_json: str = os.path.join(os.path.dirname(__file__), "resu
     fits = {k: CalibratedConfig(**{f: tuple(v) if isinstance(v, list) else v for f, v in d.items()})
             for k, d in entry["fits"].items()}
     processes = tuple(next(iter(fits.values())).processes)
-    return Cluster(local_profile(fits, processes), f"{plan_json} collectives ({entry.get('date', '?')})")
+    return Cluster(local_profile(fits, processes, contention=contention), f"{plan_json} collectives ({entry.get('date', '?')})")
+
+
+def with_contention(cluster, contention):
+    """The cluster with its processes' contention for the cores replaced."""
+    from kiln.plan.cluster import Cluster
+
+    return Cluster(replace(cluster.config, contention=contention), cluster.path)
+
+
+def contention_of_stored_run(d: dict):
+    """For a stored run that has no contention measurement: its own 1-process rows, one thread
+    against two threads of one process on the same cores, 2 x T(2 threads) / T(1 thread): what
+    each core's compute costs when both compute, against one alone. An upper bound on the
+    contention (it also holds the intra-op threading's own cost), from one process: nothing of
+    a 2-process run enters it."""
+    from kiln.plan.cluster import ContentionConfig
+
+    one = next(r for r in d["modes"] if r["processes"] == 1)
+    two_threads = d["global_batch"] / d["one_process_2_threads_samples_s"]
+    slowdown = max(1.0, 2 * two_threads / one["step_s"])
+    how = (f"the stored run's 1-process rows: 2 threads {two_threads:.4f} s, 1 thread {one['step_s']:.4f} s per step; "
+           f"2 x {two_threads:.4f} / {one['step_s']:.4f} = {slowdown:.3f}")
+    return ContentionConfig((2,), (slowdown,)), how
 
 
 def overheads_for(spec: str, batch: int, nproc: int = 2) -> dict:
@@ -166,15 +191,20 @@ def predicted_vs_measured(spec: str, batch: int, rows: list[dict], cores: int, c
             "overhead_scale": scale, "overheads_used_s": per_mode}
 
 
-def recompute(stored: str, out: str | None) -> None:
+def recompute(stored: str, out: str | None, stored_overheads: bool = False) -> None:
     """Predictions for a stored measurement (no timing of the modes): the collectives from
-    results/plan.json, the efficiency from the stored 1-process row, the engines' overheads
-    measured now on one process."""
+    results/plan.json, the efficiency and the cores' contention from the stored 1-process rows
+    (contention_of_stored_run), the engines' overheads measured now on one process, or with
+    `stored_overheads` those the stored run measured (CPU time; no timing now)."""
     d = json.load(open(stored))
+    contention, how = contention_of_stored_run(d)
+    overheads = d.get("planner", {}).get("overheads") if stored_overheads else None
     result = {"date": date.today().isoformat(), "measured": stored, "measured_date": d["date"], "model": d["model"],
-              "global_batch": d["global_batch"],
+              "global_batch": d["global_batch"], "contention_from": how,
+              "overheads_from": "the stored run's (measured with it)" if overheads else "measured now, on one process",
               "planner": predicted_vs_measured(d["model"], d["global_batch"], d["modes"], d["cores"],
-                                               cluster=quiet_cluster(), overheads=overheads_for(d["model"], d["global_batch"]))}
+                                               cluster=quiet_cluster(contention=contention),
+                                               overheads=overheads or overheads_for(d["model"], d["global_batch"]))}
     report(result, out)
 
 
@@ -195,10 +225,15 @@ def main() -> None:
     parser.add_argument("--recompute", metavar="STORED_JSON",
                         help="no training: the planner's predictions for a stored run of this script (its "
                              "1-process row, results/plan.json's collectives, engine overheads measured now)")
+    parser.add_argument("--stored-overheads", action="store_true",
+                        help="with --recompute: the engine overheads the stored run measured, not new ones")
+    parser.add_argument("--mmap-threshold", type=int,
+                        help="glibc's mmap threshold for the modes' workers (0: glibc's defaults; default: kiln's "
+                             "choice per mode, kiln.train.parallel.config.allocator_env)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.recompute:
-        return recompute(args.recompute, args.json)
+        return recompute(args.recompute, args.json, args.stored_overheads)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "small.py")
         open(path, "w").write(SMALL)
@@ -211,17 +246,30 @@ def main() -> None:
                     schedule="constant", seed=0)
         plain = fit(TrainConfig(**base, out=os.path.join(tmp, "plain"), threads=2), progress=False)
         one = run_mode(base, tmp, "1 process (ddp engine, world 1)", ParallelConfig(), nproc=1)
-        rows = [one] + [run_mode(base, tmp, name, plan, processes(plan)) for name, plan in PLANS.items()
-                        if not args.only or name in args.only]
+        plans = {name: plan if args.mmap_threshold is None else replace(plan, mmap_threshold=args.mmap_threshold)
+                 for name, plan in PLANS.items() if not args.only or name in args.only}
+        rows = [one] + [run_mode(base, tmp, name, plan, processes(plan)) for name, plan in plans.items()]
         # inside the temporary directory: a --small or --wide model's factory lives there
-        predictions = predicted_vs_measured(args.model, args.batch, rows, os.cpu_count(),
-                                            overheads=overheads_for(args.model, args.batch)) if args.predict else None
+        predictions = None
+        if args.predict:
+            from kiln.plan.calibrate import measure_contention
+            from kiln.plan.cluster import load_cluster
+
+            # this run's own measurement of 2 single-process copies computing at once
+            contention, probe = measure_contention((2,))
+            predictions = predicted_vs_measured(args.model, args.batch, rows, os.cpu_count(),
+                                                cluster=with_contention(load_cluster("local"), contention),
+                                                overheads=overheads_for(args.model, args.batch))
+            predictions["contention"] = {"processes": list(contention.processes), "slowdown": list(contention.slowdown),
+                                         "probe_s": probe}
     ddp = next((r for r in rows if r["mode"] == "ddp"), None)
     for r in rows:
         r["vs_1_process_2_threads"] = r["samples_s"] / plain["throughput_samples_s"]
         r["vs_ddp"] = r["samples_s"] / ddp["samples_s"] if ddp else None
         r["model_states_vs_1_process"] = [b / one["model_state_bytes_per_rank"][0] for b in r["model_state_bytes_per_rank"]]
     result = {"date": date.today().isoformat(), "model": "wide GPT (8 x 512)" if args.wide else args.model, "dataset": dataset, "global_batch": args.batch,
+              "mmap_threshold": "kiln's choice per mode" if args.mmap_threshold is None else args.mmap_threshold,
+              "environment_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
               "steps": args.steps, "cores": os.cpu_count(), "one_process_2_threads_samples_s": plain["throughput_samples_s"],
               "note": "2 processes x 1 thread share the 2 cores the 1-process baseline uses with 2 threads; "
                       "times need a quiet machine", "modes": rows}

@@ -100,7 +100,10 @@ def main() -> None:
     elif args.specs:
         specs = args.specs.split(",")
     else:
-        specs = [f"zoo:{n}" for n in ZOO.names()] + [f"hf-config:{t}" for t in HF_TYPES]
+        # wav2vec2's LayerDrop skips encoder layers at random in training: the traced and the eager
+        # steps would draw apart (tests/test_train_step.py runs it the same way)
+        specs = [f"zoo:{n}" for n in ZOO.names()] + [f"hf-config:{t}" + ("?layerdrop=0.0" if t == "wav2vec2" else "")
+                                                     for t in HF_TYPES]
     rows = []
     runs = [(s, False, "fp32") for s in specs]
     if "zoo:gpt" in specs:

@@ -176,6 +176,25 @@ def test_parallel_config_refuses_unknown_pairs_and_wrong_meshes():
     assert ParallelConfig(modes=(Mode.DDP, Mode.PP), mesh=(2, 2)).data_parallel(4) == 2
 
 
+def test_sharded_workers_get_a_fixed_mmap_threshold_unless_told_otherwise():
+    """glibc's mmap threshold for the workers (allocator_env): fixed at 128 kB for FSDP/HSDP,
+    whose freed gathers would otherwise stay in the heap; nothing for the other modes; the
+    config's own value (0: glibc's defaults) or the caller's environment wins."""
+    from kiln.train.parallel.config import SHARDED_MMAP_THRESHOLD, allocator_env
+
+    fixed = {"MALLOC_MMAP_THRESHOLD_": str(SHARDED_MMAP_THRESHOLD)}
+    assert SHARDED_MMAP_THRESHOLD == 128 * 1024
+    assert allocator_env(ParallelConfig(modes=(Mode.FSDP,)), {}) == fixed
+    assert allocator_env(ParallelConfig(modes=(Mode.HSDP,), mesh=(2, 2)), {}) == fixed
+    assert allocator_env(ParallelConfig(modes=(Mode.FSDP, Mode.TP), mesh=(2, 2)), {}) == fixed
+    assert allocator_env(ParallelConfig(), {}) == {} and allocator_env(ParallelConfig(modes=(Mode.ZERO1,)), {}) == {}
+    assert allocator_env(ParallelConfig(modes=(Mode.FSDP,), mmap_threshold=0), {}) == {}
+    assert allocator_env(ParallelConfig(mmap_threshold=65536), {}) == {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    assert allocator_env(ParallelConfig(modes=(Mode.FSDP,)), {"MALLOC_MMAP_THRESHOLD_": "1048576"}) == {}
+    with pytest.raises(KilnError):
+        ParallelConfig(mmap_threshold=-1)
+
+
 def test_global_batch_norm_alone_is_batch_norm(tmp_path):
     import torch.distributed as dist
 

@@ -352,6 +352,9 @@ def test_calibration_measures_gloo_and_saves_a_loadable_local_profile(tmp_path, 
     loaded = load_cluster(str(save_cluster(profile)))       # every figure has its source
     assert loaded.config.collectives["all_reduce"].processes == (2,)
     assert loaded.time(Collective.ALL_REDUCE, 1 << 20, 2) > 0
+    # the contention of 2 processes computing at once, measured beside them (never below alone)
+    assert loaded.config.contention.processes == (2,) and loaded.slowdown(2) >= 1.0 == loaded.slowdown(1)
+    assert raw["contention"]["alone_s"] > 0 and raw["contention"]["together_s"][2] > 0
 
 
 def test_cost_bills_whole_instances_and_the_deadline_picks_the_cheapest_in_time():

@@ -164,13 +164,15 @@ HF_TYPES = ["bert", "roberta", "albert", "deberta-v2", "modernbert", "gpt2", "ll
             "resnet", "mobilenet_v2", "efficientnet", "segformer", "wav2vec2", "whisper", "clip"]
 
 
-# wav2vec2: kiln's backward is 3.4% under flop_counter's (57.4 M vs 59.5 M, benchmarks/train_step.py); not yet explained
-KNOWN = {"hf-config:wav2vec2": "backward 3.4% under flop_counter's, not yet explained"}
+# LayerDrop (wav2vec2's layerdrop=0.1) skips encoder layers at random in training: the traced
+# step and the eager one draw apart, so the comparison runs without it. (Its backward was 3.4%
+# under flop_counter's until the step computed, as loss.backward() does, the gradient of the
+# input the feature encoder marks as requiring one: its first convolution's input gradient.)
+QUERY = {"wav2vec2": "?layerdrop=0.0"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", [pytest.param(s, marks=pytest.mark.xfail(reason=KNOWN[s], strict=True)) if s in KNOWN else s
-                                  for s in _zoo() + [f"hf-config:{t}" for t in HF_TYPES]])
+@pytest.mark.parametrize("spec", _zoo() + [f"hf-config:{t}{QUERY.get(t, '')}" for t in HF_TYPES])
 def test_backward_flops_equal_flop_counter_everywhere(spec):
     _exact(spec)
 
@@ -190,3 +192,27 @@ def test_cli_train_json_is_the_analysis_and_prints_zeros_line(tmp_path):
     a = analyze_step(loaded.model, loaded.example_inputs, loaded.example_kwargs, precision="bf16", optimizer="adam")
     assert data["backward"]["flops"] == a.backward.flops and data["memory"]["peak_bytes"] == a.memory.peak_bytes
     assert data["backward"]["roofline_s"] > 0 and data["bytes_per_param"]["optimizer_states"] == 12.0
+
+
+class _MarksItsInput(torch.nn.Module):
+    """As wav2vec2's feature encoder does: the input marked as requiring a gradient in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 4, 5, stride=2)
+
+    def forward(self, x):
+        h = x[:, None]
+        if self.training:
+            h.requires_grad = True
+        return self.conv(h)
+
+
+def test_a_leaf_the_model_makes_gets_its_gradient_as_loss_backward_gives_it():
+    """loss.backward() fills every leaf that requires grad, so the first convolution's input
+    gradient runs in a real step: its backward is twice its forward (input and weight
+    gradients), as flop_counter counts it."""
+    torch.manual_seed(0)
+    a, m = _both(_MarksItsInput(), (torch.randn(2, 64),))
+    assert a.forward.flops == m.forward_flops
+    assert a.backward.flops == m.backward_flops == 2 * a.forward.flops

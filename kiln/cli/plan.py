@@ -25,7 +25,8 @@ def _hours(value: float | None) -> str:
 
 @user_errors
 def plan(
-    spec: str = typer.Argument(..., help="Model spec; hf-config: transformers above 300M parameters are planned from their config."),
+    spec: str = typer.Argument(..., help="Model spec; hf-config: transformers above 300M parameters are planned from their config, "
+                                         "presets and other models too big for memory captured without weights (meta device)."),
     cluster: str = typer.Option(..., "--cluster", help="Cluster profile name or .toml (`kiln cluster`)."),
     devices: int = typer.Option(..., "--devices", help="How many devices (GPUs, TPU chips, local processes)."),
     global_batch: int = typer.Option(0, "--global-batch", help="Samples (sequences) per optimizer step; default 8 per device."),
@@ -231,6 +232,9 @@ def calibrate_cluster(
     for name, cal in profile.collectives.items():
         table.add_row(name, *(f"{seconds(a)} + {si(b, 'B/s')}" for a, b in zip(cal.latency_s, cal.bus_bandwidth)))
     console.print(table)
+    if profile.contention:
+        console.print("each process computes " + ", ".join(f"{s:.2f}x slower with {n} at once" for n, s in zip(
+            profile.contention.processes, profile.contention.slowdown)) + " than alone (contention for the cores)")
     console.print(f"saved: {path}")
     if json_path:
         write_json(json_path, {"profile": to_dict(profile), "times_s": {str(n): v for n, v in raw.items()}})

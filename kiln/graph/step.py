@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_innermost_proxy_mode, make_fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint
@@ -129,7 +130,7 @@ class _Tagger(TorchDispatchMode):
             # a step counter, counted and read with .item() by the optimizer, is kept out of the
             # graph; a data-dependent scalar (a mask check's .item()) is read from the example
             # batch, so the graph is specialised to it, as torch.export specialises on its input
-            with disable_proxy_modes_tracing():
+            with disable_proxy_modes_tracing(), unset_fake_temporarily():
                 return func(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         phase, module = self.phase, self.stack[-1] if self.stack else ""
@@ -247,7 +248,11 @@ def capture_step(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
                 out = model(*(_cast(x, dtype) for x in a), **{k: _cast(v, dtype) for k, v in kw.items()})
             loss = loss_fn(out)
             tagger.phase = Phase.BACKWARD
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            # loss.backward() fills every leaf that requires grad, the ones the model makes too
+            # (wav2vec2's feature encoder marks its input so: its first convolution's input
+            # gradient runs in a real step); autograd.grad computes only what it is asked for
+            others = _other_leaves(loss, leaves)
+            grads = torch.autograd.grad(loss, leaves + others, allow_unused=True)[:len(leaves)]
             tagger.phase = Phase.OPTIMIZER
             with torch.no_grad():
                 _update(optimizer, trainable, leaves, grads, layouts, s_vals, m_vals, tagger.untraced)
@@ -256,7 +261,12 @@ def capture_step(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
 
     handles = _module_hooks(model, tagger)
     try:
-        gm = make_fx(step)(values + states + masters + flat_inputs)
+        flat = values + states + masters + flat_inputs
+        # a model without weights (meta device: kiln.models.meta) is traced on fake tensors, as
+        # torch.export captures it; transformers then skips its value checks (an all-ones mask,
+        # packed sequences) as it does under export, instead of calling .item() on a meta tensor
+        fake = any(isinstance(t, torch.Tensor) and t.is_meta for t in flat)
+        gm = make_fx(step, tracing_mode="fake" if fake else "real", _allow_non_fake_inputs=fake)(flat)
     except KilnError:
         raise
     except Exception as exc:   # tracing raises many types; all are the model's construct
@@ -267,6 +277,23 @@ def capture_step(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
     counters = sum(t.numel() * t.element_size() for n in trainable for t in layouts[n].values() if t.dim() == 0)
     return _step_graph(gm, name, tagger, kinds, list(params) + bnames, trainable, result["grads"],
                        optimizer, precision, checkpointed, {n: p.numel() for n, p in params.items()}, counters)
+
+
+def _other_leaves(loss: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The leaf tensors `loss.backward()` would accumulate into besides `leaves`."""
+    known, found, seen = {id(t) for t in leaves}, [], set()
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)     # an AccumulateGrad node: its leaf
+        if isinstance(var, torch.Tensor) and id(var) not in known:
+            known.add(id(var))
+            found.append(var)
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
 
 
 def _step_graph(gm, name, tagger, kinds, fqns, trainable, grads, optimizer, precision, checkpointed, numels,
@@ -295,6 +322,7 @@ def _update(optimizer, trainable, leaves, grads, layouts, s_vals, m_vals, untrac
     opt = make_optimizer(optimizer, targets)
     it = iter(s_vals)
     for n, t, g in zip(trainable, targets, grads):
+        untraced.update(id(v) for v in layouts[n].values() if v.dim() == 0)   # cloned as real tensors
         opt.state[t] = {k: next(it) if v.dim() > 0 else v.clone() for k, v in layouts[n].items()}
         untraced.update(id(v) for v in opt.state[t].values() if v.dim() == 0)
         t.grad = None if g is None else g.to(t.dtype)

@@ -1,6 +1,8 @@
 """`kiln cluster calibrate`: measure this machine's gloo collectives under torchrun and fit each
 to t = steps(op, n) * latency + bus_factor(op, n) * S / bus_bandwidth per process count
-(kiln.plan.collectives), small and large messages apart.
+(kiln.plan.collectives), small and large messages apart; and how much slower a process
+computes while N processes compute at once than alone (the contention of ranks that share
+this machine's cores, ClusterConfig.contention), from N concurrent copies of one probe.
 
 How a collective is timed (the earlier routine's quiet figure at 4 KB, 3.4 ms where 64 KB took
 0.5 ms, reproduced neither with that routine nor with a plain loop here, 0.12-0.35 ms; what
@@ -32,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 from kiln.errors import KilnError
-from kiln.plan.cluster import CalibratedConfig, ClusterConfig, LinkConfig, Precision
+from kiln.plan.cluster import CalibratedConfig, ClusterConfig, ContentionConfig, LinkConfig, Precision
 from kiln.plan.collectives import Collective, fit_latency_bandwidth
 from kiln.timing import TimingConfig, measure
 from kiln.train.distributed import torchrun_command
@@ -120,6 +122,71 @@ def rank_main(sizes: list[int], out: str) -> None:
         dist.destroy_process_group()
 
 
+# the contention probe: a two-layer MLP's training step (matmuls, an activation, SGD), at a size
+# that takes tens of milliseconds on one core, like a rank's step of the zoo models
+PROBE = (256, 1024, 256)     # batch, hidden width, model width
+
+
+def _probe():
+    import torch
+
+    torch.manual_seed(0)
+    batch, hidden, width = PROBE
+    model = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, width))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, width)
+
+    def step():
+        with torch.enable_grad():   # kiln.timing.measure times under no_grad
+            opt.zero_grad(set_to_none=True)
+            model(x).pow(2).mean().backward()
+            opt.step()
+    return step
+
+
+def contention_main(rounds: int, out: str) -> None:
+    """One of N ranks computing at once: time the probe (1 thread, no communication while
+    timed) after a barrier; rank 0 writes the slowest rank's median."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        step = _probe()
+        dist.barrier()
+        cfg = TimingConfig(rounds=rounds, warmup=3, short_call_s=0.0, remeasure=False, runoff_margin=0.0, rotate=False)
+        median = torch.tensor([measure({"probe": step}, cfg)["probe"].median], dtype=torch.float64)
+        dist.all_reduce(median, op=dist.ReduceOp.MAX)
+        if dist.get_rank() == 0:
+            Path(out).write_text(json.dumps({"processes": dist.get_world_size(), "median_s": median.item()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_probe(processes: int, rounds: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "probe.json"
+        cmd = torchrun_command(processes) + ["-m", "kiln.plan.calibrate", "--contention", "--out", str(out),
+                                             "--rounds", str(rounds)]
+        done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        if done.returncode or not out.is_file():
+            lines = done.stderr.strip().splitlines() or ["no output"]
+            tail = next((line for line in reversed(lines) if "Error" in line), lines[-1])
+            raise KilnError(f"contention probe with {processes} processes failed: {tail}")
+        return json.loads(out.read_text())["median_s"]
+
+
+def measure_contention(processes: tuple[int, ...] = PROCESSES, rounds: int = 30) -> tuple[ContentionConfig, dict]:
+    """How much slower one process computes while N compute at once (N concurrent copies of
+    one single-threaded probe under torchrun, no communication while timed) than alone: the
+    slowest copy's median over the lone copy's. (The cluster's slowdown; the raw medians.)"""
+    alone = _run_probe(1, rounds)
+    together = {n: _run_probe(n, rounds) for n in processes}
+    slow = tuple(max(1.0, together[n] / alone) for n in processes)
+    return ContentionConfig(tuple(processes), slow), {"alone_s": alone, "together_s": together}
+
+
 def measure_collectives(processes: int, sizes: tuple[int, ...], fastest: dict | None = None) -> dict[str, dict[int, float]]:
     """{collective: {bytes: seconds}} measured with `processes` gloo ranks under torchrun (the
     slowest rank's median); `fastest`, when given, receives the slowest rank's fastest samples."""
@@ -159,7 +226,7 @@ def fit_all(measured: dict[int, dict[str, dict[int, float]]], split: int = SPLIT
 
 
 def local_profile(collectives: dict[str, CalibratedConfig], processes: tuple[int, ...],
-                  device: str = "local") -> ClusterConfig:
+                  device: str = "local", contention: ContentionConfig | None = None) -> ClusterConfig:
     """This machine as a cluster: its processes share the node's compute and memory."""
     day = datetime.date.today().isoformat()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -173,11 +240,14 @@ def local_profile(collectives: dict[str, CalibratedConfig], processes: tuple[int
         "max_nodes": "one machine", "precision": "CPU training computes in fp32 (no bf16 peak beyond fp32 here)",
         "intra.latency_s": f"{how}: point-to-point latency", "intra.bandwidth": f"{how}: point-to-point bandwidth",
     } | {f"collectives.{k}": how for k in collectives}
+    if contention is not None:
+        sources["contention"] = (f"measured by kiln cluster calibrate on {day}: {', '.join(map(str, contention.processes))} "
+                                 f"concurrent single-threaded copies of one MLP training step against one alone (medians)")
     return ClusterConfig(
         name="local", description=f"this machine: gloo over loopback, up to {max(processes)} processes",
         device=device, device_memory=float(memory), devices_per_node=max(processes), max_nodes=1,
         precision=Precision.FP32, intra=LinkConfig(p2p.latency_s[0], p2p.bus_bandwidth[0]),
-        share_node=True, collectives=collectives, sources=sources)
+        share_node=True, collectives=collectives, contention=contention, sources=sources)
 
 
 def calibrate(processes: tuple[int, ...] = PROCESSES, sizes: tuple[int, ...] = FIT_SIZES,
@@ -187,13 +257,21 @@ def calibrate(processes: tuple[int, ...] = PROCESSES, sizes: tuple[int, ...] = F
     for n in processes:
         progress(f"{n} processes")
         measured[n] = measure_collectives(n, sizes)
-    return local_profile(fit_all(measured), processes), measured
+    progress("contention: " + ", ".join(map(str, processes)) + " processes computing at once")
+    contention, probe = measure_contention(processes)
+    profile = local_profile(fit_all(measured), processes, contention=contention)
+    return profile, measured | {"contention": probe}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--sizes", required=True)
+    parser.add_argument("--sizes")
+    parser.add_argument("--contention", action="store_true")
+    parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
-    rank_main([int(s) for s in args.sizes.split(",")], args.out)
+    if args.contention:
+        contention_main(args.rounds, args.out)
+    else:
+        rank_main([int(s) for s in args.sizes.split(",")], args.out)
     sys.exit(0)

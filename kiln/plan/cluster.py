@@ -92,6 +92,34 @@ class CalibratedConfig:
 
 
 @dataclass(frozen=True)
+class ContentionConfig:
+    """How much longer one process's compute takes while N processes of the node compute at
+    once than while it runs alone, each on its own core (`slowdown` per count in `processes`;
+    1 process: 1). Cores share the caches, the memory bus and, on a virtual machine, whatever
+    the host maps the virtual CPUs to: on the kiln development machine one thread's step of
+    zoo:gpt takes 0.197 s alone and two threads take 0.132 s, 1.34x the 0.098 s a perfect
+    split would give (benchmarks/results/parallel_quiet.json). `kiln cluster calibrate`
+    measures it with N concurrent copies of one compute probe (kiln.plan.calibrate)."""
+
+    processes: tuple[int, ...]
+    slowdown: tuple[float, ...]
+
+    def __post_init__(self):
+        if not (len(self.processes) == len(self.slowdown) >= 1) or min(self.processes) < 2 \
+                or list(self.processes) != sorted(set(self.processes)) or min(self.slowdown) <= 0:
+            raise ValueError("contention needs increasing process counts >= 2 and a positive slowdown for each")
+
+    def at(self, n: int) -> float:
+        """The slowdown of n processes at once: measured, or linear in n between the measured
+        counts (1 at 1 process), the largest count's beyond them."""
+        points = [(1, 1.0), *zip(self.processes, self.slowdown)]
+        if n >= points[-1][0]:
+            return points[-1][1]
+        (a, sa), (b, sb) = next((p, q) for p, q in zip(points, points[1:]) if p[0] <= n <= q[0])
+        return sa + (sb - sa) * (n - a) / (b - a)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """A cluster as its TOML file says it; `sources` cites every figure by its key."""
 
@@ -106,6 +134,7 @@ class ClusterConfig:
     inter: LinkConfig | None = None
     share_node: bool = False    # devices are processes sharing one machine's compute (local)
     collectives: dict[str, CalibratedConfig] = field(default_factory=dict)
+    contention: ContentionConfig | None = None   # processes sharing the node slow each other (share_node)
     sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -123,6 +152,7 @@ def figure_keys(c: ClusterConfig) -> list[str]:
     keys = ["device", "device_memory", "devices_per_node", "max_nodes", "precision",
             "intra.latency_s", "intra.bandwidth"]
     keys += ["inter.latency_s", "inter.bandwidth"] if c.inter else []
+    keys += ["contention"] if c.contention else []
     return keys + [f"collectives.{k}" for k in c.collectives]
 
 
@@ -140,6 +170,14 @@ class Cluster:
     @property
     def max_devices(self) -> int:
         return self.config.devices_per_node * self.config.max_nodes
+
+    def slowdown(self, devices: int) -> float:
+        """How much slower each process computes with `devices` of them at once on a node whose
+        devices share its cores (1 where each device is its own chip, or nothing was measured)."""
+        c = self.config
+        if not c.share_node or c.contention is None:
+            return 1.0
+        return c.contention.at(min(devices, c.devices_per_node))
 
     def link(self, group: int, stride: int) -> Link:
         """The slowest link a group of `group` devices `stride` apart crosses (devices are

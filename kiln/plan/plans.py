@@ -12,8 +12,10 @@ Step time of one optimizer step (global batch B = dp * m * b samples):
   (Shoeybi et al., arXiv 1909.08053, sec. 3) of b * the block's output, on the critical path.
 - pipeline point-to-point: per micro-batch each stage sends its output forward (but the last)
   and its input's gradient back (but the first), on the critical path.
-- data parallel: gradient all-reduce (stage 0), reduce-scatter + all-gather (stages 1, 2) or
-  per-micro-batch all-gathers in forward and backward plus a reduce-scatter (stage 3).
+- data parallel: gradient all-reduce (stage 0), reduce-scatter + all-gather (stage 2) or
+  per-micro-batch all-gathers in forward and backward plus a reduce-scatter (stage 3); stage 1
+  as kiln's zero1 engine runs it (torch's ZeroRedundancyOptimizer under DDP): the gradient
+  all-reduce, then one broadcast per parameter tensor from its owner after the update, exposed.
   Overlap, stated: DDP/ZeRO-1/2 communication hides behind the last micro-batch's backward,
   ZeRO-3's behind the whole step's compute (prefetching); only the excess is exposed. On a
   cluster whose devices share one machine's cores (local, gloo) nothing overlaps: the
@@ -22,6 +24,10 @@ Step time of one optimizer step (global batch B = dp * m * b samples):
 - framework: where measured (kiln.plan.overhead), the seconds per step a mode's engine spends
   beyond the engine the efficiency was calibrated on (FSDP2's hooks and copies, DTensor's
   dispatch under TP), added as they are: they are per op, not per sample.
+- processes sharing a machine's cores (local): each computes slower while the others compute
+  (the cluster's measured contention, ClusterConfig.contention): the device's peak and
+  bandwidth, and the engine overheads measured alone, scale by that slowdown at the plan's
+  process count. The efficiency is calibrated on one process alone, where it is 1.
 """
 from __future__ import annotations
 
@@ -121,13 +127,16 @@ def device_of(cluster: Cluster, hw: HardwareProfile, devices: int, efficiency: f
               share: int | None = None) -> _Device:
     """The device's peak (times a measured `efficiency`, the share of peak its kernels reach),
     bandwidth and memory; where devices share a machine, each one's share of it (1/`share`,
-    default: 1/devices up to the node's count)."""
+    default: 1/devices up to the node's count), its peak and bandwidth divided again by the
+    slowdown of `devices` processes computing at once (ClusterConfig.contention)."""
     c = cluster.config
     peak = hw.peak_for(c.precision.dtype)[0] * efficiency
     if not c.share_node:
         return _Device(peak, hw.memory_bandwidth, c.device_memory)
     share = share or min(devices, c.devices_per_node)
-    return _Device(peak / share, hw.memory_bandwidth / share, c.device_memory / share)
+    # `devices` processes computing at once each run slower than one alone (cluster.slowdown)
+    slow = share * cluster.slowdown(devices)
+    return _Device(peak / slow, hw.memory_bandwidth / slow, c.device_memory / share)
 
 
 def partition(costs: list[float], stages: int) -> list[tuple[int, int]]:
@@ -249,14 +258,18 @@ class Predictor:
         comp_slot = max(x[0] for x in per_mb)
         parts = {"compute": comp_slot * m, "bubble": slot * (slots - m),
                  "tp": max(x[1] for x in per_mb) * m, "pp": max(x[2] for x in per_mb) * m}
-        dp_comm = max(self._dp_comm(plan, sum(l.params for l in w.layers[a:b]) / plan.tp * grad_bytes)
-                      for a, b in stages)
+        # per stage: (what can hide behind the backward, what runs after the update)
+        comms = [(self._dp_comm(plan, sum(l.params for l in w.layers[a:b]) / plan.tp * grad_bytes),
+                  self._zero1_broadcasts(plan, w.layers[a:b])) for a, b in stages]
+        hidden, after = max(h for h, _ in comms), max(x for _, x in comms)
+        dp_comm = hidden + after
         window = 0.0 if c.config.share_node else (pipeline if plan.zero >= 3 else max(last_bwd))
-        parts["dp"] = max(0.0, dp_comm - window)
+        parts["dp"] = max(0.0, hidden - window) + after
         states = max(sum(model_state_bytes(sum(l.params for l in w.layers[a:b]) / plan.tp, self.precision,
                                            plan.zero, plan.dp).values()) for a, b in stages)
         parts["optimizer"] = 2 * states / dev.bandwidth
-        parts["framework"] = self.overheads.get(plan.mode, 0.0)
+        # measured on one process alone: CPU work, slowed like the compute by its neighbours
+        parts["framework"] = self.overheads.get(plan.mode, 0.0) * c.slowdown(plan.devices)
         return replace(pred, step_s=pipeline + parts["dp"] + parts["optimizer"] + parts["framework"], parts=parts,
                        dp_comm_s=dp_comm)
 
@@ -274,15 +287,27 @@ class Predictor:
                 + self.cluster.time(Collective.ALL_GATHER, size, plan.tp))
 
     def _dp_comm(self, plan: Plan, grad_bytes: float) -> float:
+        """The data-parallel collectives that can hide behind the backward."""
         if plan.dp <= 1:
             return 0.0
         t = lambda op, n=1: n * self.cluster.time(op, grad_bytes, plan.dp, stride=plan.tp * plan.pp)
-        if plan.zero == 0:
+        if plan.zero in (0, 1):   # kiln's zero1 is DDP's gradient all-reduce under a sharded optimizer
             return t(Collective.ALL_REDUCE)
-        if plan.zero <= 2:
-            scatters = 1 if plan.zero == 1 else plan.microbatches
-            return t(Collective.REDUCE_SCATTER, scatters) + t(Collective.ALL_GATHER)
+        if plan.zero == 2:
+            return t(Collective.REDUCE_SCATTER, plan.microbatches) + t(Collective.ALL_GATHER)
         return t(Collective.ALL_GATHER, 2 * plan.microbatches) + t(Collective.REDUCE_SCATTER, plan.microbatches)
+
+    def _zero1_broadcasts(self, plan: Plan, layers) -> float:
+        """ZeRO-1 as kiln runs it (torch's ZeroRedundancyOptimizer under DDP, kiln.train.parallel.
+        data): after each rank steps its partition, every parameter tensor is broadcast from its
+        owner, one broadcast per tensor (parameters_as_bucket_view=False), once the step is
+        done: nothing left to hide behind. A model of many small tensors pays a broadcast's
+        latency per tensor, which the reduce-scatter + all-gather of DeepSpeed's stage 1 would not."""
+        if plan.zero != 1 or plan.dp <= 1:
+            return 0.0
+        width = self.precision.weight_bytes
+        return sum(self.cluster.time(Collective.BROADCAST, n / plan.tp * width, plan.dp, stride=plan.tp * plan.pp)
+                   for layer in layers for n in layer.param_tensors)
 
 
 def calibrated_efficiency(workload: Workload, cluster: Cluster, hw: HardwareProfile, batch: int,

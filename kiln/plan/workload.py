@@ -3,7 +3,8 @@
 layer boundary (a pipeline's point-to-point message, tensor parallelism's all-reduce).
 
 Two sources fill it:
-- `from_graph`: kiln's inference analysis of the captured model (kiln.analysis.cost), rolled up
+- `from_graph`: kiln's inference analysis of the captured model (kiln.analysis.cost; built on
+  the meta device, without weights, where `kiln analyze` would: kiln.models.meta), rolled up
   per layer (a module path up to its first list index, e.g. `blocks.3`), divided by the example
   batch; the activations saved for backward come from the training step's analysis
   (kiln.analysis.train_step's joint graph, `with_saved_activations`), or, where the step cannot
@@ -33,7 +34,8 @@ from kiln.graph.passes import PassManager
 # the config a recipe type would be built from (kiln's CPU sizes, the query applied), no model
 from kiln.models import hf_config as hc
 from kiln.models.inputs import with_input_shapes
-from kiln.models.spec import load, parse_query
+from kiln.models.meta import load_for_analysis, with_meta_input_shapes
+from kiln.models.spec import parse_query
 
 BACKWARD_PER_FORWARD = 2.0   # Kaplan et al. 2020, sec. 2.1: backward ~ twice the forward
 
@@ -58,10 +60,16 @@ class LayerCost:
     activation_bytes: float      # saved for backward, per sample
     boundary_bytes: float        # the layer's output, per sample
     tp_collectives: int = 0      # all-reduces per forward under tensor parallelism (Megatron: 2 per block)
+    tensors: tuple[int, ...] = ()   # elements of each parameter tensor (ZeRO-1 broadcasts them one by one)
 
     @property
     def flops(self) -> float:
         return sum(o.flops for o in self.ops)
+
+    @property
+    def param_tensors(self) -> tuple[int, ...]:
+        """Each parameter tensor's elements (one tensor of `params` where they are not known)."""
+        return self.tensors or ((self.params,) if self.params else ())
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,8 @@ def transformer(shape: TransformerShape, name: str) -> Workload:
     biases = (h + 2 * kv + h + f + h) if shape.bias else 0           # q, k, v, o, fc1, fc2
     norm = 2 * h if shape.bias else h                                  # LayerNorm (w, b) or RMSNorm (w)
     block_params = attn + mlp + biases + 2 * norm
+    block_tensors = ((h * h, h * kv, h * kv, h * h) + (h * f,) * (3 if shape.gated else 2)
+                     + ((h, kv, kv, h, f, h) if shape.bias else ()) + ((h, h) if shape.bias else (h,)) * 2)
     matmul_flops = 2 * (attn + mlp) * s                               # per sequence
     attention_flops = 4 * s * s * h                                   # QK^T and PV, per sequence
     saved = s * h * (34 + 5 * a * s / h) * e / 2                      # Korthikanti eq. 1 at 2 bytes
@@ -154,10 +164,12 @@ def transformer(shape: TransformerShape, name: str) -> Workload:
     block_ops = (OpCost(matmul_flops, 2 * 4 * s * h * e, block_params * e), OpCost(attention_flops, 3 * s * h * e),
                  OpCost(0.0, 2 * saved))
     embed_params = v * h + shape.positions * h
-    layers = [LayerCost("embed", embed_params, (OpCost(0.0, 2 * s * h * e),), s * h * e, s * h * e)]
-    layers += [LayerCost(f"layers.{i}", block_params, block_ops, saved, s * h * e, tp_collectives=2)
-               for i in range(shape.layers)]
-    layers.append(LayerCost("final_norm", norm, (OpCost(0.0, 2 * s * h * e),), s * h * e, s * h * e))
+    layers = [LayerCost("embed", embed_params, (OpCost(0.0, 2 * s * h * e),), s * h * e, s * h * e,
+                        tensors=(v * h,) + ((shape.positions * h,) if shape.positions else ()))]
+    layers += [LayerCost(f"layers.{i}", block_params, block_ops, saved, s * h * e, tp_collectives=2,
+                         tensors=block_tensors) for i in range(shape.layers)]
+    layers.append(LayerCost("final_norm", norm, (OpCost(0.0, 2 * s * h * e),), s * h * e, s * h * e,
+                            tensors=(h, h) if shape.bias else (h,)))
     if shape.head:
         logits = OpCost(2 * h * v * s, s * (h + v) * e, v * h * e)
         # fp32 logits and their softmax for the loss: 4 bytes per vocabulary entry per token (Korthikanti sec. 4.3)
@@ -206,12 +218,13 @@ def from_graph(graph: Graph, model, batch: int, seq: int, name: str) -> Workload
         if not n.is_view:
             saved[key] += n.out_bytes / batch
             last_out[key] = n.out_bytes / batch
-    params: dict[str, int] = defaultdict(int)
+    tensors: dict[str, list[int]] = defaultdict(list)
     for pname, p in model.named_parameters(remove_duplicate=True):
-        params[layer_key(pname.rpartition(".")[0])] += p.numel()
-    keys = list(ops) + [k for k in params if k not in ops]
-    layers = tuple(LayerCost(k, params.get(k, 0), tuple(ops.get(k, ())), saved.get(k, 0.0), last_out.get(k, 0.0),
-                             tp_collectives=2 if k.rsplit(".", 1)[-1].isdigit() else 0) for k in keys)
+        tensors[layer_key(pname.rpartition(".")[0])].append(p.numel())
+    keys = list(ops) + [k for k in tensors if k not in ops]
+    layers = tuple(LayerCost(k, sum(tensors.get(k, ())), tuple(ops.get(k, ())), saved.get(k, 0.0), last_out.get(k, 0.0),
+                             tp_collectives=2 if k.rsplit(".", 1)[-1].isdigit() else 0, tensors=tuple(tensors.get(k, ())))
+                   for k in keys)
     hidden, heads = _attention_shape(model)
     width = next((p.element_size() for p in model.parameters()), 4)
     return Workload(name, layers, seq, hidden, heads, width, source="kiln analysis of the captured forward graph")
@@ -226,18 +239,21 @@ def _attention_shape(model) -> tuple[int | None, int | None]:
 
 # -- a model spec to a workload ----------------------------------------------------------------
 
-# hf-config models above this many parameters are planned from their config's closed form:
-# building 175B parameters on a CPU to capture them is not an option (meta capture may lift it)
+# hf-config models above this many parameters are planned from their config's closed form (the
+# form the published figures are checked in). Capture on the meta device needs no weights but
+# takes time per layer: Llama 3 70B's 80 layers, forward and training step, took 118 s on this
+# machine's shared cores (0.8 GB of memory); presets are captured that way
 CAPTURE_LIMIT = 300_000_000
 
 
 def load_workload(spec: str, seq: int | None = None, from_config: bool = False, head: bool = True,
-                  step_memory: bool = True) -> Workload:
+                  step_memory: bool = True, meta: bool | None = None) -> Workload:
     """The workload of a model spec: an `hf-config:` transformer above CAPTURE_LIMIT parameters
     (or with `from_config`) from its config's closed form, with an LM head unless `head` is
     False (training a language model needs one; hf-config's captured AutoModel has none);
     anything else captured and analysed, its saved activations from the training step's
-    analysis unless `step_memory` is False (then every forward output: no joint graph built)."""
+    analysis unless `step_memory` is False (then every forward output: no joint graph built);
+    built without weights where `kiln analyze` would be (`meta`: None decides, as there)."""
     if spec.startswith("hf-config:"):
         shape = _hf_shape(spec, seq, head)
         if shape is not None:
@@ -246,22 +262,29 @@ def load_workload(spec: str, seq: int | None = None, from_config: bool = False, 
                 return formula
     elif from_config:
         raise KilnError(f"--from-config needs an hf-config: transformer spec, got {spec}")
-    return _captured(spec, seq, step_memory)
+    return _captured(spec, seq, step_memory, meta)
 
 
-def _captured(spec: str, seq: int | None, step_memory: bool = True) -> Workload:
-    loaded = load(spec)
+def _captured(spec: str, seq: int | None, step_memory: bool = True, meta: bool | None = None) -> Workload:
+    """Capture and analyse `spec` as `kiln analyze` does (kiln.models.meta.load_for_analysis):
+    a model built from a config (`preset:`, `hf-config:`) whose weights would not fit (or any,
+    with `meta`) is built and captured on the meta device, so no weight is ever allocated;
+    every figure the planner reads depends on shapes and dtypes only."""
+    loaded, no_weights = load_for_analysis(spec, meta)
     first = next(iter([*loaded.example_inputs, *loaded.example_kwargs.values()]), None)
     if seq is not None:
         if first is None or first.dim() != 2:
             raise KilnError(f"--seq applies to models whose first input is (batch, tokens); {spec}'s is not")
-        loaded = with_input_shapes(loaded, [f"{first.shape[0]}x{seq}"])
+        reshape = with_meta_input_shapes if no_weights else with_input_shapes
+        loaded = reshape(loaded, [f"{first.shape[0]}x{seq}"])   # inputs of the same shape follow
         first = next(iter([*loaded.example_inputs, *loaded.example_kwargs.values()]))
     graph = capture(loaded)
     PassManager([AnnotateCost()]).run(graph)
     batch = int(first.shape[0]) if first is not None and first.dim() else 1
     tokens = int(first.shape[1]) if first is not None and first.dim() == 2 and not first.is_floating_point() else 1
     w = from_graph(graph, loaded.model, batch, tokens, spec)
+    if no_weights:
+        w = replace(w, source=f"{w.source} on the meta device (no weights: {no_weights})")
     return with_saved_activations(w, loaded, batch) if step_memory else w
 
 

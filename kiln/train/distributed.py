@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from kiln.config import load_toml, to_dict, to_toml
 from kiln.errors import KilnError
 from kiln.train.config import TrainConfig
-from kiln.train.parallel.config import Mode, ParallelConfig
+from kiln.train.parallel.config import Mode, ParallelConfig, allocator_env
 from kiln.train.parallel.pp import check_pipeline
 from kiln.train.parallel.registry import make_engine
 from kiln.train.parallel.tp import check_tensor_parallel
@@ -104,7 +104,7 @@ def launch(cfg: TrainConfig, nproc: int, resume: bool = False, nnodes: int = 1, 
         cmd += ["-m", "kiln.train.distributed", "--config", str(config), "--parallel", str(plan)]
         cmd += ["--resume"] if resume else []
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(cfg.threads or 1))}
-        return _run(cmd, env, out)
+        return _run(cmd, env | allocator_env(parallel, env), out)
 
 
 def torchrun_command(nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "") -> list[str]:

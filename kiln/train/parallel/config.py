@@ -52,6 +52,8 @@ class ParallelConfig:
     stages_per_rank: int = 1             # pp: >1 for the looped schedules (interleaved, zero-bubble)
     checkpoint_activations: bool = False  # recompute each block's activations in backward
     sequence_parallel: bool = False      # tp: norms and residuals sharded along the sequence
+    mmap_threshold: int | None = None    # glibc's mmap threshold for the workers (bytes; None: kiln's
+                                         # choice for the modes, allocator_env; 0: glibc's own)
 
     def __post_init__(self):
         modes = tuple(Mode(m) for m in self.modes)
@@ -68,6 +70,8 @@ class ParallelConfig:
                             f"--parallel {','.join(modes)} needs {dims} (e.g. --mesh 2x2)")
         if any(n < 1 for n in self.mesh):
             raise KilnError(f"--mesh sizes must be >= 1, got {'x'.join(map(str, self.mesh))}")
+        if self.mmap_threshold is not None and self.mmap_threshold < 0:
+            raise KilnError(f"mmap_threshold must be >= 0 bytes (0: glibc's defaults), got {self.mmap_threshold}")
         if self.microbatches < 0:
             raise KilnError(f"--microbatches must be >= 0, got {self.microbatches}")
         if self.stages_per_rank < 1:
@@ -106,6 +110,28 @@ class ParallelConfig:
         if self.modes == (Mode.HSDP,):
             return sizes[0] * sizes[1]
         return next((n for m, n in zip(self.modes, sizes) if m in DATA_MODES), 1)
+
+
+# glibc's mmap threshold for sharded modes' workers: FSDP gathers each block's weights and frees
+# them after use; with glibc's defaults the first freed large buffer raises the (dynamic)
+# threshold, later gathers come from the heap, and the heap keeps its high-water mark: the wide
+# GPT's rank 1 peaked at 0.87 of one process's memory above the runtime, 0.50 with a fixed
+# 128 kB threshold (BENCHMARKS.md, "fsdp ranks without the plain copy"), which returns every
+# freed buffer above it to the system (mallopt(3), M_MMAP_THRESHOLD)
+SHARDED_MMAP_THRESHOLD = 131072
+SHARDED_MODES = (Mode.FSDP, Mode.HSDP)
+
+
+def allocator_env(parallel: ParallelConfig, environ: dict[str, str]) -> dict[str, str]:
+    """The environment variables kiln adds for the workers: MALLOC_MMAP_THRESHOLD_ for sharded
+    modes (SHARDED_MMAP_THRESHOLD, or `parallel.mmap_threshold`; 0: none, glibc's defaults),
+    never over a value the caller's environment already sets."""
+    if "MALLOC_MMAP_THRESHOLD_" in environ:
+        return {}
+    chosen = parallel.mmap_threshold
+    if chosen is None:
+        chosen = SHARDED_MMAP_THRESHOLD if any(m in SHARDED_MODES for m in parallel.modes) else 0
+    return {"MALLOC_MMAP_THRESHOLD_": str(chosen)} if chosen else {}
 
 
 def parse_modes(text: str) -> tuple[Mode, ...]:
