@@ -44,11 +44,20 @@ def _key(rtl: Path, module: str, target: str) -> str:
     return h.hexdigest()[:20]
 
 
-def _cache() -> dict[str, dict]:
-    if not CACHE.exists():
-        return {}
-    rows = [json.loads(ln) for ln in CACHE.read_text().splitlines() if ln.strip()]
-    return {r["key"]: r for r in rows}
+def _cache(json_path: str | None = None) -> dict[str, dict]:
+    """Module counts by key: the working file's, and those of the rows already in the results
+    JSON (the working file is not committed; a module's key covers its text, ROM and script)."""
+    out: dict[str, dict] = {}
+    if json_path and Path(json_path).exists():
+        grid = json.loads(Path(json_path).read_text()).get("grid", {})
+        for key, row in grid.get("rows", {}).items():
+            target = key.rsplit(" ", 1)[1]
+            for lay in row["layers"]:
+                out[lay["key"]] = {"key": lay["key"], "module": lay["layer"], "target": target, **lay["yosys"]}
+    if CACHE.exists():
+        rows = [json.loads(ln) for ln in CACHE.read_text().splitlines() if ln.strip()]
+        out.update({r["key"]: r for r in rows})
+    return out
 
 
 def synth_module(rtl: Path, module: str, target: str, cache: dict) -> dict:
@@ -100,7 +109,7 @@ def main() -> None:
     args = ap.parse_args()
     nets = args.nets.split(",")
     runs = models() if "cnn" in nets else {}
-    cache = _cache()
+    cache = _cache(args.json)
     out = json.loads(Path(args.json).read_text()).get("grid", {}).get("rows", {}) if Path(args.json).exists() else {}
     version = yosys_version()
     for net in nets:
