@@ -9,8 +9,9 @@ module alone, as benchmarks/hw_calibrate.py does): kiln_top only wires the layer
 total is the sum of its modules'. Each module's counts are cached by the hash of its text, its
 ROM and the yosys script (benchmarks/results/hw_grid_modules.jsonl, a working file): a layer
 emitted identically in two designs (same weights, widths and reuse) is synthesized once, and an
-interrupted grid resumes. Rows also record the estimator's figures; the estimator's
-leave-one-design-out errors are computed by benchmarks/hw_cost_models.py --parts estimator.
+interrupted grid resumes. Rows also record the estimator's figures (in sample: the fit has seen
+the rows; `--refresh` recomputes them after a refit); the estimator's leave-one-design-out
+errors are computed by benchmarks/hw_cost_models.py --parts estimator.
 Nothing is timed (the seconds recorded are the machine's, for planning only).
 """
 from __future__ import annotations
@@ -44,11 +45,20 @@ def _key(rtl: Path, module: str, target: str) -> str:
     return h.hexdigest()[:20]
 
 
-def _cache() -> dict[str, dict]:
-    if not CACHE.exists():
-        return {}
-    rows = [json.loads(ln) for ln in CACHE.read_text().splitlines() if ln.strip()]
-    return {r["key"]: r for r in rows}
+def _cache(json_path: str | None = None) -> dict[str, dict]:
+    """Module counts by key: the working file's, and those of the rows already in the results
+    JSON (the working file is not committed; a module's key covers its text, ROM and script)."""
+    out: dict[str, dict] = {}
+    if json_path and Path(json_path).exists():
+        grid = json.loads(Path(json_path).read_text()).get("grid", {})
+        for key, row in grid.get("rows", {}).items():
+            target = key.rsplit(" ", 1)[1]
+            for lay in row["layers"]:
+                out[lay["key"]] = {"key": lay["key"], "module": lay["layer"], "target": target, **lay["yosys"]}
+    if CACHE.exists():
+        rows = [json.loads(ln) for ln in CACHE.read_text().splitlines() if ln.strip()]
+        out.update({r["key"]: r for r in rows})
+    return out
 
 
 def synth_module(rtl: Path, module: str, target: str, cache: dict) -> dict:
@@ -91,16 +101,37 @@ def grid_row(d: Path, target: str, cache: dict) -> dict:
             "dsp_exact": etot["dsps"] == tot["dsps"], "cycles": des["cycles"], "layers": per_layer}
 
 
+def refresh(json_path: str) -> None:
+    """Recompute the rows' estimates from their recorded features with the estimator's current
+    coefficients (after a refit: `hw_cost_models.py --parts estimator --refit`); no synthesis."""
+    from kiln.hw.estimate import estimate_features
+
+    res = json.loads(Path(json_path).read_text())["grid"]
+    for key, row in res["rows"].items():
+        target = Target(key.rsplit(" ", 1)[1])
+        for lay in row["layers"]:
+            luts, ffs, dsps, brams = estimate_features(lay["features"], target)
+            lay["estimate"] = {"luts": luts, "ffs": ffs, "dsps": dsps, "brams": brams}
+        row["estimate"] = {k: sum(lay["estimate"][k] for lay in row["layers"]) for k in ("luts", "ffs", "dsps", "brams")}
+        row["lut_error"] = (row["estimate"]["luts"] - row["yosys"]["luts"]) / max(row["yosys"]["luts"], 1)
+        row["dsp_exact"] = row["estimate"]["dsps"] == row["yosys"]["dsps"]
+        print(f"{key:28} yosys LUTs {row['yosys']['luts']:7,} est {row['estimate']['luts']:7,} ({row['lut_error']:+.1%})")
+    merge_result(json_path, "grid", res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--refresh", action="store_true", help="only recompute the recorded rows' estimates")
     ap.add_argument("--nets", default="jet,cnn")
     ap.add_argument("--bits", default="8,4")
     ap.add_argument("--targets", default="xilinx,ice40")
     ap.add_argument("--json", default="benchmarks/results/hw_grid.json")
     args = ap.parse_args()
+    if args.refresh:
+        return refresh(args.json)
     nets = args.nets.split(",")
     runs = models() if "cnn" in nets else {}
-    cache = _cache()
+    cache = _cache(args.json)
     out = json.loads(Path(args.json).read_text()).get("grid", {}).get("rows", {}) if Path(args.json).exists() else {}
     version = yosys_version()
     for net in nets:

@@ -34,13 +34,15 @@ def _id(row: dict) -> str:
 
 
 # known misses (benchmarks/hw_cost_models.py prints them): the last layer (16-bit output codes) at
-# reuse K (G = 1) with PO not a power of two synthesizes to more LUTs and DSPs than the terms give
-# (xilinx head: 5,333 LUTs and 36 DSPs against ~1,100 and 20; the jet MLP's last layer: 16 DSPs
-# against 10 on xilinx, 23 against 20 on ice40). Suspect, not confirmed: index arithmetic on the
-# always-zero s2_og register times PO, MB and BB (see benchmarks/notes/hw-rtl.md)
-KNOWN_OFF = {"xilinx-w8a8-layers.0=64-head=32-head", "xilinx-jet int8 R=K-7", "ice40-jet int8 R=K-7"}
-# in-sample LUT misses of the fit with the grid rows in it (within 16-28%)
-LUT_OFF = KNOWN_OFF | {"xilinx-w8a8-layers.0=256-head=160-layers.0", "xilinx-w8a8-layers.0=256-head=160-head"}
+# reuse K (G = 1) with PO not a power of two synthesizes to more DSPs than the multipliers need
+# (xilinx head: 36 DSPs against 20; the jet MLP's last layer: 16 against 10 on xilinx, 23 against
+# 20 on ice40): the index arithmetic (og*PO + o) that is no shift there (benchmarks/notes/hw-rtl.md).
+# Its LUTs are priced by the lanes_npo2 term.
+KNOWN_OFF = {"xilinx-w8a8-layers.0=64-head=32-head", "xilinx-jet int8 R=K-7", "ice40-jet int8 R=K-7",
+             "xilinx-jet int8 R=K/4-7"}
+# LUT misses: none in the fit's rows since the multiplexers are priced in LUTs; the jet MLP at
+# reuse K/4 was synthesized after the fit (its design +0.4%, this module +20%)
+LUT_OFF = {"xilinx-jet int8 R=K/4-5"}
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, marks=pytest.mark.xfail(strict=True, reason="known miss"))

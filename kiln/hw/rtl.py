@@ -58,21 +58,6 @@ def requant_bits(lay: Layer) -> int:
     return signed_bits(int(min(e.min() for e in ends)), int(max(e.max() for e in ends))) + 1
 
 
-def _rounding(name: str, src: str, bits: int, shift: int, lo: int, hi: int, ob: int) -> str:
-    """Verilog: `name` = clamp(src / 2^shift rounded half to even, lo, hi) as OB bits."""
-    if shift == 0:
-        q = f"{src}"
-        body = f"    wire signed [{bits - 1}:0] {name}_q = {q};\n"
-    else:
-        body = (f"    wire signed [{bits - 1}:0] {name}_f = {src} >>> {shift};\n"
-                f"    wire [{shift - 1}:0] {name}_r = {src}[{shift - 1}:0];\n"
-                f"    wire {name}_up = ({name}_r > {shift}'d{1 << (shift - 1)}) || "
-                f"(({name}_r == {shift}'d{1 << (shift - 1)}) && {name}_f[0]);\n"
-                f"    wire signed [{bits - 1}:0] {name}_q = {name}_f + {{{{({bits - 1}){{1'b0}}}}, {name}_up}};\n")
-    return body + (f"    wire signed [{ob - 1}:0] {name} = ({name}_q < {lo}) ? {lo} : "
-                   f"({name}_q > {hi}) ? {hi} : {name}_q[{ob - 1}:0];\n")
-
-
 def _ports(name: str, ni: int, ib: int, no: int, ob: int) -> str:
     return (f"module {name} (\n    input wire clk, input wire rst,\n"
             f"    input wire in_valid, output wire in_ready, input wire [{ni * ib - 1}:0] in_data,\n"
@@ -131,7 +116,7 @@ def dense_module(name: str, lay: Layer, po: int, pi: int, rom_file: str) -> str:
          counters,
          f"    reg [{po * pi * wb - 1}:0] rom [0:{g * kc_n - 1}];\n    initial $readmemh(\"{rom_file}\", rom);\n",
          f"    reg [{po * pi * wb - 1}:0] wreg;\n    reg signed [IB-1:0] xreg [0:PI-1];\n",
-         f"    reg s1_v, s1_first, s1_last, s2_v;\n",
+         "    reg s1_v, s1_first, s1_last, s2_v;\n",
          f"    reg [{_clog2(g + 1)}:0] s1_og, s2_og; reg [{_clog2(p + 1)}:0] s1_pos, s2_pos;\n",
          "    reg signed [AB-1:0] acc [0:PO-1];\n",
          "    assign in_ready = (state == 0);\n    assign out_valid = (state == 3);\n",
@@ -198,8 +183,31 @@ def _requant_function(lay: Layer, rb: int, mb: int, bb: int, ab: int, ob: int) -
     return "".join(body)
 
 
+def _avg_function(lay: Layer, sb: int, ob: int) -> str:
+    """Verilog function ap(a) = clamp(round_half_even(a / 2^shift), lo, hi) of an average
+    pool's scaled window sum a = sum * m + b (SB + 25 bits)."""
+    bits = sb + 25
+    body = [f"    function signed [{ob - 1}:0] ap(input signed [{bits - 1}:0] a);\n",
+            f"        reg signed [{bits - 1}:0] f;\n        reg up;\n        begin\n"]
+    sh = lay.shift
+    if sh:
+        half = 1 << (sh - 1)
+        body.append(f"            f = a >>> {sh};\n"
+                    f"            up = (a[{sh - 1}:0] > {sh}'d{half}) || ((a[{sh - 1}:0] == {sh}'d{half}) && f[0]);\n"
+                    f"            f = f + $signed({{1'b0, up}});\n")
+    else:
+        body.append("            f = a;\n")
+    body.append(f"            ap = (f < {lay.out_lo}) ? {lay.out_lo} : (f > {lay.out_hi}) ? {lay.out_hi} : f[{ob - 1}:0];\n"
+                "        end\n    endfunction\n")
+    return "".join(body)
+
+
 def pool_module(name: str, lay: Layer) -> str:
-    """Max or average pooling on codes: computed from the input frame as it is accepted."""
+    """Max or average pooling on codes, computed from the input frame on the edge that accepts
+    it. The window expressions sit inside the clocked block (not in continuous assignments on
+    in_data): synthesis makes the same logic of them, and an event-driven simulator evaluates
+    them once per frame instead of on every change of the upstream layer's output frame (a
+    conv layer rewrites PO codes of it every cycle while it computes)."""
     c, h, w = lay.in_shape
     _, oh, ow = lay.out_shape
     ib, ob, k, st = lay.in_bits, lay.out_bits, lay.kernel[0], lay.stride
@@ -210,6 +218,10 @@ def pool_module(name: str, lay: Layer) -> str:
          "    assign in_ready = (state == 0);\n    assign out_valid = (state == 3);\n"
          "    assign out_data = ybuf;\n"]
     sb = ib + 2 * _clog2(k + 1)
+    if lay.kind != "maxpool":
+        s.append(_avg_function(lay, sb, ob))
+    s.append("    always @(posedge clk) begin\n        if (rst) state <= 0;\n"
+             "        else case (state)\n            0: if (in_valid) begin\n")
     for ci in range(c):
         for y in range(oh):
             for x in range(ow):
@@ -220,14 +232,9 @@ def pool_module(name: str, lay: Layer) -> str:
                     expr = el[0]
                     for e in el[1:]:
                         expr = f"(({e}) > ({expr}) ? ({e}) : ({expr}))"
-                    s.append(f"    wire signed [{ib - 1}:0] p_{o} = {expr};\n")
                 else:
-                    s.append(f"    wire signed [{sb + 24}:0] a_{o} = ({' + '.join(el)}) * {int(lay.mult[0])} "
-                             f"+ {int(lay.bias[0])};\n")
-                    s.append(_rounding(f"p_{o}", f"a_{o}", sb + 25, lay.shift, lay.out_lo, lay.out_hi, ob))
-    s.append("    always @(posedge clk) begin\n        if (rst) state <= 0;\n"
-             "        else case (state)\n            0: if (in_valid) begin\n")
-    s.append("".join(f"                ybuf[{o * ob} +: {ob}] <= p_{o};\n" for o in range(c * oh * ow)))
+                    expr = f"ap(({' + '.join(el)}) * {int(lay.mult[0])} + {int(lay.bias[0])})"
+                s.append(f"                ybuf[{o * ob} +: {ob}] <= {expr};\n")
     s.append("                state <= 3;\n            end\n            3: if (out_ready) state <= 0;\n"
              "            default: state <= 0;\n        endcase\n    end\nendmodule\n")
     return "".join(s)
