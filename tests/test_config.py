@@ -203,7 +203,8 @@ def _configs() -> list[tuple[Any, Callable, Callable]]:
         plain(plan_cluster.ClusterConfig(
             "c", "d", "a100", 8e10, 8, 2, plan_cluster.Precision.BF16, plan_cluster.LinkConfig(1e-6, 3e11),
             plan_cluster.LinkConfig(1e-5, 2.5e10), collectives={"p2p": plan_cluster.CalibratedConfig((2, 4), (1e-4, 2e-4), (1e9, 5e8))},
-            sources={"device": "x"})),
+            sources={"device": "x"}, contention=plan_cluster.ContentionConfig((2, 4), (1.34, 2.1)))),
+        plain(plan_cluster.ContentionConfig((2,), (1.2,))),
         plain(plan_cluster.LinkConfig(2e-6, 1e10)),
         plain(plan_cluster.CalibratedConfig((2,), (1e-3,), (1e9,))),
         plain(InstanceConfig("i", "p", "a100", 8, 10.5, "s", "2024-01-01")),
