@@ -30,18 +30,24 @@ def _error(model_type: str, **query) -> str:
     return message
 
 
-# Build and run, but torch.export cannot capture them (data-dependent branch on .item()).
+# Data-dependent branches on .item(): torch.export stops on them; kiln captures them with the
+# branch read off the example (draft export, `value_specialised`), never with a dynamic batch
 NOT_CAPTURABLE = {"longformer", "led"}
 
 
 @pytest.mark.parametrize("model_type", sorted(NOT_CAPTURABLE))
-def test_uncapturable_types_fail_with_the_construct_named(model_type):
+def test_value_dependent_types_capture_specialised_and_refuse_a_dynamic_batch_naming_the_construct(model_type):
     from kiln.graph.capture import capture
 
     loaded = _load(model_type)
-    assert torch.isfinite(_first_tensor(loaded.run())).all()
+    assert loaded.value_specialised
+    eager = _first_tensor(loaded.run())
+    assert torch.isfinite(eager).all()
+    graph = capture(loaded)
+    assert torch.allclose(_first_tensor(graph.program.module()(*loaded.example_inputs, **loaded.example_kwargs)),
+                          eager, atol=1e-5)
     with pytest.raises(KilnError) as info:
-        capture(loaded)
+        capture(loaded, dynamic_batch=True)
     assert "\n" not in str(info.value) and "if is_global_attn" in str(info.value)
 
 
