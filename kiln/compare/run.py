@@ -69,8 +69,8 @@ def check_out(out: Path, cfg: CompareConfig, resume: bool) -> None:
         raise KilnError(f"{path} is corrupt: not JSON") from None
     new = to_dict(cfg)
     for key in SAME_ON_RESUME:
-        if old.get(key) != new[key]:
-            raise KilnError(f"--resume: {out} was run with {key} = {old.get(key)}, not {new[key]}; "
+        if old.get(key) != new.get(key):
+            raise KilnError(f"--resume: {out} was run with {key} = {old.get(key)}, not {new.get(key)}; "
                             f"give the same value or another --out")
 
 
