@@ -227,3 +227,14 @@ def test_recipes_train_each_model_unless_the_command_line_gives_a_value():
     assert parse_config("zoo:gcn", "int8", "h100", recipes=False).recipe("zoo:gcn").lr == DEFAULT_TRAINING["train_lr"]
     assert set(RECIPES) <= set(parse_config("zoo:cnn", "int8", "h100").models) | set(
         __import__("kiln.compare.config", fromlist=["DEFAULT_MODELS"]).DEFAULT_MODELS)
+
+
+def test_resume_checks_the_training_values_left_unset_and_names_one_that_differs(tmp_path):
+    from kiln.compare.run import CONFIG_FILE, check_out
+    from kiln.config import to_dict
+
+    cfg = parse_config("zoo:cnn", "int8", "h100")          # training values unset: the recipes
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(to_dict(cfg)))
+    check_out(tmp_path, cfg, resume=True)
+    with pytest.raises(KilnError, match="train_steps = None, not 100"):
+        check_out(tmp_path, parse_config("zoo:cnn", "int8", "h100", train_steps=100), resume=True)
