@@ -171,16 +171,20 @@ def _requant_function(lay: Layer, rb: int, mb: int, bb: int, ab: int, ob: int) -
             f"input signed [{bb - 1}:0] b);\n",
             f"        reg signed [{rb - 1}:0] v, f;\n        reg up;\n        begin\n",
             "            v = a * m + b;   // every operand signed and extended to RB bits: exact\n"]
+    return "".join(body) + _round_clamp_end("v", "rq", sh, lay, ob)
+
+
+def _round_clamp_end(src: str, fn: str, sh: int, lay: Layer, ob: int) -> str:
+    """The end of a Verilog rounding function: fn = clamp(round_half_even(src / 2^sh), lo, hi)."""
     if sh:
         half = 1 << (sh - 1)
-        body.append(f"            f = v >>> {sh};\n"
-                    f"            up = (v[{sh - 1}:0] > {sh}'d{half}) || ((v[{sh - 1}:0] == {sh}'d{half}) && f[0]);\n"
-                    f"            f = f + $signed({{1'b0, up}});\n")
+        text = (f"            f = {src} >>> {sh};\n"
+                f"            up = ({src}[{sh - 1}:0] > {sh}'d{half}) || (({src}[{sh - 1}:0] == {sh}'d{half}) && f[0]);\n"
+                f"            f = f + $signed({{1'b0, up}});\n")
     else:
-        body.append("            f = v;\n")
-    body.append(f"            rq = (f < {lay.out_lo}) ? {lay.out_lo} : (f > {lay.out_hi}) ? {lay.out_hi} : f[{ob - 1}:0];\n"
-                "        end\n    endfunction\n")
-    return "".join(body)
+        text = f"            f = {src};\n"
+    return text + (f"            {fn} = (f < {lay.out_lo}) ? {lay.out_lo} : (f > {lay.out_hi}) ? {lay.out_hi} : "
+                   f"f[{ob - 1}:0];\n        end\n    endfunction\n")
 
 
 def _avg_function(lay: Layer, sb: int, ob: int) -> str:
@@ -189,17 +193,7 @@ def _avg_function(lay: Layer, sb: int, ob: int) -> str:
     bits = sb + 25
     body = [f"    function signed [{ob - 1}:0] ap(input signed [{bits - 1}:0] a);\n",
             f"        reg signed [{bits - 1}:0] f;\n        reg up;\n        begin\n"]
-    sh = lay.shift
-    if sh:
-        half = 1 << (sh - 1)
-        body.append(f"            f = a >>> {sh};\n"
-                    f"            up = (a[{sh - 1}:0] > {sh}'d{half}) || ((a[{sh - 1}:0] == {sh}'d{half}) && f[0]);\n"
-                    f"            f = f + $signed({{1'b0, up}});\n")
-    else:
-        body.append("            f = a;\n")
-    body.append(f"            ap = (f < {lay.out_lo}) ? {lay.out_lo} : (f > {lay.out_hi}) ? {lay.out_hi} : f[{ob - 1}:0];\n"
-                "        end\n    endfunction\n")
-    return "".join(body)
+    return "".join(body) + _round_clamp_end("a", "ap", lay.shift, lay, ob)
 
 
 def pool_module(name: str, lay: Layer) -> str:
